@@ -1,0 +1,352 @@
+"""Checkpointing of training state with orbax-checkpoint.
+
+Source: SPEC section 6, "Checkpoints with orbax-checkpoint: parameters,
+optimizer state, step, data-iterator state and config; restore for evaluation
+(parameters only) and restore onto a different mesh".
+
+One :class:`Checkpointer` manages one training-stage directory (e.g.
+``runs/exp1/pretrain``).  Every saved step is a subdirectory ``<dir>/<step>/``
+holding three orbax items, written through ``ocp.CheckpointManager`` with
+``ocp.args.Composite``:
+
+``state``
+    The training-state pytree (``ocp.args.PyTreeSave``), e.g. a
+    ``flax.struct.PyTreeNode`` with fields ``step`` (int32 ``[]``), ``params``
+    (nested dict of arrays), ``opt_state`` (optax tuples / namedtuples) and
+    ``rng`` (uint32 ``[2]`` key data).  Leaves may be ``jax.Array`` (possibly
+    sharded over a ``Mesh``; each process writes only its own shards),
+    ``np.ndarray``, numpy scalars or Python scalars.
+``metadata``
+    A JSON dict (``ocp.args.JsonSave``), e.g. ``{'stage': 'finetune',
+    'config': {...}}``.
+``data_state``
+    Optional JSON dict with the input-iterator state (e.g. a grain
+    ``DataLoaderIterator.get_state()`` decoded to JSON-compatible values).
+    Only written when given.
+
+JSON items round-trip through ``json``: tuples come back as lists, dict keys
+as strings, numpy scalars as Python scalars; other values must be
+JSON-serialisable.
+
+Atomicity: orbax writes every step into a temporary directory
+(``<dir>/<step>.orbax-checkpoint-tmp-*``) and renames it to ``<dir>/<step>``
+only after all items are written and finalised.  An interrupted save (crash,
+preemption) therefore never shows up in :meth:`Checkpointer.all_steps` and
+never becomes :meth:`Checkpointer.latest_step`; leftover temporary
+directories are ignored (and removed on the next manager start-up).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+__all__ = ["Checkpointer"]
+
+_STATE = "state"
+_METADATA = "metadata"
+_DATA_STATE = "data_state"
+_PARAMS = "params"
+
+
+def _abstractify(tree: Any) -> Any:
+    """Normalise a restore target to ShapeDtypeStructs with shardings.
+
+    * concrete ``jax.Array`` -> ShapeDtypeStruct with the array's sharding;
+    * ``jax.ShapeDtypeStruct`` with ``.sharding`` -> unchanged;
+    * ``jax.ShapeDtypeStruct`` without sharding (e.g. from a plain
+      ``jax.eval_shape``) -> placed on ``jax.local_devices()[0]``
+      (``SingleDeviceSharding``);
+    * ``np.ndarray`` / scalars -> unchanged (restored as that type).
+    """
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def one(x):
+        if isinstance(x, jax.Array):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+        return x
+
+    return jax.tree.map(one, tree)
+
+
+def _restore_args_for(target: Any) -> Any:
+    """``ocp.ArrayRestoreArgs``/``RestoreArgs`` pytree matching `target`.
+
+    Each sharded ShapeDtypeStruct leaf is restored as a ``jax.Array`` laid out
+    with its sharding (any mesh: orbax/tensorstore reads only the slices each
+    device needs, so the mesh used at save time is irrelevant); numpy / scalar
+    leaves are restored as their own type.
+    """
+    return ocp.checkpoint_utils.construct_restore_args(target)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Make `obj` acceptable to ``json.dumps``: numpy scalars/arrays ->
+    Python scalars/lists, tuples -> lists, paths -> str, dict keys -> str.
+    Anything else is passed through (``json`` raises TypeError on it)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, jax.Array)):
+        return np.asarray(obj).tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def _get_params_subtree(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return tree[_PARAMS]
+    return getattr(tree, _PARAMS)
+
+
+class Checkpointer:
+    """Orbax CheckpointManager wrapper for one training stage directory.
+
+    Args:
+      directory: Stage directory; created if missing.  Step ``s`` lives in
+        ``<directory>/<s>/{state,metadata,data_state}``.
+      max_to_keep: Keep at most this many most-recent steps; older ones are
+        deleted after each successful save.  ``None`` keeps all.
+      save_interval_steps: :meth:`save` only writes when
+        ``step % save_interval_steps == 0`` (unless ``force=True``).
+      async_save: If True, array data is written in a background thread and
+        :meth:`save` returns once device buffers are copied to host; call
+        :meth:`wait_until_finished` (or :meth:`close`) before relying on the
+        files.  :meth:`restore` / :meth:`restore_params` wait for pending
+        saves first.
+
+    Usable as a context manager (``with Checkpointer(d) as ckpt: ...``),
+    which calls :meth:`close` on exit.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = False,
+    ):
+        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+            create=True,
+            # Remove tmp dirs left behind by interrupted saves.
+            cleanup_tmp_directories=True,
+        )
+        self._mngr = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                _STATE: ocp.PyTreeCheckpointHandler(),
+                _METADATA: ocp.JsonCheckpointHandler(),
+                _DATA_STATE: ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metadata: dict | None = None,
+        data_state: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save `state` plus JSON `metadata` / `data_state` as step `step`.
+
+        Args:
+          step: Integer step number (directory name).  Must be greater than
+            :meth:`latest_step` (orbax skips non-increasing steps unless
+            ``force``; forcing an existing step raises).
+          state: Pytree of ``jax.Array`` (possibly sharded over a Mesh),
+            ``np.ndarray``, numpy or Python scalars -- typically a
+            ``flax.struct.PyTreeNode`` with ``step``/``params``/``opt_state``/
+            ``rng``.  Its top level must expose ``params`` (attribute or dict
+            key) for :meth:`restore_params`.
+          metadata: JSON-like dict (config, stage name, ...); ``{}`` is
+            stored if None.  numpy scalars/arrays, tuples and paths are
+            converted to JSON types first (so they come back as Python
+            scalars / lists / str).
+          data_state: Optional JSON-like input-iterator state (same
+            conversion); not written if None.
+          force: Save even if ``save_interval_steps`` says not to.
+
+        Returns:
+          True if a checkpoint was written (or, with ``async_save``, started).
+
+        Raises:
+          orbax ``StepAlreadyExistsError`` (a ValueError) if ``force`` and the
+          step already exists; TypeError from ``json`` for non-serialisable
+          metadata.
+        """
+        items = {
+            _STATE: ocp.args.PyTreeSave(state),
+            _METADATA: ocp.args.JsonSave(_jsonable(dict(metadata or {}))),
+        }
+        if data_state is not None:
+            items[_DATA_STATE] = ocp.args.JsonSave(_jsonable(data_state))
+        return bool(
+            self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+        )
+
+    # ----------------------------------------------------------------- query
+    def _refresh(self) -> None:
+        """Re-read the step list from disk (sees steps written by other
+        processes), unless an async save of ours is in flight -- reloading
+        then would drop that step from orbax's bookkeeping."""
+        if not self._mngr.is_saving_in_progress():
+            self._mngr.reload()
+
+    def latest_step(self) -> int | None:
+        """Largest saved step in the directory, or None if there is none.
+
+        With ``async_save`` this includes a step whose write is still in
+        flight; :meth:`restore` waits for it.  Interrupted saves never count.
+        """
+        self._refresh()
+        step = self._mngr.latest_step()
+        return None if step is None else int(step)
+
+    def all_steps(self) -> list[int]:
+        """Sorted list of saved steps (same caveat as :meth:`latest_step`)."""
+        self._refresh()
+        return sorted(int(s) for s in self._mngr.all_steps())
+
+    def _resolve_step(self, step: int | None) -> int:
+        """Wait for pending saves, then map ``step`` (None -> latest) to an
+        existing step or raise FileNotFoundError naming the directory."""
+        self._mngr.wait_until_finished()
+        self._mngr.reload()
+        steps = sorted(int(s) for s in self._mngr.all_steps())
+        if step is None:
+            if not steps:
+                raise FileNotFoundError(
+                    f"No checkpoint found in directory {self.directory}"
+                )
+            return steps[-1]
+        step = int(step)
+        if step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint for step {step} in directory {self.directory} "
+                f"(available steps: {steps})"
+            )
+        return step
+
+    def _step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    # --------------------------------------------------------------- restore
+    def restore(
+        self, abstract_state: Any, step: int | None = None
+    ) -> tuple[Any, dict, dict | None]:
+        """Restore the full state, metadata and data-iterator state.
+
+        Args:
+          abstract_state: Pytree with the structure of the saved state (e.g.
+            the same ``flax.struct`` dataclass) whose leaves are
+            ``jax.ShapeDtypeStruct`` -- each with ``.sharding`` (e.g. a
+            ``NamedSharding`` on the *current* mesh, which may differ from the
+            mesh used at save time; without sharding the leaf goes to the
+            first local device) -- or concrete arrays whose shardings are
+            used (their values are ignored).
+            Typical: ``jax.eval_shape(init_fn)`` with shardings attached.
+          step: Step to restore; None -> :meth:`latest_step`.
+
+        Returns:
+          ``(state, metadata, data_state)``: ``state`` has the pytree
+          structure (dataclass type included) of ``abstract_state`` with
+          arrays of the saved values, shapes and dtypes laid out as
+          requested; ``metadata`` is the saved dict; ``data_state`` is the
+          saved dict or None if none was saved.
+
+        Raises:
+          FileNotFoundError: no checkpoint (at `step`) in the directory; the
+            message names the directory.
+          ValueError: `abstract_state` structure does not match the saved tree.
+        """
+        step = self._resolve_step(step)
+        abstract_state = _abstractify(abstract_state)
+        items = {
+            _STATE: ocp.args.PyTreeRestore(
+                item=abstract_state,
+                restore_args=_restore_args_for(abstract_state),
+            ),
+            _METADATA: ocp.args.JsonRestore(),
+        }
+        has_data_state = (self._step_dir(step) / _DATA_STATE).exists()
+        if has_data_state:
+            items[_DATA_STATE] = ocp.args.JsonRestore()
+        restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        data_state = restored[_DATA_STATE] if has_data_state else None
+        return restored[_STATE], dict(restored[_METADATA] or {}), data_state
+
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+        """Restore only ``state.params`` (for evaluation).
+
+        Uses orbax partial restore (``ocp.args.PyTreeRestore(item=
+        {'params': abstract_params}, partial_restore=True)``): only the
+        ``params`` leaves are read from disk; optimiser state, step and rng
+        are never read.
+
+        Args:
+          abstract_params: Pytree with the structure of the saved
+            ``state.params`` (nested dict), leaves as in :meth:`restore`
+            (ShapeDtypeStruct with/without sharding or concrete arrays).
+          step: Step to restore; None -> latest.
+
+        Returns:
+          The params pytree (structure of `abstract_params`).
+
+        Raises:
+          FileNotFoundError: no checkpoint (at `step`) in the directory.
+          ValueError: structure mismatch with the saved ``params``.
+        """
+        step = self._resolve_step(step)
+        item = {_PARAMS: _abstractify(abstract_params)}
+        restored = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.PyTreeRestore(
+                        item=item,
+                        restore_args=_restore_args_for(item),
+                        partial_restore=True,
+                    )
+                }
+            ),
+        )
+        return _get_params_subtree(restored[_STATE])
+
+    # ------------------------------------------------------------- lifecycle
+    def wait_until_finished(self) -> None:
+        """Block until any in-flight (async) save is finalised."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release orbax resources."""
+        self._mngr.wait_until_finished()
+        self._mngr.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({str(self.directory)!r})"

@@ -1,0 +1,162 @@
+"""Evaluation of a trained two-tower model on a prepared data set (SPEC section 5).
+
+Retrieval, per scenario k: every user with at least one labelled positive of the evaluated
+split in scenario k is scored against the whole item corpus with the items' scenario-k vectors;
+the user's training positives in scenario k are masked; Recall@K, HitRate@K, NDCG@K for every K.
+Ranking: AUC and GAUC over the split's labelled exposures of scenario k (every rated pair),
+exactly over the whole split. 'overall' pools the (user, scenario) lists of every scenario and
+every exposure. A most-popular-items baseline (per scenario, from training positives) is
+evaluated the same way.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sass_jax.data.pipeline import gather_features
+from sass_jax.data.store import SPLITS, PreparedData
+from sass_jax.eval import metrics as M
+from sass_jax.eval.retrieval import popularity_topk, topk_scores
+from sass_jax.model.towers import SASS
+
+
+def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int):
+  """CSR (indptr [G+1], indices) of ``values`` grouped by ``groups`` in [0, G)."""
+  order = np.argsort(groups, kind="stable")
+  indptr = np.zeros(num_groups + 1, np.int64)
+  np.cumsum(np.bincount(groups, minlength=num_groups), out=indptr[1:])
+  return indptr, np.asarray(values)[order].astype(np.int64)
+
+
+def encode_all(model: SASS, params, table: dict, masks: dict, method: str,
+               scenario: int | None, chunk: int = 4096) -> np.ndarray:
+  """Vectors of every entity of a table, computed in fixed-size chunks on the device.
+
+  Returns float32 [N, D] for ``scenario`` k, or [N, K, D] (every scenario) if it is None.
+  """
+  n = len(next(iter(table.values())))
+  fn = _encoder(model, method, scenario is None)
+  out = []
+  for start in range(0, n, chunk):
+    rows = np.arange(start, min(start + chunk, n))
+    pad = chunk - len(rows) if n > chunk else 0
+    rows_p = np.concatenate([rows, np.full(pad, rows[-1])]) if pad else rows
+    feats = gather_features(table, masks, rows_p)
+    sc = None if scenario is None else np.full(len(rows_p), scenario, np.int32)
+    out.append(np.asarray(fn(params, feats, sc))[: len(rows)])
+  return np.concatenate(out)
+
+
+_ENCODERS: dict = {}
+
+
+def _encoder(model, method, all_scenarios) -> Callable:
+  key = (model, method, all_scenarios)
+  if key not in _ENCODERS:
+    m = getattr(SASS, method)
+    if all_scenarios:
+      _ENCODERS[key] = jax.jit(lambda p, f, s: model.apply({"params": p}, f, None, method=m))
+    else:
+      _ENCODERS[key] = jax.jit(lambda p, f, s: model.apply({"params": p}, f, s, method=m))
+  return _ENCODERS[key]
+
+
+def evaluate(model: SASS, params, data: PreparedData, split: str = "test",
+             ks=(20, 50, 100), mask: str = "train", user_chunk: int = 1024) -> dict[str, Any]:
+  """Evaluate ``params`` and the popularity baseline on ``split``.
+
+  Returns the metrics dict written to metrics.json::
+
+    {"split": ..., "scenarios": {name: {"recall@50": .., "ndcg@50": .., "hitrate@50": ..,
+      "auc": .., "gauc": .., "num_users": .., "num_exposures": ..}}, "overall": {...},
+     "baselines": {"popularity": {"scenarios": {...}, "overall": {...}}}}
+
+  mask: 'train' masks each user's training positives (in the scenario evaluated);
+  'train_valid' also masks validation positives. Raises ValueError for an unknown mask/split.
+  """
+  if mask not in ("train", "train_valid"):
+    raise ValueError(f"config.eval.mask={mask!r}; expected 'train' or 'train_valid'")
+  if split not in SPLITS or split == "train":
+    raise ValueError(f"config.eval.split={split!r}; expected 'valid' or 'test'")
+  inter = {c: np.asarray(v) for c, v in data.inter.items()}
+  kmax = max(ks)
+  item_all = encode_all(model, params, data.items, data.item_masks, "encode_item", None)  # [N,K,D]
+  pos = inter["label"] > 0.5
+  in_split = inter["split"] == SPLITS[split]
+  masked_splits = [SPLITS["train"]] + ([SPLITS["valid"]] if mask == "train_valid" else [])
+  in_mask = np.isin(inter["split"], masked_splits) & pos
+
+  model_users, pop_users, scen_res, pop_res = [], [], {}, {}
+  all_scores, all_labels, all_groups, all_pop = [], [], [], []
+  for k, name in enumerate(data.scenario_names):
+    sk = inter["scenario"] == k
+    test_rows = np.flatnonzero(in_split & sk & pos)
+    users = np.unique(inter["user"][test_rows])
+    uidx = {u: j for j, u in enumerate(users)}
+    res, pres = {"num_users": int(len(users))}, {"num_users": int(len(users))}
+    exp_rows = np.flatnonzero(in_split & sk)
+    res["num_exposures"] = pres["num_exposures"] = int(len(exp_rows))
+    counts = np.bincount(inter["item"][np.flatnonzero(sk & pos & (inter["split"] == 0))],
+                         minlength=data.num_items).astype(np.float32)
+    if len(users):
+      local = np.searchsorted(users, inter["user"][test_rows])
+      test_pos = _csr(local, inter["item"][test_rows], len(users))
+      mrows = np.flatnonzero(in_mask & sk & np.isin(inter["user"], users))
+      exclude = _csr(np.searchsorted(users, inter["user"][mrows]), inter["item"][mrows], len(users))
+      uvec = encode_all(model, params, {f: c[users] for f, c in data.users.items()},
+                        {f: c[users] for f, c in data.user_masks.items()}, "encode_user", k)
+      _, idx = topk_scores(uvec, item_all[:, k], kmax, exclude=exclude, chunk_size=user_chunk)
+      per_user = M.retrieval_metrics(idx, test_pos, ks)
+      _, pidx = popularity_topk(counts, len(users), kmax, exclude=exclude)
+      pop_per_user = M.retrieval_metrics(pidx, test_pos, ks)
+      res.update({m: float(v.mean()) for m, v in per_user.items()})
+      pres.update({m: float(v.mean()) for m, v in pop_per_user.items()})
+      model_users.append(per_user), pop_users.append(pop_per_user)
+    if len(exp_rows):
+      eu = inter["user"][exp_rows]
+      uv = encode_all(model, params, {f: c[eu] for f, c in data.users.items()},
+                      {f: c[eu] for f, c in data.user_masks.items()}, "encode_user", k)
+      scores = np.einsum("nd,nd->n", uv, item_all[inter["item"][exp_rows], k])
+      labels = inter["label"][exp_rows]
+      pscores = counts[inter["item"][exp_rows]]
+      res["auc"], res["gauc"] = M.auc(labels, scores), M.gauc(eu, labels, scores)
+      pres["auc"], pres["gauc"] = M.auc(labels, pscores), M.gauc(eu, labels, pscores)
+      all_scores.append(scores), all_labels.append(labels), all_pop.append(pscores)
+      all_groups.append(eu.astype(np.int64) * data.num_scenarios + k)
+    scen_res[name], pop_res[name] = res, pres
+
+  def pooled(per_users, scores):
+    out = {"num_users": int(sum(len(next(iter(p.values()))) for p in per_users))}
+    if per_users:
+      out.update({m: float(np.concatenate([p[m] for p in per_users]).mean()) for m in per_users[0]})
+    if scores:
+      lab, grp, sc = map(np.concatenate, (all_labels, all_groups, scores))
+      out.update({"auc": M.auc(lab, sc), "gauc": M.gauc(grp, lab, sc), "num_exposures": int(len(lab))})
+    return out
+
+  return {
+      "split": split,
+      "num_items": data.num_items,
+      "scenarios": scen_res,
+      "overall": pooled(model_users, all_scores),
+      "baselines": {"popularity": {"scenarios": pop_res, "overall": pooled(pop_users, all_pop)}},
+  }
+
+
+def markdown_table(metrics: dict, k: int = 50) -> str:
+  """A Markdown table: one row per scenario plus 'overall'; model and popularity columns."""
+  cols = [f"recall@{k}", f"ndcg@{k}", f"hitrate@{k}", "auc", "gauc"]
+  model = metrics.get("model", "model")
+  head = ["scenario", "users"] + [f"{model} {c}" for c in cols] + [f"Pop {c}" for c in cols[:3]]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  pop = metrics["baselines"]["popularity"]
+  rows = list(metrics["scenarios"].items()) + [("overall", metrics["overall"])]
+  for name, r in rows:
+    p = pop["overall"] if name == "overall" else pop["scenarios"][name]
+    fmt = lambda d, c: f"{d[c]:.4f}" if c in d and d[c] == d[c] else "n/a"
+    cells = [name, str(r.get("num_users", 0))] + [fmt(r, c) for c in cols] + [fmt(p, c) for c in cols[:3]]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Field embeddings shared by all scenarios (SPEC section 1, "a shared embedding layer")."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sass_jax.data.store import FieldSpec
+
+
+def padded_rows(vocab_size: int, pad_to: int) -> int:
+  """Embedding table rows: ``vocab_size`` rounded up to a multiple of ``pad_to`` (>= 1).
+
+  Padding lets a table be row-sharded evenly over the 'model' mesh axis; padded rows are
+  never looked up because ids are < vocab_size.
+  """
+  pad_to = max(1, int(pad_to))
+  return -(-int(vocab_size) // pad_to) * pad_to
+
+
+class FieldEmbedder(nn.Module):
+  """Looks up every field of one tower and concatenates the vectors.
+
+  Attributes:
+    specs: the tower's fields (FieldSpec: name, vocab_size, multi_hot length or 0).
+    dim: embedding size d per field.
+    pad_to: table rows rounded up to a multiple of this.
+    dtype: compute dtype of the output (parameters stay float32).
+
+  Call: ``features`` maps field name -> int32 ids ``[..., ]`` (single) or ``[..., L]``
+  (multi-hot, with bool ``[..., L]`` mask under ``"<name>_mask"``; mean-pooled over the mask).
+  Returns ``[..., F * d]`` in ``dtype``. Each table is a param ``[rows, d]`` with logical axes
+  ``('vocab', 'embed')`` so the partitioner can row-shard it over the 'model' axis.
+  Raises KeyError naming the field if a feature is missing.
+  """
+  specs: Sequence[FieldSpec]
+  dim: int
+  pad_to: int = 8
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+    outs = []
+    for s in self.specs:
+      if s.name not in features:
+        raise KeyError(f"feature {s.name!r} missing from the batch (have {sorted(features)})")
+      table = self.param(
+          s.name,
+          nn.with_logical_partitioning(nn.initializers.normal(stddev=0.1), ("vocab", "embed")),
+          (padded_rows(s.vocab_size, self.pad_to), self.dim), jnp.float32)
+      ids = features[s.name]
+      e = jnp.take(table, ids, axis=0).astype(self.dtype)
+      if s.multi_hot:
+        m = features[f"{s.name}_mask"].astype(self.dtype)[..., None]
+        e = (e * m).sum(-2) / jnp.maximum(m.sum(-2), 1.0)
+      outs.append(e)
+    return jnp.concatenate(outs, axis=-1)

@@ -1,0 +1,142 @@
+"""SASS: two symmetric scenario-aware towers over ML-SAT (SPEC section 1; Zhang et al., CIKM 2022).
+
+User tower and item tower have the same structure and separate weights::
+
+    e   = concat(field embeddings)                     [B, F*d]
+    g_0 = h_0 = e;  (g_l, h_l) = MLSATLayer_l(g_{l-1}, h_{l-1}, z_k)   for l = 1..L
+    r_k = normalize(W_o h_L + bias_net(z_k))           ('add'; 'concat' concatenates instead)
+
+z_k is the scenario embedding, shared by both towers. Because the item tower is scenario-aware,
+an item has a different vector in every scenario. Scores are <r_u^k, r_i^k> / tau.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sass_jax.data.store import FieldSpec
+from sass_jax.model.embedding import FieldEmbedder
+from sass_jax.model.mlsat import MLSATLayer, _dense, activation
+
+MODEL_NAMES = ("sass", "sass_base")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static, hashable model hyper-parameters (built from ``config.model`` and the data)."""
+  user_specs: tuple[FieldSpec, ...]
+  item_specs: tuple[FieldSpec, ...]
+  num_scenarios: int
+  embed_dim: int = 16
+  scenario_dim: int = 16
+  widths: tuple[int, ...] = (256, 128)
+  out_dim: int = 64
+  activation: str = "relu"
+  dropout: float = 0.0
+  layer_norm: bool = False
+  gate_style: str = "gated_sum"
+  gate_per_scenario: bool = False
+  bias_mode: str = "add"
+  bias_hidden: int = 32
+  tau: float = 0.05
+  vocab_pad_to: int = 8
+  compute_dtype: str = "float32"
+
+  @classmethod
+  def from_config(cls, model_cfg, user_specs: Sequence[FieldSpec], item_specs: Sequence[FieldSpec],
+                  num_scenarios: int) -> "ModelConfig":
+    """Build from an ml_collections ``config.model``; raises ValueError on a bad value."""
+    if model_cfg.name not in MODEL_NAMES:
+      raise ValueError(f"config.model.name={model_cfg.name!r}; expected one of {MODEL_NAMES}")
+    if model_cfg.bias_mode not in ("add", "concat"):
+      raise ValueError(f"config.model.bias_mode={model_cfg.bias_mode!r}; expected 'add' or 'concat'")
+    if model_cfg.compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"config.model.compute_dtype={model_cfg.compute_dtype!r}; "
+                       "expected 'float32' or 'bfloat16'")
+    if num_scenarios < 1:
+      raise ValueError(f"the data has {num_scenarios} scenarios; need at least 1")
+    activation(model_cfg.activation)
+    return cls(user_specs=tuple(user_specs), item_specs=tuple(item_specs),
+               num_scenarios=int(num_scenarios), embed_dim=model_cfg.embed_dim,
+               scenario_dim=model_cfg.scenario_dim, widths=tuple(model_cfg.widths),
+               out_dim=model_cfg.out_dim, activation=model_cfg.activation,
+               dropout=model_cfg.dropout, layer_norm=model_cfg.layer_norm,
+               gate_style=model_cfg.gate_style, gate_per_scenario=model_cfg.gate_per_scenario,
+               bias_mode=model_cfg.bias_mode, bias_hidden=model_cfg.bias_hidden,
+               tau=model_cfg.tau, vocab_pad_to=model_cfg.vocab_pad_to,
+               compute_dtype=model_cfg.compute_dtype)
+
+
+class SASSTower(nn.Module):
+  """One scenario-aware tower: field embeddings -> L ML-SAT layers -> output + scenario bias.
+
+  Call ``(features, z, onehot, train)``:
+    selected layout: z ``[B, d_s]`` (each sample's scenario embedding), onehot ``[B, K]``
+      -> ``[B, D]`` float32, L2-normalised;
+    all-scenarios layout: z ``[1, K, d_s]``, onehot None -> ``[B, K, D]``, slice k the vectors
+      in scenario k.
+  D = out_dim ('add') or 2 * out_dim ('concat').
+  """
+  cfg: ModelConfig
+  specs: Sequence[FieldSpec]
+
+  @nn.compact
+  def __call__(self, features: Mapping[str, jnp.ndarray], z, onehot, train: bool = False):
+    c = self.cfg
+    dt = jnp.dtype(c.compute_dtype)
+    e = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(features)
+    g = e if onehot is not None else e[:, None, :]
+    h = e if onehot is not None else jnp.broadcast_to(e[:, None, :], (e.shape[0], c.num_scenarios, e.shape[-1]))
+    for l, width in enumerate(c.widths):
+      g, h = MLSATLayer(width, c.num_scenarios, c.activation, c.gate_style, c.gate_per_scenario,
+                        c.dropout, c.layer_norm, dt, name=f"mlsat_{l}")(g, h, z, onehot, train)
+    out = _dense(c.out_dim, dt, "out")(h)
+    act = activation(c.activation)
+    zb = jnp.broadcast_to(z, out.shape[:-1] + z.shape[-1:]).astype(dt)
+    bias = _dense(c.out_dim, dt, "bias_out")(act(_dense(c.bias_hidden, dt, "bias_hidden")(zb)))
+    r = out + bias if c.bias_mode == "add" else jnp.concatenate([out, bias], -1)
+    r = r.astype(jnp.float32)
+    return r * jax.lax.rsqrt(jnp.maximum(jnp.sum(r * r, -1, keepdims=True), 1e-12))
+
+
+class SASS(nn.Module):
+  """The two-tower SASS model. Use through ``apply(..., method=...)``:
+
+  - ``encode_user(features, scenario)`` / ``encode_item(features, scenario)``: scenario int32
+    ``[B]`` -> ``[B, D]``; scenario None -> ``[B, K, D]`` (every scenario's vector).
+  - ``__call__(user_features, item_features, scenario)`` -> (user ``[B, D]``, item ``[B, D]``),
+    used for ``init``.
+  Parameters: ``scenario_embedding`` ``[K, d_s]`` (shared), ``user_tower``, ``item_tower``.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    self.scenario_embedding = self.param(
+        "scenario_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.1), ("scenario", "embed")),
+        (c.num_scenarios, c.scenario_dim), jnp.float32)
+    self.user_tower = SASSTower(c, c.user_specs)
+    self.item_tower = SASSTower(c, c.item_specs)
+
+  def _scenario_inputs(self, scenario):
+    if scenario is None:
+      return self.scenario_embedding[None], None
+    onehot = jax.nn.one_hot(scenario, self.cfg.num_scenarios, dtype=jnp.float32)
+    return onehot @ self.scenario_embedding, onehot
+
+  def encode_user(self, features, scenario=None, train: bool = False):
+    z, onehot = self._scenario_inputs(scenario)
+    return self.user_tower(features, z, onehot, train)
+
+  def encode_item(self, features, scenario=None, train: bool = False):
+    z, onehot = self._scenario_inputs(scenario)
+    return self.item_tower(features, z, onehot, train)
+
+  def __call__(self, user_features, item_features, scenario, train: bool = False):
+    return (self.encode_user(user_features, scenario, train),
+            self.encode_item(item_features, scenario, train))

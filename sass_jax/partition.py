@@ -1,0 +1,139 @@
+"""Device mesh, sharding rules and placement of inputs, state and steps (SPEC section 6).
+
+This is the only module that builds ``NamedSharding``s. Model code names logical axes
+('vocab', 'embed', 'scenario', 'mlp_in', 'mlp_out'); ``RULES`` maps them onto the mesh axes
+('data', 'model'):
+
+- embedding tables ``[rows, d]`` ('vocab', 'embed'): rows sharded over 'model' when the table has
+  at least ``shard_min_rows`` rows, replicated otherwise;
+- dense and per-scenario weights: replicated;
+- every batch array: leading (batch) dimension split over 'data'.
+
+``jax.jit(..., in_shardings=, out_shardings=, donate_argnums=)`` is what ``pjit`` became.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "model")
+RULES = (("vocab", "model"), ("embed", None), ("scenario", None), ("mlp_in", None),
+         ("mlp_out", None), ("batch", "data"))
+
+
+def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
+  """Resolve (data, model) sizes where one of them may be -1 ('the rest of the devices').
+
+  Raises ValueError if the sizes do not multiply to ``num_devices``.
+  """
+  if data == -1 and model == -1:
+    raise ValueError("config.mesh.data and config.mesh.model cannot both be -1")
+  if data == -1:
+    if num_devices % model:
+      raise ValueError(f"config.mesh.model={model} does not divide the {num_devices} devices")
+    data = num_devices // model
+  if model == -1:
+    if num_devices % data:
+      raise ValueError(f"config.mesh.data={data} does not divide the {num_devices} devices")
+    model = num_devices // data
+  if data * model != num_devices:
+    raise ValueError(f"mesh data={data} x model={model} = {data * model} devices, but "
+                     f"{num_devices} are available; set config.mesh.data / model (-1 = the rest)")
+  return data, model
+
+
+class Partitioner:
+  """Owns the ('data', 'model') mesh and every sharding decision.
+
+  Args:
+    mesh_cfg: ``config.mesh`` (data, model, shard_min_rows).
+    devices: devices to use (default ``jax.devices()``, all processes).
+  """
+
+  def __init__(self, mesh_cfg, devices: Sequence[jax.Device] | None = None):
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(int(mesh_cfg.data), int(mesh_cfg.model), len(devices))
+    self.mesh: Mesh = jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+    self.shard_min_rows = int(mesh_cfg.shard_min_rows)
+
+  @property
+  def data_size(self) -> int:
+    return self.mesh.shape["data"]
+
+  @property
+  def model_size(self) -> int:
+    return self.mesh.shape["model"]
+
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def batch_sharding(self) -> NamedSharding:
+    """Leading dimension over 'data', every other dimension whole."""
+    return NamedSharding(self.mesh, P("data"))
+
+  def check_batch_size(self, batch_size: int, what: str):
+    """Raise ValueError unless ``batch_size`` splits evenly over the data axis and processes."""
+    n = self.data_size * 1
+    if batch_size % n or batch_size % jax.process_count():
+      raise ValueError(f"{what}={batch_size} must be divisible by the mesh's data axis ({n}) "
+                       f"and the number of processes ({jax.process_count()})")
+
+  def shard_batch(self, local_batch: Any) -> Any:
+    """Place this process's slice of a batch (a pytree of NumPy arrays, leading dim = local
+    batch) onto the mesh as global arrays split over 'data'
+    (``jax.make_array_from_process_local_data``)."""
+    sh = self.batch_sharding()
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)),
+                        local_batch)
+
+  # -- state -----------------------------------------------------------------------------
+  def state_shardings(self, abstract_boxed_state: Any) -> Any:
+    """NamedShardings for the *unboxed* state, from a state whose params carry logical axes.
+
+    ``abstract_boxed_state`` is ``jax.eval_shape`` of an init function that returns params
+    still boxed in ``nn.LogicallyPartitioned`` (optax states built from boxed params carry the
+    same boxes). Tables with fewer than ``shard_min_rows`` rows, or whose rows do not divide
+    evenly over 'model', are replicated.
+    """
+    specs = nn.get_partition_spec(abstract_boxed_state)
+    shapes = nn.meta.unbox(abstract_boxed_state)
+
+    def to_sharding(spec, leaf):
+      mesh_spec = nn.logical_to_mesh_axes(spec, RULES) if spec is not None else P()
+      mesh_spec = P(*mesh_spec) if mesh_spec is not None else P()
+      if len(mesh_spec) and mesh_spec[0] == "model":
+        rows = leaf.shape[0]
+        if rows < self.shard_min_rows or rows % self.model_size:
+          mesh_spec = P(None, *mesh_spec[1:])
+      return NamedSharding(self.mesh, mesh_spec)
+
+    return jax.tree.map(to_sharding, specs, shapes,
+                        is_leaf=lambda x: isinstance(x, P) or x is None)
+
+  def init(self, init_fn: Callable[[], Any]) -> tuple[Any, Any]:
+    """Run ``init_fn`` (no args; returns a state with boxed params) directly into its shardings.
+
+    Returns (state with plain arrays, state shardings).
+    """
+    abstract = jax.eval_shape(init_fn)
+    shardings = self.state_shardings(abstract)
+    state = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+    return state, shardings
+
+  def abstract_state(self, init_fn: Callable[[], Any]) -> tuple[Any, Any]:
+    """(ShapeDtypeStructs with shardings on this mesh, shardings) for restoring a checkpoint."""
+    abstract = jax.eval_shape(init_fn)
+    shardings = self.state_shardings(abstract)
+    shapes = nn.meta.unbox(abstract)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings), shardings
+
+  def compile_step(self, step_fn: Callable, state_shardings: Any) -> Callable:
+    """``jax.jit`` a ``step(state, batch) -> (state, metrics)`` with the state donated, the
+    state kept in ``state_shardings``, the batch split over 'data' and metrics replicated."""
+    return jax.jit(step_fn, in_shardings=(state_shardings, self.batch_sharding()),
+                   out_shardings=(state_shardings, self.replicated()), donate_argnums=(0,))

@@ -1,0 +1,77 @@
+"""The two training losses of SASS (SPEC section 2). Pure functions of arrays.
+
+- ``info_nce``: symmetric in-batch InfoNCE between two views (pre-training, stage 1).
+- ``sampled_softmax_logq``: in-batch sampled softmax over clicked (user, item, scenario)
+  triples with logQ correction (Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large
+  Corpus Item Recommendations", RecSys 2019) (fine-tuning, stage 2).
+
+Both treat a repeat of the positive's entity elsewhere in the batch as neither a positive nor a
+negative (its logit is masked), so a popular item is not pushed away from its own users.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e9
+
+
+def _duplicate_mask(ids: jnp.ndarray) -> jnp.ndarray:
+  """bool [B, B]: True where column j holds the same entity as row b's positive, j != b."""
+  same = ids[:, None] == ids[None, :]
+  return same & ~jnp.eye(ids.shape[0], dtype=bool)
+
+
+def _softmax_ce_diag(logits: jnp.ndarray) -> jnp.ndarray:
+  """float32 [B]: cross entropy of each row with its diagonal entry as the target."""
+  return jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits)
+
+
+def info_nce(view_a: jnp.ndarray, view_b: jnp.ndarray, ids: jnp.ndarray, tau: float) -> jnp.ndarray:
+  """Symmetric in-batch InfoNCE; scalar float32.
+
+  Args:
+    view_a, view_b: float [B, D], L2-normalised; row b of each are two views of entity b.
+    ids: int [B] entity ids; another row with the same id is masked out (not a negative).
+    tau: temperature (> 0).
+  Returns:
+    0.5 * (CE(a b^T / tau, diag) + CE(b a^T / tau, diag)), averaged over the batch.
+  Source: SPEC section 2 (stage 1, "positives are the two views of the same user, negatives are
+  the other users' views in the batch; symmetric in-batch InfoNCE with temperature tau_pre").
+  """
+  logits = (view_a.astype(jnp.float32) @ view_b.astype(jnp.float32).T) / tau
+  logits = jnp.where(_duplicate_mask(ids), _MASKED, logits)
+  return 0.5 * (_softmax_ce_diag(logits).mean() + _softmax_ce_diag(logits.T).mean())
+
+
+def scenario_logits(user_vecs: jnp.ndarray, item_vecs_all: jnp.ndarray,
+                    scenario: jnp.ndarray) -> jnp.ndarray:
+  """float32 [B, B]: logits[b, j] = <r_u^{k_b}[b], r_i^{k_b}[j]> (item j seen in user b's scenario).
+
+  Args: user_vecs float [B, D] (each user in its own scenario); item_vecs_all float [B, K, D]
+  (every item in every scenario); scenario int [B]. Computed as one einsum over a one-hot of
+  the scenario, without materialising a [B, B, D] tensor.
+  """
+  k = item_vecs_all.shape[1]
+  onehot = jax.nn.one_hot(scenario, k, dtype=jnp.float32)
+  u = user_vecs.astype(jnp.float32)[:, None, :] * onehot[:, :, None]     # [B, K, D]
+  return jnp.einsum("bkd,jkd->bj", u, item_vecs_all.astype(jnp.float32))
+
+
+def sampled_softmax_logq(logits: jnp.ndarray, item_ids: jnp.ndarray, item_logq: jnp.ndarray,
+                         tau: float, logq_strength: float) -> jnp.ndarray:
+  """In-batch sampled softmax with logQ correction; scalar float32.
+
+  Args:
+    logits: float [B, B] raw scores <r_u[b], r_i[j]> (row b's positive is column b).
+    item_ids: int [B] item ids; a column j != b holding row b's positive item is masked.
+    item_logq: float [B] log of item j's sampling probability (its share of the training
+      positives, i.e. how often it appears as an in-batch negative).
+    tau: temperature; logits are divided by it.
+    logq_strength: alpha in s(b, j) = <u_b, i_j> / tau - alpha * log q_j; 0 turns it off.
+  Returns: mean over b of CE(row b, target b).
+  Source: SPEC section 2 (stage 2); Yi et al., RecSys 2019, eq. (3).
+  """
+  z = logits.astype(jnp.float32) / tau - logq_strength * item_logq.astype(jnp.float32)[None, :]
+  z = jnp.where(_duplicate_mask(item_ids), _MASKED, z)
+  return _softmax_ce_diag(z).mean()

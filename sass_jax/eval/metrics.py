@@ -126,6 +126,14 @@ def as_csr(
 # --------------------------------------------------------------------------
 # AUC / GAUC
 # --------------------------------------------------------------------------
+def _run_starts(a: np.ndarray) -> np.ndarray:
+    """bool mask of positions where a sorted 1-D array starts a new run of equal values."""
+    starts = np.empty(len(a), dtype=bool)
+    starts[:1] = True
+    np.not_equal(a[1:], a[:-1], out=starts[1:])
+    return starts
+
+
 def _tie_group_stats(is_pos: np.ndarray, new_group: np.ndarray):
     """Per tie-group (start index, #positives, #negatives) from sorted data."""
     starts = np.flatnonzero(new_group)
@@ -166,11 +174,7 @@ def auc(labels, scores) -> float:
     if n_pos == 0 or n_neg == 0:
         return float("nan")
     order = np.argsort(s)
-    s_sorted = s[order]
-    new_group = np.empty(n, dtype=bool)
-    new_group[0] = True
-    np.not_equal(s_sorted[1:], s_sorted[:-1], out=new_group[1:])
-    _, pos, neg = _tie_group_stats(y[order], new_group)
+    _, pos, neg = _tie_group_stats(y[order], _run_starts(s[order]))
     neg_before = np.cumsum(neg) - neg
     two_u = int(np.sum(pos * (2 * neg_before + neg)))
     return two_u / (2.0 * n_pos * n_neg)
@@ -186,11 +190,10 @@ def _sort_by_user_then_score(u: np.ndarray, s: np.ndarray):
     2x faster than ``np.lexsort``); other dtypes, or spans that would
     overflow int64, fall back to ``np.lexsort``.
     """
-    n = len(u)
     by_score = np.argsort(s)
     s_sorted = s[by_score]
-    score_rank = np.empty(n, dtype=np.int64)
-    score_rank[by_score] = np.cumsum(np.concatenate(([0], s_sorted[1:] != s_sorted[:-1])))
+    score_rank = np.empty(len(s), dtype=np.int64)
+    score_rank[by_score] = np.cumsum(_run_starts(s_sorted)) - 1
     num_ranks = int(score_rank[by_score[-1]]) + 1
     if np.issubdtype(u.dtype, np.integer):
         u_min, u_max = int(u.min()), int(u.max())
@@ -198,22 +201,10 @@ def _sort_by_user_then_score(u: np.ndarray, s: np.ndarray):
             user_code = (u - u.dtype.type(u_min)).astype(np.int64)
             key = user_code * num_ranks + score_rank
             order = np.argsort(key)
-            key_sorted, user_sorted = key[order], user_code[order]
-            new_user = np.empty(n, dtype=bool)
-            new_user[0] = True
-            np.not_equal(user_sorted[1:], user_sorted[:-1], out=new_user[1:])
-            new_group = np.empty(n, dtype=bool)
-            new_group[0] = True
-            np.not_equal(key_sorted[1:], key_sorted[:-1], out=new_group[1:])
-            return order, new_user, new_group
+            return order, _run_starts(user_code[order]), _run_starts(key[order])
     order = np.lexsort((score_rank, u))
-    u_sorted, r_sorted = u[order], score_rank[order]
-    new_user = np.empty(n, dtype=bool)
-    new_user[0] = True
-    np.not_equal(u_sorted[1:], u_sorted[:-1], out=new_user[1:])
-    new_group = new_user.copy()
-    new_group[1:] |= r_sorted[1:] != r_sorted[:-1]
-    return order, new_user, new_group
+    new_user = _run_starts(u[order])
+    return order, new_user, new_user | _run_starts(score_rank[order])
 
 
 def gauc(user_ids, labels, scores) -> float:
@@ -283,13 +274,16 @@ def _topk_hits(topk: np.ndarray, indptr: np.ndarray, indices: np.ndarray):
     """
     num_users, kmax = topk.shape
     width = int(max(indices.max(), topk.max())) + 2
+    if num_users * width * kmax >= 2**62:
+        raise ValueError(
+            f"item ids up to {width - 2} with U={num_users}, K={kmax} overflow the int64 rank keys; "
+            "remap items to a dense range 0..N-1"
+        )
     user_base = np.arange(num_users, dtype=np.int64) * width
 
     rows = np.repeat(user_base, np.diff(indptr))
     pos_keys = np.sort(rows + indices + 1)
-    distinct = np.ones(len(pos_keys), dtype=bool)
-    np.not_equal(pos_keys[1:], pos_keys[:-1], out=distinct[1:])
-    pos_keys = pos_keys[distinct]
+    pos_keys = pos_keys[_run_starts(pos_keys)]
     pos_user = pos_keys // width
     num_pos = np.bincount(pos_user, minlength=num_users)
 
@@ -337,7 +331,8 @@ def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int]
     Raises:
       ValueError: ``topk_items`` not a 2-D integer array, ``ks`` empty or a K
         outside [1, Kmax], ``test_positives`` malformed (see :func:`as_csr`),
-        or a user with no positives.
+        a user with no positives, or item ids so large that
+        U * max_item * max(ks) reaches 2**62 (remap ids densely).
     """
     topk = np.asarray(topk_items)
     if topk.ndim != 2:
@@ -353,9 +348,11 @@ def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int]
     topk = topk[:, : ks[-1]].astype(np.int64)  # ranks beyond max(ks) never matter
     kmax = ks[-1]
     indptr, indices = as_csr(test_positives, num_users, "test_positives")
-    if np.any(np.diff(indptr) == 0):
-        empty = np.flatnonzero(np.diff(indptr) == 0)
-        raise ValueError(f"test_positives must be non-empty for every user; empty for users {empty[:10].tolist()}")
+    empty = np.flatnonzero(np.diff(indptr) == 0)
+    if len(empty):
+        raise ValueError(
+            f"test_positives must be non-empty for every user; empty for users {empty[:10].tolist()}"
+        )
     if num_users == 0:
         return {f"{m}@{k}": np.zeros(0) for k in ks for m in ("recall", "hitrate", "ndcg")}
 
@@ -370,7 +367,7 @@ def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int]
         n_hit = cum_hits[:, k - 1]
         out[f"recall@{k}"] = n_hit / num_pos
         out[f"hitrate@{k}"] = (n_hit > 0).astype(np.float64)
-        out[f"ndcg@{k}"] = cum_dcg[:, k - 1] / cum_idcg[k - 1]
+        out[f"ndcg@{k}"] = cum_dcg[:, k - 1] / cum_idcg[np.minimum(num_pos, k) - 1]
     return out
 
 

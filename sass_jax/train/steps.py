@@ -62,7 +62,7 @@ def make_init_fn(model: SASS, tx: optax.GradientTransformation, dummy: dict, see
 
 
 def _norm(tree) -> jnp.ndarray:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def _apply_update(state: TrainState, tx, grads, loss, extra) -> tuple[TrainState, dict]:

@@ -4,7 +4,12 @@ Usage:
   python -m sass_jax.main --config configs/movielens.py --workdir runs/ml --mode train
   # SASS-Base (no pre-training):  --config configs/movielens.py:sass_base
 """
+import os
+
 import ml_collections
+
+# The shared samples sit beside the repository (../shared/data), whatever the working directory.
+SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
 def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
@@ -13,7 +18,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "movielens"
-  c.data.dir = "../shared/data/movielens_1m_sample"
+  c.data.dir = os.path.join(SHARED_DATA, "movielens_1m_sample")
   c.data.download = False          # fetch ml-1m.zip from GroupLens into data.dir (MD5 checked)
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
   c.data.split = (0.8, 0.1, 0.1)   # random train / valid / test split of the rating rows

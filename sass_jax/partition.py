@@ -77,7 +77,7 @@ class Partitioner:
 
   def check_batch_size(self, batch_size: int, what: str):
     """Raise ValueError unless ``batch_size`` splits evenly over the data axis and processes."""
-    n = self.data_size * 1
+    n = self.data_size
     if batch_size % n or batch_size % jax.process_count():
       raise ValueError(f"{what}={batch_size} must be divisible by the mesh's data axis ({n}) "
                        f"and the number of processes ({jax.process_count()})")

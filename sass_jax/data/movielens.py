@@ -35,20 +35,7 @@ _YEAR = re.compile(r"\((\d{4})\)\s*$")
 log = logging.getLogger(__name__)
 
 
-class _Rejects:
-    """Row-rejection accounting under a policy: 'strict' raises, 'skip' counts."""
-
-    def __init__(self, policy: str):
-        if policy not in ("strict", "skip"):
-            raise ValueError(f"config.data.on_error must be 'strict' or 'skip', got {policy!r}")
-        self.policy = policy
-        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-
-    def reject(self, path: Path, lineno: int, reason: str, detail: str):
-        if self.policy == "strict":
-            raise store.DataError(f"{path}:{lineno}: {detail} (set config.data.on_error='skip' "
-                                  "to count and drop such rows)")
-        self.counts[path.name][reason] += 1
+_Rejects = store.Rejects  # kept for modules that imported the old private name
 
 
 def _read_lines(path: Path, encoding: str, expect_fields: int, rej: _Rejects):

@@ -21,6 +21,7 @@ last, inside the temporary directory).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -56,6 +57,27 @@ class FieldSpec:
 
 class DataError(ValueError):
     """Raised for malformed input data; the message names the file, line and field."""
+
+
+class Rejects:
+    """Row-rejection accounting under the ``config.data.on_error`` policy (SPEC section 4).
+
+    'strict' raises DataError naming ``path:lineno`` and the detail; 'skip' counts the row in
+    ``counts[file name][reason]`` (written to the manifest's ``rows_rejected``), so a run never
+    drops data silently. Raises ValueError for any other policy.
+    """
+
+    def __init__(self, policy: str):
+        if policy not in ("strict", "skip"):
+            raise ValueError(f"config.data.on_error must be 'strict' or 'skip', got {policy!r}")
+        self.policy = policy
+        self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    def reject(self, path, lineno: int, reason: str, detail: str):
+        if self.policy == "strict":
+            raise DataError(f"{path}:{lineno}: {detail} (set config.data.on_error='skip' "
+                            "to count and drop such rows)")
+        self.counts[Path(path).name][reason] += 1
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sass_jax import checkpoint as ckpt_lib
-from sass_jax.data import PREPARERS, pipeline, store
+from sass_jax.data import get_preparer, pipeline, store
 from sass_jax.eval import evaluate as eval_lib
 from sass_jax.model.towers import SASS, ModelConfig
 from sass_jax.partition import Partitioner
@@ -38,8 +38,7 @@ def prepare(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData
 
   Raises ValueError for an unknown ``config.data.name``.
   """
-  if cfg.data.name not in PREPARERS:
-    raise ValueError(f"config.data.name={cfg.data.name!r}; expected one of {sorted(PREPARERS)}")
+  preparer = get_preparer(cfg.data.name)
   out = Path(workdir) / "data"
   if not force and store.is_complete(out):
     data = store.open_store(out)
@@ -48,7 +47,7 @@ def prepare(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData
       return data
     log.info("config.data changed since %s was prepared; preparing again", out)
   t = time.time()
-  PREPARERS[cfg.data.name](cfg.data, out)
+  preparer(cfg.data, out)
   data = store.open_store(out)
   m = data.manifest
   log.info("prepared %s in %.1fs: %d interactions (split %s), %d users, %d items, rejected %s",

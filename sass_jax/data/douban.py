@@ -1,0 +1,460 @@
+"""Douban as a multi-scenario data set, two releases (SPEC section 4).
+
+- ``prepare_gadtcdr``: the GA-DTCDR release (book + music ratings, users shared across domains),
+  ``../shared/data/douban_gadtcdr_book_music`` (see its SOURCE.md).
+- ``prepare_sample``: the Scenario-Wise Rec sample (book / movie / music rows with user side
+  features), ``../shared/data/douban_sample`` (see its SOURCE.md).
+
+This module also holds the small readers shared by the loaders written after movielens.py
+(``amazon.py`` and ``mind.py`` import them): a vectorised reader of delimited integer files with
+a per-line fallback that names the bad line, a CSV reader, the rejection accounting and the
+seeded random split.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from sass_jax.data import store
+
+log = logging.getLogger(__name__)
+
+INT32_MAX = np.iinfo(np.int32).max
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers (used by douban.py, amazon.py and mind.py).
+# ----------------------------------------------------------------------------------------------
+
+
+class Rejects:
+  """Row-rejection accounting under a policy: 'strict' raises, 'skip' counts.
+
+  Like movielens' accounting, but counts are keyed by the file's path relative to ``root`` (two
+  folders of one data set may both hold a ``train.txt``).
+  """
+
+  def __init__(self, policy: str, root: Path):
+    if policy not in ("strict", "skip"):
+      raise ValueError(f"config.data.on_error must be 'strict' or 'skip', got {policy!r}")
+    self.policy = policy
+    self.root = Path(root)
+    self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+  def key(self, path: Path) -> str:
+    """The manifest key of ``path``: its path relative to the data directory (else its name)."""
+    try:
+      return Path(path).relative_to(self.root).as_posix()
+    except ValueError:
+      return Path(path).name
+
+  def reject(self, path: Path, lineno: int, reason: str, detail: str, count: int = 1):
+    """Reject ``count`` rows, the first at ``lineno``: raise DataError (strict) or count them."""
+    if self.policy == "strict":
+      raise store.DataError(f"{path}:{lineno}: {detail} (set config.data.on_error='skip' "
+                            "to count and drop such rows)")
+    self.counts[self.key(path)][reason] += count
+
+  def reject_rows(self, path: Path, bad: np.ndarray, linenos: np.ndarray, reason: str,
+                  detail) -> np.ndarray:
+    """Vectorised rejection: ``bad`` bool [n] over rows with source ``linenos``.
+
+    ``detail(i)`` describes row i. Strict: raises on the first bad row. Returns ``~bad``.
+    """
+    if bad.any():
+      first = int(np.flatnonzero(bad)[0])
+      self.reject(path, int(linenos[first]), reason, detail(first), count=int(bad.sum()))
+    return ~bad
+
+  def as_dict(self) -> dict:
+    return {k: dict(v) for k, v in self.counts.items()}
+
+
+def read_source(path: Path, what: str) -> bytes:
+  """The bytes of ``path``; FileNotFoundError / DataError (empty file) naming it."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: file not found (expected {what})")
+  raw = path.read_bytes()
+  if not raw.strip():
+    raise store.DataError(f"{path}: file is empty")
+  return raw
+
+
+def _fast_int_table(raw: bytes, sep: bytes, ncol: int):
+  """int64 [n, ncol] if ``raw`` is clean (digits and separators only, ncol fields per line, no
+  empty field or line, no value over 10 digits); None otherwise (the caller then goes line by
+  line to name the bad line)."""
+  if not raw.endswith(b"\n"):
+    raw = raw + b"\n"
+  buf = np.frombuffer(raw, np.uint8)
+  is_sep, is_nl = buf == sep[0], buf == 10
+  delim = is_sep | is_nl
+  if not np.all(delim | ((buf >= 48) & (buf <= 57))):
+    return None
+  if delim[0] or np.any(delim[1:] & delim[:-1]):
+    return None
+  dpos = np.flatnonzero(delim)
+  if np.diff(np.concatenate([[-1], dpos])).max() > 11:
+    return None
+  nl = np.flatnonzero(is_nl)
+  per_line = np.diff(np.concatenate([[0], np.cumsum(is_sep)[nl]]))
+  if np.any(per_line != ncol - 1):
+    return None
+  tokens = raw.replace(sep, b"\n").split()
+  return np.array(tokens).astype(np.int64).reshape(len(nl), ncol)
+
+
+def read_int_table(path: Path, columns: tuple[str, ...], rej: Rejects, what: str,
+                   sep: bytes = b"\t"):
+  """Read a headerless file of ``len(columns)`` non-negative integers per line.
+
+  Returns (values int64 [n, ncol], linenos int64 [n], rows_read). Blank lines are ignored; a line
+  with the wrong field count, a non-integer or negative value, or a value over 2**31 - 1 is
+  rejected (strict: DataError naming file:line and field). Clean files take a vectorised path;
+  otherwise lines are checked one by one. Raises FileNotFoundError / DataError for a missing or
+  empty file.
+  """
+  path = Path(path)
+  raw = read_source(path, what)
+  ncol = len(columns)
+  vals = _fast_int_table(raw, sep, ncol)
+  if vals is not None:
+    linenos = np.arange(1, len(vals) + 1, dtype=np.int64)
+    n_read = len(vals)
+  else:
+    rows, lines, n_read = [], [], 0
+    sep_name = "tab" if sep == b"\t" else repr(sep.decode())
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+      if not line.strip():
+        continue
+      n_read += 1
+      parts = line.split(sep)
+      if len(parts) != ncol:
+        rej.reject(path, lineno, "wrong_field_count",
+                   f"{len(parts)} {sep_name}-separated fields, expected {ncol} "
+                   f"({', '.join(columns)})")
+        continue
+      row = []
+      for name, p in zip(columns, parts):
+        p = p.strip()
+        if not p.isdigit():
+          rej.reject(path, lineno, f"bad_{name}",
+                     f"field {name!r}: expected a non-negative integer, got "
+                     f"{p.decode('utf-8', 'replace')!r}")
+          break
+        row.append(int(p))
+      else:
+        rows.append(row)
+        lines.append(lineno)
+    vals = np.asarray(rows, np.int64).reshape(len(rows), ncol)
+    linenos = np.asarray(lines, np.int64)
+  keep = np.ones(len(vals), bool)
+  for j, name in enumerate(columns):
+    bad = keep & (vals[:, j] > INT32_MAX)
+    keep &= rej.reject_rows(path, bad, linenos, f"bad_{name}",
+                            lambda i, j=j, name=name: f"field {name!r}: {vals[i, j]} exceeds "
+                                                      f"{INT32_MAX}")
+  return vals[keep], linenos[keep], n_read
+
+
+def read_csv_rows(path: Path, columns: tuple[str, ...], rej: Rejects, what: str):
+  """Yield (lineno, dict) for the rows of a UTF-8 CSV whose header is exactly ``columns``.
+
+  A row with the wrong field count is rejected (under 'skip' it is yielded as (lineno, None) so
+  the caller can count it as read); a wrong header raises DataError (line 1). Blank lines are
+  ignored.
+  Raises FileNotFoundError / DataError for a missing or empty file.
+  """
+  path = Path(path)
+  raw = read_source(path, what)
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise store.DataError(f"{path}: not valid UTF-8 at byte {e.start}: {e.reason}") from None
+  reader = csv.reader(io.StringIO(text, newline=""))
+  header = next(reader)
+  if tuple(h.strip() for h in header) != tuple(columns):
+    raise store.DataError(f"{path}:1: header {','.join(header)!r}, expected "
+                          f"{','.join(columns)!r}")
+  n = len(columns)
+  for row in reader:
+    lineno = reader.line_num
+    if not row or (len(row) == 1 and not row[0].strip()):
+      continue
+    if len(row) != n:
+      rej.reject(path, lineno, "wrong_field_count",
+                 f"{len(row)} comma-separated fields, expected {n} ({', '.join(columns)})")
+      yield lineno, None   # counted as read (and rejected) by the caller
+      continue
+    yield lineno, dict(zip(columns, row))
+
+
+def random_split(n: int, fractions, seed: int) -> np.ndarray:
+  """int8 [n] split ids (0 train, 1 valid, 2 test): a seeded random split by ``fractions``.
+
+  The same rule as movielens.py. Raises ValueError unless ``fractions`` are 3 non-negative
+  numbers summing to 1.
+  """
+  frac = np.asarray(fractions, dtype=np.float64)
+  if frac.shape != (3,) or np.any(frac < 0) or abs(frac.sum() - 1) > 1e-6:
+    raise ValueError(f"config.data.split must be 3 fractions summing to 1, got {tuple(frac)}")
+  perm = np.random.default_rng(seed).permutation(n)
+  n_train, n_valid = int(round(frac[0] * n)), int(round(frac[1] * n))
+  split = np.empty(n, np.int8)
+  split[perm[:n_train]] = 0
+  split[perm[n_train:n_train + n_valid]] = 1
+  split[perm[n_train + n_valid:]] = 2
+  return split
+
+
+def vocab_column(name: str, train_values, entity_values, min_count: int, missing=None):
+  """(int32 ids [num_entities], FieldSpec) with a vocabulary built from training-row values.
+
+  ``missing``: a value (e.g. the empty string) that always maps to the unknown id 0.
+  """
+  train_values = np.asarray(train_values)
+  if missing is not None:
+    train_values = train_values[train_values != missing]
+  vocab = store.build_vocab(train_values, min_count)
+  return store.apply_vocab(np.asarray(entity_values), vocab), store.FieldSpec(name, len(vocab) + 1)
+
+
+def options(data_cfg) -> dict:
+  """``data_cfg`` as plain JSON-able values (the manifest's ``options``)."""
+  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()}
+
+
+def sources(paths, rej: Rejects) -> dict:
+  """Manifest ``sources``: relative path -> sha256 and size."""
+  return {rej.key(p): {"sha256": store.sha256_file(p), "bytes": p.stat().st_size} for p in paths}
+
+
+# ----------------------------------------------------------------------------------------------
+# GA-DTCDR release: douban_{domain}_ratings.dat, user_id <TAB> item_id <TAB> rating.
+# ----------------------------------------------------------------------------------------------
+
+GADTCDR_DOMAINS = ("book", "music")
+GADTCDR_COLUMNS = ("user_id", "item_id", "rating")
+
+
+def find_gadtcdr_file(data_dir: Path, domain: str) -> Path:
+  """The ratings file of ``domain``: ``douban_<domain>_ratings.dat`` (the shared copy) or the
+  repository's ``Data/douban_<domain>/ratings.dat`` layout (``data_dir`` = the repo or Data/).
+
+  Raises FileNotFoundError naming the expected file if neither exists.
+  """
+  flat = data_dir / f"douban_{domain}_ratings.dat"
+  for p in (flat, data_dir / f"douban_{domain}" / "ratings.dat",
+            data_dir / "Data" / f"douban_{domain}" / "ratings.dat"):
+    if p.is_file():
+      return p
+  raise FileNotFoundError(f"{flat}: file not found (expected the GA-DTCDR ratings of domain "
+                          f"{domain!r}: douban_{domain}_ratings.dat or "
+                          f"douban_{domain}/ratings.dat in {data_dir})")
+
+
+def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
+  """Douban book + music ratings of the GA-DTCDR release -> a 2-scenario store at ``out_dir``.
+
+  Reads ``douban_<domain>_ratings.dat`` (or ``douban_<domain>/ratings.dat``) for each of
+  ``data_cfg.domains`` (default ('book', 'music')): tab-separated ``user_id, item_id, rating``,
+  no header. Scenario k = the k-th domain (the file). User ids are shared across the domains;
+  item ids are per domain, so an item is keyed by (domain, item_id) (raw id ``"book:1630"``).
+  Label = rating >= 4; every rating is an exposure. Split: seeded random
+  ``data_cfg.split`` (8:1:1) of all rating rows with ``data_cfg.split_seed``.
+  Fields: users ``user_id``; items ``item_id``, ``domain``. Vocabularies from the training split
+  (values seen fewer than ``data_cfg.min_count`` times -> 0).
+
+  Rejected rows (wrong field count, non-integer id or rating, rating outside 1..5, a repeated
+  (user, item) pair within a domain): 'strict' raises store.DataError naming file:line and
+  field; 'skip' counts them in manifest['rows_rejected'][file][reason]. A missing file raises
+  FileNotFoundError, an empty one DataError; nothing is written then.
+  Source: SPEC section 4; ``douban_gadtcdr_book_music/SOURCE.md`` (GitHub fengzhu1/GA-DTCDR).
+  """
+  data_dir = Path(data_cfg.dir).expanduser()
+  domains = tuple(data_cfg.get("domains", GADTCDR_DOMAINS))
+  if len(domains) < 1 or len(set(domains)) != len(domains):
+    raise ValueError(f"config.data.domains must be distinct domain names, got {domains}")
+  rej = Rejects(data_cfg.on_error, data_dir)
+  paths = [find_gadtcdr_file(data_dir, d) for d in domains]
+
+  read, parts = {}, []
+  for k, path in enumerate(paths):
+    vals, linenos, n_read = read_int_table(path, GADTCDR_COLUMNS, rej,
+                                           "GA-DTCDR layout: user_id<TAB>item_id<TAB>rating")
+    read[rej.key(path)] = n_read
+    bad = (vals[:, 2] < 1) | (vals[:, 2] > 5)
+    keep = rej.reject_rows(path, bad, linenos, "bad_rating",
+                           lambda i: f"field 'rating': {vals[i, 2]} is not one of 1..5")
+    vals, linenos = vals[keep], linenos[keep]
+    pair = (vals[:, 0] << 32) | vals[:, 1]
+    _, first, inv = np.unique(pair, return_index=True, return_inverse=True)
+    dup = np.ones(len(vals), bool)
+    dup[first] = False
+    keep = rej.reject_rows(path, dup, linenos, "duplicate_pair",
+                           lambda i: f"fields 'user_id', 'item_id': ({vals[i, 0]}, {vals[i, 1]}) "
+                                     f"repeats an earlier line (line {linenos[first[inv[i]]]})")
+    vals = vals[keep]
+    parts.append(np.column_stack([vals, np.full(len(vals), k, np.int64)]))
+  allv = np.concatenate(parts)
+  if len(allv) == 0:
+    raise store.DataError(f"{', '.join(map(str, paths))}: no valid rating rows")
+  r_user, r_item, r_rating, r_dom = allv.T
+  n = len(allv)
+  split = random_split(n, data_cfg.split, data_cfg.split_seed)
+  train = split == 0
+  mc = data_cfg.min_count
+
+  item_key = (r_dom << 32) | r_item
+  user_raw, user_row = np.unique(r_user, return_inverse=True)
+  item_keys, item_row = np.unique(item_key, return_inverse=True)
+  item_dom, item_num = item_keys >> 32, item_keys & 0xFFFFFFFF
+  item_raw = np.asarray([f"{domains[d]}:{i}" for d, i in zip(item_dom, item_num)])
+
+  ucol, uspec = vocab_column("user_id", r_user[train], user_raw, mc)
+  icol, ispec = vocab_column("item_id", item_key[train], item_keys, mc)
+  dcol, dspec = vocab_column("domain", r_dom[train], item_dom, 1)
+  inter = {"user": user_row.astype(np.int32), "item": item_row.astype(np.int32),
+           "scenario": r_dom.astype(np.int32), "label": (r_rating >= 4).astype(np.float32),
+           "split": split}
+  rejected = rej.as_dict()
+  extra = {
+      "dataset": "douban_gadtcdr",
+      "source_dir": str(data_dir.resolve()),
+      "sources": sources(paths, rej),
+      "rows_read": read,
+      "rows_rejected": rejected,
+      "rows_kept": {"ratings": n, "users": len(user_raw), "items": len(item_keys),
+                    **{f"ratings_{d}": int((r_dom == k).sum()) for k, d in enumerate(domains)}},
+      "options": options(data_cfg),
+      "label": "rating >= 4",
+      "scenario_rule": "the file's domain: " + ", ".join(f"{d} -> {k}"
+                                                         for k, d in enumerate(domains)),
+  }
+  out = store.write_store(out_dir, scenario_names=list(domains), user_specs=[uspec],
+                          item_specs=[ispec, dspec], users={"user_id": ucol},
+                          items={"item_id": icol, "domain": dcol}, user_masks={}, item_masks={},
+                          inter=inter, user_raw_ids=user_raw.astype(str), item_raw_ids=item_raw,
+                          extra_manifest=extra)
+  log.info("prepared %d Douban ratings (%d users, %d items; rejected %s) into %s",
+           n, len(user_raw), len(item_keys), rejected or "none", out)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenario-Wise Rec sample: douban_sample.csv.
+# ----------------------------------------------------------------------------------------------
+
+SAMPLE_FILE = "douban_sample.csv"
+SAMPLE_COLUMNS = ("user_id", "item_id", "rating", "domain", "living_place", "join_time", "time_bin")
+SAMPLE_SCENARIOS = ("book", "movie", "music")
+
+
+def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
+  """The Scenario-Wise Rec Douban sample -> a 3-scenario store at ``out_dir``.
+
+  Reads ``data_cfg.dir / data_cfg.file`` (default ``douban_sample.csv``): a UTF-8 CSV with the
+  header ``user_id,item_id,rating,domain,living_place,join_time,time_bin``. Scenario = ``domain``
+  (book 0 / movie 1 / music 2); label = ``rating`` (already 0/1); every row is an exposure.
+  Split: seeded random ``data_cfg.split`` (8:1:1) with ``data_cfg.split_seed``.
+  Fields: users ``user_id``, ``living_place`` (empty = unknown id 0), ``time_bin`` (join-month
+  bucket; ``join_time`` itself is not used); items ``item_id`` (keyed by (domain, item_id), raw
+  id ``"movie:95875"``), ``domain``. Vocabularies from the training split.
+
+  Rejected rows (wrong field count, non-integer user_id / item_id / time_bin, rating not 0/1,
+  domain not book/movie/music, a user whose living_place / time_bin differ from an earlier row):
+  'strict' raises store.DataError naming file:line and field; 'skip' counts them in
+  manifest['rows_rejected'][file][reason]. A missing file raises FileNotFoundError; an empty file
+  or a wrong header raises DataError; nothing is written then.
+  Source: SPEC section 4; ``douban_sample/SOURCE.md`` (GitHub Xiaopengli1/Scenario-Wise-Rec).
+  """
+  data_dir = Path(data_cfg.dir).expanduser()
+  path = data_dir / data_cfg.get("file", SAMPLE_FILE)
+  rej = Rejects(data_cfg.on_error, data_dir)
+  scen_of = {s: k for k, s in enumerate(SAMPLE_SCENARIOS)}
+  users: dict[int, tuple[str, int]] = {}
+  r_user, r_item, r_label, r_scen = [], [], [], []
+  n_read = 0
+  for lineno, row in read_csv_rows(path, SAMPLE_COLUMNS, rej, "the Scenario-Wise Rec "
+                                   "douban_sample.csv layout"):
+    n_read += 1
+    if row is None:
+      continue
+    ints = []
+    for f in ("user_id", "item_id", "time_bin"):
+      v = row[f].strip()
+      if not v.isdigit():
+        rej.reject(path, lineno, f"bad_{f}", f"field {f!r}: expected a non-negative integer, "
+                                             f"got {row[f]!r}")
+        break
+      ints.append(int(v))
+    else:
+      u, i, tbin = ints
+      rating, dom = row["rating"].strip(), row["domain"].strip()
+      if rating not in ("0", "1"):
+        rej.reject(path, lineno, "bad_rating", f"field 'rating': expected 0 or 1, got {rating!r}")
+        continue
+      if dom not in scen_of:
+        rej.reject(path, lineno, "unknown_domain", f"field 'domain': {dom!r} is not one of "
+                                                   f"{', '.join(SAMPLE_SCENARIOS)}")
+        continue
+      attrs = (row["living_place"].strip(), tbin)
+      if users.setdefault(u, attrs) != attrs:
+        rej.reject(path, lineno, "inconsistent_user",
+                   f"fields 'living_place', 'time_bin': {attrs} differ from user {u}'s earlier "
+                   f"{users[u]}")
+        continue
+      r_user.append(u), r_item.append(i), r_label.append(rating == "1"), r_scen.append(scen_of[dom])
+  if not r_user:
+    raise store.DataError(f"{path}: no valid rows")
+  r_user, r_item, r_scen = (np.asarray(a, np.int64) for a in (r_user, r_item, r_scen))
+  r_label = np.asarray(r_label, np.float32)
+  n = len(r_user)
+  split = random_split(n, data_cfg.split, data_cfg.split_seed)
+  train = split == 0
+  mc = data_cfg.min_count
+
+  item_key = (r_scen << 32) | r_item
+  user_raw, user_row = np.unique(r_user, return_inverse=True)
+  item_keys, item_row = np.unique(item_key, return_inverse=True)
+  item_dom, item_num = item_keys >> 32, item_keys & 0xFFFFFFFF
+  item_raw = np.asarray([f"{SAMPLE_SCENARIOS[d]}:{i}" for d, i in zip(item_dom, item_num)])
+  place = np.asarray([users[u][0] for u in r_user])
+  tbin = np.asarray([users[u][1] for u in r_user])
+
+  ucols, uspecs = {}, []
+  for name, tr, ent, missing in (
+      ("user_id", r_user[train], user_raw, None),
+      ("living_place", place[train], np.asarray([users[u][0] for u in user_raw]), ""),
+      ("time_bin", tbin[train], np.asarray([users[u][1] for u in user_raw]), None)):
+    ucols[name], spec = vocab_column(name, tr, ent, mc, missing)
+    uspecs.append(spec)
+  icol, ispec = vocab_column("item_id", item_key[train], item_keys, mc)
+  dcol, dspec = vocab_column("domain", r_scen[train], item_dom, 1)
+  inter = {"user": user_row.astype(np.int32), "item": item_row.astype(np.int32),
+           "scenario": r_scen.astype(np.int32), "label": r_label, "split": split}
+  rejected = rej.as_dict()
+  extra = {
+      "dataset": "douban_sample",
+      "source_dir": str(data_dir.resolve()),
+      "sources": sources([path], rej),
+      "rows_read": {rej.key(path): n_read},
+      "rows_rejected": rejected,
+      "rows_kept": {"rows": n, "users": len(user_raw), "items": len(item_keys)},
+      "options": options(data_cfg),
+      "label": "rating (0/1 in the file)",
+      "scenario_rule": "domain: " + ", ".join(f"{s} -> {k}" for k, s in enumerate(SAMPLE_SCENARIOS)),
+  }
+  out = store.write_store(out_dir, scenario_names=list(SAMPLE_SCENARIOS), user_specs=uspecs,
+                          item_specs=[ispec, dspec], users=ucols,
+                          items={"item_id": icol, "domain": dcol}, user_masks={}, item_masks={},
+                          inter=inter, user_raw_ids=user_raw.astype(str), item_raw_ids=item_raw,
+                          extra_manifest=extra)
+  log.info("prepared %d Douban sample rows (%d users, %d items; rejected %s) into %s",
+           n, len(user_raw), len(item_keys), rejected or "none", out)
+  return out

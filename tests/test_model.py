@@ -322,8 +322,6 @@ def test_from_config_rejects_zero_scenarios():
     ModelConfig.from_config(test_config.get_config().model, u, i, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="ModelConfig.from_config does not validate "
-                   "config.model.gate_style; a bad value only fails later at model init")
 def test_from_config_rejects_bad_gate_style():
   mc = test_config.get_config().model
   mc.gate_style = "lstm"

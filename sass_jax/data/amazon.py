@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from sass_jax.data import store
-from sass_jax.data.douban import Rejects, options, read_int_table, sources, vocab_column
+from sass_jax.data.store import Rejects
+from sass_jax.data.douban import options, read_int_table, sources, vocab_column
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sass_jax.data import store
+from sass_jax.data.store import Rejects
 
 log = logging.getLogger(__name__)
 
@@ -31,47 +32,6 @@ INT32_MAX = np.iinfo(np.int32).max
 # ----------------------------------------------------------------------------------------------
 
 
-class Rejects:
-  """Row-rejection accounting under a policy: 'strict' raises, 'skip' counts.
-
-  Like movielens' accounting, but counts are keyed by the file's path relative to ``root`` (two
-  folders of one data set may both hold a ``train.txt``).
-  """
-
-  def __init__(self, policy: str, root: Path):
-    if policy not in ("strict", "skip"):
-      raise ValueError(f"config.data.on_error must be 'strict' or 'skip', got {policy!r}")
-    self.policy = policy
-    self.root = Path(root)
-    self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-
-  def key(self, path: Path) -> str:
-    """The manifest key of ``path``: its path relative to the data directory (else its name)."""
-    try:
-      return Path(path).relative_to(self.root).as_posix()
-    except ValueError:
-      return Path(path).name
-
-  def reject(self, path: Path, lineno: int, reason: str, detail: str, count: int = 1):
-    """Reject ``count`` rows, the first at ``lineno``: raise DataError (strict) or count them."""
-    if self.policy == "strict":
-      raise store.DataError(f"{path}:{lineno}: {detail} (set config.data.on_error='skip' "
-                            "to count and drop such rows)")
-    self.counts[self.key(path)][reason] += count
-
-  def reject_rows(self, path: Path, bad: np.ndarray, linenos: np.ndarray, reason: str,
-                  detail) -> np.ndarray:
-    """Vectorised rejection: ``bad`` bool [n] over rows with source ``linenos``.
-
-    ``detail(i)`` describes row i. Strict: raises on the first bad row. Returns ``~bad``.
-    """
-    if bad.any():
-      first = int(np.flatnonzero(bad)[0])
-      self.reject(path, int(linenos[first]), reason, detail(first), count=int(bad.sum()))
-    return ~bad
-
-  def as_dict(self) -> dict:
-    return {k: dict(v) for k, v in self.counts.items()}
 
 
 def read_source(path: Path, what: str) -> bytes:

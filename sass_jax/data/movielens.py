@@ -35,10 +35,7 @@ _YEAR = re.compile(r"\((\d{4})\)\s*$")
 log = logging.getLogger(__name__)
 
 
-_Rejects = store.Rejects  # kept for modules that imported the old private name
-
-
-def _read_lines(path: Path, encoding: str, expect_fields: int, rej: _Rejects):
+def _read_lines(path: Path, encoding: str, expect_fields: int, rej: store.Rejects):
     """Yield (lineno, fields) of a '::' file, validating the field count and the encoding."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found (expected the GroupLens ML-1M layout)")
@@ -116,7 +113,7 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
     data_dir = Path(data_cfg.dir).expanduser()
     if data_cfg.download:
         data_dir = download(data_dir)
-    rej = _Rejects(data_cfg.on_error)
+    rej = store.Rejects(data_cfg.on_error)
     users_path, movies_path = data_dir / "users.dat", data_dir / "movies.dat"
     ratings_path = find_ratings(data_dir)
     read = collections.Counter()

@@ -100,9 +100,12 @@ class BatchFn:
     if self.stream == "finetune":
       batch["item_logq"] = self.logq[it]
     else:
+      # Views are drawn for the whole global batch and sliced, so they do not depend on the
+      # number of processes.
       rng = np.random.default_rng([self.seed, 1_000_003, index])
-      batch["user_views"] = _two_scenarios(rng, self.k, len(rows))
-      batch["item_views"] = _two_scenarios(rng, self.k, len(rows))
+      sl = slice(self.offset, self.offset + self.local)
+      batch["user_views"] = _two_scenarios(rng, self.k, self.global_batch)[sl]
+      batch["item_views"] = _two_scenarios(rng, self.k, self.global_batch)[sl]
     return batch
 
 

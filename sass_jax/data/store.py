@@ -62,22 +62,50 @@ class DataError(ValueError):
 class Rejects:
     """Row-rejection accounting under the ``config.data.on_error`` policy (SPEC section 4).
 
-    'strict' raises DataError naming ``path:lineno`` and the detail; 'skip' counts the row in
-    ``counts[file name][reason]`` (written to the manifest's ``rows_rejected``), so a run never
-    drops data silently. Raises ValueError for any other policy.
+    'strict' raises DataError naming ``path:lineno`` and the detail; 'skip' counts the rows in
+    ``counts[key][reason]`` (written to the manifest's ``rows_rejected``), so a run never drops
+    data silently. The key is the file's path relative to ``root`` when given (two folders of
+    one data set may both hold a ``train.txt``), else the file name.
+    Raises ValueError for a policy other than 'strict' / 'skip'.
     """
 
-    def __init__(self, policy: str):
+    def __init__(self, policy: str, root: str | os.PathLike | None = None):
         if policy not in ("strict", "skip"):
             raise ValueError(f"config.data.on_error must be 'strict' or 'skip', got {policy!r}")
         self.policy = policy
+        self.root = Path(root) if root is not None else None
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
-    def reject(self, path, lineno: int, reason: str, detail: str):
+    def key(self, path) -> str:
+        """The manifest key of ``path``."""
+        if self.root is not None:
+            try:
+                return Path(path).relative_to(self.root).as_posix()
+            except ValueError:
+                pass
+        return Path(path).name
+
+    def reject(self, path, lineno: int, reason: str, detail: str, count: int = 1):
+        """Reject ``count`` rows, the first at ``lineno``: raise DataError (strict) or count."""
         if self.policy == "strict":
             raise DataError(f"{path}:{lineno}: {detail} (set config.data.on_error='skip' "
                             "to count and drop such rows)")
-        self.counts[Path(path).name][reason] += 1
+        self.counts[self.key(path)][reason] += count
+
+    def reject_rows(self, path, bad: np.ndarray, linenos: np.ndarray, reason: str,
+                    detail) -> np.ndarray:
+        """Vectorised rejection: ``bad`` bool [n] over rows with source line numbers ``linenos``.
+
+        ``detail(i)`` describes row i. Strict: raises on the first bad row. Returns ``~bad``.
+        """
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            self.reject(path, int(linenos[first]), reason, detail(first), count=int(bad.sum()))
+        return ~bad
+
+    def as_dict(self) -> dict:
+        """``{key: {reason: count}}`` for the manifest."""
+        return {k: dict(v) for k, v in self.counts.items()}
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

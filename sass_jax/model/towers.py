@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from sass_jax.data.store import FieldSpec
 from sass_jax.model.embedding import FieldEmbedder
-from sass_jax.model.mlsat import MLSATLayer, _dense, activation
+from sass_jax.model.mlsat import GATE_STYLES, MLSATLayer, _dense, activation
 
 MODEL_NAMES = ("sass", "sass_base")
 
@@ -52,6 +52,8 @@ class ModelConfig:
     """Build from an ml_collections ``config.model``; raises ValueError on a bad value."""
     if model_cfg.name not in MODEL_NAMES:
       raise ValueError(f"config.model.name={model_cfg.name!r}; expected one of {MODEL_NAMES}")
+    if model_cfg.gate_style not in GATE_STYLES:
+      raise ValueError(f"config.model.gate_style={model_cfg.gate_style!r}; expected one of {GATE_STYLES}")
     if model_cfg.bias_mode not in ("add", "concat"):
       raise ValueError(f"config.model.bias_mode={model_cfg.bias_mode!r}; expected 'add' or 'concat'")
     if model_cfg.compute_dtype not in ("float32", "bfloat16"):

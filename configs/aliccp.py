@@ -1,0 +1,44 @@
+"""SASS on Ali-CCP with field 301 as the scenario (SPEC section 4; sass_jax/data/aliccp.py).
+
+Default data: the real 200-row sample in ../shared/data/ali_ccp_sample (csv layout, all rows
+301=1 -- a smoke test only). For the full Tianchi release set
+``--config.data.dir=<folder with sample_skeleton_*.csv / common_features_*.csv>``; argument
+'variant' uses the sample's hand-edited scenario_wise_rec_variant/ (all 3 scenario ids; NOT real
+scenario labels, plumbing only).
+
+Usage:
+  python -m sass_jax.main --config configs/aliccp.py --workdir runs/aliccp --mode train
+  python -m sass_jax.main --config configs/aliccp.py:sass_base --config.data.dir=/data/ali-ccp ...
+"""
+import os
+
+import ml_collections
+
+from configs import movielens
+
+
+def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
+  args = [a.strip() for a in (arg or "sass").split(",") if a.strip()]
+  model = "sass_base" if "sass_base" in args else "sass"
+  c = movielens.get_config(model)
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "aliccp"
+  c.data.dir = os.path.join(movielens.SHARED_DATA, "ali_ccp_sample",
+                            *(["scenario_wise_rec_variant"] if "variant" in args else []))
+  c.data.layout = "auto"           # 'raw' (Tianchi sample_skeleton/common_features), 'csv' (preprocessed)
+  c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  c.data.split = (0.8, 0.1, 0.1)   # raw layout: train file cut train:valid = 8:1; test file = test
+  c.data.split_seed = 42
+  c.data.min_count = 1             # values seen fewer times in the training split map to id 0
+  c.data.max_multi_hot = 0         # 0: keep every value of 109_14 / 110_14 / 127_14 / 150_14
+  c.data.scenarios = None          # raw layout: allowed 301 feature ids (None: every value seen)
+
+  # The sample is tiny (100 training rows): small batches and few steps.
+  c.pretrain.num_steps = 0 if model == "sass_base" else 20
+  c.pretrain.batch_size = 32
+  c.train.num_steps = 50
+  c.train.batch_size = 8
+  c.train.warmup_steps = 5
+  c.train.log_every = 10
+  c.checkpoint.every_steps = 25
+  return c

@@ -1,20 +1,23 @@
 """Command line: ``python -m sass_jax.main --config configs/movielens.py --workdir DIR --mode M``.
 
-Modes: prepare, pretrain, finetune, train (pretrain + finetune + eval), eval. Any config value
+Modes: prepare, pretrain, finetune, train (pretrain + finetune + eval), eval, bench_input
+(input pipeline vs fine-tune step throughput, ``sass_jax.bench``). Any config value
 can be overridden with ``--config.<path>=<value>``; the config is locked, so a misspelt key is
 an error. This module only parses and dispatches; the logic lives in ``sass_jax.train.loop``.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from sass_jax import bench
 from sass_jax.eval.evaluate import markdown_table
 from sass_jax.train import loop
 
-MODES = ("prepare", "pretrain", "finetune", "train", "eval")
+MODES = ("prepare", "pretrain", "finetune", "train", "eval", "bench_input")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory: data, checkpoints, logs, metrics.")
@@ -33,6 +36,10 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config configs/movielens.py")
   if mode == "prepare":
     loop.prepare(cfg, workdir, force=True)
+    return
+  if mode == "bench_input":
+    name = config_flags.get_config_filename(flags.FLAGS["config"])
+    print(json.dumps(bench.bench_input(cfg, workdir, config_name=name), indent=2))
     return
   if mode in ("pretrain", "finetune"):
     loop.train(cfg, workdir, stages=(mode,), evaluate=False)

@@ -56,7 +56,7 @@ _ENCODERS: dict = {}
 def _encoder(model, method, all_scenarios) -> Callable:
   key = (model, method, all_scenarios)
   if key not in _ENCODERS:
-    m = getattr(SASS, method)
+    m = method
     if all_scenarios:
       _ENCODERS[key] = jax.jit(lambda p, f, s: model.apply({"params": p}, f, None, method=m))
     else:

@@ -22,7 +22,12 @@ from sass_jax.data.store import FieldSpec
 from sass_jax.model.embedding import FieldEmbedder
 from sass_jax.model.mlsat import GATE_STYLES, MLSATLayer, _dense, activation
 
-MODEL_NAMES = ("sass", "sass_base")
+MODEL_NAMES = ("sass", "sass_base", "dssm_mixed")
+
+
+def l2_normalize(r: jnp.ndarray) -> jnp.ndarray:
+  """r / ||r||_2 over the last axis (float32; the norm is floored at 1e-6)."""
+  return r * jax.lax.rsqrt(jnp.maximum(jnp.sum(r * r, -1, keepdims=True), 1e-12))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +106,7 @@ class SASSTower(nn.Module):
     zb = jnp.broadcast_to(z, out.shape[:-1] + z.shape[-1:]).astype(dt)
     bias = _dense(c.out_dim, dt, "bias_out")(act(_dense(c.bias_hidden, dt, "bias_hidden")(zb)))
     r = out + bias if c.bias_mode == "add" else jnp.concatenate([out, bias], -1)
-    r = r.astype(jnp.float32)
-    return r * jax.lax.rsqrt(jnp.maximum(jnp.sum(r * r, -1, keepdims=True), 1e-12))
+    return l2_normalize(r.astype(jnp.float32))
 
 
 class SASS(nn.Module):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from sass_jax import checkpoint as ckpt_lib
 from sass_jax.data import get_preparer, pipeline, store
 from sass_jax.eval import evaluate as eval_lib
+from sass_jax.model.baselines import DSSMMixed
 from sass_jax.model.towers import SASS, ModelConfig
 from sass_jax.partition import Partitioner
 from sass_jax.train import steps
@@ -56,10 +57,16 @@ def prepare(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData
   return data
 
 
-def build_model(cfg, data: store.PreparedData) -> SASS:
-  """The SASS model for ``config.model`` and the data's fields and scenarios."""
-  return SASS(ModelConfig.from_config(cfg.model, data.user_specs, data.item_specs,
-                                      data.num_scenarios))
+MODELS = {"sass": SASS, "sass_base": SASS, "dssm_mixed": DSSMMixed}
+
+
+def build_model(cfg, data: store.PreparedData):
+  """The two-tower model named by ``config.model.name`` for the data's fields and scenarios.
+
+  Raises ValueError for an unknown name or option (ModelConfig.from_config).
+  """
+  mc = ModelConfig.from_config(cfg.model, data.user_specs, data.item_specs, data.num_scenarios)
+  return MODELS[cfg.model.name](mc)
 
 
 def _dummy(data: store.PreparedData) -> dict:

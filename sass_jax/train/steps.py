@@ -87,14 +87,14 @@ def pretrain_loss(model: SASS, params, batch: dict, rng, tau: float, pairs: str)
   rngs_u, rngs_i = {"dropout": r1}, {"dropout": r2}
   if pairs == "user_item":
     u = model.apply({"params": params}, batch["user"], batch["scenario"], True,
-                    method=SASS.encode_user, rngs=rngs_u)
+                    method="encode_user", rngs=rngs_u)
     i = model.apply({"params": params}, batch["item"], batch["scenario"], True,
-                    method=SASS.encode_item, rngs=rngs_i)
+                    method="encode_item", rngs=rngs_i)
     loss = losses.info_nce(u, i, batch["item_index"], tau)
     return loss, {"user_loss": loss, "item_loss": jnp.zeros_like(loss)}
-  u_all = model.apply({"params": params}, batch["user"], None, True, method=SASS.encode_user,
+  u_all = model.apply({"params": params}, batch["user"], None, True, method="encode_user",
                       rngs=rngs_u)                                    # [B, K, D]
-  i_all = model.apply({"params": params}, batch["item"], None, True, method=SASS.encode_item,
+  i_all = model.apply({"params": params}, batch["item"], None, True, method="encode_item",
                       rngs=rngs_i)
   take = lambda v, idx: jnp.take_along_axis(v, idx[:, :, None], axis=1)  # [B, 2, D]
   uv, iv = take(u_all, batch["user_views"]), take(i_all, batch["item_views"])
@@ -112,8 +112,8 @@ def finetune_loss(model: SASS, params, batch: dict, rng, tau: float, logq_streng
   """
   r1, r2 = jax.random.split(jax.random.wrap_key_data(rng))
   u = model.apply({"params": params}, batch["user"], batch["scenario"], True,
-                  method=SASS.encode_user, rngs={"dropout": r1})     # [B, D]
-  i_all = model.apply({"params": params}, batch["item"], None, True, method=SASS.encode_item,
+                  method="encode_user", rngs={"dropout": r1})     # [B, D]
+  i_all = model.apply({"params": params}, batch["item"], None, True, method="encode_item",
                       rngs={"dropout": r2})                          # [B, K, D]
   logits = losses.scenario_logits(u, i_all, batch["scenario"])
   return losses.sampled_softmax_logq(logits, batch["item_index"], batch["item_logq"], tau,

@@ -302,7 +302,8 @@ def test_from_config_copies_values():
   cfg = ModelConfig.from_config(mc, u, i, 3)
   assert cfg.widths == (32, 16) and cfg.out_dim == 16 and cfg.embed_dim == 8
   assert cfg.num_scenarios == 3 and cfg.user_specs == u and cfg.item_specs == i
-  assert cfg.tau == 0.05 and cfg.gate_style == "gated_sum" and cfg.bias_mode == "add"
+  assert cfg.tau == mc.tau == 0.2 and cfg.gate_style == "gated_sum" and cfg.bias_mode == "add"
+  assert ModelConfig(u, i, 3).tau == 0.05  # the SPEC default when no config sets it
   hash(cfg)  # static config must be hashable (used as a jit-static closure)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sass_jax.data import store
-from sass_jax.data.store import Rejects
+from sass_jax.data.store import Rejects, random_split
 
 log = logging.getLogger(__name__)
 
@@ -152,24 +152,6 @@ def read_csv_rows(path: Path, columns: tuple[str, ...], rej: Rejects, what: str)
       yield lineno, None   # counted as read (and rejected) by the caller
       continue
     yield lineno, dict(zip(columns, row))
-
-
-def random_split(n: int, fractions, seed: int) -> np.ndarray:
-  """int8 [n] split ids (0 train, 1 valid, 2 test): a seeded random split by ``fractions``.
-
-  The same rule as movielens.py. Raises ValueError unless ``fractions`` are 3 non-negative
-  numbers summing to 1.
-  """
-  frac = np.asarray(fractions, dtype=np.float64)
-  if frac.shape != (3,) or np.any(frac < 0) or abs(frac.sum() - 1) > 1e-6:
-    raise ValueError(f"config.data.split must be 3 fractions summing to 1, got {tuple(frac)}")
-  perm = np.random.default_rng(seed).permutation(n)
-  n_train, n_valid = int(round(frac[0] * n)), int(round(frac[1] * n))
-  split = np.empty(n, np.int8)
-  split[perm[:n_train]] = 0
-  split[perm[n_train:n_train + n_valid]] = 1
-  split[perm[n_train + n_valid:]] = 2
-  return split
 
 
 def vocab_column(name: str, train_values, entity_values, min_count: int, missing=None):

@@ -167,15 +167,7 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
 
     r_user, r_item, r_rating = map(np.asarray, (r_user, r_item, r_rating))
     n = len(r_user)
-    frac = np.asarray(data_cfg.split, dtype=np.float64)
-    if frac.shape != (3,) or np.any(frac < 0) or abs(frac.sum() - 1) > 1e-6:
-        raise ValueError(f"config.data.split must be 3 fractions summing to 1, got {tuple(frac)}")
-    perm = np.random.default_rng(data_cfg.split_seed).permutation(n)
-    n_train, n_valid = int(round(frac[0] * n)), int(round(frac[1] * n))
-    split = np.empty(n, np.int8)
-    split[perm[:n_train]] = 0
-    split[perm[n_train:n_train + n_valid]] = 1
-    split[perm[n_train + n_valid:]] = 2
+    split = store.random_split(n, data_cfg.split, data_cfg.split_seed)
 
     # Entity tables: every user / movie that appears in any rating row, sorted by raw id.
     user_raw, user_row = np.unique(r_user, return_inverse=True)

@@ -295,6 +295,24 @@ def open_store(path: str | os.PathLike) -> PreparedData:
                         item_raw_ids=np.load(path / "items" / "raw_id.npy"))
 
 
+def random_split(n: int, fractions, seed: int) -> np.ndarray:
+    """int8 [n] split ids (0 train, 1 valid, 2 test): a seeded permutation of the rows cut into
+    ``round(f_train * n)`` train rows, ``round(f_valid * n)`` valid rows and the rest test.
+
+    Raises ValueError unless ``fractions`` are 3 non-negative numbers summing to 1.
+    """
+    frac = np.asarray(fractions, dtype=np.float64)
+    if frac.shape != (3,) or np.any(frac < 0) or abs(frac.sum() - 1) > 1e-6:
+        raise ValueError(f"config.data.split must be 3 fractions summing to 1, got {tuple(frac)}")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_train, n_valid = int(round(frac[0] * n)), int(round(frac[1] * n))
+    split = np.empty(n, np.int8)
+    split[perm[:n_train]] = 0
+    split[perm[n_train:n_train + n_valid]] = 1
+    split[perm[n_train + n_valid:]] = 2
+    return split
+
+
 def build_vocab(train_values, min_count: int = 1) -> dict:
     """Vocabulary from training-split values: value -> id in 1..V-1 (0 is unknown / rare).
 

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from sass_jax.data import store
-from sass_jax.data.store import Rejects
+from sass_jax.data.store import Rejects, random_split
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +59,6 @@ def split_fractions(data_cfg) -> np.ndarray:
   if frac.shape != (3,) or np.any(frac < 0) or abs(frac.sum() - 1) > 1e-6:
     raise ValueError(f"config.data.split must be 3 fractions summing to 1, got {tuple(frac)}")
   return frac
-
-
-def random_split(n: int, frac: Sequence[float], seed: int) -> np.ndarray:
-  """int8 [n] split ids (0 train, 1 valid, 2 test): a seeded permutation cut at ``frac``.
-
-  The same algorithm as the MovieLens loader: round(frac[0]*n) train rows, round(frac[1]*n)
-  valid rows, the rest test.
-  """
-  perm = np.random.default_rng(seed).permutation(n)
-  n_train, n_valid = int(round(frac[0] * n)), int(round(frac[1] * n))
-  split = np.empty(n, np.int8)
-  split[perm[:n_train]] = 0
-  split[perm[n_train:n_train + n_valid]] = 1
-  split[perm[n_train + n_valid:]] = 2
-  return split
 
 
 def check_file(path: Path, what: str) -> None:

@@ -136,7 +136,7 @@ def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 
   log.info("bench_input: fine-tune step, %d x %d steps", repeats, num_batches)
   model = loop.build_model(cfg, data)
   tx = steps.make_optimizer(cfg.train, int(cfg.train.num_steps))
-  init_fn = steps.make_init_fn(model, tx, loop._dummy(data), cfg.seed + 1)
+  init_fn = steps.make_init_fn(model, tx, loop.example_batch(data), cfg.seed + 1)
   state, shardings = part.init(init_fn)
   step_fn = part.compile_step(
       steps.make_finetune_step(model, tx, cfg.model.tau, cfg.train.get("logq_strength", 1.0)),

@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
     def run(part, stage, n):
         scfg = cfg.pretrain if stage == "pretrain" else cfg.train
         tx = steps.make_optimizer(scfg, 100)
-        state, sh = part.init(steps.make_init_fn(model, tx, loop._dummy(data), 0))
+        state, sh = part.init(steps.make_init_fn(model, tx, loop.example_batch(data), 0))
         if stage == "pretrain":
             fn = steps.make_pretrain_step(model, tx, scfg.tau)
         else:

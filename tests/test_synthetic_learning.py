@@ -28,7 +28,7 @@ def test_shared_tower_has_one_vector_for_all_scenarios(tmp_path):
   cfg = _cfg("dssm_mixed")
   data = loop.prepare(cfg, tmp_path)
   model = loop.build_model(cfg, data)
-  feats = loop._dummy(data)
+  feats = loop.example_batch(data)
   params = model.init(__import__("jax").random.key(0), feats["user"], feats["item"], feats["scenario"])
   v = np.asarray(model.apply(params, feats["item"], None, method="encode_item"))
   assert v.shape == (2, data.num_scenarios, cfg.model.out_dim)

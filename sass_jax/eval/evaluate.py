@@ -20,7 +20,7 @@ from sass_jax.data.pipeline import gather_features
 from sass_jax.data.store import SPLITS, PreparedData
 from sass_jax.eval import metrics as M
 from sass_jax.eval.retrieval import popularity_topk, topk_scores
-from sass_jax.model.towers import SASS
+import flax.linen as nn
 
 
 def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int):
@@ -31,7 +31,7 @@ def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int):
   return indptr, np.asarray(values)[order].astype(np.int64)
 
 
-def encode_all(model: SASS, params, table: dict, masks: dict, method: str,
+def encode_all(model: nn.Module, params, table: dict, masks: dict, method: str,
                scenario: int | None, chunk: int = 4096) -> np.ndarray:
   """Vectors of every entity of a table, computed in fixed-size chunks on the device.
 
@@ -64,7 +64,7 @@ def _encoder(model, method, all_scenarios) -> Callable:
   return _ENCODERS[key]
 
 
-def evaluate(model: SASS, params, data: PreparedData, split: str = "test",
+def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
              ks=(20, 50, 100), mask: str = "train", user_chunk: int = 1024) -> dict[str, Any]:
   """Evaluate ``params`` and the popularity baseline on ``split``.
 

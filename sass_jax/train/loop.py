@@ -69,7 +69,8 @@ def build_model(cfg, data: store.PreparedData):
   return MODELS[cfg.model.name](mc)
 
 
-def _dummy(data: store.PreparedData) -> dict:
+def example_batch(data: store.PreparedData) -> dict:
+  """A 2-row batch of the data's shapes ({'user', 'item', 'scenario'}) for model.init."""
   rows = np.zeros(2, np.int64)
   return {"user": pipeline.gather_features(data.users, data.user_masks, rows),
           "item": pipeline.gather_features(data.items, data.item_masks, rows),
@@ -102,7 +103,7 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
   part.check_batch_size(bs, f"config.{'pretrain' if stage == 'pretrain' else 'train'}.batch_size")
   tx = steps.make_optimizer(scfg, num_steps)
   seed = cfg.seed + (0 if stage == "pretrain" else 1)
-  init_fn = steps.make_init_fn(model, tx, _dummy(data), seed, init_params)
+  init_fn = steps.make_init_fn(model, tx, example_batch(data), seed, init_params)
   abstract, shardings = part.abstract_state(init_fn)
   ckpt = _checkpointer(cfg, workdir, stage)
   data_state = None
@@ -164,7 +165,7 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
 def _restore_params(cfg, workdir, stage, model, part, data):
   scfg = _stage_cfg(cfg, stage)
   tx = steps.make_optimizer(scfg, int(scfg.num_steps))
-  abstract, _ = part.abstract_state(steps.make_init_fn(model, tx, _dummy(data), cfg.seed))
+  abstract, _ = part.abstract_state(steps.make_init_fn(model, tx, example_batch(data), cfg.seed))
   with _checkpointer(cfg, workdir, stage) as ck:
     return ck.restore_params(abstract.params)
 

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sass_jax.model.towers import SASS
 from sass_jax.train import losses
 
 
@@ -42,7 +41,7 @@ def make_optimizer(stage_cfg, num_steps: int) -> optax.GradientTransformation:
   return optax.adamw(sched, weight_decay=float(stage_cfg.get("weight_decay", 0.0)))
 
 
-def make_init_fn(model: SASS, tx: optax.GradientTransformation, dummy: dict, seed: int,
+def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, dummy: dict, seed: int,
                  params: Any | None = None) -> Callable[[], TrainState]:
   """A no-argument function building the initial state with *boxed* params (logical axes).
 
@@ -73,7 +72,7 @@ def _apply_update(state: TrainState, tx, grads, loss, extra) -> tuple[TrainState
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
-def pretrain_loss(model: SASS, params, batch: dict, rng, tau: float, pairs: str):
+def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs: str):
   """Stage-1 loss (SPEC section 2). Returns (loss, {'user_loss', 'item_loss'}).
 
   batch: 'user' / 'item' features [B, ...]; 'user_index' / 'item_index' int32 [B] (entity ids,
@@ -103,7 +102,7 @@ def pretrain_loss(model: SASS, params, batch: dict, rng, tau: float, pairs: str)
   return lu + li, {"user_loss": lu, "item_loss": li}
 
 
-def finetune_loss(model: SASS, params, batch: dict, rng, tau: float, logq_strength: float):
+def finetune_loss(model: nn.Module, params, batch: dict, rng, tau: float, logq_strength: float):
   """Stage-2 loss: in-batch sampled softmax with logQ correction (SPEC section 2).
 
   batch: 'user' / 'item' features; 'scenario' int32 [B]; 'item_index' int32 [B];
@@ -120,7 +119,7 @@ def finetune_loss(model: SASS, params, batch: dict, rng, tau: float, logq_streng
                                      logq_strength), {}
 
 
-def make_pretrain_step(model: SASS, tx: optax.GradientTransformation, tau: float,
+def make_pretrain_step(model: nn.Module, tx: optax.GradientTransformation, tau: float,
                        pairs: str = "scenario_views") -> Callable:
   """Build the pure ``pretrain_step(state, batch) -> (state, metrics)``.
 
@@ -136,7 +135,7 @@ def make_pretrain_step(model: SASS, tx: optax.GradientTransformation, tau: float
   return pretrain_step
 
 
-def make_finetune_step(model: SASS, tx: optax.GradientTransformation, tau: float,
+def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation, tau: float,
                        logq_strength: float) -> Callable:
   """Build the pure ``finetune_step(state, batch) -> (state, metrics)``."""
   def finetune_step(state: TrainState, batch: dict):

@@ -154,6 +154,20 @@ def read_csv_rows(path: Path, columns: tuple[str, ...], rej: Rejects, what: str)
     yield lineno, dict(zip(columns, row))
 
 
+def _entities(r_user, r_item, r_dom, domain_names):
+  """Entity tables of per-domain item ids: items are keyed by (domain, id).
+
+  Returns (item_key int64 [n], user_raw, user_row [n], item_keys [I], item_row [n],
+  item_dom [I], item_raw str [I] as '<domain>:<id>').
+  """
+  item_key = (r_dom << 32) | r_item
+  user_raw, user_row = np.unique(r_user, return_inverse=True)
+  item_keys, item_row = np.unique(item_key, return_inverse=True)
+  item_dom, item_num = item_keys >> 32, item_keys & 0xFFFFFFFF
+  item_raw = np.asarray([f"{domain_names[d]}:{i}" for d, i in zip(item_dom, item_num)])
+  return item_key, user_raw, user_row, item_keys, item_row, item_dom, item_raw
+
+
 def vocab_column(name: str, train_values, entity_values, min_count: int, missing=None):
   """(int32 ids [num_entities], FieldSpec) with a vocabulary built from training-row values.
 
@@ -252,11 +266,8 @@ def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
   train = split == 0
   mc = data_cfg.min_count
 
-  item_key = (r_dom << 32) | r_item
-  user_raw, user_row = np.unique(r_user, return_inverse=True)
-  item_keys, item_row = np.unique(item_key, return_inverse=True)
-  item_dom, item_num = item_keys >> 32, item_keys & 0xFFFFFFFF
-  item_raw = np.asarray([f"{domains[d]}:{i}" for d, i in zip(item_dom, item_num)])
+  item_key, user_raw, user_row, item_keys, item_row, item_dom, item_raw = _entities(
+      r_user, r_item, r_dom, domains)
 
   ucol, uspec = vocab_column("user_id", r_user[train], user_raw, mc)
   icol, ispec = vocab_column("item_id", item_key[train], item_keys, mc)
@@ -361,11 +372,8 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
   train = split == 0
   mc = data_cfg.min_count
 
-  item_key = (r_scen << 32) | r_item
-  user_raw, user_row = np.unique(r_user, return_inverse=True)
-  item_keys, item_row = np.unique(item_key, return_inverse=True)
-  item_dom, item_num = item_keys >> 32, item_keys & 0xFFFFFFFF
-  item_raw = np.asarray([f"{SAMPLE_SCENARIOS[d]}:{i}" for d, i in zip(item_dom, item_num)])
+  item_key, user_raw, user_row, item_keys, item_row, item_dom, item_raw = _entities(
+      r_user, r_item, r_scen, SAMPLE_SCENARIOS)
   place = np.asarray([users[u][0] for u in r_user])
   tbin = np.asarray([users[u][1] for u in r_user])
 

@@ -117,9 +117,11 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
       model_users.append(per_user), pop_users.append(pop_per_user)
     if len(exp_rows):
       eu = inter["user"][exp_rows]
-      uv = encode_all(model, params, {f: c[eu] for f, c in data.users.items()},
-                      {f: c[eu] for f, c in data.user_masks.items()}, "encode_user", k)
-      scores = np.einsum("nd,nd->n", uv, item_all[inter["item"][exp_rows], k])
+      # Encode each distinct user once, then score every exposure row.
+      eus, inv = np.unique(eu, return_inverse=True)
+      uv = encode_all(model, params, {f: c[eus] for f, c in data.users.items()},
+                      {f: c[eus] for f, c in data.user_masks.items()}, "encode_user", k)
+      scores = np.einsum("nd,nd->n", uv[inv], item_all[inter["item"][exp_rows], k])
       labels = inter["label"][exp_rows]
       pscores = counts[inter["item"][exp_rows]]
       res["auc"], res["gauc"] = M.auc(labels, scores), M.gauc(eu, labels, scores)

@@ -295,6 +295,41 @@ class Checkpointer:
         data_state = restored[_DATA_STATE] if has_data_state else None
         return restored[_STATE], dict(restored[_METADATA] or {}), data_state
 
+    def restore_fields(self, abstract_fields: dict, step: int | None = None) -> dict:
+        """Restore only the named top-level fields of the saved state.
+
+        ``abstract_fields`` maps field names (e.g. ``'params'``, ``'model_state'``) to
+        pytrees of abstract leaves as in :meth:`restore`. Uses orbax partial restore, so
+        nothing else is read from disk. Returns a dict with the same keys. Empty fields
+        (e.g. ``model_state={}``) are returned as given without reading.
+
+        Raises:
+          FileNotFoundError: no checkpoint (at `step`) in the directory.
+          ValueError: structure mismatch with the saved state.
+        """
+        step = self._resolve_step(step)
+        wanted = {k: v for k, v in abstract_fields.items() if jax.tree.leaves(v)}
+        out = {k: v for k, v in abstract_fields.items() if k not in wanted}
+        if not wanted:
+            return out
+        item = {k: _abstractify(v) for k, v in wanted.items()}
+        restored = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.PyTreeRestore(
+                        item=item,
+                        restore_args=_restore_args_for(item),
+                        partial_restore=True,
+                    )
+                }
+            ),
+        )
+        st = restored[_STATE]
+        for k in wanted:
+            out[k] = st[k] if isinstance(st, dict) else getattr(st, k)
+        return out
+
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Restore only ``state.params`` (for evaluation).
 

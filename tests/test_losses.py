@@ -178,7 +178,7 @@ def test_pretrain_loss_scenario_views_wiring(tiny_cfg, tiny_features):
   batch = _hand_batch(tiny_features)
   params = _random_params(model, 0, batch["user"], batch["item"], batch["scenario"])["params"]
   tau = 0.1
-  loss, aux = steps.pretrain_loss(model, params, batch, RNG, tau, "scenario_views")
+  loss, (aux, _) = steps.pretrain_loss(model, params, batch, RNG, tau, "scenario_views")
   u_all = np.asarray(model.apply({"params": params}, batch["user"], None, method=SASS.encode_user))
   i_all = np.asarray(model.apply({"params": params}, batch["item"], None, method=SASS.encode_item))
   B = len(batch["scenario"])
@@ -200,7 +200,7 @@ def test_pretrain_loss_user_item_wiring(tiny_cfg, tiny_features):
   batch = _hand_batch(tiny_features)
   params = _random_params(model, 1, batch["user"], batch["item"], batch["scenario"])["params"]
   tau = 0.2
-  loss, aux = steps.pretrain_loss(model, params, batch, RNG, tau, "user_item")
+  loss, (aux, _) = steps.pretrain_loss(model, params, batch, RNG, tau, "user_item")
   u = np.asarray(model.apply({"params": params}, batch["user"], batch["scenario"],
                              method=SASS.encode_user))
   i = np.asarray(model.apply({"params": params}, batch["item"], batch["scenario"],

@@ -22,6 +22,8 @@ from sass_jax.eval import metrics as M
 from sass_jax.eval.retrieval import popularity_topk, topk_scores
 import flax.linen as nn
 
+from sass_jax.train.steps import as_variables
+
 
 def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int):
   """CSR (indptr [G+1], indices) of ``values`` grouped by ``groups`` in [0, G)."""
@@ -58,9 +60,9 @@ def _encoder(model, method, all_scenarios) -> Callable:
   if key not in _ENCODERS:
     m = method
     if all_scenarios:
-      _ENCODERS[key] = jax.jit(lambda p, f, s: model.apply({"params": p}, f, None, method=m))
+      _ENCODERS[key] = jax.jit(lambda v, f, s: model.apply(as_variables(v), f, None, method=m))
     else:
-      _ENCODERS[key] = jax.jit(lambda p, f, s: model.apply({"params": p}, f, s, method=m))
+      _ENCODERS[key] = jax.jit(lambda v, f, s: model.apply(as_variables(v), f, s, method=m))
   return _ENCODERS[key]
 
 

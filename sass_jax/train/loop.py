@@ -162,12 +162,18 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
   return state
 
 
-def _restore_params(cfg, workdir, stage, model, part, data):
+def restore_variables(cfg, workdir, stage, model, part, data) -> dict:
+  """The model variables ``{'params': ..., **model_state}`` of a stage's latest checkpoint,
+  placed on ``part``'s mesh (which may differ from the mesh that saved them).
+
+  Raises FileNotFoundError if the stage has no checkpoint in ``workdir``.
+  """
   scfg = _stage_cfg(cfg, stage)
   tx = steps.make_optimizer(scfg, int(scfg.num_steps))
   abstract, _ = part.abstract_state(steps.make_init_fn(model, tx, example_batch(data), cfg.seed))
   with _checkpointer(cfg, workdir, stage) as ck:
-    return ck.restore_params(abstract.params)
+    got = ck.restore_fields({"params": abstract.params, "model_state": abstract.model_state})
+  return {"params": got["params"], **got["model_state"]}
 
 
 def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
@@ -188,7 +194,7 @@ def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
   if pretrain and "pretrain" in stages:
     train_stage("pretrain", cfg, data, model, part, workdir, show_progress=show_progress)
   if "finetune" in stages:
-    init = _restore_params(cfg, workdir, "pretrain", model, part, data) if pretrain else None
+    init = restore_variables(cfg, workdir, "pretrain", model, part, data) if pretrain else None
     train_stage("finetune", cfg, data, model, part, workdir, init_params=init,
                 show_progress=show_progress)
   if evaluate and "finetune" in stages:
@@ -205,9 +211,9 @@ def evaluate_workdir(cfg, workdir: str | Path, data=None, model=None, part=None)
   data = data or prepare(cfg, workdir)
   model = model or build_model(cfg, data)
   part = part or Partitioner(cfg.mesh)
-  params = _restore_params(cfg, workdir, "finetune", model, part, data)
+  variables = restore_variables(cfg, workdir, "finetune", model, part, data)
   t = time.time()
-  metrics = eval_lib.evaluate(model, params, data, cfg.eval.split, tuple(cfg.eval.ks),
+  metrics = eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
                               cfg.eval.mask, cfg.eval.user_chunk)
   metrics = {"model": cfg.model.name, "dataset": data.manifest.get("dataset", cfg.data.name),
              **metrics}

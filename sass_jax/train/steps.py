@@ -20,11 +20,42 @@ from sass_jax.train import losses
 
 class TrainState(flax.struct.PyTreeNode):
   """Plain pytree: step int32 [], params (nested dict of float32 arrays), opt_state (optax),
-  rng uint32 [2] (raw key data, split every step for dropout)."""
+  rng uint32 [2] (raw key data, split every step for dropout), model_state (the model's
+  non-trained variable collections, e.g. ``{'batch_stats': ...}`` for STAR's per-scenario
+  running statistics; ``{}`` for models without any)."""
   step: jnp.ndarray
   params: Any
   opt_state: Any
   rng: jnp.ndarray
+  model_state: Any = flax.struct.field(default_factory=dict)
+
+  @property
+  def variables(self) -> dict:
+    """``{'params': params, **model_state}``, what ``model.apply`` takes."""
+    return {"params": self.params, **self.model_state}
+
+
+def as_variables(tree: Any) -> dict:
+  """A model's variables from either a full variables dict (with a 'params' key) or bare
+  params (a tree without one)."""
+  if isinstance(tree, dict) and "params" in tree:
+    return dict(tree)
+  return {"params": tree}
+
+
+def apply_model(model: nn.Module, params, model_state: dict, *args, method: str,
+                rngs=None, train: bool = True):
+  """``model.apply`` of ``method`` with ``model_state`` collections mutable when training.
+
+  Returns (output, new model_state); new model_state is ``model_state`` unchanged when the
+  model has no such collections or ``train`` is False.
+  """
+  variables = {"params": params, **model_state}
+  if train and model_state:
+    out, new = model.apply(variables, *args, train, method=method, rngs=rngs,
+                           mutable=list(model_state))
+    return out, {**model_state, **new}
+  return model.apply(variables, *args, train, method=method, rngs=rngs), model_state
 
 
 def make_optimizer(stage_cfg, num_steps: int) -> optax.GradientTransformation:
@@ -46,17 +77,23 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, dummy: dict
   """A no-argument function building the initial state with *boxed* params (logical axes).
 
   dummy: a batch-shaped example {'user': features, 'item': features, 'scenario': int32 [B]}.
-  params: start from these (unboxed) params instead of a random init (fine-tuning from the
-  pre-trained model); their logical axes are taken from the model's init.
+  params: start from these (unboxed) params, or a full variables dict ``{'params': ...,
+  'batch_stats': ...}``, instead of a random init (fine-tuning from the pre-trained model);
+  their logical axes are taken from the model's init.
   """
   def init():
     key = jax.random.key(seed)
-    boxed = model.init(key, dummy["user"], dummy["item"], dummy["scenario"])["params"]
-    p = boxed if params is None else jax.tree.map(
-        lambda b, v: b.replace_boxed(v), boxed, params,
-        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+    variables = dict(model.init(key, dummy["user"], dummy["item"], dummy["scenario"]))
+    boxed = variables.pop("params")
+    model_state = nn.meta.unbox(variables)
+    if params is not None:
+      given = as_variables(params)
+      boxed = jax.tree.map(lambda b, v: b.replace_boxed(v), boxed, given.pop("params"),
+                           is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+      model_state = {**model_state, **given}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=tx.init(boxed),
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+                      model_state=model_state)
   return init
 
 
@@ -64,16 +101,19 @@ def _norm(tree) -> jnp.ndarray:
   return optax.tree.norm(tree)
 
 
-def _apply_update(state: TrainState, tx, grads, loss, extra) -> tuple[TrainState, dict]:
+def _apply_update(state: TrainState, tx, grads, loss, aux) -> tuple[TrainState, dict]:
+  extra, model_state = aux
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
   metrics = {"loss": loss, "grad_norm": _norm(grads), "param_norm": _norm(params), **extra}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                       model_state=model_state), metrics
 
 
-def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs: str):
-  """Stage-1 loss (SPEC section 2). Returns (loss, {'user_loss', 'item_loss'}).
+def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs: str,
+                  model_state: dict | None = None):
+  """Stage-1 loss (SPEC section 2). Returns (loss, ({'user_loss', 'item_loss'}, model_state)).
 
   batch: 'user' / 'item' features [B, ...]; 'user_index' / 'item_index' int32 [B] (entity ids,
   to mask repeats); 'user_views' / 'item_views' int32 [B, 2] (two distinct scenarios per row);
@@ -81,42 +121,46 @@ def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs:
   pairs='scenario_views': user InfoNCE between r_u^i and r_u^j plus the same for items.
   pairs='user_item': InfoNCE between r_u^k and r_i^k of the row's scenario k, over every
   exposure (clicked or not).
+  model_state: non-trained collections (e.g. STAR's batch_stats), updated and returned.
   """
+  ms = model_state or {}
   r1, r2 = jax.random.split(jax.random.wrap_key_data(rng))
   rngs_u, rngs_i = {"dropout": r1}, {"dropout": r2}
   if pairs == "user_item":
-    u = model.apply({"params": params}, batch["user"], batch["scenario"], True,
-                    method="encode_user", rngs=rngs_u)
-    i = model.apply({"params": params}, batch["item"], batch["scenario"], True,
-                    method="encode_item", rngs=rngs_i)
+    u, ms = apply_model(model, params, ms, batch["user"], batch["scenario"],
+                        method="encode_user", rngs=rngs_u)
+    i, ms = apply_model(model, params, ms, batch["item"], batch["scenario"],
+                        method="encode_item", rngs=rngs_i)
     loss = losses.info_nce(u, i, batch["item_index"], tau)
-    return loss, {"user_loss": loss, "item_loss": jnp.zeros_like(loss)}
-  u_all = model.apply({"params": params}, batch["user"], None, True, method="encode_user",
-                      rngs=rngs_u)                                    # [B, K, D]
-  i_all = model.apply({"params": params}, batch["item"], None, True, method="encode_item",
-                      rngs=rngs_i)
+    return loss, ({"user_loss": loss, "item_loss": jnp.zeros_like(loss)}, ms)
+  u_all, ms = apply_model(model, params, ms, batch["user"], None, method="encode_user",
+                          rngs=rngs_u)                                # [B, K, D]
+  i_all, ms = apply_model(model, params, ms, batch["item"], None, method="encode_item",
+                          rngs=rngs_i)
   take = lambda v, idx: jnp.take_along_axis(v, idx[:, :, None], axis=1)  # [B, 2, D]
   uv, iv = take(u_all, batch["user_views"]), take(i_all, batch["item_views"])
   lu = losses.info_nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
   li = losses.info_nce(iv[:, 0], iv[:, 1], batch["item_index"], tau)
-  return lu + li, {"user_loss": lu, "item_loss": li}
+  return lu + li, ({"user_loss": lu, "item_loss": li}, ms)
 
 
-def finetune_loss(model: nn.Module, params, batch: dict, rng, tau: float, logq_strength: float):
+def finetune_loss(model: nn.Module, params, batch: dict, rng, tau: float, logq_strength: float,
+                  model_state: dict | None = None):
   """Stage-2 loss: in-batch sampled softmax with logQ correction (SPEC section 2).
 
   batch: 'user' / 'item' features; 'scenario' int32 [B]; 'item_index' int32 [B];
   'item_logq' float32 [B]. Negatives of row b are the batch's other items, each scored by its
-  vector *in row b's scenario*. Returns (loss, {}).
+  vector *in row b's scenario*. Returns (loss, ({}, model_state)).
   """
+  ms = model_state or {}
   r1, r2 = jax.random.split(jax.random.wrap_key_data(rng))
-  u = model.apply({"params": params}, batch["user"], batch["scenario"], True,
-                  method="encode_user", rngs={"dropout": r1})     # [B, D]
-  i_all = model.apply({"params": params}, batch["item"], None, True, method="encode_item",
-                      rngs={"dropout": r2})                          # [B, K, D]
+  u, ms = apply_model(model, params, ms, batch["user"], batch["scenario"],
+                      method="encode_user", rngs={"dropout": r1})     # [B, D]
+  i_all, ms = apply_model(model, params, ms, batch["item"], None, method="encode_item",
+                          rngs={"dropout": r2})                        # [B, K, D]
   logits = losses.scenario_logits(u, i_all, batch["scenario"])
   return losses.sampled_softmax_logq(logits, batch["item_index"], batch["item_logq"], tau,
-                                     logq_strength), {}
+                                     logq_strength), ({}, ms)
 
 
 def make_pretrain_step(model: nn.Module, tx: optax.GradientTransformation, tau: float,
@@ -130,7 +174,7 @@ def make_pretrain_step(model: nn.Module, tx: optax.GradientTransformation, tau: 
 
   def pretrain_step(state: TrainState, batch: dict):
     (loss, aux), grads = jax.value_and_grad(pretrain_loss, argnums=1, has_aux=True)(
-        model, state.params, batch, state.rng, tau, pairs)
+        model, state.params, batch, state.rng, tau, pairs, state.model_state)
     return _apply_update(state, tx, grads, loss, aux)
   return pretrain_step
 
@@ -140,6 +184,6 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation, tau: 
   """Build the pure ``finetune_step(state, batch) -> (state, metrics)``."""
   def finetune_step(state: TrainState, batch: dict):
     (loss, aux), grads = jax.value_and_grad(finetune_loss, argnums=1, has_aux=True)(
-        model, state.params, batch, state.rng, tau, logq_strength)
+        model, state.params, batch, state.rng, tau, logq_strength, state.model_state)
     return _apply_update(state, tx, grads, loss, aux)
   return finetune_step

@@ -28,7 +28,8 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.max_genres = 6
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = arg               # 'sass' or 'sass_base' (SASS without pre-training)
+  c.model.name = arg               # 'sass', 'sass_base' (SASS without pre-training) or a baseline:
+  #   'dssm_single', 'dssm_mixed', 'shared_bottom', 'mmoe', 'ple', 'star' (SPEC section 3)
   c.model.embed_dim = 16           # per field
   c.model.scenario_dim = 16        # d_s of the scenario embedding z_k
   c.model.widths = (256, 128)      # ML-SAT layer widths
@@ -43,6 +44,13 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.model.tau = 0.05               # score = <r_u, r_i> / tau
   c.model.vocab_pad_to = 8         # embedding rows rounded up (even row-sharding over 'model')
   c.model.compute_dtype = "float32"
+  # Baselines only (sass_jax/model/baselines.py); `widths` above are their MLP / expert widths.
+  c.model.tower_widths = (64,)     # per-scenario head of shared_bottom / mmoe / ple (then out_dim)
+  c.model.num_experts = 4          # mmoe experts; ple shared experts per extraction layer
+  c.model.num_scenario_experts = 2  # ple experts per scenario per layer (len(widths) layers)
+  c.model.separate_embeddings = True  # dssm_single: one set of embedding tables per scenario
+  c.model.star_aux = True          # star: auxiliary network of [z_k ; e] added to the output
+  c.model.star_momentum = 0.99     # star: momentum of the per-scenario running statistics
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.num_steps = 0 if arg == "sass_base" else 600
@@ -59,6 +67,21 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.train.warmup_steps = 100
   c.train.logq_strength = 1.0      # alpha of the logQ correction; 0 turns it off
   c.train.log_every = 50
+  # Non-finite loss / gradient norm / parameter norm (both stages): 'raise' stops the run
+  # naming the step (the last checkpoint is the last good state); 'skip' discards that step's
+  # update (logged as skipped_steps) and raises after max_skips consecutive skips.
+  c.train.nan_policy = "raise"
+  c.train.max_skips = 10
+  c.train.debug_nan_at_step = 0    # testing hook: > 0 makes that step's loss NaN (0 = off)
+  # Embedding tables (both stages; sass_jax/train/sparse.py): 'dense' (AdamW on every row of
+  # every table each step, the reference), 'lazy_adam' (Adam on the batch's rows only) or
+  # 'rowwise_adagrad' (one accumulator per row, batch rows only).
+  c.train.embedding_optimizer = "dense"
+  c.train.embedding_learning_rate = 0.0  # row-sparse tables' peak lr; 0 = the stage's learning_rate
+  # Keep the stage's training rows and entity tables on the device and sample batches there
+  # (sass_jax/data/resident.py; used by --mode bench). Not under config.data, whose every key
+  # is part of the prepared data's identity.
+  c.train.resident_on_device = False
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 500
@@ -75,10 +98,52 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.mesh.model = 1
   c.mesh.shard_min_rows = 100_000  # tables with fewer rows are replicated
 
+  c.bench = ml_collections.ConfigDict()   # --mode bench (sass_jax/bench.py; BENCHMARKS.md)
+  c.bench.steps = 20               # timed steps per repeat
+  c.bench.warmup = 3               # untimed steps before each repeat
+  c.bench.repeats = 5              # median / min / max over these
+  c.bench.batches = 8              # distinct batches, placed beforehand, cycled by the step timings
+  c.bench.stages = ("pretrain", "finetune")
+  # Fine-tune step timed once per embedding optimiser (the pre-train step with
+  # config.train.embedding_optimizer, which the whole-loop timing uses too).
+  c.bench.embedding_optimizers = ("dense", "lazy_adam", "rowwise_adagrad")
+  c.bench.check_sparse = True      # one step of each sparse optimiser vs its masked dense reference
+  c.bench.loop_steps = 20          # steps per repeat of the whole loop (input + placement + step)
+  c.bench.input_batches = 50       # batches per repeat of the input-only timing
+  c.bench.eval_items = 65536       # items encoded (in every scenario) by the evaluation timing
+  c.bench.eval_users = 4096        # users encoded and ranked against a corpus of num_items
+  c.bench.full_eval_max_pairs = 1e9  # also time evaluate() when users x items <= this
+  c.bench.probe = True             # measure matmul FLOP/s and copy bandwidth (the floor)
+  c.bench.probe_matmul_n = 0       # probe sizes; 0 = 2048 / 256 MiB on CPU, 8192 / 2 GiB else
+  c.bench.probe_bytes = 0
+
+  c.compare = ml_collections.ConfigDict()  # --mode compare (sass_jax/compare.py)
+  c.compare.models = ("dssm_single", "dssm_mixed", "shared_bottom", "mmoe", "ple", "star",
+                      "sass_base", "sass")   # names from sass_jax.compare.VARIANTS
+  c.compare.seeds = 5              # test runs per model: seeds seed .. seed + seeds - 1
+  # The tuning grid, the same for every model: learning_rates x taus x widths, each () = the
+  # config's own value. A grid of one point means no tuning runs.
+  c.compare.learning_rates = ()    # e.g. (1e-3, 3e-3)
+  c.compare.taus = ()              # e.g. (0.1, 0.2)
+  c.compare.widths = ()            # e.g. ((256, 128), (128, 64))
+  c.compare.select_metric = "recall@50"  # overall, on the validation split
+  c.compare.results_dir = "results"
+  c.compare.name = ""              # results file name; '' = the data set's name
+
   # Values above are the SPEC defaults. These were chosen on the MovieLens *validation* split
   # (README "Results": the runs compared); set them back to compare with the SPEC defaults.
   c.model.tau = 0.2
   c.train.logq_strength = 1.5
   c.pretrain.pairs = "user_item"
   c.pretrain.tau = 0.2
+
+  c.recommend = ml_collections.ConfigDict()  # --mode recommend (sass_jax/export.py)
+  c.recommend.user = ""            # raw user id, as in the source data (e.g. '42')
+  c.recommend.scenario = ""        # scenario name (the data's scenario_names)
+  c.recommend.k = 10
+  c.recommend.exclude_seen = True  # drop the items config.eval.mask masks in evaluation
+
+  c.export = ml_collections.ConfigDict()  # --mode export (sass_jax/export.py)
+  c.export.dir = ""                # '' = WORKDIR/export
+  c.export.platforms = ("cpu", "cuda", "tpu")  # jax.export lowering targets of the user encoder
   return c

@@ -2,7 +2,9 @@
 
 Default: 1e5 rows, 10k users, 5k items, 3 scenarios (prepares in about a second).
 Arguments (comma-separated, any order): 'sass' | 'sass_base' (the model, as configs/movielens.py)
-and 'large' for 1e7 rows with 1e6 users and 1e6 items (about a minute to prepare, < 1 GB memory).
+and 'large' for 1e7 rows with 1e6 users and 1e6 items (about a minute to prepare, < 1 GB memory),
+or 'xlarge' for 1e7 rows with 8e6 users and 2e6 items: 1e7 embedding rows in the id tables (the
+row-sparse update benchmark of issue 6, BENCHMARKS.md; a few GB of memory with dense AdamW).
 
 Usage:
   python -m sass_jax.main --config configs/synthetic.py --workdir runs/syn --mode train
@@ -15,18 +17,19 @@ from configs import movielens
 
 def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   args = [a.strip() for a in (arg or "sass").split(",") if a.strip()]
-  unknown = [a for a in args if a not in ("sass", "sass_base", "large")]
+  unknown = [a for a in args if a not in ("sass", "sass_base", "large", "xlarge")]
   if unknown:
     raise ValueError(f"configs/synthetic.py: unknown argument(s) {unknown}; "
-                     "use 'sass' | 'sass_base' and optionally 'large'")
+                     "use 'sass' | 'sass_base' and optionally 'large' or 'xlarge'")
   model = "sass_base" if "sass_base" in args else "sass"
-  large = "large" in args
+  xlarge = "xlarge" in args
+  large = "large" in args or xlarge
   c = movielens.get_config(model)
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"
   c.data.num_rows = 10_000_000 if large else 100_000
-  c.data.num_users = 1_000_000 if large else 10_000
-  c.data.num_items = 1_000_000 if large else 5_000
+  c.data.num_users = (8_000_000 if xlarge else 1_000_000) if large else 10_000
+  c.data.num_items = (2_000_000 if xlarge else 1_000_000) if large else 5_000
   c.data.num_scenarios = 3
   c.data.num_user_fields = 2      # extra categorical fields derived from the latent clusters
   c.data.num_item_fields = 2

@@ -1,23 +1,38 @@
-"""Input-pipeline benchmark (``--mode bench_input``): is the grain pipeline fast enough to feed
-the fine-tuning step?
+"""Throughput benchmarks: ``--mode bench`` (issue 6) and ``--mode bench_input`` (issue 3).
 
-``bench_input(cfg, workdir)`` prepares ``config.data`` (reusing ``WORKDIR/data``), then at
-``config.train.batch_size`` times, each ``repeats`` times after ``warmup`` batches / steps:
+``bench(cfg, workdir)`` prepares ``config.data`` (reusing ``WORKDIR/data``) and measures, after
+warm-up, ``config.bench.repeats`` times each (median, min, max and every run):
 
-- ``input``: ``next(it)`` of the training iterators (``pipeline.make_iterator`` with its default
-  threads and prefetch, exactly as ``loop.train_stage`` builds them) for the fine-tune stream and,
-  when the data has >= 2 scenarios, the pre-train stream;
-- ``input_placed``: the same plus ``Partitioner.shard_batch`` (placement onto the mesh), blocked
-  until the arrays are ready;
-- ``step``: the fine-tune step compiled by ``Partitioner.compile_step``, on batches fetched and
-  placed beforehand (so no input work overlaps it), blocked with ``jax.block_until_ready`` at the
-  end of each timed run.
+- ``steps``: the compiled ``pretrain_step`` (when the data has >= 2 scenarios) and
+  ``finetune_step`` -- the fine-tune step once per ``config.bench.embedding_optimizers``
+  ('dense' AdamW on whole tables, 'lazy_adam', 'rowwise_adagrad'; sass_jax/train/sparse.py),
+  the pre-train step with ``config.train.embedding_optimizer`` -- on ``config.bench.batches``
+  distinct batches built and placed beforehand (so no input work overlaps the step), cycled;
+  each timed run is ``config.bench.steps`` steps closed by ``jax.block_until_ready``. Per step:
+  ms and samples/s, compile seconds, XLA's compiled ``cost_analysis`` (flops, bytes accessed)
+  and ``memory_analysis`` (argument / output / temp bytes), the device's peak memory where the
+  backend reports it (``memory_stats``), and the *floor*: flops / the measured matmul rate and
+  bytes / the measured copy bandwidth (``probe``), with ``step_over_floor`` = step time / the
+  larger of the two.
+- ``sparse_check``: one step of each row-sparse optimiser and of its dense masked reference
+  (``SparseOptions(masked=True)``) from the same state and batch: the largest difference on
+  the touched rows, whether every untouched row is bitwise unchanged, and the largest
+  difference of the other parameters.
+- ``input``: the input source alone at the fine-tune batch size: the grain pipeline
+  (``pipeline.make_iterator`` as training builds it; NumPy ``BatchFn`` calls when grain is not
+  installed) and that plus placement on the mesh; or, with ``config.train.resident_on_device``,
+  the device-side sampler (``data.resident.ResidentSampler``).
+- ``loop``: the whole fine-tune loop as ``loop.train_stage`` runs it (next batch from the input
+  source, placement, step) with ``config.train.embedding_optimizer``.
+- ``eval``: encoding ``config.bench.eval_items`` items in every scenario and
+  ``config.bench.eval_users`` users, exact top-K of those users over a corpus of the data's
+  item count, and -- when users x items <= ``config.bench.full_eval_max_pairs`` -- the whole
+  ``evaluate()`` (the second of two calls, so without compilation).
+- ``probe``: the device's float32 (and bfloat16) matmul FLOP/s and copy bandwidth, measured.
 
-Every measurement reports batches/s and samples/s (= batches/s * batch size) as median, min and
-max over the repeats. ``input_over_step`` is the fine-tune input median samples/s divided by the
-step median samples/s; the target of issue 3 is >= 2. The result is written to
-``WORKDIR/bench_input.json`` and returned. Timings are wall clock on whatever else the machine
-runs at the time; ``machine.load_avg_*`` records the load when the run started and ended.
+Everything is written to ``WORKDIR/bench.json`` and returned; ``summary_table`` renders the
+headline numbers. Timings are wall clock on whatever else the machine runs at the time;
+``machine.load_avg_start`` / ``load_avg_end`` record the load.
 """
 from __future__ import annotations
 
@@ -25,29 +40,545 @@ import json
 import logging
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-import grain
 import jax
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from sass_jax.data import pipeline
 from sass_jax.partition import Partitioner
-from sass_jax.train import loop, steps
+from sass_jax.train import loop, sparse, steps
 
 log = logging.getLogger("sass_jax")
 
+BENCH_DEFAULTS = dict(steps=20, warmup=3, repeats=5, batches=8,
+                      embedding_optimizers=("dense", "lazy_adam", "rowwise_adagrad"),
+                      stages=("pretrain", "finetune"), check_sparse=True, eval_items=65536,
+                      eval_users=4096, full_eval_max_pairs=1e9, loop_steps=20, input_batches=50,
+                      probe=True, probe_matmul_n=0, probe_bytes=0)
 
-def _stats(rates: list[float], batch_size: int) -> dict:
+
+def _stats(values: list[float]) -> dict:
+  """{'median', 'min', 'max', 'runs'} of a list of numbers."""
+  return {"median": float(statistics.median(values)), "min": float(min(values)),
+          "max": float(max(values)), "runs": [float(v) for v in values]}
+
+
+def _rates(seconds_per_batch: list[float], batch_size: int) -> dict:
+  """Step ms and samples/s statistics from seconds per batch."""
+  return {"step_ms": _stats([s * 1e3 for s in seconds_per_batch]),
+          "samples_per_s": _stats([batch_size / max(s, 1e-12) for s in seconds_per_batch])}
+
+
+def _load_avg() -> list[float] | None:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def _machine() -> dict:
+  dev = jax.devices()[0]
+  try:
+    import grain
+    grain_version = getattr(grain, "__version__", "?")
+  except ImportError:
+    grain_version = None
+  return {"platform": dev.platform, "device_kind": dev.device_kind,
+          "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
+          "jax_version": jax.__version__, "grain_version": grain_version,
+          "numpy_version": np.__version__, "python": platform.python_version(),
+          "system": f"{platform.system()} {platform.machine()}"}
+
+
+def _bench_cfg(cfg) -> ml_collections.ConfigDict:
+  b = dict(BENCH_DEFAULTS)
+  if "bench" in cfg:
+    b.update(cfg.bench.to_dict())
+  for k in ("steps", "repeats", "batches", "loop_steps", "input_batches"):
+    if int(b[k]) < 1:
+      raise ValueError(f"config.bench.{k}={b[k]!r}: expected an int >= 1")
+  if int(b["warmup"]) < 0:
+    raise ValueError(f"config.bench.warmup={b['warmup']!r}: expected an int >= 0")
+  bad = [o for o in b["embedding_optimizers"] if o not in sparse.EMBEDDING_OPTIMIZERS]
+  if bad or not b["embedding_optimizers"]:
+    raise ValueError(f"config.bench.embedding_optimizers={tuple(b['embedding_optimizers'])}: "
+                     f"expected a non-empty subset of {sparse.EMBEDDING_OPTIMIZERS}")
+  bad = [s for s in b["stages"] if s not in loop.STAGES]
+  if bad:
+    raise ValueError(f"config.bench.stages={tuple(b['stages'])}: expected a subset of "
+                     f"{loop.STAGES}")
+  return ml_collections.ConfigDict(b)
+
+
+def _with(cfg, **train_overrides):
+  c = ml_collections.ConfigDict(cfg.to_dict())
+  for k, v in train_overrides.items():
+    c.train[k] = v
+  return c
+
+
+# ---- probe: what the device can do --------------------------------------------------------
+def _median_time(fn: Callable[[], Any], reps: int = 5) -> float:
+  jax.block_until_ready(fn())
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t)
+  return float(statistics.median(ts))
+
+
+def probe(matmul_n: int = 0, copy_bytes: int = 0) -> dict:
+  """Measured matmul FLOP/s (float32 and bfloat16, [n, n] @ [n, n]) and copy bandwidth
+  (``y = x * 2 + 1`` over ``copy_bytes`` of float32: bytes read + written per second) of the
+  default device. Sizes default to 2048 / 256 MiB on CPU and 8192 / 2 GiB on accelerators."""
+  accel = jax.devices()[0].platform != "cpu"
+  n = int(matmul_n) or (8192 if accel else 2048)
+  nbytes = int(copy_bytes) or ((2 << 30) if accel else (256 << 20))
+  out = {"matmul_n": n, "copy_bytes": nbytes}
+  mm = jax.jit(lambda a, b: a @ b)
+  for dt in ("float32", "bfloat16"):
+    a = jax.random.normal(jax.random.key(0), (n, n), dt)
+    t = _median_time(lambda: mm(a, a))
+    out[f"matmul_{dt}_flops_per_s"] = 2.0 * n ** 3 / t
+    del a
+  x = jnp.ones((nbytes // 4,), jnp.float32)
+  f = jax.jit(lambda x: x * 2.0 + 1.0)
+  out["copy_bytes_per_s"] = 2.0 * x.nbytes / _median_time(lambda: f(x))
+  del x
+  return out
+
+
+# ---- compiled-step facts --------------------------------------------------------------------
+def _cost(compiled) -> dict:
+  try:
+    ca = compiled.cost_analysis()
+  except Exception as e:  # backend without cost analysis
+    return {"error": repr(e)}
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  ca = dict(ca or {})
+  return {"flops": float(ca.get("flops", float("nan"))),
+          "bytes_accessed": float(ca.get("bytes accessed", float("nan"))),
+          "transcendentals": float(ca.get("transcendentals", 0.0))}
+
+
+def _memory(compiled) -> dict:
+  try:
+    m = compiled.memory_analysis()
+  except Exception as e:
+    return {"error": repr(e)}
+  if m is None:
+    return {}
+  return {k: int(getattr(m, k)) for k in dir(m)
+          if k.endswith("_in_bytes") and not k.startswith("_")
+          and isinstance(getattr(m, k), (int, np.integer))}
+
+
+def _peak_device_bytes() -> int | None:
+  try:
+    s = jax.devices()[0].memory_stats()
+  except Exception:
+    return None
+  return int(s["peak_bytes_in_use"]) if s and "peak_bytes_in_use" in s else None
+
+
+def _host_peak_rss_bytes() -> int:
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _floor(cost: dict, pr: dict | None, compute_dtype: str) -> dict | None:
+  if not pr or "flops" not in cost:
+    return None
+  rate = pr[f"matmul_{compute_dtype}_flops_per_s"]
+  compute_ms = cost["flops"] / rate * 1e3
+  memory_ms = cost["bytes_accessed"] / pr["copy_bytes_per_s"] * 1e3
+  return {"compute_ms": compute_ms, "memory_ms": memory_ms,
+          "floor_ms": max(compute_ms, memory_ms),
+          "bound": "compute" if compute_ms >= memory_ms else "memory"}
+
+
+# ---- batches --------------------------------------------------------------------------------
+def _input_kind(cfg) -> str:
+  if cfg.train.get("resident_on_device", False):
+    return "resident"
+  try:
+    import grain  # noqa: F401
+    return "grain"
+  except ImportError:
+    return "numpy"
+
+
+class _NumpyIterator:
+  """``BatchFn`` called inline: the grain pipeline's batches without grain (single thread)."""
+
+  def __init__(self, fn):
+    self.fn, self.i = fn, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    b = self.fn(self.i)
+    self.i += 1
+    return b
+
+
+def _source(kind: str, data, stage: str, bs: int, seed: int, n: int, part: Partitioner):
+  """(iterator, place): batches of the stage's stream and the function putting one on the
+  mesh (identity for the device-resident sampler)."""
+  if kind == "resident":
+    from sass_jax.data.resident import ResidentSampler
+    return ResidentSampler(data, stage, bs, seed, part.batch_sharding()), lambda b: b
+  if kind == "grain":
+    it = pipeline.make_iterator(data, stage, bs, seed, n, *_data_shard(part))
+  else:
+    it = _NumpyIterator(pipeline.BatchFn(data, stage, bs, seed, *_data_shard(part)))
+  return it, part.shard_batch
+
+
+def _data_shard(part: Partitioner) -> tuple[int, int]:
+  if hasattr(part, "data_shard"):
+    return part.data_shard()
+  return jax.process_index(), jax.process_count()
+
+
+# ---- timed steps ----------------------------------------------------------------------------
+def _time_steps(fn, state, batches: list, n_steps: int, warmup: int, repeats: int):
+  """(state, metrics, seconds per step of each repeat), cycling through ``batches``."""
+  i, runs, m = 0, [], None
+  for _ in range(repeats):
+    for _ in range(warmup):
+      state, m = fn(state, batches[i % len(batches)])
+      i += 1
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    for _ in range(n_steps):
+      state, m = fn(state, batches[i % len(batches)])
+      i += 1
+    jax.block_until_ready((state, m))
+    runs.append((time.perf_counter() - t) / n_steps)
+  return state, m, runs
+
+
+def _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr):
+  """Compile and time one (stage, embedding optimiser) step on the placed ``batches``.
+  Returns (result dict, the compiled step, its init_fn)."""
+  scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+  c = _with(cfg, embedding_optimizer=opt)
+  tx = steps.make_optimizer(scfg, int(scfg.num_steps))
+  seed = cfg.seed + (0 if stage == "pretrain" else 1)
+  init_fn, step = sparse.build(c, stage, model, tx, loop.example_batch(data), seed,
+                               int(scfg.num_steps))
+  state, shardings = part.init(init_fn)
+  t = time.perf_counter()
+  compiled = part.compile_step(step, shardings).lower(state, batches[0]).compile()
+  compile_s = time.perf_counter() - t
+  state, m, runs = _time_steps(compiled, state, batches, int(b.steps), int(b.warmup),
+                               int(b.repeats))
+  cost = _cost(compiled)
+  res = {"stage": stage, "embedding_optimizer": opt, "batch_size": bs, **_rates(runs, bs),
+         "compile_s": compile_s, "cost": cost, "memory": _memory(compiled),
+         "peak_device_bytes": _peak_device_bytes(), "host_peak_rss_bytes": _host_peak_rss_bytes(),
+         "final_loss": float(jax.device_get(m["loss"]))}
+  fl = _floor(cost, pr, cfg.model.compute_dtype)
+  if fl:
+    res["floor"] = fl
+    res["step_over_floor"] = res["step_ms"]["median"] / max(fl["floor_ms"], 1e-12)
+  if "touched_rows" in m:
+    res["touched_rows"] = int(jax.device_get(m["touched_rows"]))
+  del state
+  return res, compiled, init_fn
+
+
+def _sparse_check(cfg, kind, model, data, part, batch) -> dict:
+  """One step of the row-sparse optimiser ``kind`` and of its masked dense reference from the
+  same state and batch; differences computed on the device."""
+  scfg = cfg.train
+  n = int(scfg.num_steps)
+  tx = steps.make_optimizer(scfg, n)
+  c = _with(cfg, embedding_optimizer=kind)
+  seed = cfg.seed + 1
+  out_states = []
+  for masked in (False, True):
+    init_fn, step = sparse.build(c, "finetune", model, tx, loop.example_batch(data), seed, n,
+                                 masked=masked)
+    state, shardings = part.init(init_fn)
+    state, m = part.compile_step(step, shardings)(state, batch)
+    out_states.append(state)
+  tables = sparse.find_tables(model, out_states[0].params)
+  init_fn, _ = sparse.build(c, "finetune", model, tx, loop.example_batch(data), seed, n)
+  before, _ = part.init(init_fn)
+
+  @jax.jit
+  def diffs(a, b, before, batch):
+    ra, ta = sparse.split_params(a, tables)
+    rb, tb = sparse.split_params(b, tables)
+    _, t0 = sparse.split_params(before, tables)
+    touched_max, untouched_changed, n_touched = 0.0, 0, 0
+    for t in tables:
+      mask = sparse.touched_mask(t, batch[t.side][t.field])[:, None]
+      d = jnp.abs(ta[t.path] - tb[t.path])
+      touched_max = jnp.maximum(touched_max, jnp.max(jnp.where(mask, d, 0.0)))
+      untouched_changed += jnp.sum(jnp.where(mask, False, ta[t.path] != t0[t.path]))
+      untouched_changed += jnp.sum(jnp.where(mask, False, tb[t.path] != t0[t.path]))
+      n_touched += mask.sum()
+    rest_max = jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in
+                                  zip(jax.tree.leaves(ra), jax.tree.leaves(rb))]))
+    return touched_max, untouched_changed, rest_max, n_touched
+
+  tm, uc, rm, nt = jax.device_get(diffs(out_states[0].params, out_states[1].params,
+                                        before.params, batch))
+  return {"touched_rows": int(nt), "max_abs_diff_touched_rows": float(tm),
+          "untouched_rows_changed": int(uc), "untouched_rows_unchanged": bool(uc == 0),
+          "max_abs_diff_other_params": float(rm),
+          "equal_within_1e-5": bool(tm <= 1e-5 and rm <= 1e-5 and uc == 0)}
+
+
+# ---- input and loop -------------------------------------------------------------------------
+def _bench_input(kind, data, bs, seed, part, b) -> dict:
+  n = int(b.input_batches)
+  total = (n + 2) * int(b.repeats)
+  it, place = _source(kind, data, "finetune", bs, seed, total, part)
+  out = {"source": kind}
+  host_runs, placed_runs = [], []
+  for _ in range(int(b.repeats)):
+    jax.block_until_ready(place(next(it)))        # warm-up (compiles the sampler)
+    if kind != "resident":
+      t = time.perf_counter()
+      for _ in range(n):
+        next(it)
+      host_runs.append((time.perf_counter() - t) / n)
+    t = time.perf_counter()
+    for _ in range(n):
+      x = place(next(it))
+    jax.block_until_ready(x)
+    placed_runs.append((time.perf_counter() - t) / n)
+  if host_runs:
+    out["host"] = _rates(host_runs, bs)["samples_per_s"]
+  out["placed"] = _rates(placed_runs, bs)["samples_per_s"]
+  if kind == "resident":
+    out["resident_bytes"] = int(it.resident_bytes)
+  del it
+  return out
+
+
+def _bench_loop(kind, compiled, init_fn, data, bs, seed, part, b) -> dict:
+  """The fine-tune loop: next batch, placement, step (no metric fetch per step)."""
+  n, w, r = int(b.loop_steps), int(b.warmup), int(b.repeats)
+  it, place = _source(kind, data, "finetune", bs, seed, (n + w) * r + 1, part)
+  state, _ = part.init(init_fn)
+  runs = []
+  for _ in range(r):
+    for _ in range(w):
+      state, m = compiled(state, place(next(it)))
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    for _ in range(n):
+      state, m = compiled(state, place(next(it)))
+    jax.block_until_ready((state, m))
+    runs.append((time.perf_counter() - t) / n)
+  del state, it
+  return {"source": kind, "steps": n, **_rates(runs, bs)}
+
+
+def _bench_eval(cfg, model, init_fn, data, part, b) -> dict:
+  from sass_jax.eval import evaluate as eval_lib
+  from sass_jax.eval.retrieval import topk_scores
+  state, _ = part.init(init_fn)
+  variables = state.variables
+  chunk = 4096
+  out = {}
+  n_items = int(min(int(b.eval_items), data.num_items))
+  sub = lambda table, n: {f: np.asarray(c[:n]) for f, c in table.items()}
+  # Warm-up: one chunk (compiles the encoders), then the timed runs.
+  warm = min(chunk, n_items)
+  eval_lib.encode_all(model, variables, sub(data.items, warm), sub(data.item_masks, warm),
+                      "encode_item", None, chunk)
+  t = time.perf_counter()
+  item_vecs = eval_lib.encode_all(model, variables, sub(data.items, n_items),
+                                  sub(data.item_masks, n_items), "encode_item", None, chunk)
+  out["encode_items"] = {"items": n_items, "items_per_s": n_items / (time.perf_counter() - t),
+                         "scenarios": int(item_vecs.shape[1])}
+  n_users = int(min(int(b.eval_users), data.num_users))
+  eval_lib.encode_all(model, variables, sub(data.users, min(chunk, n_users)),
+                      sub(data.user_masks, min(chunk, n_users)), "encode_user", 0, chunk)
+  t = time.perf_counter()
+  uvec = eval_lib.encode_all(model, variables, sub(data.users, n_users),
+                             sub(data.user_masks, n_users), "encode_user", 0, chunk)
+  out["encode_users"] = {"users": n_users, "users_per_s": n_users / (time.perf_counter() - t)}
+  corpus = np.resize(item_vecs[:, 0], (data.num_items, item_vecs.shape[-1]))
+  kmax = max(cfg.eval.ks)
+  uc = int(cfg.eval.user_chunk)
+  topk_scores(uvec[:min(uc, n_users)], corpus, kmax, chunk_size=uc)     # compile
+  t = time.perf_counter()
+  topk_scores(uvec, corpus, kmax, chunk_size=uc)
+  out["topk"] = {"users": n_users, "corpus": int(data.num_items), "k": int(kmax),
+                 "users_per_s": n_users / (time.perf_counter() - t)}
+  pairs = float(data.num_users) * float(data.num_items)
+  if pairs <= float(b.full_eval_max_pairs):
+    ev = lambda: eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
+                                   cfg.eval.mask, uc)
+    ev()
+    t = time.perf_counter()
+    ev()
+    out["full_evaluate_s"] = time.perf_counter() - t
+  else:
+    out["full_evaluate_s"] = None
+    out["full_evaluate_skipped"] = (f"users x items = {pairs:.3g} > "
+                                    f"config.bench.full_eval_max_pairs")
+  del state
+  return out
+
+
+def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
+  """Run the benchmark of the module docstring; write ``WORKDIR/bench.json``; return it.
+
+  Raises ValueError for a bad ``config.bench`` value, a batch size the mesh cannot split, or
+  an embedding optimiser the model's tables do not support (``sparse.find_tables``).
+  """
+  b = _bench_cfg(cfg)
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  load_start = _load_avg()
+  t_all = time.perf_counter()
+  data = loop.prepare(cfg, workdir)
+  model = loop.build_model(cfg, data)
+  part = Partitioner(cfg.mesh)
+  pr = probe(int(b.probe_matmul_n), int(b.probe_bytes)) if b.probe else None
+  if pr:
+    log.info("bench: probe %s", {k: f"{v:.3g}" for k, v in pr.items()})
+  kind = _input_kind(cfg)
+  config_opt = str(cfg.train.get("embedding_optimizer", "dense"))
+  results, keep = {}, {}
+  for stage in loop.STAGES:
+    if stage not in b.stages or (stage == "pretrain" and data.num_scenarios < 2):
+      continue
+    scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+    bs = int(scfg.batch_size)
+    part.check_batch_size(bs, f"config.{'pretrain' if stage == 'pretrain' else 'train'}.batch_size")
+    seed = cfg.seed + (0 if stage == "pretrain" else 1)
+    it, place = _source(kind, data, stage, bs, seed, int(b.batches), part)
+    batches = [place(next(it)) for _ in range(int(b.batches))]
+    del it
+    opts = list(b.embedding_optimizers) if stage == "finetune" else [config_opt]
+    if stage == "finetune" and config_opt not in opts:
+      opts.append(config_opt)
+    for opt in opts:
+      log.info("bench: %s step, embedding_optimizer=%s, batch %d", stage, opt, bs)
+      res, compiled, init_fn = _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr)
+      results[f"{stage}/{opt}"] = res
+      log.info("bench: %s/%s %.1f ms/step (%.0f samples/s), compile %.1fs", stage, opt,
+               res["step_ms"]["median"], res["samples_per_s"]["median"], res["compile_s"])
+      if stage == "finetune" and opt == config_opt:
+        keep = {"compiled": compiled, "init_fn": init_fn, "batch": batches[0], "bs": bs,
+                "seed": seed}
+      del compiled
+    if stage == "finetune":
+      keep["batches"] = batches
+    del batches
+
+  out: dict[str, Any] = {
+      "config": config_name or f"{cfg.data.name} / {cfg.model.name}",
+      "data": {"name": cfg.data.name, "rows": int(data.manifest["num_interactions"]),
+               "users": data.num_users, "items": data.num_items,
+               "scenarios": data.num_scenarios,
+               "user_fields": [s.name for s in data.user_specs],
+               "item_fields": [s.name for s in data.item_specs]},
+      "model": {"name": cfg.model.name, "compute_dtype": cfg.model.compute_dtype,
+                "embed_dim": int(cfg.model.embed_dim), "widths": list(cfg.model.widths),
+                "out_dim": int(cfg.model.out_dim)},
+      "settings": {k: (list(v) if isinstance(v, (tuple, list)) else v)
+                   for k, v in b.to_dict().items()},
+      "mesh": {k: int(v) for k, v in part.mesh.shape.items()},
+      "input_source": kind,
+      "probe": pr,
+      "steps": results,
+  }
+  if "finetune" in b.stages:
+    fin = keep
+    shapes = nn.meta.unbox(jax.eval_shape(fin["init_fn"])).params
+    out["model"]["parameters"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
+    try:
+      out["model"]["embedding_rows"] = int(sum(t.rows for t in sparse.find_tables(model, shapes)))
+    except ValueError:   # tables the row-sparse path cannot address (e.g. dssm_single)
+      out["model"]["embedding_rows"] = None
+    dense = results.get("finetune/dense")
+    out["sparse_speedup"] = {
+        o: dense["step_ms"]["median"] / results[f"finetune/{o}"]["step_ms"]["median"]
+        for o in b.embedding_optimizers if o != "dense" and dense is not None}
+    if b.check_sparse:
+      out["sparse_check"] = {}
+      for o in b.embedding_optimizers:
+        if o != "dense":
+          log.info("bench: %s vs its masked dense reference", o)
+          out["sparse_check"][o] = _sparse_check(cfg, o, model, data, part, fin["batch"])
+    fin.pop("batches", None)
+    log.info("bench: input (%s)", kind)
+    out["input"] = _bench_input(kind, data, fin["bs"], fin["seed"], part, b)
+    step_sps = results[f"finetune/{config_opt}"]["samples_per_s"]["median"]
+    host = out["input"].get("host", out["input"]["placed"])["median"]
+    out["input_over_step"] = host / step_sps
+    out["input_placed_over_step"] = out["input"]["placed"]["median"] / step_sps
+    log.info("bench: whole fine-tune loop (%s input, %s)", kind, config_opt)
+    out["loop"] = _bench_loop(kind, fin["compiled"], fin["init_fn"], data, fin["bs"],
+                              fin["seed"], part, b)
+    out["loop"]["embedding_optimizer"] = config_opt
+    log.info("bench: evaluation")
+    out["eval"] = _bench_eval(cfg, model, fin["init_fn"], data, part, b)
+  out["machine"] = {**_machine(), "load_avg_start": load_start, "load_avg_end": _load_avg()}
+  out["total_s"] = time.perf_counter() - t_all
+  if jax.process_index() == 0:
+    (workdir / "bench.json").write_text(json.dumps(out, indent=2) + "\n")
+  return out
+
+
+def summary_table(res: dict) -> str:
+  """A short Markdown table of a ``bench`` result: one row per timed step, then input, loop
+  and evaluation."""
+  lines = [f"bench: {res['config']} on {res['machine']['device_kind']} "
+           f"(load {res['machine']['load_avg_start']} -> {res['machine']['load_avg_end']})",
+           "", "| what | batch | ms/step (median [min-max]) | samples/s | step / floor |",
+           "|---|---|---|---|---|"]
+  for name, r in res["steps"].items():
+    ms = r["step_ms"]
+    lines.append(f"| {name} | {r['batch_size']} | {ms['median']:.1f} [{ms['min']:.1f}-"
+                 f"{ms['max']:.1f}] | {r['samples_per_s']['median']:,.0f} | "
+                 f"{r.get('step_over_floor', float('nan')):.1f}x |")
+  if "input" in res:
+    lines.append(f"| input ({res['input']['source']}), placed | | | "
+                 f"{res['input']['placed']['median']:,.0f} | |")
+    lp = res["loop"]
+    lines.append(f"| whole loop ({lp['embedding_optimizer']}) | | "
+                 f"{lp['step_ms']['median']:.1f} | {lp['samples_per_s']['median']:,.0f} | |")
+    ev = res["eval"]
+    lines.append(f"| eval: encode items / users, top-{ev['topk']['k']} users | | | "
+                 f"{ev['encode_items']['items_per_s']:,.0f} / "
+                 f"{ev['encode_users']['users_per_s']:,.0f} / "
+                 f"{ev['topk']['users_per_s']:,.0f} | |")
+  for o, s in res.get("sparse_speedup", {}).items():
+    chk = res.get("sparse_check", {}).get(o, {})
+    lines.append(f"| dense / {o} step time | | | {s:.2f}x | max diff touched "
+                 f"{chk.get('max_abs_diff_touched_rows', float('nan')):.1e}, untouched "
+                 f"unchanged {chk.get('untouched_rows_unchanged')} |")
+  return "\n".join(lines)
+
+
+# ==== --mode bench_input (issue 3) ==========================================================
+def _rate_stats(rates: list[float], batch_size: int) -> dict:
   """{'batches_per_s': {median, min, max, runs}, 'samples_per_s': the same times batch_size}."""
-  b = {"median": float(statistics.median(rates)), "min": float(min(rates)),
-       "max": float(max(rates)), "runs": [float(r) for r in rates]}
-  return {"batches_per_s": b,
+  bb = _stats(rates)
+  return {"batches_per_s": bb,
           "samples_per_s": {k: ([v * batch_size for v in x] if k == "runs" else x * batch_size)
-                            for k, x in b.items()}}
+                            for k, x in bb.items()}}
 
 
 def _timed(run: Callable[[], None], n: int) -> float:
@@ -73,36 +604,18 @@ def _time_iterator(make_it: Callable[[], object], consume: Callable, num_batches
   return rates
 
 
-def _machine() -> dict:
-  dev = jax.devices()[0]
-  return {"platform": dev.platform, "device_kind": dev.device_kind,
-          "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
-          "jax_version": jax.__version__, "grain_version": getattr(grain, "__version__", "?"),
-          "numpy_version": np.__version__, "python": platform.python_version(),
-          "system": f"{platform.system()} {platform.machine()}"}
-
-
-def _load_avg() -> list[float] | None:
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:
-    return None
-
-
 def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 10,
                 repeats: int = 3, config_name: str | None = None) -> dict:
-  """Time the input pipeline, input + placement, and the fine-tune step; see the module doc.
+  """Time the grain input pipeline, input + placement, and the fine-tune step (issue 3).
 
-  Args:
-    cfg: the run config (``config.data``, ``config.train``, ``config.model``, ``config.mesh``).
-    workdir: run directory; data is prepared into ``WORKDIR/data`` and the result written to
-      ``WORKDIR/bench_input.json``.
-    num_batches: batches (and steps) per timed run; warmup: untimed ones before each run;
-      repeats: timed runs per measurement.
-    config_name: how the config was named on the command line (recorded only).
+  At ``config.train.batch_size``, each ``repeats`` times after ``warmup`` batches / steps:
+  ``input`` (``next(it)`` of ``pipeline.make_iterator`` as ``loop.train_stage`` builds it) for
+  the fine-tune stream and, with >= 2 scenarios, the pre-train stream; ``input_placed`` (plus
+  ``Partitioner.shard_batch``, blocked); ``step`` (the fine-tune step on batches placed
+  beforehand). Batches/s and samples/s as median, min, max; ``input_over_step`` = fine-tune
+  input samples/s / step samples/s (target >= 2). Writes ``WORKDIR/bench_input.json``.
 
-  Returns the JSON-ready dict. Raises ValueError for non-positive counts or a batch size the
-  mesh cannot split.
+  Raises ValueError for non-positive counts or a batch size the mesh cannot split.
   """
   if num_batches < 1 or repeats < 1 or warmup < 0:
     raise ValueError(f"need num_batches >= 1, repeats >= 1, warmup >= 0; got {num_batches}, "
@@ -120,19 +633,18 @@ def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 
 
   def make(stream):
     return lambda: pipeline.make_iterator(data, stream, bs, seeds[stream], total,
-                                          jax.process_index(), jax.process_count())
+                                          *_data_shard(part))
 
-  place = lambda b: jax.block_until_ready(part.shard_batch(b))
+  place = lambda x: jax.block_until_ready(part.shard_batch(x))
   result_input, result_placed = {}, {}
   for stream in streams:
     log.info("bench_input: %s input, %d x %d batches of %d", stream, repeats, num_batches, bs)
-    result_input[stream] = _stats(
-        _time_iterator(make(stream), lambda b: None, num_batches, warmup, repeats), bs)
+    result_input[stream] = _rate_stats(
+        _time_iterator(make(stream), lambda x: None, num_batches, warmup, repeats), bs)
     log.info("bench_input: %s input + placement", stream)
-    result_placed[stream] = _stats(
+    result_placed[stream] = _rate_stats(
         _time_iterator(make(stream), place, num_batches, warmup, repeats), bs)
 
-  # The fine-tune step on pre-placed batches (distinct ones, as in training).
   log.info("bench_input: fine-tune step, %d x %d steps", repeats, num_batches)
   model = loop.build_model(cfg, data)
   tx = steps.make_optimizer(cfg.train, int(cfg.train.num_steps))
@@ -150,17 +662,17 @@ def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 
   compile_s = time.perf_counter() - t
   step_rates = []
   for _ in range(repeats):
-    for b in batches[:warmup]:
-      state, m = step_fn(state, b)
+    for x in batches[:warmup]:
+      state, m = step_fn(state, x)
     jax.block_until_ready((state, m))
     t = time.perf_counter()
-    for b in batches[warmup:]:
-      state, m = step_fn(state, b)
+    for x in batches[warmup:]:
+      state, m = step_fn(state, x)
     jax.block_until_ready((state, m))
     step_rates.append(num_batches / max(time.perf_counter() - t, 1e-12))
   loss = float(jax.device_get(m["loss"]))
   del batches, state
-  result_step = {"finetune": _stats(step_rates, bs)}
+  result_step = {"finetune": _rate_stats(step_rates, bs)}
 
   median = lambda r, s="finetune": r[s]["samples_per_s"]["median"]
   step_sps = median(result_step)

@@ -34,12 +34,21 @@ only after all items are written and finalised.  An interrupted save (crash,
 preemption) therefore never shows up in :meth:`Checkpointer.all_steps` and
 never becomes :meth:`Checkpointer.latest_step`; leftover temporary
 directories are ignored (and removed on the next manager start-up).
+
+Fallback: a committed step that cannot be read (files deleted or truncated
+after the rename, a disk error) does not block a restore. With ``step=None``
+the restore methods try the latest step, log a warning naming it and the
+error, and try the next older step, until one restores; they raise the
+latest step's error only if none does. :attr:`Checkpointer.unreadable_steps`
+lists the steps skipped; :meth:`Checkpointer.set_aside_unreadable` renames
+them to ``<step>.unreadable`` so that training can save those steps again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -47,6 +56,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 __all__ = ["Checkpointer"]
+
+log = logging.getLogger("sass_jax")
 
 _STATE = "state"
 _METADATA = "metadata"
@@ -139,6 +150,8 @@ class Checkpointer:
         async_save: bool = False,
     ):
         self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+        # Steps skipped by the last restore with step=None because they could not be read.
+        self.unreadable_steps: list[int] = []
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
@@ -227,9 +240,10 @@ class Checkpointer:
         self._refresh()
         return sorted(int(s) for s in self._mngr.all_steps())
 
-    def _resolve_step(self, step: int | None) -> int:
-        """Wait for pending saves, then map ``step`` (None -> latest) to an
-        existing step or raise FileNotFoundError naming the directory."""
+    def _candidates(self, step: int | None) -> list[int]:
+        """Wait for pending saves, then the steps to try: ``[step]`` if given
+        (FileNotFoundError naming the directory if it does not exist), else
+        every saved step, newest first (FileNotFoundError if none)."""
         self._mngr.wait_until_finished()
         self._mngr.reload()
         steps = sorted(int(s) for s in self._mngr.all_steps())
@@ -238,14 +252,77 @@ class Checkpointer:
                 raise FileNotFoundError(
                     f"No checkpoint found in directory {self.directory}"
                 )
-            return steps[-1]
+            return steps[::-1]
         step = int(step)
         if step not in steps:
             raise FileNotFoundError(
                 f"No checkpoint for step {step} in directory {self.directory} "
                 f"(available steps: {steps})"
             )
-        return step
+        return [step]
+
+    def _restore_with_fallback(
+        self, step: int | None, restore_one: Callable[[int], Any]
+    ) -> Any:
+        """``restore_one(s)`` for the requested step; with ``step=None`` for
+        the newest step that restores, warning about each newer one that fails.
+
+        Raises the newest step's error if no step restores (an explicit
+        ``step`` is never replaced by another).
+        """
+        candidates = self._candidates(step)
+        failed: list[tuple[int, Exception]] = []
+        for i, s in enumerate(candidates):
+            try:
+                out = restore_one(s)
+            except Exception as e:  # pylint: disable=broad-exception-caught
+                if step is not None:
+                    raise
+                failed.append((s, e))
+                nxt = (
+                    f"falling back to step {candidates[i + 1]}"
+                    if i + 1 < len(candidates)
+                    else "no older step left"
+                )
+                log.warning(
+                    "checkpoint step %d in %s could not be restored (%s: %s); %s",
+                    s, self.directory, type(e).__name__,
+                    (str(e).splitlines() or [''])[0][:300], nxt,
+                )
+                continue
+            self.unreadable_steps = [f for f, _ in failed]
+            return out
+        raise failed[0][1]
+
+    def set_aside_unreadable(self) -> list[int]:
+        """Rename the steps the last restore skipped (:attr:`unreadable_steps`)
+        to ``<dir>/<step>.unreadable`` (kept for inspection, invisible to
+        orbax), so that those step numbers can be saved again.  Process 0
+        renames; every process must call this.  Returns the steps moved."""
+        moved = sorted(self.unreadable_steps)
+        if moved and jax.process_index() == 0:
+            for s in moved:
+                src = self._step_dir(s)
+                dst = self.directory / f"{s}.unreadable"
+                n = 1
+                while dst.exists():
+                    dst = self.directory / f"{s}.unreadable.{n}"
+                    n += 1
+                if src.exists():
+                    src.rename(dst)
+                    log.warning("moved unreadable checkpoint %s to %s", src, dst)
+        if moved and jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("sass_jax_set_aside_unreadable")
+        self.unreadable_steps = []
+        self._mngr.reload()
+        return moved
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when JAX's preemption service (multi-process runs started with
+        ``jax.distributed.initialize``) has been notified of a preemption and
+        ``step`` is the sync point every process agrees to stop at; False
+        otherwise (always False in a single process)."""
+        return bool(self._mngr.reached_preemption(int(step)))
 
     def _step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -265,7 +342,8 @@ class Checkpointer:
             first local device) -- or concrete arrays whose shardings are
             used (their values are ignored).
             Typical: ``jax.eval_shape(init_fn)`` with shardings attached.
-          step: Step to restore; None -> :meth:`latest_step`.
+          step: Step to restore; None -> :meth:`latest_step`, falling back
+            to older steps (with a warning) if it cannot be read.
 
         Returns:
           ``(state, metadata, data_state)``: ``state`` has the pytree
@@ -279,21 +357,39 @@ class Checkpointer:
             message names the directory.
           ValueError: `abstract_state` structure does not match the saved tree.
         """
-        step = self._resolve_step(step)
         abstract_state = _abstractify(abstract_state)
-        items = {
-            _STATE: ocp.args.PyTreeRestore(
-                item=abstract_state,
-                restore_args=_restore_args_for(abstract_state),
-            ),
-            _METADATA: ocp.args.JsonRestore(),
-        }
-        has_data_state = (self._step_dir(step) / _DATA_STATE).exists()
-        if has_data_state:
-            items[_DATA_STATE] = ocp.args.JsonRestore()
-        restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-        data_state = restored[_DATA_STATE] if has_data_state else None
-        return restored[_STATE], dict(restored[_METADATA] or {}), data_state
+
+        def restore_one(step):
+            items = {
+                _STATE: ocp.args.PyTreeRestore(
+                    item=abstract_state,
+                    restore_args=_restore_args_for(abstract_state),
+                ),
+                _METADATA: ocp.args.JsonRestore(),
+            }
+            has_data_state = (self._step_dir(step) / _DATA_STATE).exists()
+            if has_data_state:
+                items[_DATA_STATE] = ocp.args.JsonRestore()
+            restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+            data_state = restored[_DATA_STATE] if has_data_state else None
+            return restored[_STATE], dict(restored[_METADATA] or {}), data_state
+
+        return self._restore_with_fallback(step, restore_one)
+
+    def restore_metadata(self, step: int | None = None) -> dict:
+        """The JSON ``metadata`` dict saved with a step (None -> latest, with
+        the same fallback as :meth:`restore`); nothing else is read.
+
+        Raises:
+          FileNotFoundError: no checkpoint (at `step`) in the directory.
+        """
+        def restore_one(step):
+            restored = self._mngr.restore(
+                step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
+            )
+            return dict(restored[_METADATA] or {})
+
+        return self._restore_with_fallback(step, restore_one)
 
     def restore_fields(self, abstract_fields: dict, step: int | None = None) -> dict:
         """Restore only the named top-level fields of the saved state.
@@ -307,28 +403,30 @@ class Checkpointer:
           FileNotFoundError: no checkpoint (at `step`) in the directory.
           ValueError: structure mismatch with the saved state.
         """
-        step = self._resolve_step(step)
         wanted = {k: v for k, v in abstract_fields.items() if jax.tree.leaves(v)}
         out = {k: v for k, v in abstract_fields.items() if k not in wanted}
         if not wanted:
+            self._candidates(step)  # FileNotFoundError if there is no such step
             return out
         item = {k: _abstractify(v) for k, v in wanted.items()}
-        restored = self._mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    _STATE: ocp.args.PyTreeRestore(
-                        item=item,
-                        restore_args=_restore_args_for(item),
-                        partial_restore=True,
-                    )
-                }
-            ),
-        )
-        st = restored[_STATE]
-        for k in wanted:
-            out[k] = st[k] if isinstance(st, dict) else getattr(st, k)
-        return out
+
+        def restore_one(step):
+            restored = self._mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _STATE: ocp.args.PyTreeRestore(
+                            item=item,
+                            restore_args=_restore_args_for(item),
+                            partial_restore=True,
+                        )
+                    }
+                ),
+            )
+            st = restored[_STATE]
+            return {k: st[k] if isinstance(st, dict) else getattr(st, k) for k in wanted}
+
+        return {**out, **self._restore_with_fallback(step, restore_one)}
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
         """Restore only ``state.params`` (for evaluation).
@@ -342,7 +440,8 @@ class Checkpointer:
           abstract_params: Pytree with the structure of the saved
             ``state.params`` (nested dict), leaves as in :meth:`restore`
             (ShapeDtypeStruct with/without sharding or concrete arrays).
-          step: Step to restore; None -> latest.
+          step: Step to restore; None -> latest (falling back to older steps
+            with a warning if it cannot be read).
 
         Returns:
           The params pytree (structure of `abstract_params`).
@@ -351,21 +450,24 @@ class Checkpointer:
           FileNotFoundError: no checkpoint (at `step`) in the directory.
           ValueError: structure mismatch with the saved ``params``.
         """
-        step = self._resolve_step(step)
         item = {_PARAMS: _abstractify(abstract_params)}
-        restored = self._mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    _STATE: ocp.args.PyTreeRestore(
-                        item=item,
-                        restore_args=_restore_args_for(item),
-                        partial_restore=True,
-                    )
-                }
-            ),
-        )
-        return _get_params_subtree(restored[_STATE])
+
+        def restore_one(step):
+            restored = self._mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _STATE: ocp.args.PyTreeRestore(
+                            item=item,
+                            restore_args=_restore_args_for(item),
+                            partial_restore=True,
+                        )
+                    }
+                ),
+            )
+            return _get_params_subtree(restored[_STATE])
+
+        return self._restore_with_fallback(step, restore_one)
 
     # ------------------------------------------------------------- lifecycle
     def wait_until_finished(self) -> None:

@@ -76,19 +76,56 @@ class Partitioner:
     return NamedSharding(self.mesh, P("data"))
 
   def check_batch_size(self, batch_size: int, what: str):
-    """Raise ValueError unless ``batch_size`` splits evenly over the data axis and processes."""
+    """Raise ValueError unless ``batch_size`` splits evenly over the data axis (and hence over
+    the processes' slices, see ``data_shard``)."""
     n = self.data_size
-    if batch_size % n or batch_size % jax.process_count():
-      raise ValueError(f"{what}={batch_size} must be divisible by the mesh's data axis ({n}) "
-                       f"and the number of processes ({jax.process_count()})")
+    if batch_size % n:
+      raise ValueError(f"{what}={batch_size} must be divisible by the mesh's data axis ({n})")
+
+  def data_shard(self) -> tuple[int, int]:
+    """(index, count): this process feeds rows ``[index*B/count, (index+1)*B/count)`` of every
+    global batch of B rows (the ``process_index, process_count`` of ``pipeline.make_iterator``).
+
+    The slice is the span of 'data' coordinates of the mesh devices this process owns: with
+    one process it is (0, 1); with P processes each holding a whole block of the data axis it
+    is (p, P); processes that share the data coordinates (the data axis does not span
+    processes, e.g. data=1) feed identical rows. Raises ValueError if this process owns no
+    device of the mesh, or its devices do not cover an aligned contiguous block of the data
+    axis of the same size as every other process's.
+    """
+    if getattr(self, "_data_shard", None) is not None:
+      return self._data_shard
+    axis = self.mesh.axis_names.index("data")
+    coords: dict[int, set[int]] = {}
+    for idx, d in np.ndenumerate(self.mesh.devices):
+      coords.setdefault(d.process_index, set()).add(idx[axis])
+    mine = sorted(coords.get(jax.process_index(), ()))
+    if not mine:
+      raise ValueError(f"process {jax.process_index()} owns no device of the mesh "
+                       f"{dict(self.mesh.shape)}")
+    n = len(mine)
+    for p, c in coords.items():
+      c = sorted(c)
+      if len(c) != n or c != list(range(c[0], c[0] + n)) or c[0] % n:
+        raise ValueError(f"mesh {dict(self.mesh.shape)}: process {p} holds data coordinates "
+                         f"{c}, process {jax.process_index()} holds {mine}; every process must "
+                         "hold an aligned contiguous block of the same size (change "
+                         "config.mesh.data / config.mesh.model)")
+    self._data_shard = (mine[0] // n, self.data_size // n)
+    return self._data_shard
 
   def shard_batch(self, local_batch: Any) -> Any:
     """Place this process's slice of a batch (a pytree of NumPy arrays, leading dim = local
-    batch) onto the mesh as global arrays split over 'data'
-    (``jax.make_array_from_process_local_data``)."""
+    batch, the rows given by ``data_shard``) onto the mesh as global arrays split over 'data'
+    (``jax.make_array_from_process_local_data``); leading dim of the result = local * count."""
     sh = self.batch_sharding()
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)),
-                        local_batch)
+    count = self.data_shard()[1]
+
+    def one(x):
+      x = np.asarray(x)
+      return jax.make_array_from_process_local_data(sh, x, (x.shape[0] * count,) + x.shape[1:])
+
+    return jax.tree.map(one, local_batch)
 
   # -- state -----------------------------------------------------------------------------
   def state_shardings(self, abstract_boxed_state: Any) -> Any:

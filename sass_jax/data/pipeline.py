@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 from typing import Iterator
 
-import grain
 import numpy as np
 
 from sass_jax.data.store import PreparedData
@@ -125,6 +124,7 @@ def make_iterator(data: PreparedData, stream: str, batch_size: int, seed: int, n
   position. Batches are dicts (see ``BatchFn``) of this process's ``batch_size / process_count``
   rows.
   """
+  import grain  # here, so that BatchFn and the bench path import without grain (issue 6)
   fn = BatchFn(data, stream, batch_size, seed, process_index, process_count)
   ds = grain.MapDataset.range(num_batches).map(fn)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,

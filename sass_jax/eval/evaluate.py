@@ -19,7 +19,7 @@ import numpy as np
 from sass_jax.data.pipeline import gather_features
 from sass_jax.data.store import SPLITS, PreparedData
 from sass_jax.eval import metrics as M
-from sass_jax.eval.retrieval import popularity_topk, topk_scores
+from sass_jax.eval.retrieval import popularity_topk, sharded_topk_scores, topk_scores
 import flax.linen as nn
 
 from sass_jax.train.steps import as_variables
@@ -34,13 +34,16 @@ def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int):
 
 
 def encode_all(model: nn.Module, params, table: dict, masks: dict, method: str,
-               scenario: int | None, chunk: int = 4096) -> np.ndarray:
+               scenario: int | None, chunk: int = 4096, partitioner=None) -> np.ndarray:
   """Vectors of every entity of a table, computed in fixed-size chunks on the device.
 
   Returns float32 [N, D] for ``scenario`` k, or [N, K, D] (every scenario) if it is None.
+  With a ``partitioner`` (params on its mesh, possibly spanning processes) the inputs and
+  vectors are replicated over the mesh, so every process gets all of them.
   """
   n = len(next(iter(table.values())))
-  fn = _encoder(model, method, scenario is None)
+  rep = None if partitioner is None else partitioner.replicated()
+  fn = _encoder(model, method, scenario is None, rep)
   out = []
   for start in range(0, n, chunk):
     rows = np.arange(start, min(start + chunk, n))
@@ -48,6 +51,8 @@ def encode_all(model: nn.Module, params, table: dict, masks: dict, method: str,
     rows_p = np.concatenate([rows, np.full(pad, rows[-1])]) if pad else rows
     feats = gather_features(table, masks, rows_p)
     sc = None if scenario is None else np.full(len(rows_p), scenario, np.int32)
+    if rep is not None:
+      feats, sc = jax.device_put((feats, sc), rep)
     out.append(np.asarray(fn(params, feats, sc))[: len(rows)])
   return np.concatenate(out)
 
@@ -55,19 +60,22 @@ def encode_all(model: nn.Module, params, table: dict, masks: dict, method: str,
 _ENCODERS: dict = {}
 
 
-def _encoder(model, method, all_scenarios) -> Callable:
-  key = (model, method, all_scenarios)
+def _encoder(model, method, all_scenarios, out_sharding=None) -> Callable:
+  key = (model, method, all_scenarios, out_sharding)
   if key not in _ENCODERS:
     m = method
     if all_scenarios:
-      _ENCODERS[key] = jax.jit(lambda v, f, s: model.apply(as_variables(v), f, None, method=m))
+      _ENCODERS[key] = jax.jit(lambda v, f, s: model.apply(as_variables(v), f, None, method=m),
+                               out_shardings=out_sharding)
     else:
-      _ENCODERS[key] = jax.jit(lambda v, f, s: model.apply(as_variables(v), f, s, method=m))
+      _ENCODERS[key] = jax.jit(lambda v, f, s: model.apply(as_variables(v), f, s, method=m),
+                               out_shardings=out_sharding)
   return _ENCODERS[key]
 
 
 def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
-             ks=(20, 50, 100), mask: str = "train", user_chunk: int = 1024) -> dict[str, Any]:
+             ks=(20, 50, 100), mask: str = "train", user_chunk: int = 1024,
+             partitioner=None) -> dict[str, Any]:
   """Evaluate ``params`` and the popularity baseline on ``split``.
 
   Returns the metrics dict written to metrics.json::
@@ -78,6 +86,10 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
 
   mask: 'train' masks each user's training positives (in the scenario evaluated);
   'train_valid' also masks validation positives. Raises ValueError for an unknown mask/split.
+  partitioner: a ``sass_jax.partition.Partitioner`` whose mesh holds ``params``: vectors are
+  gathered replicated and the top-K is ``retrieval.sharded_topk_scores`` (items split over
+  every device of the mesh, exact merge; SPEC section 6) -- same metrics, and it runs with
+  several processes. None: the single-device ``retrieval.topk_scores``.
   """
   if mask not in ("train", "train_valid"):
     raise ValueError(f"config.eval.mask={mask!r}; expected 'train' or 'train_valid'")
@@ -85,7 +97,8 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
     raise ValueError(f"config.eval.split={split!r}; expected 'valid' or 'test'")
   inter = {c: np.asarray(v) for c, v in data.inter.items()}
   kmax = max(ks)
-  item_all = encode_all(model, params, data.items, data.item_masks, "encode_item", None)  # [N,K,D]
+  item_all = encode_all(model, params, data.items, data.item_masks, "encode_item", None,
+                        partitioner=partitioner)  # [N,K,D]
   pos = inter["label"] > 0.5
   in_split = inter["split"] == SPLITS[split]
   masked_splits = [SPLITS["train"]] + ([SPLITS["valid"]] if mask == "train_valid" else [])
@@ -109,8 +122,13 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
       mrows = np.flatnonzero(in_mask & sk & np.isin(inter["user"], users))
       exclude = _csr(np.searchsorted(users, inter["user"][mrows]), inter["item"][mrows], len(users))
       uvec = encode_all(model, params, {f: c[users] for f, c in data.users.items()},
-                        {f: c[users] for f, c in data.user_masks.items()}, "encode_user", k)
-      _, idx = topk_scores(uvec, item_all[:, k], kmax, exclude=exclude, chunk_size=user_chunk)
+                        {f: c[users] for f, c in data.user_masks.items()}, "encode_user", k,
+                        partitioner=partitioner)
+      if partitioner is None:
+        _, idx = topk_scores(uvec, item_all[:, k], kmax, exclude=exclude, chunk_size=user_chunk)
+      else:
+        _, idx = sharded_topk_scores(uvec, item_all[:, k], kmax, partitioner.mesh,
+                                     exclude=exclude, chunk_size=user_chunk)
       per_user = M.retrieval_metrics(idx, test_pos, ks)
       _, pidx = popularity_topk(counts, len(users), kmax, exclude=exclude)
       pop_per_user = M.retrieval_metrics(pidx, test_pos, ks)
@@ -122,7 +140,8 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
       # Encode each distinct user once, then score every exposure row.
       eus, inv = np.unique(eu, return_inverse=True)
       uv = encode_all(model, params, {f: c[eus] for f, c in data.users.items()},
-                      {f: c[eus] for f, c in data.user_masks.items()}, "encode_user", k)
+                      {f: c[eus] for f, c in data.user_masks.items()}, "encode_user", k,
+                      partitioner=partitioner)
       scores = np.einsum("nd,nd->n", uv[inv], item_all[inter["item"][exp_rows], k])
       labels = inter["label"][exp_rows]
       pscores = counts[inter["item"][exp_rows]]

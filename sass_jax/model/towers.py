@@ -22,7 +22,8 @@ from sass_jax.data.store import FieldSpec
 from sass_jax.model.embedding import FieldEmbedder
 from sass_jax.model.mlsat import GATE_STYLES, MLSATLayer, _dense, activation
 
-MODEL_NAMES = ("sass", "sass_base", "dssm_mixed")
+MODEL_NAMES = ("sass", "sass_base", "dssm_single", "dssm_mixed", "shared_bottom", "mmoe", "ple",
+               "star")
 
 
 def l2_normalize(r: jnp.ndarray) -> jnp.ndarray:
@@ -50,6 +51,13 @@ class ModelConfig:
   tau: float = 0.05
   vocab_pad_to: int = 8
   compute_dtype: str = "float32"
+  # Baselines (SPEC section 3; sass_jax/model/baselines.py).
+  tower_widths: tuple[int, ...] = (64,)   # per-scenario head of shared_bottom / mmoe / ple
+  num_experts: int = 4                    # mmoe experts; ple shared experts per layer
+  num_scenario_experts: int = 2           # ple experts per scenario per layer
+  separate_embeddings: bool = True        # dssm_single: one set of tables per scenario
+  star_aux: bool = True                   # star: auxiliary network added to the output
+  star_momentum: float = 0.99             # star: running-statistics momentum
 
   @classmethod
   def from_config(cls, model_cfg, user_specs: Sequence[FieldSpec], item_specs: Sequence[FieldSpec],
@@ -67,7 +75,25 @@ class ModelConfig:
     if num_scenarios < 1:
       raise ValueError(f"the data has {num_scenarios} scenarios; need at least 1")
     activation(model_cfg.activation)
-    return cls(user_specs=tuple(user_specs), item_specs=tuple(item_specs),
+    base = {f.name: f.default for f in dataclasses.fields(cls)}
+    extra = {k: model_cfg.get(k, base[k]) for k in (
+        "tower_widths", "num_experts", "num_scenario_experts", "separate_embeddings", "star_aux",
+        "star_momentum")}
+    extra["tower_widths"] = tuple(int(w) for w in extra["tower_widths"])
+    for k, typ in (("num_experts", int), ("num_scenario_experts", int),
+                   ("separate_embeddings", bool), ("star_aux", bool), ("star_momentum", float)):
+      extra[k] = typ(extra[k])
+    if any(w < 1 for w in extra["tower_widths"]):
+      raise ValueError(f"config.model.tower_widths={extra['tower_widths']}; expected positive ints")
+    for k in ("num_experts", "num_scenario_experts"):
+      if int(extra[k]) < 1:
+        raise ValueError(f"config.model.{k}={extra[k]}; expected an int >= 1")
+    if not 0.0 <= float(extra["star_momentum"]) < 1.0:
+      raise ValueError(f"config.model.star_momentum={extra['star_momentum']}; expected 0 <= m < 1")
+    if model_cfg.name == "ple" and not tuple(model_cfg.widths):
+      raise ValueError("config.model.widths=(); ple needs at least one extraction layer width")
+    return cls(**extra,
+               user_specs=tuple(user_specs), item_specs=tuple(item_specs),
                num_scenarios=int(num_scenarios), embed_dim=model_cfg.embed_dim,
                scenario_dim=model_cfg.scenario_dim, widths=tuple(model_cfg.widths),
                out_dim=model_cfg.out_dim, activation=model_cfg.activation,

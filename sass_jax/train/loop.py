@@ -8,6 +8,7 @@ fine-tuned parameters and writes ``WORKDIR/metrics.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,12 +20,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sass_jax import checkpoint as ckpt_lib
+from sass_jax import config_check
 from sass_jax.data import get_preparer, pipeline, store
 from sass_jax.eval import evaluate as eval_lib
-from sass_jax.model.baselines import DSSMMixed
+from sass_jax.model.baselines import DSSMMixed, DSSMSingle, MMoE, PLE, STAR, SharedBottom
 from sass_jax.model.towers import SASS, ModelConfig
 from sass_jax.partition import Partitioner
-from sass_jax.train import steps
+from sass_jax.train import monitor, sparse, steps
 
 log = logging.getLogger("sass_jax")
 STAGES = ("pretrain", "finetune")
@@ -37,8 +39,19 @@ def _data_options(data_cfg) -> dict:
 def prepare(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData:
   """Prepare ``config.data`` into ``WORKDIR/data`` (reused if its options are unchanged).
 
+  With several processes only process 0 prepares; the others wait for it and then open the
+  store (WORKDIR must be on a filesystem every process sees).
   Raises ValueError for an unknown ``config.data.name``.
   """
+  if jax.process_count() == 1:
+    return _prepare_here(cfg, workdir, force)
+  from jax.experimental import multihost_utils
+  data = _prepare_here(cfg, workdir, force) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("sass_jax.loop.prepare")
+  return data if data is not None else store.open_store(Path(workdir) / "data")
+
+
+def _prepare_here(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData:
   preparer = get_preparer(cfg.data.name)
   out = Path(workdir) / "data"
   if not force and store.is_complete(out):
@@ -57,7 +70,8 @@ def prepare(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData
   return data
 
 
-MODELS = {"sass": SASS, "sass_base": SASS, "dssm_mixed": DSSMMixed}
+MODELS = {"sass": SASS, "sass_base": SASS, "dssm_single": DSSMSingle, "dssm_mixed": DSSMMixed,
+          "shared_bottom": SharedBottom, "mmoe": MMoE, "ple": PLE, "star": STAR}
 
 
 def build_model(cfg, data: store.PreparedData):
@@ -87,79 +101,159 @@ def _checkpointer(cfg, workdir, stage) -> ckpt_lib.Checkpointer:
                                save_interval_steps=max(1, cfg.checkpoint.every_steps))
 
 
+def _keep_log_until(path: Path, step: int) -> None:
+  """Drop the lines of a ``<stage>_log.jsonl`` logged after ``step`` (by a run that was
+  interrupted after its last checkpoint), so a resumed run does not log those steps twice."""
+  if not path.exists():
+    return
+  lines = path.read_text().splitlines(keepends=True)
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut short by a crash
+  if len(keep) != len(lines):
+    path.write_text("".join(keep))
+
+
 def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Partitioner,
                 workdir: str | Path, init_params=None, show_progress: bool = True):
   """Run one stage to ``num_steps``, resuming from its latest checkpoint if there is one.
 
   Writes checkpoints to ``WORKDIR/checkpoints/<stage>`` every ``config.checkpoint.every_steps``
-  and at the end, and metrics every ``log_every`` steps to ``WORKDIR/<stage>_log.jsonl``.
+  and at the end, metrics every ``log_every`` steps to ``WORKDIR/<stage>_log.jsonl`` and to
+  TensorBoard (``WORKDIR/tb/<stage>``, ``monitor.Monitor``). Resuming restores params, optimiser
+  state, step, rng, model_state and the data-iterator position, so an interrupted and resumed
+  stage ends with bitwise the same parameters as an uninterrupted one; a latest checkpoint that
+  cannot be read is set aside (``<step>.unreadable``) and the previous one is used.
   Returns the final TrainState (sharded on the partitioner's mesh).
-  Raises FloatingPointError naming the step if the loss or gradient norm is not finite.
+
+  Raises:
+    FloatingPointError: a step's loss, gradient norm or parameter norm is not finite
+      (``config.train.nan_policy='raise'``), or ``config.train.max_skips`` consecutive steps
+      were skipped (``'skip'``); the message names the stage, step and quantity. Nothing
+      non-finite is saved: the last checkpoint is the last good state.
+    monitor.Preempted: SIGTERM (or a preemption notice) arrived; the step reached was finished
+      and checkpointed first.
   """
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
   scfg = _stage_cfg(cfg, stage)
+  where = f"config.{'pretrain' if stage == 'pretrain' else 'train'}"
   num_steps, bs = int(scfg.num_steps), int(scfg.batch_size)
-  part.check_batch_size(bs, f"config.{'pretrain' if stage == 'pretrain' else 'train'}.batch_size")
+  part.check_batch_size(bs, f"{where}.batch_size")
   tx = steps.make_optimizer(scfg, num_steps)
+  lr_at = steps.make_schedule(scfg, num_steps)
   seed = cfg.seed + (0 if stage == "pretrain" else 1)
-  init_fn = steps.make_init_fn(model, tx, example_batch(data), seed, init_params)
+  # config.train.embedding_optimizer: 'dense' -> steps.make_init_fn / make_*_step as before;
+  # 'lazy_adam' / 'rowwise_adagrad' -> row-sparse table updates (sparse.py).
+  init_fn, stage_step = sparse.build(cfg, stage, model, tx, example_batch(data), seed, num_steps,
+                                     init_params)
   abstract, shardings = part.abstract_state(init_fn)
   ckpt = _checkpointer(cfg, workdir, stage)
-  data_state = None
-  if ckpt.latest_step() is not None:
-    state, _, data_state = ckpt.restore(abstract)
-    log.info("%s: resumed from step %d of %s", stage, int(state.step), ckpt.directory)
-  else:
-    state, _ = part.init(init_fn)
-    log.info("%s: initialised %s (%d parameters)", stage,
-             "from the pre-trained model" if init_params is not None else "at random",
-             sum(x.size for x in jax.tree.leaves(state.params)))
-  start = int(state.step)
-  if start >= num_steps:
-    ckpt.close()
+  try:
+    data_state = None
+    if ckpt.latest_step() is not None:
+      state, _, data_state = ckpt.restore(abstract)
+      ckpt.set_aside_unreadable()
+      log.info("%s: resumed from step %d of %s", stage, int(state.step), ckpt.directory)
+    else:
+      state, _ = part.init(init_fn)
+      log.info("%s: initialised %s (%d parameters)", stage,
+               "from the pre-trained model" if init_params is not None else "at random",
+               sum(x.size for x in jax.tree.leaves(state.params)))
+    start = int(state.step)
+    if start >= num_steps:
+      return state
+    it = pipeline.make_iterator(data, stage, bs, seed, num_steps, *part.data_shard())
+    if data_state:
+      it.set_state(data_state)
+    step_fn = stage_step
+    policy = cfg.train.get("nan_policy", "raise")
+    max_skips = int(cfg.train.get("max_skips", 10))
+    step_fn = steps.with_nan_policy(step_fn, policy, int(cfg.train.get("debug_nan_at_step", 0)))
+    step_fn = part.compile_step(step_fn, shardings)
+    log_every = max(1, int(cfg.train.log_every))
+    every = int(cfg.checkpoint.every_steps)
+    log_path = Path(workdir) / f"{stage}_log.jsonl"
+    writer = jax.process_index() == 0
+    if writer:
+      _keep_log_until(log_path, start)
+    meta = {"stage": stage, "config": cfg.to_dict()}
+    skipped = {"total": 0, "run": 0}
+
+    def checked(step: int, m) -> dict:
+      """Host copy of a step's metrics; raises FloatingPointError per the nan policy."""
+      h = {k: float(v) for k, v in jax.device_get(m).items()}
+      if policy == "skip":
+        if h.pop("skipped"):
+          skipped["total"] += 1
+          skipped["run"] += 1
+          log.warning("%s step %d: non-finite %s; update skipped (%d in a row)", stage, step,
+                      monitor.first_nonfinite(h), skipped["run"])
+          if skipped["run"] >= max_skips:
+            raise FloatingPointError(
+                f"{stage} step {step}: {skipped['run']} consecutive steps with a non-finite "
+                f"{monitor.first_nonfinite(h)} (loss={h['loss']}, grad_norm={h['grad_norm']}) "
+                f"were skipped (config.train.max_skips={max_skips}); the last checkpoint "
+                f"(step {ckpt.latest_step()}) in {ckpt.directory} holds the last good state. "
+                f"Lower {where}.learning_rate.")
+        else:
+          skipped["run"] = 0
+        h["skipped_steps"] = skipped["total"]
+      elif bad := monitor.first_nonfinite(h):
+        raise FloatingPointError(
+            f"{stage} step {step}: non-finite {bad} ({h[bad]}; loss={h['loss']}, "
+            f"grad_norm={h['grad_norm']}, param_norm={h['param_norm']}). Stopped without "
+            f"saving it: the last checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} "
+            f"holds the last good state. Lower {where}.learning_rate, or set "
+            "config.train.nan_policy='skip' to discard such steps.")
+      return h
+
+    bar = tqdm(total=num_steps, initial=start, desc=stage, unit="step", dynamic_ncols=True,
+               disable=not show_progress or not writer)
+    t0, n0 = time.time(), start
+    pending, h = None, {}
+    with monitor.Monitor(workdir, stage, start, config=meta["config"]) as mon, \
+        monitor.PreemptionWatch(ckpt) as watch, \
+        open(log_path, "a") if writer else contextlib.nullcontext() as logf:
+      for step in range(start + 1, num_steps + 1):
+        state, m = step_fn(state, part.shard_batch(next(it)))
+        if pending is not None:       # the previous step, checked while this one runs
+          checked(*pending)
+        pending = (step, m)
+        stop = watch.should_stop(step)
+        log_now = step % log_every == 0 or step == num_steps
+        save_now = stop or step % every == 0 or step == num_steps
+        if log_now or save_now:       # never log or save a non-finite state
+          h = checked(step, m)
+          pending = None
+        if log_now:
+          h["learning_rate"] = float(lr_at(step - 1))
+          h["samples_per_s"] = (step - n0) * bs / max(time.time() - t0, 1e-9)
+          t0, n0 = time.time(), step
+          h["step"] = step
+          if writer:
+            logf.write(json.dumps(h) + "\n")
+            logf.flush()
+          mon.log(step, h)
+          bar.set_postfix(loss=f"{h['loss']:.4f}", samples_s=f"{h['samples_per_s']:.0f}")
+        bar.update(1)
+        if save_now:
+          ckpt.save(step, state, metadata=meta, data_state=it.get_state(), force=True)
+        if stop and step < num_steps:
+          ckpt.wait_until_finished()
+          bar.close()
+          raise monitor.Preempted(stage, step, ckpt.directory)
+    bar.close()
+    ckpt.wait_until_finished()
+    log.info("%s: finished %d steps; last metrics %s", stage, num_steps,
+             {k: round(v, 4) for k, v in h.items()})
     return state
-  it = pipeline.make_iterator(data, stage, bs, seed, num_steps, jax.process_index(),
-                              jax.process_count())
-  if data_state:
-    it.set_state(data_state)
-  if stage == "pretrain":
-    step_fn = steps.make_pretrain_step(model, tx, scfg.tau, scfg.pairs)
-  else:
-    step_fn = steps.make_finetune_step(model, tx, cfg.model.tau, scfg.get("logq_strength", 1.0))
-  step_fn = part.compile_step(step_fn, shardings)
-  log_every = max(1, int(cfg.train.log_every))
-  log_path = Path(workdir) / f"{stage}_log.jsonl"
-  bar = tqdm(total=num_steps, initial=start, desc=stage, unit="step", dynamic_ncols=True,
-             disable=not show_progress or jax.process_index() != 0)
-  t0, n0 = time.time(), start
-  meta = {"stage": stage, "config": cfg.to_dict()}
-  with open(log_path, "a") as logf:
-    for step in range(start + 1, num_steps + 1):
-      state, m = step_fn(state, part.shard_batch(next(it)))
-      if step % log_every == 0 or step == num_steps:
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-          raise FloatingPointError(f"{stage} step {step}: non-finite loss {m['loss']} or "
-                                   f"gradient norm {m['grad_norm']}; last checkpoint kept in "
-                                   f"{ckpt.directory}")
-        dt = time.time() - t0
-        m["samples_per_s"] = (step - n0) * bs / max(dt, 1e-9)
-        t0, n0 = time.time(), step
-        m["step"] = step
-        if jax.process_index() == 0:
-          logf.write(json.dumps(m) + "\n")
-          logf.flush()
-        bar.set_postfix(loss=f"{m['loss']:.4f}", samples_s=f"{m['samples_per_s']:.0f}")
-      bar.update(1)
-      if step % cfg.checkpoint.every_steps == 0 or step == num_steps:
-        ckpt.save(step, state, metadata=meta, data_state=it.get_state(), force=True)
-  bar.close()
-  ckpt.wait_until_finished()
-  ckpt.close()
-  log.info("%s: finished %d steps; last metrics %s", stage, num_steps,
-           {k: round(v, 4) for k, v in m.items()})
-  return state
+  finally:
+    ckpt.close()
 
 
 def restore_variables(cfg, workdir, stage, model, part, data) -> dict:
@@ -184,10 +278,12 @@ def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
   pre-training checkpoint when pre-training is enabled. Returns the metrics dict (or None).
   """
   workdir = Path(workdir)
+  config_check.validate(cfg, workdir=workdir, stages=stages)   # before any work
   workdir.mkdir(parents=True, exist_ok=True)
   data = prepare(cfg, workdir)
   model = build_model(cfg, data)
   part = Partitioner(cfg.mesh)
+  config_check.validate(cfg, data, part, stages=stages)
   log.info("mesh %s over %d device(s) (%s)", dict(part.mesh.shape), part.mesh.size,
            jax.devices()[0].platform)
   pretrain = cfg.pretrain.num_steps > 0
@@ -214,13 +310,20 @@ def evaluate_workdir(cfg, workdir: str | Path, data=None, model=None, part=None)
   variables = restore_variables(cfg, workdir, "finetune", model, part, data)
   t = time.time()
   metrics = eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
-                              cfg.eval.mask, cfg.eval.user_chunk)
+                              cfg.eval.mask, cfg.eval.user_chunk, partitioner=part)
   metrics = {"model": cfg.model.name, "dataset": data.manifest.get("dataset", cfg.data.name),
              **metrics}
   log.info("evaluated on %s in %.1fs", cfg.eval.split, time.time() - t)
+  with _checkpointer(cfg, workdir, "finetune") as ck:
+    ft_step = ck.latest_step() or 0
+  with monitor.Monitor(workdir, "finetune") as mon:   # TensorBoard: eval/<scenario>/<metric>
+    mon.log_eval(ft_step, metrics, prefix="eval" if cfg.eval.split == "test" else
+                 f"eval_{cfg.eval.split}")
   if jax.process_index() == 0:
     with open(workdir / "metrics.json", "w") as f:
       json.dump(metrics, f, indent=2)
     with open(workdir / "metrics.md", "w") as f:
       f.write(eval_lib.markdown_table(metrics) + "\n")
+    from sass_jax import plots  # matplotlib is imported only when plotting
+    plots.write_run_plots(workdir, metrics)   # WORKDIR/plots/*.png
   return metrics

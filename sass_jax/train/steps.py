@@ -58,18 +58,24 @@ def apply_model(model: nn.Module, params, model_state: dict, *args, method: str,
   return model.apply(variables, *args, train, method=method, rngs=rngs), model_state
 
 
+def make_schedule(stage_cfg, num_steps: int) -> optax.Schedule:
+  """Learning rate of the update number ``count`` (0-based; the update of step s uses count
+  s - 1): linear warm-up over ``warmup_steps`` then cosine decay to 10% at ``num_steps``."""
+  warmup = int(stage_cfg.get("warmup_steps", 0))
+  warmup = min(warmup, max(num_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      0.0 if warmup else stage_cfg.learning_rate, stage_cfg.learning_rate, warmup,
+      max(num_steps, warmup + 1), end_value=0.1 * stage_cfg.learning_rate)
+
+
 def make_optimizer(stage_cfg, num_steps: int) -> optax.GradientTransformation:
-  """AdamW with linear warm-up then cosine decay to 10% (optax).
+  """AdamW over ``make_schedule`` (optax).
 
   stage_cfg: ``config.pretrain`` or ``config.train`` (learning_rate, optional warmup_steps,
   weight_decay).
   """
-  warmup = int(stage_cfg.get("warmup_steps", 0))
-  warmup = min(warmup, max(num_steps - 1, 0))
-  sched = optax.warmup_cosine_decay_schedule(
-      0.0 if warmup else stage_cfg.learning_rate, stage_cfg.learning_rate, warmup,
-      max(num_steps, warmup + 1), end_value=0.1 * stage_cfg.learning_rate)
-  return optax.adamw(sched, weight_decay=float(stage_cfg.get("weight_decay", 0.0)))
+  return optax.adamw(make_schedule(stage_cfg, num_steps),
+                     weight_decay=float(stage_cfg.get("weight_decay", 0.0)))
 
 
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, dummy: dict, seed: int,
@@ -187,3 +193,44 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation, tau: 
         model, state.params, batch, state.rng, tau, logq_strength, state.model_state)
     return _apply_update(state, tx, grads, loss, aux)
   return finetune_step
+
+
+NAN_POLICIES = ("raise", "skip")
+
+
+def with_nan_policy(step_fn: Callable, policy: str = "raise",
+                    debug_nan_at_step: int = 0) -> Callable:
+  """Wrap ``step(state, batch) -> (state, metrics)`` for ``config.train.nan_policy``.
+
+  'raise': the step is unchanged (the loop stops on a non-finite loss / grad_norm /
+  param_norm). 'skip': a step whose loss, gradient norm or new parameter norm is not finite
+  keeps the old params, opt_state and model_state (step and rng still advance) and reports
+  ``metrics['skipped'] = 1`` (int32 []; 0 otherwise); the other metrics are those of the
+  discarded update (so they show which quantity was not finite).
+  debug_nan_at_step > 0 (testing hook, ``config.train.debug_nan_at_step``): the params are made
+  NaN for the forward pass of that step (1-based), so its loss and gradients are NaN.
+  Raises ValueError for an unknown policy.
+  """
+  if policy not in NAN_POLICIES:
+    raise ValueError(f"config.train.nan_policy={policy!r}; expected one of {NAN_POLICIES}")
+  if policy == "raise" and debug_nan_at_step <= 0:
+    return step_fn
+
+  def wrapped(state: TrainState, batch: dict):
+    run_state = state
+    if debug_nan_at_step > 0:
+      hit = state.step + 1 == debug_nan_at_step
+      run_state = state.replace(params=jax.tree.map(
+          lambda p: jnp.where(hit, jnp.full_like(p, jnp.nan), p), state.params))
+    new, metrics = step_fn(run_state, batch)
+    if policy == "raise":
+      return new, metrics
+    ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+          & jnp.isfinite(metrics["param_norm"]))
+    keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(ok, a, b), n, o)
+    new = new.replace(params=keep(new.params, state.params),
+                      opt_state=keep(new.opt_state, state.opt_state),
+                      model_state=keep(new.model_state, state.model_state))
+    metrics = {**metrics, "skipped": (~ok).astype(jnp.int32)}
+    return new, metrics
+  return wrapped

@@ -1,0 +1,43 @@
+"""A synthetic data set at Ali-CCP scale for throughput benchmarks (issue 6; BENCHMARKS.md).
+
+Ali-CCP (Tianchi 408) has 3 scenarios (field 301) and about 1.4M embedding rows over its
+categorical fields. This config generates planted synthetic data (sass_jax/data/synthetic.py)
+of that shape: 300k users and 1M items, 8 more categorical fields per side of 6,000 values
+each -- 18 fields, about 1.4M embedding rows in all -- K = 3 scenarios and 5M exposures. It
+is about speed, not accuracy: the real Ali-CCP loader is configs/aliccp.py.
+
+Arguments (comma-separated): 'sass' | 'sass_base' (the model), and a batch size, e.g.
+'sass,65536' (default 4096; the issue's range is 4096 to 65536).
+
+Usage:
+  python -m sass_jax.main --config configs/aliccp_scale.py --workdir runs/aliccp_scale --mode bench
+  python -m sass_jax.main --config configs/aliccp_scale.py:sass,16384 --workdir runs/acs --mode bench
+"""
+import ml_collections
+
+from configs import synthetic
+
+
+def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
+  args = [a.strip() for a in (arg or "sass").split(",") if a.strip()]
+  sizes = [int(a) for a in args if a.isdigit()]
+  names = [a for a in args if not a.isdigit()]
+  unknown = [a for a in names if a not in ("sass", "sass_base")]
+  if unknown or len(sizes) > 1:
+    raise ValueError(f"configs/aliccp_scale.py: bad argument(s) {args}; use 'sass' | "
+                     "'sass_base' and optionally one batch size, e.g. 'sass,16384'")
+  c = synthetic.get_config("sass_base" if "sass_base" in names else "sass")
+  c.data.num_rows = 5_000_000
+  c.data.num_users = 300_000
+  c.data.num_items = 1_000_000
+  c.data.num_scenarios = 3
+  c.data.num_user_fields = 8          # + user_id: 9 user fields
+  c.data.num_item_fields = 8          # + item_id: 9 item fields
+  c.data.field_cardinality = 6_000    # values per side field: 16 x 6,000 = 96k rows
+  bs = sizes[0] if sizes else 4096
+  c.pretrain.batch_size = bs
+  c.train.batch_size = bs
+  c.train.num_steps = 20_000
+  c.pretrain.num_steps = 0 if "sass_base" in names else 5_000
+  c.eval.user_chunk = 4096
+  return c

@@ -1,0 +1,303 @@
+"""Config validation before any work (SPEC section 6: the config drives every run).
+
+``validate(cfg, data=None, partitioner=None, workdir=None, stages=...)`` checks the values of a
+config (``configs/movielens.py`` and every config derived from it) and, when given, their
+consistency with the prepared data, the device mesh and the checkpoints already in ``workdir``.
+It collects every problem and raises one ValueError listing them, each naming the config field,
+its value and what to change. Unknown keys are rejected earlier, by the locked config
+(``main.py``: ``config_flags.DEFINE_config_file(..., lock_config=True)``).
+
+Called by ``sass_jax.main`` (config only, before anything runs) and by ``loop.train`` (before
+preparing the data, then again with the data and the partitioner).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+STAGES = ("pretrain", "finetune")
+EVAL_SPLITS = ("valid", "test")
+EVAL_MASKS = ("train", "train_valid")
+PRETRAIN_PAIRS = ("scenario_views", "user_item")
+NAN_POLICIES = ("raise", "skip")
+BIAS_MODES = ("add", "concat")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Model settings that change no parameter shape: a checkpoint can be resumed with other values.
+MODEL_NON_STRUCTURAL = ("tau", "dropout", "activation", "compute_dtype", "star_momentum")
+# Data settings that do not change the prepared data.
+DATA_NON_STRUCTURAL = ("dir", "download")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _stage_block(stage: str) -> str:
+  return "pretrain" if stage == "pretrain" else "train"
+
+
+def _check_values(cfg, stages: Iterable[str], p) -> None:
+  """Field-by-field checks of the config alone; ``p(message)`` records a problem."""
+  from sass_jax.data import get_preparer
+  from sass_jax.model.mlsat import GATE_STYLES
+  from sass_jax.train import loop
+
+  if not _is_int(cfg.seed):
+    p(f"config.seed={cfg.seed!r}: expected an int")
+  # -- data ------------------------------------------------------------------------------
+  try:
+    get_preparer(cfg.data.name)
+  except ValueError as e:
+    p(str(e))
+  split = cfg.data.get("split")
+  if split is not None:
+    frac = tuple(split)
+    if len(frac) != 3 or not all(_is_num(f) and f >= 0 for f in frac):
+      p(f"config.data.split={frac}: expected 3 non-negative fractions (train, valid, test), "
+        "e.g. (0.8, 0.1, 0.1)")
+    elif abs(sum(frac) - 1.0) > 1e-6:
+      p(f"config.data.split={frac} sums to {sum(frac):.6g}: the train / valid / test fractions "
+        "must sum to 1, e.g. (0.8, 0.1, 0.1)")
+  # -- model -----------------------------------------------------------------------------
+  m = cfg.model
+  if m.name not in loop.MODELS:
+    p(f"config.model.name={m.name!r} is not a known model; expected one of "
+      f"{sorted(loop.MODELS)}")
+  if not (_is_num(m.dropout) and 0.0 <= m.dropout < 1.0):
+    p(f"config.model.dropout={m.dropout!r}: expected a rate in [0, 1), e.g. 0.1 (0 = none)")
+  if not (_is_num(m.tau) and m.tau > 0):
+    p(f"config.model.tau={m.tau!r}: the score temperature must be > 0, e.g. 0.05")
+  for k in ("embed_dim", "scenario_dim", "out_dim", "bias_hidden", "vocab_pad_to"):
+    v = m.get(k)
+    if v is not None and not (_is_int(v) and v >= 1):
+      p(f"config.model.{k}={v!r}: expected an int >= 1")
+  widths = tuple(m.widths)
+  if not all(_is_int(w) and w >= 1 for w in widths):
+    p(f"config.model.widths={widths}: expected positive ints, e.g. (256, 128)")
+  if m.get("gate_style") is not None and m.gate_style not in GATE_STYLES:
+    p(f"config.model.gate_style={m.gate_style!r}: expected one of {GATE_STYLES}")
+  if m.get("bias_mode") is not None and m.bias_mode not in BIAS_MODES:
+    p(f"config.model.bias_mode={m.bias_mode!r}: expected one of {BIAS_MODES}")
+  if m.get("compute_dtype") is not None and m.compute_dtype not in COMPUTE_DTYPES:
+    p(f"config.model.compute_dtype={m.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
+  # -- stages ----------------------------------------------------------------------------
+  if not (_is_int(cfg.pretrain.num_steps) and cfg.pretrain.num_steps >= 0):
+    p(f"config.pretrain.num_steps={cfg.pretrain.num_steps!r}: expected an int >= 0 "
+      "(0 = no pre-training)")
+  for stage in stages:
+    b = _stage_block(stage)
+    s = cfg[b]
+    if stage == "pretrain" and not (_is_int(s.num_steps) and s.num_steps > 0):
+      continue  # pre-training off (or already reported above)
+    if stage == "finetune" and not (_is_int(s.num_steps) and s.num_steps > 0):
+      p(f"config.train.num_steps={s.num_steps!r}: fine-tuning needs at least 1 step; set "
+        "config.train.num_steps > 0 (or use --mode pretrain to pre-train only)")
+    if not (_is_int(s.batch_size) and s.batch_size >= 1):
+      p(f"config.{b}.batch_size={s.batch_size!r}: expected an int >= 1")
+    if not (_is_num(s.learning_rate) and s.learning_rate > 0):
+      p(f"config.{b}.learning_rate={s.learning_rate!r}: expected a finite value > 0, e.g. 1e-3")
+    wu = s.get("warmup_steps", 0)
+    if not (_is_int(wu) and wu >= 0):
+      p(f"config.{b}.warmup_steps={wu!r}: expected an int >= 0")
+    wd = s.get("weight_decay", 0.0)
+    if not (_is_num(wd) and wd >= 0):
+      p(f"config.{b}.weight_decay={wd!r}: expected a value >= 0")
+    if stage == "pretrain":
+      if not (_is_num(s.tau) and s.tau > 0):
+        p(f"config.pretrain.tau={s.tau!r}: the InfoNCE temperature must be > 0, e.g. 0.1")
+      if s.pairs not in PRETRAIN_PAIRS:
+        p(f"config.pretrain.pairs={s.pairs!r}: expected one of {PRETRAIN_PAIRS}")
+    else:
+      a = s.get("logq_strength", 1.0)
+      if not (_is_num(a) and a >= 0):
+        p(f"config.train.logq_strength={a!r}: expected a value >= 0 (0 turns logQ off)")
+  t = cfg.train
+  if not (_is_int(t.log_every) and t.log_every >= 1):
+    p(f"config.train.log_every={t.log_every!r}: expected an int >= 1")
+  policy = t.get("nan_policy", "raise")
+  if policy not in NAN_POLICIES:
+    p(f"config.train.nan_policy={policy!r}: expected one of {NAN_POLICIES}")
+  ms = t.get("max_skips", 10)
+  if not (_is_int(ms) and ms >= 1):
+    p(f"config.train.max_skips={ms!r}: expected an int >= 1")
+  dn = t.get("debug_nan_at_step", 0)
+  if not (_is_int(dn) and dn >= 0):
+    p(f"config.train.debug_nan_at_step={dn!r}: expected an int >= 0 (0 = off)")
+  # -- checkpoint ------------------------------------------------------------------------
+  ck = cfg.checkpoint
+  if not (_is_int(ck.every_steps) and ck.every_steps >= 1):
+    p(f"config.checkpoint.every_steps={ck.every_steps!r}: expected an int >= 1 (a checkpoint "
+      "is also written at the last step)")
+  if ck.max_to_keep is not None and not (_is_int(ck.max_to_keep) and ck.max_to_keep >= 1):
+    p(f"config.checkpoint.max_to_keep={ck.max_to_keep!r}: expected an int >= 1 "
+      "(keep at least the latest checkpoint) or None (keep all)")
+  # -- eval ------------------------------------------------------------------------------
+  e = cfg.eval
+  if e.split not in EVAL_SPLITS:
+    p(f"config.eval.split={e.split!r}: expected one of {EVAL_SPLITS}")
+  if e.mask not in EVAL_MASKS:
+    p(f"config.eval.mask={e.mask!r}: expected one of {EVAL_MASKS}")
+  ks = tuple(e.ks) if isinstance(e.ks, (tuple, list)) else (e.ks,)
+  if not ks or not all(_is_int(k) and k >= 1 for k in ks):
+    p(f"config.eval.ks={ks}: expected a non-empty tuple of positive ints, e.g. (20, 50, 100)")
+  if not (_is_int(e.user_chunk) and e.user_chunk >= 1):
+    p(f"config.eval.user_chunk={e.user_chunk!r}: expected an int >= 1")
+  # -- mesh ------------------------------------------------------------------------------
+  mesh = cfg.mesh
+  for k in ("data", "model"):
+    v = mesh[k]
+    if not (_is_int(v) and (v == -1 or v >= 1)):
+      p(f"config.mesh.{k}={v!r}: expected a positive int or -1 (= all devices the other axis "
+        "leaves)")
+  if mesh.data == -1 and mesh.model == -1:
+    p("config.mesh.data=-1 and config.mesh.model=-1: at most one axis can be -1; set the other "
+      "to a device count")
+  smr = mesh.get("shard_min_rows", 0)
+  if not (_is_int(smr) and smr >= 0):
+    p(f"config.mesh.shard_min_rows={smr!r}: expected an int >= 0")
+
+
+def _data_axis(cfg, partitioner, p) -> int | None:
+  """The size of the mesh's 'data' axis (from the partitioner, else from the config and the
+  device count); None (after recording a problem) when the mesh sizes are invalid."""
+  if partitioner is not None:
+    return int(partitioner.data_size)
+  d, m = cfg.mesh.data, cfg.mesh.model
+  if not (_is_int(d) and _is_int(m)) or (d < 1 and d != -1) or (m < 1 and m != -1) or d == m == -1:
+    return None  # reported by _check_values
+  import jax
+  from sass_jax.partition import mesh_shape
+  try:
+    return mesh_shape(d, m, jax.device_count())[0]
+  except ValueError as e:
+    p(str(e))
+    return None
+
+
+def _check_batches(cfg, stages, data_axis: int, p) -> None:
+  for stage in stages:
+    b = _stage_block(stage)
+    s = cfg[b]
+    if stage == "pretrain" and not (_is_int(s.num_steps) and s.num_steps > 0):
+      continue
+    bs = s.batch_size
+    if _is_int(bs) and bs >= 1 and bs % data_axis:
+      up = (bs // data_axis + 1) * data_axis
+      p(f"config.{b}.batch_size={bs} is not divisible by the mesh's data axis ({data_axis} "
+        f"devices); set it to a multiple of {data_axis}, e.g. {up}")
+
+
+def _check_data(cfg, data, stages, p) -> None:
+  k = int(data.num_scenarios)
+  for where in ("model", "data"):
+    stated = cfg[where].get("num_scenarios")
+    if stated is not None and int(stated) != k:
+      p(f"config.{where}.num_scenarios={stated} but the prepared data has {k} scenarios "
+        f"({', '.join(map(str, data.scenario_names))}); set config.{where}.num_scenarios={k} "
+        "or prepare the data again (--mode prepare)")
+  if ("pretrain" in stages and _is_int(cfg.pretrain.num_steps) and cfg.pretrain.num_steps > 0
+      and k < 2):
+    p(f"config.pretrain.num_steps={cfg.pretrain.num_steps}: pre-training contrasts scenarios "
+      f"and needs at least 2, but the data has {k}; set config.pretrain.num_steps=0")
+  ks = tuple(cfg.eval.ks) if isinstance(cfg.eval.ks, (tuple, list)) else (cfg.eval.ks,)
+  too_big = [kk for kk in ks if _is_int(kk) and kk > data.num_items]
+  if too_big:
+    p(f"config.eval.ks={ks}: {too_big} exceed the {data.num_items} items of the data; use "
+      f"values <= {data.num_items}")
+
+
+def _diff(saved: dict, now: dict, skip: Iterable[str]) -> list[str]:
+  """'field: saved -> now' for every differing key not in ``skip`` (tuples == lists)."""
+  norm = lambda v: tuple(map(norm, v)) if isinstance(v, (list, tuple)) else v
+  out = []
+  for k in sorted(set(saved) | set(now)):
+    if k in skip:
+      continue
+    a, b = norm(saved.get(k, "<unset>")), norm(now.get(k, "<unset>"))
+    if a != b:
+      out.append(f"{k}: {a!r} -> {b!r}")
+  return out
+
+
+def _check_checkpoints(cfg, workdir, p) -> None:
+  """The model and data blocks of every stage's latest checkpoint must match the config."""
+  import json
+  from sass_jax.checkpoint import Checkpointer
+  from sass_jax.train import loop
+
+  now = json.loads(json.dumps(cfg.to_dict()))
+  for stage in STAGES:
+    d = Path(workdir) / "checkpoints" / stage
+    if not d.is_dir() or not any(x.name.isdigit() for x in d.iterdir()):
+      continue
+    try:
+      with Checkpointer(d) as ck:
+        if ck.latest_step() is None:
+          continue
+        step = ck.latest_step()
+        meta = ck.restore_metadata()
+    except Exception:  # pylint: disable=broad-exception-caught
+      continue  # unreadable metadata: the restore itself reports the problem
+    saved = meta.get("config")
+    if not isinstance(saved, dict):
+      continue
+    problems = []
+    sm, nm = dict(saved.get("model", {})), dict(now.get("model", {}))
+    same_class = loop.MODELS.get(sm.get("name")) is loop.MODELS.get(nm.get("name"))
+    if same_class:
+      sm.pop("name", None), nm.pop("name", None)
+    problems += [f"config.model.{x}" for x in _diff(sm, nm, MODEL_NON_STRUCTURAL)]
+    problems += [f"config.data.{x}" for x in _diff(dict(saved.get("data", {})),
+                                                    dict(now.get("data", {})),
+                                                    DATA_NON_STRUCTURAL)]
+    if problems:
+      p(f"{d} holds a checkpoint (step {step}) of a different model or data: "
+        + "; ".join(problems) + ". Set these back to the saved values to resume or evaluate "
+        "it, or use a new --workdir")
+
+
+def validate(cfg, data=None, partitioner=None, *, workdir: str | os.PathLike | None = None,
+             stages: Iterable[str] = STAGES) -> None:
+  """Check ``cfg`` before any work; raise one ValueError listing every problem.
+
+  Args:
+    cfg: the run's ``ml_collections.ConfigDict``.
+    data: the prepared data (``store.PreparedData``), to check the number of scenarios K
+      (``config.model.num_scenarios`` / ``config.data.num_scenarios`` where a config states
+      it), that pre-training has K >= 2 scenarios and ``eval.ks`` <= the number of items.
+    partitioner: the ``Partitioner``; its 'data' axis must divide the batch sizes (without
+      one, the axis is resolved from ``config.mesh`` and ``jax.device_count()``).
+    workdir: the run directory; each stage's latest checkpoint must have been trained with
+      the same model shape settings (all of ``config.model`` except
+      ``MODEL_NON_STRUCTURAL``; names of the same model class are equal) and the same
+      ``config.data`` (except ``dir``, ``download``).
+    stages: the stages about to run ('pretrain', 'finetune'); their blocks are checked
+      (``config.train.num_steps`` > 0 only when fine-tuning runs). () for evaluation / data
+      preparation.
+
+  Raises:
+    ValueError: "invalid config:" followed by one line per problem, each naming the field,
+      its value and what to set instead.
+  """
+  stages = tuple(stages)
+  unknown = [s for s in stages if s not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown stages {unknown}; expected a subset of {STAGES}")
+  problems: list[str] = []
+  p = problems.append
+  _check_values(cfg, stages, p)
+  axis = _data_axis(cfg, partitioner, p)
+  if axis:
+    _check_batches(cfg, stages, axis, p)
+  if data is not None:
+    _check_data(cfg, data, stages, p)
+  if workdir is not None and not problems:
+    _check_checkpoints(cfg, workdir, p)
+  if problems:
+    raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))

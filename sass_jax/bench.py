@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -271,7 +270,7 @@ def _time_steps(fn, state, batches: list, n_steps: int, warmup: int, repeats: in
 
 def _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr):
   """Compile and time one (stage, embedding optimiser) step on the placed ``batches``.
-  Returns (result dict, the compiled step, its init_fn)."""
+  Returns (result dict, the compiled step, the state after the timed steps)."""
   scfg = cfg.pretrain if stage == "pretrain" else cfg.train
   c = _with(cfg, embedding_optimizer=opt)
   tx = steps.make_optimizer(scfg, int(scfg.num_steps))
@@ -295,28 +294,23 @@ def _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr):
     res["step_over_floor"] = res["step_ms"]["median"] / max(fl["floor_ms"], 1e-12)
   if "touched_rows" in m:
     res["touched_rows"] = int(jax.device_get(m["touched_rows"]))
-  del state
-  return res, compiled, init_fn
+  return res, compiled, state
 
 
-def _sparse_check(cfg, kind, model, data, part, batch) -> dict:
-  """One step of the row-sparse optimiser ``kind`` and of its masked dense reference from the
-  same state and batch; differences computed on the device."""
+def _sparse_check(cfg, kind, model, data, part, batch, compiled_sparse, state) -> dict:
+  """One step of the row-sparse optimiser ``kind`` (``compiled_sparse``) and of its masked
+  dense reference from the same ``state`` (a state of that optimiser) and batch; differences
+  computed on the device."""
   scfg = cfg.train
   n = int(scfg.num_steps)
   tx = steps.make_optimizer(scfg, n)
-  c = _with(cfg, embedding_optimizer=kind)
-  seed = cfg.seed + 1
-  out_states = []
-  for masked in (False, True):
-    init_fn, step = sparse.build(c, "finetune", model, tx, loop.example_batch(data), seed, n,
-                                 masked=masked)
-    state, shardings = part.init(init_fn)
-    state, m = part.compile_step(step, shardings)(state, batch)
-    out_states.append(state)
-  tables = sparse.find_tables(model, out_states[0].params)
-  init_fn, _ = sparse.build(c, "finetune", model, tx, loop.example_batch(data), seed, n)
-  before, _ = part.init(init_fn)
+  init_fn, ref_step = sparse.build(_with(cfg, embedding_optimizer=kind), "finetune", model, tx,
+                                   loop.example_batch(data), cfg.seed + 1, n, masked=True)
+  shardings = part.state_shardings(jax.eval_shape(init_fn))
+  copy = lambda st: jax.tree.map(jnp.copy, st)
+  s_sparse, _ = compiled_sparse(copy(state), batch)
+  s_ref, _ = part.compile_step(ref_step, shardings)(copy(state), batch)
+  tables = sparse.find_tables(model, state.params)
 
   @jax.jit
   def diffs(a, b, before, batch):
@@ -335,8 +329,7 @@ def _sparse_check(cfg, kind, model, data, part, batch) -> dict:
                                   zip(jax.tree.leaves(ra), jax.tree.leaves(rb))]))
     return touched_max, untouched_changed, rest_max, n_touched
 
-  tm, uc, rm, nt = jax.device_get(diffs(out_states[0].params, out_states[1].params,
-                                        before.params, batch))
+  tm, uc, rm, nt = jax.device_get(diffs(s_sparse.params, s_ref.params, state.params, batch))
   return {"touched_rows": int(nt), "max_abs_diff_touched_rows": float(tm),
           "untouched_rows_changed": int(uc), "untouched_rows_unchanged": bool(uc == 0),
           "max_abs_diff_other_params": float(rm),
@@ -346,7 +339,7 @@ def _sparse_check(cfg, kind, model, data, part, batch) -> dict:
 # ---- input and loop -------------------------------------------------------------------------
 def _bench_input(kind, data, bs, seed, part, b) -> dict:
   n = int(b.input_batches)
-  total = (n + 2) * int(b.repeats)
+  total = (2 * n + 1) * int(b.repeats) + 1
   it, place = _source(kind, data, "finetune", bs, seed, total, part)
   out = {"source": kind}
   host_runs, placed_runs = [], []
@@ -371,11 +364,11 @@ def _bench_input(kind, data, bs, seed, part, b) -> dict:
   return out
 
 
-def _bench_loop(kind, compiled, init_fn, data, bs, seed, part, b) -> dict:
-  """The fine-tune loop: next batch, placement, step (no metric fetch per step)."""
+def _bench_loop(kind, compiled, state, data, bs, seed, part, b):
+  """The fine-tune loop from ``state``: next batch, placement, step (no metric fetch per
+  step). Returns (result, state)."""
   n, w, r = int(b.loop_steps), int(b.warmup), int(b.repeats)
   it, place = _source(kind, data, "finetune", bs, seed, (n + w) * r + 1, part)
-  state, _ = part.init(init_fn)
   runs = []
   for _ in range(r):
     for _ in range(w):
@@ -386,15 +379,13 @@ def _bench_loop(kind, compiled, init_fn, data, bs, seed, part, b) -> dict:
       state, m = compiled(state, place(next(it)))
     jax.block_until_ready((state, m))
     runs.append((time.perf_counter() - t) / n)
-  del state, it
-  return {"source": kind, "steps": n, **_rates(runs, bs)}
+  del it
+  return {"source": kind, "steps": n, **_rates(runs, bs)}, state
 
 
-def _bench_eval(cfg, model, init_fn, data, part, b) -> dict:
+def _bench_eval(cfg, model, variables, data, b) -> dict:
   from sass_jax.eval import evaluate as eval_lib
   from sass_jax.eval.retrieval import topk_scores
-  state, _ = part.init(init_fn)
-  variables = state.variables
   chunk = 4096
   out = {}
   n_items = int(min(int(b.eval_items), data.num_items))
@@ -435,7 +426,6 @@ def _bench_eval(cfg, model, init_fn, data, part, b) -> dict:
     out["full_evaluate_s"] = None
     out["full_evaluate_skipped"] = (f"users x items = {pairs:.3g} > "
                                     f"config.bench.full_eval_max_pairs")
-  del state
   return out
 
 
@@ -458,7 +448,7 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
     log.info("bench: probe %s", {k: f"{v:.3g}" for k, v in pr.items()})
   kind = _input_kind(cfg)
   config_opt = str(cfg.train.get("embedding_optimizer", "dense"))
-  results, keep = {}, {}
+  results, keep, checks = {}, {}, {}
   for stage in loop.STAGES:
     if stage not in b.stages or (stage == "pretrain" and data.num_scenarios < 2):
       continue
@@ -474,16 +464,16 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
       opts.append(config_opt)
     for opt in opts:
       log.info("bench: %s step, embedding_optimizer=%s, batch %d", stage, opt, bs)
-      res, compiled, init_fn = _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr)
+      res, compiled, state = _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr)
       results[f"{stage}/{opt}"] = res
       log.info("bench: %s/%s %.1f ms/step (%.0f samples/s), compile %.1fs", stage, opt,
                res["step_ms"]["median"], res["samples_per_s"]["median"], res["compile_s"])
+      if stage == "finetune" and b.check_sparse and opt != "dense":
+        log.info("bench: %s vs its masked dense reference", opt)
+        checks[opt] = _sparse_check(cfg, opt, model, data, part, batches[0], compiled, state)
       if stage == "finetune" and opt == config_opt:
-        keep = {"compiled": compiled, "init_fn": init_fn, "batch": batches[0], "bs": bs,
-                "seed": seed}
-      del compiled
-    if stage == "finetune":
-      keep["batches"] = batches
+        keep = {"compiled": compiled, "state": state, "bs": bs, "seed": seed}
+      del compiled, state
     del batches
 
   out: dict[str, Any] = {
@@ -505,10 +495,10 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
   }
   if "finetune" in b.stages:
     fin = keep
-    shapes = nn.meta.unbox(jax.eval_shape(fin["init_fn"])).params
-    out["model"]["parameters"] = int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)))
+    params = fin["state"].params
+    out["model"]["parameters"] = int(sum(x.size for x in jax.tree.leaves(params)))
     try:
-      out["model"]["embedding_rows"] = int(sum(t.rows for t in sparse.find_tables(model, shapes)))
+      out["model"]["embedding_rows"] = int(sum(t.rows for t in sparse.find_tables(model, params)))
     except ValueError:   # tables the row-sparse path cannot address (e.g. dssm_single)
       out["model"]["embedding_rows"] = None
     dense = results.get("finetune/dense")
@@ -516,12 +506,7 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
         o: dense["step_ms"]["median"] / results[f"finetune/{o}"]["step_ms"]["median"]
         for o in b.embedding_optimizers if o != "dense" and dense is not None}
     if b.check_sparse:
-      out["sparse_check"] = {}
-      for o in b.embedding_optimizers:
-        if o != "dense":
-          log.info("bench: %s vs its masked dense reference", o)
-          out["sparse_check"][o] = _sparse_check(cfg, o, model, data, part, fin["batch"])
-    fin.pop("batches", None)
+      out["sparse_check"] = checks
     log.info("bench: input (%s)", kind)
     out["input"] = _bench_input(kind, data, fin["bs"], fin["seed"], part, b)
     step_sps = results[f"finetune/{config_opt}"]["samples_per_s"]["median"]
@@ -529,11 +514,12 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
     out["input_over_step"] = host / step_sps
     out["input_placed_over_step"] = out["input"]["placed"]["median"] / step_sps
     log.info("bench: whole fine-tune loop (%s input, %s)", kind, config_opt)
-    out["loop"] = _bench_loop(kind, fin["compiled"], fin["init_fn"], data, fin["bs"],
-                              fin["seed"], part, b)
+    out["loop"], fin["state"] = _bench_loop(kind, fin.pop("compiled"), fin["state"], data,
+                                            fin["bs"], fin["seed"], part, b)
     out["loop"]["embedding_optimizer"] = config_opt
+    out["loop_over_step"] = out["loop"]["samples_per_s"]["median"] / step_sps
     log.info("bench: evaluation")
-    out["eval"] = _bench_eval(cfg, model, fin["init_fn"], data, part, b)
+    out["eval"] = _bench_eval(cfg, model, fin.pop("state").variables, data, b)
   out["machine"] = {**_machine(), "load_avg_start": load_start, "load_avg_end": _load_avg()}
   out["total_s"] = time.perf_counter() - t_all
   if jax.process_index() == 0:

@@ -21,6 +21,7 @@ from sass_jax.data import pipeline
 from sass_jax.model.baselines import STAR, DSSMSingle
 from sass_jax.model.embedding import padded_rows
 from sass_jax.model.towers import MODEL_NAMES, ModelConfig
+from sass_jax.partition import Partitioner
 from sass_jax.train import loop, steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +115,33 @@ def test_finetune_loss_decreases(prepared, batches, name):
     assert state.model_state == {}
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_logical_axes_shard_only_embedding_tables(prepared, name):
+  """Every param carries logical axes; with shard_min_rows=1 exactly the embedding tables map
+  to the 'model' mesh axis, everything else (per-scenario, expert, batch_stats) is replicated."""
+  data, _ = prepared
+  cfg = _cfg(name)
+  cfg.mesh.shard_min_rows = 1
+  model = loop.build_model(cfg, data)
+  tx = steps.make_optimizer(cfg.train, 10)
+  part = Partitioner(cfg.mesh)
+  abstract = jax.eval_shape(steps.make_init_fn(model, tx, loop.example_batch(data), 0))
+  boxed = jax.tree.leaves(abstract.params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
+  _, shardings = part.abstract_state(steps.make_init_fn(model, tx, loop.example_batch(data), 0))
+  flat = jax.tree_util.tree_flatten_with_path(shardings.params)[0]
+  specs = {jax.tree_util.keystr(path): tuple(sh.spec) for path, sh in flat}
+  tables = {k for k in specs if "['embed']" in k}
+  assert len(tables) == len(data.user_specs) + len(data.item_specs)
+  for k, spec in specs.items():
+    if k in tables:
+      assert spec == ("model", None), (k, spec)
+    else:
+      assert all(a is None for a in spec), (k, spec)
+  for sh in jax.tree.leaves(shardings.model_state):
+    assert all(a is None for a in sh.spec)
+
+
 # ----------------------------------------------------------------------------------------------
 # STAR: partitioned normalisation against NumPy
 
@@ -139,13 +167,14 @@ def _star_user_numpy(p, z, user, scenario, mean, var, all_layout=False):
 
   def tower(k_rows):
     pn = p["pn"]
-    x = ((e - mean[k_rows]) / np.sqrt(var[k_rows] + EPS) * (pn["scale"] * pn["scenario_scale"][k_rows])
-         + pn["bias"] + pn["scenario_bias"][k_rows])
+    x = ((e - mean[k_rows]) / np.sqrt(var[k_rows] + EPS)
+         * (pn["scale"] * pn["scenario_scale"][k_rows]) + pn["bias"] + pn["scenario_bias"][k_rows])
     for name, act in (("star_0", relu), ("star_1", relu), ("out", lambda v: v)):
       q = p[name]
       w = q["kernel"][None] * q["scenario_kernel"][k_rows]                 # [B, din, dout]
       x = act(np.einsum("bi,bio->bo", x, w) + q["bias"] + q["scenario_bias"][k_rows])
-    a = relu(np.concatenate([z[k_rows], e], -1) @ p["aux_hidden"]["kernel"] + p["aux_hidden"]["bias"])
+    a = relu(np.concatenate([z[k_rows], e], -1) @ p["aux_hidden"]["kernel"]
+             + p["aux_hidden"]["bias"])
     x = x + a @ p["aux_out"]["kernel"] + p["aux_out"]["bias"]
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -195,7 +224,8 @@ def test_star_training_uses_batch_moments_per_scenario_and_updates_present_only(
   v["batch_stats"]["user_tower"]["pn"] = {"mean": old_mean, "var": old_var}
   sc = np.array([0, 2, 2, 0, 0, 2, 2, 0], np.int32)        # scenario 1 absent
   p, z = v["params"]["user_tower"], v["params"]["scenario_embedding"]
-  e = np.concatenate([p["embed"]["user_id"][user["user_id"]], p["embed"]["gender"][user["gender"]]], -1)
+  e = np.concatenate([p["embed"]["user_id"][user["user_id"]],
+                      p["embed"]["gender"][user["gender"]]], -1)
   bmean, bvar = old_mean.copy(), old_var.copy()          # row k: scenario k's batch moments
   for k in (0, 2):
     bmean[k], bvar[k] = e[sc == k].mean(0), e[sc == k].var(0)
@@ -301,11 +331,11 @@ def test_config_values_reach_model_config():
 # CLI end to end
 
 
-# One per kind of state: per-scenario table rows (dssm_single), expert stacks (ple, the same
-# machinery as mmoe / shared_bottom) and batch_stats through checkpoint, restore and evaluation
+# One per kind of state: per-scenario table rows (dssm_single), expert stacks (mmoe; ple's are
+# checked by test_logical_axes) and batch_stats through checkpoint, restore and evaluation
 # (star); sass is covered by test_end_to_end.py. Each costs a compile of both stages (~30-50 s
 # on a loaded CPU), so the other names are left to the in-process tests above.
-CLI_MODELS = ("dssm_single", "ple", "star")
+CLI_MODELS = ("dssm_single", "mmoe", "star")
 
 
 @pytest.mark.parametrize("name", CLI_MODELS)

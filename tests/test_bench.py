@@ -75,3 +75,153 @@ def test_stats_consistent(result):
 def test_rejects_bad_counts(tmp_path):
   with pytest.raises(ValueError, match="num_batches"):
     bench.bench_input(_tiny_cfg(), tmp_path, num_batches=0)
+
+
+# ---- --mode bench (issue 6) ------------------------------------------------------------------
+BENCH_FLAGS = ["--config.bench.steps=2", "--config.bench.repeats=2", "--config.bench.warmup=1",
+               "--config.bench.batches=2", "--config.bench.loop_steps=2",
+               "--config.bench.input_batches=2", "--config.bench.eval_items=256",
+               "--config.bench.eval_users=128", "--config.bench.full_eval_max_pairs=0",
+               "--config.bench.probe_matmul_n=128", "--config.bench.probe_bytes=1000000",
+               "--config.bench.embedding_optimizers=('dense','lazy_adam')"]
+
+
+def _stat(s, lo=0.0):
+  assert set(s) == {"median", "min", "max", "runs"}
+  assert s["min"] <= s["median"] <= s["max"] and all(_positive(x) for x in s["runs"])
+  return s["median"]
+
+
+@pytest.fixture(scope="module")
+def bench_cli(tmp_path_factory, ml_sample_dir):
+  """``python -m sass_jax.main --mode bench`` on the tiny MovieLens config, as a subprocess."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).resolve().parents[1]
+  wd = tmp_path_factory.mktemp("bench_cli")
+  p = subprocess.run([sys.executable, "-m", "sass_jax.main", "--config", "configs/test.py",
+                      "--workdir", str(wd), "--mode", "bench",
+                      f"--config.data.dir={ml_sample_dir}"] + BENCH_FLAGS,
+                     cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
+                     text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return json.loads((wd / "bench.json").read_text()), p.stdout
+
+
+def test_bench_cli_json_every_field(bench_cli):
+  out, stdout = bench_cli
+  assert out["config"].endswith("configs/test.py")
+  assert out["data"]["name"] == "movielens" and out["data"]["scenarios"] == 3
+  assert out["model"]["parameters"] > out["model"]["embedding_rows"] > 0
+  assert out["settings"]["steps"] == 2 and out["settings"]["repeats"] == 2
+  assert set(out["steps"]) == {"pretrain/dense", "finetune/dense", "finetune/lazy_adam"}
+  for name, r in out["steps"].items():
+    assert r["batch_size"] == 64, name
+    ms, sps = _stat(r["step_ms"]), _stat(r["samples_per_s"])
+    assert len(r["step_ms"]["runs"]) == 2
+    # samples/s of each run = batch / seconds per step of that run
+    for a, b in zip(r["step_ms"]["runs"], r["samples_per_s"]["runs"]):
+      assert b == pytest.approx(64 / (a / 1e3), rel=1e-9)
+    assert _positive(r["compile_s"]) and math.isfinite(r["final_loss"])
+    assert _positive(r["cost"]["flops"]) and _positive(r["cost"]["bytes_accessed"])
+    assert r["memory"]["argument_size_in_bytes"] > 0
+    assert r["host_peak_rss_bytes"] > 0
+    assert r["peak_device_bytes"] is None or r["peak_device_bytes"] > 0
+    f = r["floor"]
+    assert f["floor_ms"] == max(f["compute_ms"], f["memory_ms"]) > 0
+    assert r["step_over_floor"] == pytest.approx(ms / f["floor_ms"])
+  assert out["steps"]["finetune/lazy_adam"]["touched_rows"] > 0
+  assert set(out["sparse_speedup"]) == {"lazy_adam"} and _positive(out["sparse_speedup"]["lazy_adam"])
+  chk = out["sparse_check"]["lazy_adam"]
+  assert chk["untouched_rows_unchanged"] is True and chk["untouched_rows_changed"] == 0
+  assert chk["max_abs_diff_touched_rows"] <= 1e-5 and chk["max_abs_diff_other_params"] <= 1e-5
+  assert chk["touched_rows"] > 0 and chk["equal_within_1e-5"] is True
+  pr = out["probe"]
+  for k in ("matmul_float32_flops_per_s", "matmul_bfloat16_flops_per_s", "copy_bytes_per_s"):
+    assert _positive(pr[k])
+  assert out["input_source"] == out["input"]["source"] == "grain"
+  _stat(out["input"]["host"]), _stat(out["input"]["placed"])
+  sps = out["steps"]["finetune/dense"]["samples_per_s"]["median"]
+  assert out["input_over_step"] == pytest.approx(out["input"]["host"]["median"] / sps)
+  assert out["loop"]["embedding_optimizer"] == "dense" and out["loop"]["steps"] == 2
+  _stat(out["loop"]["samples_per_s"])
+  ev = out["eval"]
+  assert ev["encode_items"]["items"] == 256 and ev["encode_items"]["scenarios"] == 3
+  assert ev["encode_users"]["users"] == 128 and ev["topk"]["k"] == 100
+  for k in ("encode_items", "encode_users", "topk"):
+    assert _positive(ev[k]["items_per_s" if k == "encode_items" else "users_per_s"])
+  assert ev["full_evaluate_s"] is None and "full_eval_max_pairs" in ev["full_evaluate_skipped"]
+  m = out["machine"]
+  assert m["platform"] == "cpu" and len(m["load_avg_start"]) == 3 and _positive(out["total_s"])
+  assert "| finetune/lazy_adam | 64 |" in stdout and "dense / lazy_adam step time" in stdout
+
+
+def test_bench_rejects_bad_settings(tmp_path):
+  from configs import test as test_cfg
+  c = test_cfg.get_config()
+  c.bench.embedding_optimizers = ("dense", "sgd")
+  with pytest.raises(ValueError, match="config.bench.embedding_optimizers"):
+    bench.bench(c, tmp_path)
+  c = test_cfg.get_config()
+  c.bench.steps = 0
+  with pytest.raises(ValueError, match="config.bench.steps"):
+    bench.bench(c, tmp_path)
+
+
+# ---- the PyTorch reference computes the same model ---------------------------------------------
+def test_torch_reference_same_losses_and_adamw_step():
+  """Same params and batch: the torch reference's losses equal sass_jax's, and one AdamW step
+  of each (weight decay on, mid-warm-up learning rate) moves the params to the same values."""
+  torch = pytest.importorskip("torch")
+  import sys
+  from pathlib import Path
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+  import torch_reference as tr
+  from sass_jax.train import steps
+  from test_sparse import _batch, _model   # tests/ is on sys.path (pytest rootdir-less import)
+
+  model = _model()
+  sc = ml_collections.ConfigDict({"learning_rate": 0.05, "warmup_steps": 4, "weight_decay": 0.1})
+  tx = steps.make_optimizer(sc, 20)
+  init = steps.make_init_fn(model, tx, _batch(0), seed=1)
+  state = jax.jit(lambda: nn.meta.unbox(init()))()
+  params = jax.device_get(state.params)
+  tm = tr.TorchSASS.from_model_config(model.cfg)
+  tm.load_flax_params(params)
+  fb, pb = _batch(1), _batch(2, "pretrain")
+  for pairs in ("scenario_views", "user_item"):
+    lj = steps.pretrain_loss(model, state.params, pb, state.rng, 0.1, pairs)[0]
+    lt = tr.pretrain_loss(tm, tr.to_torch(jax.device_get(pb)), 0.1, pairs)
+    np.testing.assert_allclose(float(lt), float(lj), rtol=1e-5)
+  # Two fine-tune steps each (the first at learning rate 0 of the warm-up).
+  jstep = jax.jit(steps.make_finetune_step(model, tx, 0.2, 1.0))
+  tstep = tr.make_step(tm, "finetune", 0.2, 0.05, 20, 4, 0.1, 1.0)
+  for i in range(2):
+    b = _batch(3 + i)
+    state, m = jstep(state, b)
+    lt = tstep(tr.to_torch(jax.device_get(b)))
+    np.testing.assert_allclose(float(lt), float(m["loss"]), rtol=1e-5)
+  moved = jax.device_get(state.params)
+  got = {"scenario_embedding": tm.scenario_embedding,
+         "user_tower/embed/user_id": tm.user_tower.embed["user_id"],
+         "item_tower/mlsat_1/update_gate/kernel": tm.item_tower.layers[1].update_gate.kernel,
+         "user_tower/mlsat_0/scenario/kernel": tm.user_tower.layers[0].scenario.kernel,
+         "item_tower/bias_out/bias": tm.item_tower.bias_out.bias}
+  for path, t in got.items():
+    want = moved
+    for k in path.split("/"):
+      want = want[k]
+    before = params
+    for k in path.split("/"):
+      before = before[k]
+    assert np.abs(np.asarray(want) - np.asarray(before)).max() > 1e-3, path   # it moved
+    np.testing.assert_allclose(t.detach().numpy(), want, rtol=1e-4, atol=1e-6, err_msg=path)

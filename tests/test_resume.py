@@ -66,9 +66,14 @@ def _steps_on_disk(workdir) -> list[int]:
 
 
 def _state(workdir, step=None) -> dict:
-  """The raw saved TrainState tree (params, opt_state, step, rng) of a step, via orbax."""
+  """The raw saved TrainState tree (params, opt_state, step, rng, model_state) of a step, read
+  with orbax as NumPy arrays (whatever devices saved it)."""
   step = step if step is not None else _steps_on_disk(workdir)[-1]
-  return ocp.PyTreeCheckpointer().restore(_ckpt_dir(workdir) / str(step) / "state")
+  path = _ckpt_dir(workdir) / str(step) / "state"
+  ckptr = ocp.PyTreeCheckpointer()
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                      ckptr.metadata(path).item_metadata.tree)
+  return ckptr.restore(path, restore_args=args)
 
 
 def _assert_bitwise_equal(a: dict, b: dict):

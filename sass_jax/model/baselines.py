@@ -70,7 +70,7 @@ def _stacked_kernel(module: nn.Module, name: str, lead: tuple[int, ...], lead_ax
 
 
 def _select(out_all: jnp.ndarray, scenario) -> jnp.ndarray:
-  """``[B, K, D]`` -> ``[B, D]`` (row b's slice ``scenario[b]``), or unchanged if scenario is None."""
+  """``[B, K, D]`` -> ``[B, D]`` (row b's slice ``scenario[b]``); unchanged if scenario is None."""
   if scenario is None:
     return out_all
   idx = jnp.asarray(scenario, jnp.int32)[:, None, None]
@@ -448,12 +448,13 @@ class PartitionedNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((K, d), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((K, d), jnp.float32))
     ones, zeros = nn.initializers.ones_init(), nn.initializers.zeros_init()
-    gamma = self.param("scale", nn.with_logical_partitioning(ones, ("mlp_out",)), (d,), jnp.float32)
-    beta = self.param("bias", nn.with_logical_partitioning(zeros, ("mlp_out",)), (d,), jnp.float32)
-    gamma_k = self.param("scenario_scale", nn.with_logical_partitioning(ones, ("scenario", "mlp_out")),
-                         (K, d), jnp.float32)
-    beta_k = self.param("scenario_bias", nn.with_logical_partitioning(zeros, ("scenario", "mlp_out")),
-                        (K, d), jnp.float32)
+    shared, per_k = ("mlp_out",), ("scenario", "mlp_out")
+    gamma = self.param("scale", nn.with_logical_partitioning(ones, shared), (d,), jnp.float32)
+    beta = self.param("bias", nn.with_logical_partitioning(zeros, shared), (d,), jnp.float32)
+    gamma_k = self.param("scenario_scale", nn.with_logical_partitioning(ones, per_k), (K, d),
+                         jnp.float32)
+    beta_k = self.param("scenario_bias", nn.with_logical_partitioning(zeros, per_k), (K, d),
+                        jnp.float32)
     update = train and not self.is_initializing()
     m = self.momentum
     xf = x.astype(jnp.float32)

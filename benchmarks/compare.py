@@ -1,0 +1,251 @@
+"""sass_jax vs the PyTorch reference, alternating in one process tree (issue 6; BENCHMARKS.md).
+
+The parent prepares the config's data once into ``WORKDIR/data`` and then, for each round,
+starts one child process per implementation -- sass_jax (one per ``--jax_embedding_optimizer``)
+and ``torch_reference`` -- in alternating order (round r runs them reversed when r is odd), so
+slow drifts of a shared machine's load hit both sides alike. Each child builds the same model
+from the same config, takes the same initial parameters (the JAX model's init, copied into
+torch with ``load_flax_params``), builds the same ``--batches`` batches with
+``pipeline.BatchFn`` (NumPy, placed / converted beforehand), runs ``--warmup`` steps, then
+``--repeats`` timed runs of ``--steps`` steps each (JAX: closed by ``block_until_ready``), and
+prints one JSON line. The first step's loss is reported by both sides: with the same
+parameters and batch they must agree (a check that the two compute the same model).
+
+The parent prints a table and the ratio sass_jax samples/s / torch samples/s (median over the
+rounds of the per-round ratios, and the ratio of the medians), writes ``WORKDIR/compare.json``.
+
+Usage (from the repository root; torch from ``pip install .[bench]``)::
+
+  .venv/bin/python benchmarks/compare.py --config configs/movielens.py --workdir /tmp/cmp_ml \
+      --batch_size 4096 --rounds 3
+  .venv/bin/python benchmarks/compare.py --config configs/aliccp_scale.py --workdir /tmp/cmp_acs \
+      --batch_size 4096 --jax_embedding_optimizer dense,lazy_adam
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def load_config(spec: str, batch_size: int | None, steps: int):
+  """``path[:arg]`` -> the config, with the stage batch sizes set and a schedule over
+  ``steps`` optimizer steps (warm-up capped so the learning rate is not 0 while timing)."""
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  sys.path.insert(0, str(ROOT))
+  mod_spec.loader.exec_module(mod)
+  cfg = mod.get_config(arg) if arg else mod.get_config()
+  if batch_size:
+    cfg.train.batch_size = cfg.pretrain.batch_size = int(batch_size)
+  return cfg
+
+
+def _batches(data, stage, bs, seed, n):
+  from sass_jax.data import pipeline
+  fn = pipeline.BatchFn(data, stage, bs, seed)
+  return [fn(i) for i in range(n)]
+
+
+def _jax_params(cfg, data, model, stage):
+  """The JAX model's initial params (as ``sass_jax.train.loop.train_stage`` would make them)."""
+  import flax.linen as nn
+  import jax
+
+  from sass_jax.train import loop, steps
+  scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+  tx = steps.make_optimizer(scfg, int(scfg.num_steps))
+  seed = cfg.seed + (0 if stage == "pretrain" else 1)
+  init = steps.make_init_fn(model, tx, loop.example_batch(data), seed)
+  return jax.device_get(jax.jit(lambda: nn.meta.unbox(init()).params)())
+
+
+def child(args) -> dict:
+  """Time one implementation; returns the JSON-ready result."""
+  import numpy as np
+
+  from sass_jax.train import loop
+  cfg = load_config(args.config, args.batch_size, args.steps)
+  data = loop.prepare(cfg, args.workdir)
+  model = loop.build_model(cfg, data)
+  stage = args.stage
+  scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+  bs = int(scfg.batch_size)
+  seed = cfg.seed + (0 if stage == "pretrain" else 1)
+  host_batches = _batches(data, stage, bs, seed, args.batches)
+  params0 = _jax_params(cfg, data, model, stage)
+  runs, first_loss = [], None
+  if args.child == "torch":
+    import torch
+    sys.path.insert(0, str(HERE))
+    import torch_reference as tr
+    if args.threads:
+      torch.set_num_threads(args.threads)
+    tm = tr.TorchSASS.from_model_config(model.cfg)
+    tm.load_flax_params(params0)
+    step = tr.make_step(tm, stage, scfg.tau if stage == "pretrain" else cfg.model.tau,
+                        float(scfg.learning_rate), int(scfg.num_steps),
+                        int(scfg.get("warmup_steps", 0)), float(scfg.get("weight_decay", 0.0)),
+                        float(cfg.train.get("logq_strength", 1.0)), str(cfg.pretrain.pairs))
+    batches = [tr.to_torch(b) for b in host_batches]
+    t = time.perf_counter()
+    first_loss = float(step(batches[0]))
+    compile_s = time.perf_counter() - t
+    i = 1
+    for _ in range(args.warmup):
+      step(batches[i % len(batches)])
+      i += 1
+    for _ in range(args.repeats):
+      t = time.perf_counter()
+      for _ in range(args.steps):
+        loss = step(batches[i % len(batches)])
+        i += 1
+      float(loss)
+      runs.append((time.perf_counter() - t) / args.steps)
+    impl = {"impl": "torch", "torch_version": torch.__version__,
+            "threads": torch.get_num_threads(), "embedding_optimizer": "dense (AdamW)"}
+  else:
+    import jax
+
+    from sass_jax.partition import Partitioner
+    from sass_jax.train import sparse, steps
+    c = cfg
+    c.train.embedding_optimizer = args.child.split(":", 1)[1]
+    part = Partitioner(cfg.mesh)
+    tx = steps.make_optimizer(scfg, int(scfg.num_steps))
+    init_fn, step = sparse.build(c, stage, model, tx, loop.example_batch(data), seed,
+                                 int(scfg.num_steps), init_params=params0)
+    state, shardings = part.init(init_fn)
+    batches = [part.shard_batch(b) for b in host_batches]
+    t = time.perf_counter()
+    fn = part.compile_step(step, shardings).lower(state, batches[0]).compile()
+    state, m = fn(state, batches[0])
+    first_loss = float(m["loss"])
+    compile_s = time.perf_counter() - t
+    i = 1
+    for _ in range(args.warmup):
+      state, m = fn(state, batches[i % len(batches)])
+      i += 1
+    jax.block_until_ready(state)
+    for _ in range(args.repeats):
+      t = time.perf_counter()
+      for _ in range(args.steps):
+        state, m = fn(state, batches[i % len(batches)])
+        i += 1
+      jax.block_until_ready((state, m))
+      runs.append((time.perf_counter() - t) / args.steps)
+    impl = {"impl": f"sass_jax ({c.train.embedding_optimizer})", "jax_version": jax.__version__,
+            "device": jax.devices()[0].device_kind,
+            "embedding_optimizer": c.train.embedding_optimizer}
+  sps = [bs / r for r in runs]
+  return {**impl, "stage": stage, "batch_size": bs, "first_loss": first_loss,
+          "first_step_s": compile_s, "step_ms": [r * 1e3 for r in runs],
+          "samples_per_s": sps, "samples_per_s_median": float(np.median(sps)),
+          "load_avg": list(os.getloadavg())}
+
+
+def parent(args) -> dict:
+  sys.path.insert(0, str(ROOT))
+  from sass_jax.train import loop
+  cfg = load_config(args.config, args.batch_size, args.steps)
+  loop.prepare(cfg, args.workdir)        # once, before the children
+  impls = [f"jax:{o}" for o in args.jax_embedding_optimizer.split(",") if o] + ["torch"]
+  common = ["--config", args.config, "--workdir", args.workdir, "--stage", args.stage,
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats",
+            str(args.repeats), "--batches", str(args.batches), "--threads", str(args.threads)]
+  if args.batch_size:
+    common += ["--batch_size", str(args.batch_size)]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+  rounds = []
+  load_start = list(os.getloadavg())
+  for r in range(args.rounds):
+    order = impls if r % 2 == 0 else impls[::-1]
+    got = {}
+    for impl in order:
+      print(f"round {r + 1}/{args.rounds}: {impl} ...", file=sys.stderr, flush=True)
+      p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", impl] + common,
+                         env=env, capture_output=True, text=True, timeout=args.child_timeout)
+      lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+      if p.returncode or not lines:
+        raise RuntimeError(f"child {impl} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+      got[impl] = json.loads(lines[-1])
+    rounds.append(got)
+  torch_sps = [rd["torch"]["samples_per_s_median"] for rd in rounds]
+  summary = {}
+  for impl in impls[:-1]:
+    jax_sps = [rd[impl]["samples_per_s_median"] for rd in rounds]
+    per_round = [j / t for j, t in zip(jax_sps, torch_sps)]
+    summary[impl] = {
+        "jax_samples_per_s_median": statistics.median(jax_sps),
+        "torch_samples_per_s_median": statistics.median(torch_sps),
+        "ratio_per_round": per_round,
+        "ratio_median_of_rounds": statistics.median(per_round),
+        "ratio_of_medians": statistics.median(jax_sps) / statistics.median(torch_sps),
+        "first_loss_abs_diff": abs(rounds[0][impl]["first_loss"] - rounds[0]["torch"]["first_loss"]),
+    }
+  out = {"config": args.config, "stage": args.stage, "batch_size": rounds[0]["torch"]["batch_size"],
+         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+         "rounds": rounds, "summary": summary, "load_avg_start": load_start,
+         "load_avg_end": list(os.getloadavg()), "cpu_count": os.cpu_count(),
+         "command": " ".join([Path(sys.executable).name] + sys.argv)}
+  Path(args.workdir).mkdir(parents=True, exist_ok=True)
+  (Path(args.workdir) / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
+  return out
+
+
+def table(out: dict) -> str:
+  lines = [f"{out['config']} {out['stage']} step, batch {out['batch_size']} "
+           f"(load {out['load_avg_start'][0]:.2f} -> {out['load_avg_end'][0]:.2f})", "",
+           "| round | implementation | samples/s (median of repeats) | ms/step | first loss |",
+           "|---|---|---|---|---|"]
+  for r, rd in enumerate(out["rounds"]):
+    for impl, res in rd.items():
+      lines.append(f"| {r + 1} | {res['impl']} | {res['samples_per_s_median']:,.0f} | "
+                   f"{statistics.median(res['step_ms']):.1f} | {res['first_loss']:.6f} |")
+  lines.append("")
+  for impl, s in out["summary"].items():
+    lines.append(f"{impl} / torch samples/s: {s['ratio_median_of_rounds']:.2f}x (median of "
+                 f"per-round ratios {[round(x, 2) for x in s['ratio_per_round']]}; ratio of "
+                 f"medians {s['ratio_of_medians']:.2f}x); first-step loss |diff| "
+                 f"{s['first_loss_abs_diff']:.2e}")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--config", default="configs/movielens.py", help="config file[:arg], repo-relative")
+  ap.add_argument("--workdir", default="/tmp/sass_jax_compare")
+  ap.add_argument("--stage", default="finetune", choices=("finetune", "pretrain"))
+  ap.add_argument("--batch_size", type=int, default=4096)
+  ap.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--repeats", type=int, default=3, help="timed runs per child")
+  ap.add_argument("--batches", type=int, default=4, help="distinct batches cycled")
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+  ap.add_argument("--jax_embedding_optimizer", default="dense",
+                  help="comma-separated sass_jax variants, e.g. dense,lazy_adam")
+  ap.add_argument("--child_timeout", type=float, default=3600)
+  ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.child:
+    print(json.dumps(child(args)), flush=True)
+    return
+  out = parent(args)
+  print(json.dumps(out["summary"], indent=2))
+  print()
+  print(table(out))
+
+
+if __name__ == "__main__":
+  main()

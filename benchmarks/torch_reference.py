@@ -181,21 +181,26 @@ class TorchSASS(nn.Module):
   @torch.no_grad()
   def load_flax_params(self, params: Mapping):
     """Copy a ``sass_jax`` SASS model's (unboxed) params into this module."""
-    self.scenario_embedding.copy_(torch.as_tensor(np.asarray(params["scenario_embedding"])))
+    self.scenario_embedding.copy_(_t(params["scenario_embedding"]))
     for side, tower in (("user_tower", self.user_tower), ("item_tower", self.item_tower)):
       p = params[side]
       for name, t in tower.embed.items():
-        t.copy_(torch.as_tensor(np.asarray(p["embed"][name])))
+        t.copy_(_t(p["embed"][name]))
       for l, layer in enumerate(tower.layers):
         q = p[f"mlsat_{l}"]
         for mine, theirs in ((layer.glob, "global"), (layer.scenario, "scenario"),
                              (layer.adaptive_gate, "adaptive_gate"),
                              (layer.update_gate, "update_gate")):
-          mine.kernel.copy_(torch.as_tensor(np.asarray(q[theirs]["kernel"])))
-          mine.bias.copy_(torch.as_tensor(np.asarray(q[theirs]["bias"])))
+          mine.kernel.copy_(_t(q[theirs]["kernel"]))
+          mine.bias.copy_(_t(q[theirs]["bias"]))
       for name in ("out", "bias_hidden", "bias_out"):
-        getattr(tower, name).kernel.copy_(torch.as_tensor(np.asarray(p[name]["kernel"])))
-        getattr(tower, name).bias.copy_(torch.as_tensor(np.asarray(p[name]["bias"])))
+        getattr(tower, name).kernel.copy_(_t(p[name]["kernel"]))
+        getattr(tower, name).bias.copy_(_t(p[name]["bias"]))
+
+
+def _t(x) -> torch.Tensor:
+  """A float32 torch copy of an array (JAX arrays are read-only)."""
+  return torch.from_numpy(np.array(x, np.float32))
 
 
 # ---- losses (sass_jax/train/losses.py) -------------------------------------------------------

@@ -253,9 +253,7 @@ def to_torch(batch: Mapping) -> dict:
   """A NumPy batch of ``sass_jax.data.pipeline.BatchFn`` as torch tensors (ids int64)."""
   def conv(x):
     x = np.asarray(x)
-    if x.dtype.kind in "iu":
-      return torch.as_tensor(x.astype(np.int64))
-    return torch.as_tensor(x)
+    return torch.from_numpy(x.astype(np.int64 if x.dtype.kind in "iu" else x.dtype, copy=True))
   return {k: ({f: conv(v) for f, v in x.items()} if isinstance(x, Mapping) else conv(x))
           for k, x in batch.items()}
 

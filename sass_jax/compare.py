@@ -154,6 +154,7 @@ def compare(cfg, workdir: str | Path) -> dict:
   seeds = [int(cfg.seed) + s for s in range(int(ccfg.seeds))]
   runs, tuning, chosen = [], [], {}
   t_all = time.time()
+  results: dict = {}
   for v in variants:
     best, best_val = None, -np.inf
     for point in points:
@@ -179,14 +180,19 @@ def compare(cfg, workdir: str | Path) -> dict:
                    "metrics": res["test"]})
       log.info("compare %s seed %d: test overall recall@50 %.4f (%.0fs)", v, s,
                res["test"]["overall"].get("recall@50", float("nan")), time.time() - t)
-  results = {"name": name, "dataset": data.manifest.get("dataset", cfg.data.name),
-             "scenarios": list(data.scenario_names), "seeds": seeds, "models": variants,
-             "grid": [dict(p, tag=point_tag(p)) for p in points], "chosen": chosen,
-             "select_metric": ccfg.select_metric, "tuning": tuning, "runs": runs,
-             "wall_s": time.time() - t_all,
-             "config": json.loads(json.dumps(cfg.to_dict(), default=str))}
-  write_results(results, Path(ccfg.results_dir))
+    # Written after every model, so a long comparison has a partial table to look at.
+    results = _results(cfg, data, name, seeds, variants[: variants.index(v) + 1], points,
+                       chosen, tuning, runs, time.time() - t_all)
+    write_results(results, Path(ccfg.results_dir))
   return results
+
+
+def _results(cfg, data, name, seeds, variants, points, chosen, tuning, runs, wall_s) -> dict:
+  return {"name": name, "dataset": data.manifest.get("dataset", cfg.data.name),
+          "scenarios": list(data.scenario_names), "seeds": seeds, "models": list(variants),
+          "grid": [dict(p, tag=point_tag(p)) for p in points], "chosen": dict(chosen),
+          "select_metric": cfg.compare.select_metric, "tuning": list(tuning), "runs": list(runs),
+          "wall_s": wall_s, "config": json.loads(json.dumps(cfg.to_dict(), default=str))}
 
 
 def summarize_runs(results: dict) -> dict:

@@ -37,9 +37,18 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def load_config(spec: str, batch_size: int | None, steps: int):
-  """``path[:arg]`` -> the config, with the stage batch sizes set and a schedule over
-  ``steps`` optimizer steps (warm-up capped so the learning rate is not 0 while timing)."""
+def _parse_value(text: str):
+  import ast
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def load_config(spec: str, batch_size: int | None, overrides=()):
+  """``path[:arg]`` -> the config, with the stage batch sizes set and ``overrides``
+  (``'a.b=value'`` strings, values read as Python literals or else as strings) applied.
+  Raises KeyError naming an override whose field does not exist."""
   path, _, arg = spec.partition(":")
   mod_spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
   mod = importlib.util.module_from_spec(mod_spec)
@@ -48,6 +57,15 @@ def load_config(spec: str, batch_size: int | None, steps: int):
   cfg = mod.get_config(arg) if arg else mod.get_config()
   if batch_size:
     cfg.train.batch_size = cfg.pretrain.batch_size = int(batch_size)
+  for o in overrides:
+    key, _, val = o.partition("=")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for k in parents:
+      node = node[k]
+    if leaf not in node:
+      raise KeyError(f"--override {o!r}: the config has no field {key!r}")
+    node[leaf] = _parse_value(val)
   return cfg
 
 
@@ -75,7 +93,7 @@ def child(args) -> dict:
   import numpy as np
 
   from sass_jax.train import loop
-  cfg = load_config(args.config, args.batch_size, args.steps)
+  cfg = load_config(args.config, args.batch_size, args.override)
   data = loop.prepare(cfg, args.workdir)
   model = loop.build_model(cfg, data)
   stage = args.stage
@@ -93,11 +111,12 @@ def child(args) -> dict:
       torch.set_num_threads(args.threads)
     tm = tr.TorchSASS.from_model_config(model.cfg)
     tm.load_flax_params(params0)
+    tm.to(args.device)
     step = tr.make_step(tm, stage, scfg.tau if stage == "pretrain" else cfg.model.tau,
                         float(scfg.learning_rate), int(scfg.num_steps),
                         int(scfg.get("warmup_steps", 0)), float(scfg.get("weight_decay", 0.0)),
                         float(cfg.train.get("logq_strength", 1.0)), str(cfg.pretrain.pairs))
-    batches = [tr.to_torch(b) for b in host_batches]
+    batches = [tr.to_torch(b, args.device) for b in host_batches]
     t = time.perf_counter()
     first_loss = float(step(batches[0]))
     compile_s = time.perf_counter() - t
@@ -112,7 +131,7 @@ def child(args) -> dict:
         i += 1
       float(loss)
       runs.append((time.perf_counter() - t) / args.steps)
-    impl = {"impl": "torch", "torch_version": torch.__version__,
+    impl = {"impl": "torch", "torch_version": torch.__version__, "device": args.device,
             "threads": torch.get_num_threads(), "embedding_optimizer": "dense (AdamW)"}
   else:
     import jax
@@ -157,12 +176,13 @@ def child(args) -> dict:
 def parent(args) -> dict:
   sys.path.insert(0, str(ROOT))
   from sass_jax.train import loop
-  cfg = load_config(args.config, args.batch_size, args.steps)
+  cfg = load_config(args.config, args.batch_size, args.override)
   loop.prepare(cfg, args.workdir)        # once, before the children
   impls = [f"jax:{o}" for o in args.jax_embedding_optimizer.split(",") if o] + ["torch"]
   common = ["--config", args.config, "--workdir", args.workdir, "--stage", args.stage,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats",
-            str(args.repeats), "--batches", str(args.batches), "--threads", str(args.threads)]
+            str(args.repeats), "--batches", str(args.batches), "--threads", str(args.threads),
+            "--device", args.device] + [f"--override={o}" for o in args.override]
   if args.batch_size:
     common += ["--batch_size", str(args.batch_size)]
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -233,8 +253,12 @@ def main(argv=None):
   ap.add_argument("--batches", type=int, default=4, help="distinct batches cycled")
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+  ap.add_argument("--device", default="cpu", help="torch device: 'cpu' or 'cuda' (sass_jax "
+                  "uses JAX's default device)")
   ap.add_argument("--jax_embedding_optimizer", default="dense",
                   help="comma-separated sass_jax variants, e.g. dense,lazy_adam")
+  ap.add_argument("--override", action="append", default=[],
+                  help="config field=value, e.g. data.dir=/path (repeatable)")
   ap.add_argument("--child_timeout", type=float, default=3600)
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)

@@ -206,7 +206,7 @@ def _t(x) -> torch.Tensor:
 # ---- losses (sass_jax/train/losses.py) -------------------------------------------------------
 def _dup_mask(ids):
   same = ids[:, None] == ids[None, :]
-  return same & ~torch.eye(ids.shape[0], dtype=torch.bool)
+  return same & ~torch.eye(ids.shape[0], dtype=torch.bool, device=ids.device)
 
 
 def _ce_diag(logits):
@@ -249,11 +249,13 @@ def pretrain_loss(model: TorchSASS, b: Mapping, tau: float, pairs: str):
           + info_nce(iv[:, 0], iv[:, 1], b["item_index"], tau))
 
 
-def to_torch(batch: Mapping) -> dict:
-  """A NumPy batch of ``sass_jax.data.pipeline.BatchFn`` as torch tensors (ids int64)."""
+def to_torch(batch: Mapping, device: str | torch.device = "cpu") -> dict:
+  """A NumPy batch of ``sass_jax.data.pipeline.BatchFn`` as torch tensors (ids int64) on
+  ``device``."""
   def conv(x):
     x = np.asarray(x)
-    return torch.from_numpy(x.astype(np.int64 if x.dtype.kind in "iu" else x.dtype, copy=True))
+    return torch.from_numpy(x.astype(np.int64 if x.dtype.kind in "iu" else x.dtype,
+                                     copy=True)).to(device)
   return {k: ({f: conv(v) for f, v in x.items()} if isinstance(x, Mapping) else conv(x))
           for k, x in batch.items()}
 

@@ -18,6 +18,9 @@ warm-up, ``config.bench.repeats`` times each (median, min, max and every run):
   (``SparseOptions(masked=True)``) from the same state and batch: the largest difference on
   the touched rows, whether every untouched row is bitwise unchanged, and the largest
   difference of the other parameters.
+- ``table_update``: the embedding-table part of the fine-tune step alone, per optimiser (from
+  the per-occurrence gradients the towers hand to the table gathers, to updated tables and
+  state), and ``table_update_speedup`` = dense time / row-sparse time.
 - ``input``: the input source alone at the fine-tune batch size: the grain pipeline
   (``pipeline.make_iterator`` as training builds it; NumPy ``BatchFn`` calls when grain is not
   installed) and that plus placement on the mesh; or, with ``config.train.resident_on_device``,
@@ -336,6 +339,77 @@ def _sparse_check(cfg, kind, model, data, part, batch, compiled_sparse, state) -
           "equal_within_1e-5": bool(tm <= 1e-5 and rm <= 1e-5 and uc == 0)}
 
 
+def _bench_table_update(cfg, model, params, batch, b) -> dict:
+  """The embedding-table part of a fine-tune step alone, per embedding optimiser.
+
+  From the per-occurrence gradient ``[N, d]`` that the towers' backward hands to each table's
+  gather (N = the batch's ids of that field) to updated tables and optimiser state --
+  'dense': scatter-add into a zero ``[R, d]`` gradient, then AdamW over every row (what the
+  dense step does); row-sparse: ``sparse.dedup``, segment-sum into ``[U, d]``, the row rule on
+  the U rows, scatter back (``sparse.apply_rows``). Tables, state and gradients are random
+  (timing only), placed like ``params``' tables; tables and state are donated.
+  Returns {optimiser: {'update_ms': stats, 'compile_s'}} plus 'rows' and 'ids'.
+  """
+  import optax
+  tables = sparse.find_tables(model, params)
+  flat_params = sparse.split_params(params, tables)[1]
+  n_steps = int(cfg.train.num_steps)
+  key = jax.random.key(7)
+  ids = {"/".join(t.path): batch[t.side][t.field] for t in tables}
+  g_occ = {"/".join(t.path): 1e-3 * jax.random.normal(jax.random.fold_in(key, i),
+                                                      ids["/".join(t.path)].shape + (t.dim,))
+           for i, t in enumerate(tables)}
+  out = {"rows": int(sum(t.rows for t in tables)),
+         "ids": int(sum(int(np.prod(v.shape)) for v in ids.values()))}
+  for opt in b.embedding_optimizers:
+    def fresh():
+      return {"/".join(t.path): jax.device_put(
+          0.1 * jax.random.normal(jax.random.fold_in(key, 100 + i), (t.rows, t.dim)),
+          flat_params[t.path].sharding) for i, t in enumerate(tables)}
+    tabs = fresh()
+    if opt == "dense":
+      tx = steps.make_optimizer(cfg.train, n_steps)
+      state = tx.init(tabs)
+
+      def upd(tabs, state, g_occ, ids):
+        g = {k: jnp.zeros_like(v).at[ids[k]].add(g_occ[k]) for k, v in tabs.items()}
+        u, state = tx.update(g, state, tabs)
+        return optax.apply_updates(tabs, u), state
+    else:
+      opts = sparse.options_from_config(_with(cfg, embedding_optimizer=opt).train, cfg.train,
+                                        n_steps)
+      state = {"/".join(t.path): sparse.table_state_init(opt, tabs["/".join(t.path)])
+               for t in tables}
+
+      def upd(tabs, state, g_occ, ids, opts=opts):
+        lr = opts.learning_rate(jnp.int32(n_steps // 2))
+        new_t, new_s = {}, {}
+        for t in tables:
+          k = "/".join(t.path)
+          uniq, inv = sparse.dedup(t, ids[k])
+          g = jnp.zeros((uniq.shape[0], t.dim), g_occ[k].dtype).at[inv.reshape(-1)].add(
+              g_occ[k].reshape(-1, t.dim))
+          new_t[k], new_s[k], _, _ = sparse.apply_rows(
+              opts, tabs[k], state[k], uniq, sparse.gather_rows(tabs[k], uniq), g, lr,
+              jnp.int32(1))
+        return new_t, new_s
+    t0 = time.perf_counter()
+    f = jax.jit(upd, donate_argnums=(0, 1)).lower(tabs, state, g_occ, ids).compile()
+    compile_s = time.perf_counter() - t0
+    tabs, state = f(tabs, state, g_occ, ids)
+    runs = []
+    for _ in range(int(b.repeats)):
+      jax.block_until_ready((tabs, state))
+      t0 = time.perf_counter()
+      for _ in range(int(b.steps)):
+        tabs, state = f(tabs, state, g_occ, ids)
+      jax.block_until_ready((tabs, state))
+      runs.append((time.perf_counter() - t0) / int(b.steps) * 1e3)
+    out[opt] = {"update_ms": _stats(runs), "compile_s": compile_s}
+    del tabs, state, f
+  return out
+
+
 # ---- input and loop -------------------------------------------------------------------------
 def _bench_input(kind, data, bs, seed, part, b) -> dict:
   n = int(b.input_batches)
@@ -472,7 +546,7 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
         log.info("bench: %s vs its masked dense reference", opt)
         checks[opt] = _sparse_check(cfg, opt, model, data, part, batches[0], compiled, state)
       if stage == "finetune" and opt == config_opt:
-        keep = {"compiled": compiled, "state": state, "bs": bs, "seed": seed}
+        keep = {"compiled": compiled, "state": state, "bs": bs, "seed": seed, "batch": batches[0]}
       del compiled, state
     del batches
 
@@ -507,6 +581,12 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
         for o in b.embedding_optimizers if o != "dense" and dense is not None}
     if b.check_sparse:
       out["sparse_check"] = checks
+    log.info("bench: embedding-table update alone")
+    out["table_update"] = _bench_table_update(cfg, model, params, fin["batch"], b)
+    if "dense" in out["table_update"]:
+      du = out["table_update"]["dense"]["update_ms"]["median"]
+      out["table_update_speedup"] = {o: du / out["table_update"][o]["update_ms"]["median"]
+                                     for o in b.embedding_optimizers if o != "dense"}
     log.info("bench: input (%s)", kind)
     out["input"] = _bench_input(kind, data, fin["bs"], fin["seed"], part, b)
     step_sps = results[f"finetune/{config_opt}"]["samples_per_s"]["median"]
@@ -550,6 +630,10 @@ def summary_table(res: dict) -> str:
                  f"{ev['encode_items']['items_per_s']:,.0f} / "
                  f"{ev['encode_users']['users_per_s']:,.0f} / "
                  f"{ev['topk']['users_per_s']:,.0f} | |")
+  for o, s in res.get("table_update_speedup", {}).items():
+    tu = res["table_update"]
+    lines.append(f"| table update alone: dense / {o} | | {tu['dense']['update_ms']['median']:.1f}"
+                 f" / {tu[o]['update_ms']['median']:.2f} | {s:.1f}x | |")
   for o, s in res.get("sparse_speedup", {}).items():
     chk = res.get("sparse_check", {}).get(o, {})
     lines.append(f"| dense / {o} step time | | | {s:.2f}x | max diff touched "

@@ -225,3 +225,53 @@ def test_torch_reference_same_losses_and_adamw_step():
       before = before[k]
     assert np.abs(np.asarray(want) - np.asarray(before)).max() > 1e-3, path   # it moved
     np.testing.assert_allclose(t.detach().numpy(), want, rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+# ---- device-resident data (config.train.resident_on_device) ----------------------------------
+def test_resident_sampler_batches_match_the_data(tmp_path, ml_sample_dir):
+  """Batches drawn on the device have BatchFn's keys, shapes and dtypes, are consistent with
+  the store (features of the sampled user / item rows), cover every stream row once per epoch,
+  and are a pure function of (seed, index)."""
+  import jax
+  import numpy as np
+
+  from configs import test as test_cfg
+  from sass_jax.data import pipeline
+  from sass_jax.data.resident import ResidentSampler
+  from sass_jax.train import loop
+
+  c = test_cfg.get_config()
+  c.data.dir = str(ml_sample_dir)
+  data = loop.prepare(c, tmp_path)
+  for stream in ("finetune", "pretrain"):
+    ref = pipeline.BatchFn(data, stream, 512, 0)(0)
+    s = ResidentSampler(data, stream, 512, seed=3)
+    b = jax.device_get(s(0))
+    assert jax.tree.structure(b) == jax.tree.structure(ref)
+    for x, y in zip(jax.tree.leaves(b), jax.tree.leaves(ref)):
+      assert x.shape == y.shape and x.dtype == y.dtype
+    u, it = b["user_index"], b["item_index"]
+    for f, col in data.users.items():
+      np.testing.assert_array_equal(b["user"][f], np.asarray(col)[u])
+    for f, col in data.items.items():
+      np.testing.assert_array_equal(b["item"][f], np.asarray(col)[it])
+    if stream == "finetune":
+      np.testing.assert_array_equal(b["item_logq"], pipeline.item_logq(data)[it])
+    else:
+      v = b["user_views"]
+      assert ((v >= 0) & (v < data.num_scenarios)).all() and (v[:, 0] != v[:, 1]).all()
+    np.testing.assert_array_equal(jax.device_get(ResidentSampler(data, stream, 512, 3)(5))
+                                  ["item_index"], jax.device_get(s(5))["item_index"])
+  # One epoch of the fine-tune stream: every (user, item, scenario) row exactly once.
+  rows = data.rows("train", labeled_positive=True)
+  inter = {k: np.asarray(v)[rows] for k, v in data.inter.items()}
+  bs = 97
+  s = ResidentSampler(data, "finetune", bs, seed=1)
+  n_batches = -(-len(rows) // bs)
+  got = [jax.device_get(next(s)) for _ in range(n_batches)]
+  assert s.get_state() == {"next_index": n_batches}
+  key = lambda u, i, k: (np.asarray(u, np.int64) * 10**7 + np.asarray(i) * 10 + np.asarray(k))
+  first_epoch = np.concatenate([key(g["user_index"], g["item_index"], g["scenario"])
+                                for g in got])[:len(rows)]
+  np.testing.assert_array_equal(np.sort(first_epoch),
+                                np.sort(key(inter["user"], inter["item"], inter["scenario"])))

@@ -115,9 +115,7 @@ def options_from_config(train_cfg, stage_cfg, num_steps: int,
     base, scale = sched, emb_lr / float(stage_cfg.learning_rate)
     sched = lambda count: base(count) * scale
   return SparseOptions(kind=kind, learning_rate=sched,
-                       weight_decay=float(stage_cfg.get("weight_decay", 0.0)),
-                       eps=float(train_cfg.get("embedding_eps", 1e-8)),
-                       adagrad_eps=float(train_cfg.get("embedding_eps", 1e-8)), masked=masked)
+                       weight_decay=float(stage_cfg.get("weight_decay", 0.0)), masked=masked)
 
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -192,7 +190,7 @@ def merge_params(rest, tabs: dict):
 
 
 # ---- optimiser state ------------------------------------------------------------------------
-def _table_state_init(kind: str, table):
+def table_state_init(kind: str, table):
   """Zero state of one (possibly boxed) table: {'m', 'v'} like the table, or {'acc'} [R]."""
   if kind == "lazy_adam":
     return {"m": jax.tree.map(jnp.zeros_like, table), "v": jax.tree.map(jnp.zeros_like, table)}
@@ -211,7 +209,7 @@ def make_tx(model: nn.Module, tx: optax.GradientTransformation,
     tables = find_tables(model, params)
     rest, tabs = split_params(params, tables)
     tstate = traverse_util.unflatten_dict(
-        {t.path: _table_state_init(opts.kind, tabs[t.path]) for t in tables})
+        {t.path: table_state_init(opts.kind, tabs[t.path]) for t in tables})
     return {"dense": tx.init(rest), "tables": tstate, "count": jnp.zeros((), jnp.int32)}
 
   def update(*_):
@@ -247,6 +245,34 @@ def update_rows(opts: SparseOptions, p, state: dict, g, lr, count):
   return p - lr * u, {"acc": acc}
 
 
+def dedup(t: Table, ids) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(uniq int32 [U], inv int32 like ``ids``): the distinct ids of table ``t`` in ``ids`` (any
+  shape), sorted and padded with the out-of-range row ``t.rows`` to the static bound
+  U = min(ids.size, R), and each id's position in ``uniq``."""
+  n = _unique_bound(t, ids.shape)
+  u, inv = jnp.unique(ids.reshape(-1), size=n, fill_value=t.rows, return_inverse=True)
+  return u.astype(jnp.int32), inv.reshape(ids.shape).astype(jnp.int32)
+
+
+def gather_rows(full, uniq):
+  """``full[uniq]`` with zeros for the padding (out-of-range) entries."""
+  return jnp.take(full, uniq, axis=0, mode="fill", fill_value=0)
+
+
+def apply_rows(opts: SparseOptions, table, state: dict, uniq, rows, g_rows, lr, count):
+  """The row rule on the U gathered ``rows`` (``table[uniq]``) with gradient ``g_rows``
+  [U, d], scattered back into the (donated) ``table`` and its ``state`` in place; padding
+  entries are dropped. Returns (table, state, sum of squares of the new touched rows, number of
+  touched rows)."""
+  srows = {k: gather_rows(v, uniq) for k, v in state.items()}
+  p_new, s_new = update_rows(opts, rows, srows, g_rows, lr, count)
+  put = lambda full, r: full.at[uniq].set(r, mode="drop", indices_are_sorted=True,
+                                          unique_indices=True)
+  valid = uniq < table.shape[0]
+  return (put(table, p_new), {k: put(state[k], s_new[k]) for k in state},
+          jnp.sum(jnp.where(valid[:, None], p_new, 0.0) ** 2), valid.sum())
+
+
 def touched_mask(t: Table, ids) -> jnp.ndarray:
   """bool [R]: the rows of table ``t`` that the ids (any shape) address."""
   return jnp.zeros((t.rows,), bool).at[ids.reshape(-1)].set(True, mode="drop")
@@ -275,13 +301,11 @@ def _make_step(model: nn.Module, tx: optax.GradientTransformation, opts: SparseO
       uniq, rows, view_feats, sizes = {}, {}, {"user": dict(batch["user"]),
                                                "item": dict(batch["item"])}, {}
       for t in tables:
-        ids = batch[t.side][t.field]
-        n = _unique_bound(t, ids.shape)
-        u, inv = jnp.unique(ids.reshape(-1), size=n, fill_value=t.rows, return_inverse=True)
+        u, inv = dedup(t, batch[t.side][t.field])
         uniq[t.path] = u
-        rows[t.path] = jnp.take(tabs[t.path], u, axis=0, mode="fill", fill_value=0)
-        view_feats[t.side][t.field] = inv.reshape(ids.shape).astype(jnp.int32)
-        sizes[(t.side, t.field)] = n
+        rows[t.path] = gather_rows(tabs[t.path], u)
+        view_feats[t.side][t.field] = inv
+        sizes[(t.side, t.field)] = u.shape[0]
       view = _view_model(model, sizes)
       vbatch = {**batch, "user": view_feats["user"], "item": view_feats["item"]}
 
@@ -304,16 +328,10 @@ def _make_step(model: nn.Module, tx: optax.GradientTransformation, opts: SparseO
         touched_sq.append(jnp.sum(jnp.where(mask[:, None], new_tabs[t.path], 0.0) ** 2))
         n_touched.append(mask.sum())
         continue
-      u = uniq[t.path]
-      srows = {k: jnp.take(v, u, axis=0, mode="fill", fill_value=0) for k, v in st.items()}
-      p_new, s_new = update_rows(opts, rows[t.path], srows, g_rows[t.path], lr, count)
-      put = lambda full, r: full.at[u].set(r, mode="drop", indices_are_sorted=True,
-                                           unique_indices=True)
-      new_tabs[t.path] = put(tabs[t.path], p_new)
-      new_tstate[t.path] = {k: put(st[k], s_new[k]) for k in st}
-      valid = (u < t.rows)
-      touched_sq.append(jnp.sum(jnp.where(valid[:, None], p_new, 0.0) ** 2))
-      n_touched.append(valid.sum())
+      new_tabs[t.path], new_tstate[t.path], sq, n = apply_rows(
+          opts, tabs[t.path], st, uniq[t.path], rows[t.path], g_rows[t.path], lr, count)
+      touched_sq.append(sq)
+      n_touched.append(n)
     params = merge_params(new_rest, new_tabs)
     g_tab_tree = g_tabs if opts.masked else g_rows
     grad_norm = jnp.sqrt(optax.tree.norm(g_rest) ** 2

@@ -482,7 +482,11 @@ def _bench_eval(cfg, model, variables, data, b) -> dict:
   out["encode_users"] = {"users": n_users, "users_per_s": n_users / (time.perf_counter() - t)}
   corpus = np.resize(item_vecs[:, 0], (data.num_items, item_vecs.shape[-1]))
   kmax = max(cfg.eval.ks)
-  uc = int(cfg.eval.user_chunk)
+  # Users per top-K call: config.eval.user_chunk, capped so one chunk's float32 scores
+  # (chunk x num_items) stay under 1 GiB on a CPU (8 GiB on an accelerator).
+  budget = (8 << 30) if jax.devices()[0].platform != "cpu" else (1 << 30)
+  uc = max(1, min(int(cfg.eval.user_chunk), budget // (4 * int(data.num_items))))
+  out["user_chunk"] = uc
   topk_scores(uvec[:min(uc, n_users)], corpus, kmax, chunk_size=uc)     # compile
   t = time.perf_counter()
   topk_scores(uvec, corpus, kmax, chunk_size=uc)
@@ -599,7 +603,11 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
     out["loop"]["embedding_optimizer"] = config_opt
     out["loop_over_step"] = out["loop"]["samples_per_s"]["median"] / step_sps
     log.info("bench: evaluation")
-    out["eval"] = _bench_eval(cfg, model, fin.pop("state").variables, data, b)
+    try:
+      out["eval"] = _bench_eval(cfg, model, fin.pop("state").variables, data, b)
+    except Exception as e:   # e.g. out of memory: keep the step results above
+      log.warning("bench: evaluation failed: %r", e)
+      out["eval"] = {"error": repr(e)}
   out["machine"] = {**_machine(), "load_avg_start": load_start, "load_avg_end": _load_avg()}
   out["total_s"] = time.perf_counter() - t_all
   if jax.process_index() == 0:
@@ -626,10 +634,11 @@ def summary_table(res: dict) -> str:
     lines.append(f"| whole loop ({lp['embedding_optimizer']}) | | "
                  f"{lp['step_ms']['median']:.1f} | {lp['samples_per_s']['median']:,.0f} | |")
     ev = res["eval"]
-    lines.append(f"| eval: encode items / users, top-{ev['topk']['k']} users | | | "
-                 f"{ev['encode_items']['items_per_s']:,.0f} / "
-                 f"{ev['encode_users']['users_per_s']:,.0f} / "
-                 f"{ev['topk']['users_per_s']:,.0f} | |")
+    if "error" not in ev:
+      lines.append(f"| eval: encode items / users, top-{ev['topk']['k']} users | | | "
+                   f"{ev['encode_items']['items_per_s']:,.0f} / "
+                   f"{ev['encode_users']['users_per_s']:,.0f} / "
+                   f"{ev['topk']['users_per_s']:,.0f} | |")
   for o, s in res.get("table_update_speedup", {}).items():
     tu = res["table_update"]
     lines.append(f"| table update alone: dense / {o} | | {tu['dense']['update_ms']['median']:.1f}"

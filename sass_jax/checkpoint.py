@@ -42,6 +42,10 @@ error, and try the next older step, until one restores; they raise the
 latest step's error only if none does. :attr:`Checkpointer.unreadable_steps`
 lists the steps skipped; :meth:`Checkpointer.set_aside_unreadable` renames
 them to ``<step>.unreadable`` so that training can save those steps again.
+A step whose only unreadable item is its JSON ``metadata`` is not skipped:
+:meth:`Checkpointer.restore` returns its state with metadata ``{}`` and warns
+that the metadata is unreadable. :attr:`Checkpointer.restored_step` is the
+step the last restore read.
 """
 
 from __future__ import annotations
@@ -152,6 +156,8 @@ class Checkpointer:
         self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         # Steps skipped by the last restore with step=None because they could not be read.
         self.unreadable_steps: list[int] = []
+        # The step the last successful restore read (None before any).
+        self.restored_step: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
@@ -262,10 +268,16 @@ class Checkpointer:
         return [step]
 
     def _restore_with_fallback(
-        self, step: int | None, restore_one: Callable[[int], Any]
+        self, step: int | None, restore_one: Callable[[int], Any],
+        metadata_only: bool = False,
     ) -> Any:
         """``restore_one(s)`` for the requested step; with ``step=None`` for
         the newest step that restores, warning about each newer one that fails.
+        Sets :attr:`restored_step` to the step that restored.
+
+        ``metadata_only``: ``restore_one`` reads only the JSON metadata; a
+        failure is then reported as unreadable metadata (the step's state may
+        be fine) and does not count in :attr:`unreadable_steps`.
 
         Raises the newest step's error if no step restores (an explicit
         ``step`` is never replaced by another).
@@ -279,18 +291,26 @@ class Checkpointer:
                 if step is not None:
                     raise
                 failed.append((s, e))
-                nxt = (
-                    f"falling back to step {candidates[i + 1]}"
-                    if i + 1 < len(candidates)
-                    else "no older step left"
-                )
-                log.warning(
-                    "checkpoint step %d in %s could not be restored (%s: %s); %s",
-                    s, self.directory, type(e).__name__,
-                    (str(e).splitlines() or [''])[0][:300], nxt,
-                )
+                more = i + 1 < len(candidates)
+                why = (type(e).__name__, (str(e).splitlines() or [''])[0][:300])
+                if metadata_only:
+                    log.warning(
+                        "the metadata of checkpoint step %d in %s is unreadable (%s: %s); %s",
+                        s, self.directory, *why,
+                        f"reading that of step {candidates[i + 1]} instead" if more
+                        else "no older step left",
+                    )
+                else:
+                    log.warning(
+                        "checkpoint step %d in %s could not be restored (%s: %s); %s",
+                        s, self.directory, *why,
+                        f"falling back to step {candidates[i + 1]}" if more
+                        else "no older step left",
+                    )
                 continue
-            self.unreadable_steps = [f for f, _ in failed]
+            if not metadata_only:
+                self.unreadable_steps = [f for f, _ in failed]
+            self.restored_step = s
             return out
         raise failed[0][1]
 
@@ -370,9 +390,20 @@ class Checkpointer:
             has_data_state = (self._step_dir(step) / _DATA_STATE).exists()
             if has_data_state:
                 items[_DATA_STATE] = ocp.args.JsonRestore()
-            restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+            try:
+                restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+                metadata = restored[_METADATA]
+            except Exception as e:  # pylint: disable=broad-exception-caught
+                # Only the metadata unreadable? Then restore the step without it.
+                del items[_METADATA]
+                restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+                log.warning(
+                    "the metadata of checkpoint step %d in %s is unreadable (%s: %s); "
+                    "restored the step's state without it", step, self.directory,
+                    type(e).__name__, (str(e).splitlines() or [''])[0][:300])
+                metadata = {}
             data_state = restored[_DATA_STATE] if has_data_state else None
-            return restored[_STATE], dict(restored[_METADATA] or {}), data_state
+            return restored[_STATE], dict(metadata or {}), data_state
 
         return self._restore_with_fallback(step, restore_one)
 
@@ -389,7 +420,7 @@ class Checkpointer:
             )
             return dict(restored[_METADATA] or {})
 
-        return self._restore_with_fallback(step, restore_one)
+        return self._restore_with_fallback(step, restore_one, metadata_only=True)
 
     def restore_fields(self, abstract_fields: dict, step: int | None = None) -> dict:
         """Restore only the named top-level fields of the saved state.
@@ -406,7 +437,8 @@ class Checkpointer:
         wanted = {k: v for k, v in abstract_fields.items() if jax.tree.leaves(v)}
         out = {k: v for k, v in abstract_fields.items() if k not in wanted}
         if not wanted:
-            self._candidates(step)  # FileNotFoundError if there is no such step
+            # FileNotFoundError if there is no such step
+            self.restored_step = self._candidates(step)[0]
             return out
         item = {k: _abstractify(v) for k, v in wanted.items()}
 

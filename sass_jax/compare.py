@@ -133,9 +133,10 @@ def _select_value(metrics: dict, metric: str) -> float:
   return float(v) if v == v else -np.inf
 
 
-def compare(cfg, workdir: str | Path) -> dict:
+def compare(cfg, workdir: str | Path, command: str = "") -> dict:
   """Tune, train and evaluate every variant of ``config.compare``; write the results files.
 
+  command: the command line that ran it, recorded in the results files.
   Returns the raw results dict (also written as ``<results_dir>/<name>.json``).
   Raises ValueError for an unknown variant or fewer than one seed.
   """
@@ -183,6 +184,7 @@ def compare(cfg, workdir: str | Path) -> dict:
     # Written after every model, so a long comparison has a partial table to look at.
     results = _results(cfg, data, name, seeds, variants[: variants.index(v) + 1], points,
                        chosen, tuning, runs, time.time() - t_all)
+    results["command"] = command
     write_results(results, Path(ccfg.results_dir))
   return results
 
@@ -230,8 +232,9 @@ def markdown(results: dict) -> str:
            "", f"Mean ± sample std over {n} seed(s) {results['seeds']}; settings chosen per "
            f"model on the validation split by overall {results['select_metric']} "
            "(tuning table below). Best mean per column in **bold**. Popularity: most-clicked "
-           "training items of the scenario (no seeds). Made by `python -m sass_jax.main "
-           "--mode compare` (command in the README).", ""]
+           "training items of the scenario (no seeds).", ""]
+  if results.get("command"):
+    lines += ["Made by:", "", "```bash", results["command"], "```", ""]
   models = list(summ)
   for g in results["scenarios"] + ["overall"]:
     lines += [f"## {g}", "", "| model | " + " | ".join(TABLE_METRICS) + " |",

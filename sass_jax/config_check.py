@@ -64,6 +64,13 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     elif abs(sum(frac) - 1.0) > 1e-6:
       p(f"config.data.split={frac} sums to {sum(frac):.6g}: the train / valid / test fractions "
         "must sum to 1, e.g. (0.8, 0.1, 0.1)")
+    elif frac[0] == 0:
+      p(f"config.data.split={frac}: the train fraction is 0, so there is nothing to train on; "
+        "give it most of the rows, e.g. (0.8, 0.1, 0.1)")
+    elif cfg.eval.get("split") in EVAL_SPLITS and frac[EVAL_SPLITS.index(cfg.eval.split) + 1] == 0:
+      p(f"config.data.split={frac}: the {cfg.eval.split} fraction is 0, so the evaluation "
+        f"(config.eval.split={cfg.eval.split!r}) would have no rows; give it a share, e.g. "
+        "(0.8, 0.1, 0.1)")
   # -- model -----------------------------------------------------------------------------
   m = cfg.model
   if m.name not in loop.MODELS:

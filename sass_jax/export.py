@@ -54,6 +54,7 @@ from sass_jax.train.steps import as_variables
 
 log = logging.getLogger("sass_jax")
 FORMAT_VERSION = 1
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")   # jax.export lowering targets
 USER_ENCODER_FILE = "user_encoder.jax"
 MANIFEST_FILE = "manifest.json"
 ITEM_IDS_FILE = "item_ids.npy"
@@ -244,7 +245,24 @@ def read_items_parquet(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.nda
 
 # --------------------------------------------------------------------------- run-level entry points
 
+def check_platforms(platforms) -> tuple[str, ...] | None:
+  """``config.export.platforms`` as a tuple (None when empty: the current backend only).
+
+  Raises ValueError naming the field, the unknown entries and PLATFORMS.
+  """
+  if isinstance(platforms, str):
+    platforms = (platforms,)
+  got = tuple(platforms or ())
+  bad = [p for p in got if p not in PLATFORMS]
+  if bad:
+    raise ValueError(f"config.export.platforms={got}: unknown platform(s) {bad}; expected "
+                     f"names from {PLATFORMS} (empty = the current backend only)")
+  return got or None
+
+
 def _restore(cfg, workdir, data=None, model=None, part=None, variables=None):
+  if variables is None:
+    loop.require_finetune_checkpoint(workdir)   # before preparing anything
   data = data or loop.prepare(cfg, workdir)
   model = model or loop.build_model(cfg, data)
   if variables is None:
@@ -266,13 +284,14 @@ def export_workdir(cfg, workdir: str | Path, out_dir: str | Path | None = None, 
   """Write the export of ``workdir``'s latest fine-tuned parameters (module docstring layout).
 
   ``out_dir``: default ``config.export.dir`` or, if empty, ``WORKDIR/export``. Returns the
-  directory. Raises FileNotFoundError if the workdir has no fine-tuning checkpoint.
+  directory. Raises FileNotFoundError if the workdir has no fine-tuning checkpoint, ValueError
+  for a ``config.export.platforms`` entry outside PLATFORMS (both before any work).
   """
   workdir = Path(workdir)
   ecfg = cfg.get("export", {})
   out = Path(out_dir or ecfg.get("dir", "") or workdir / "export")
+  platforms = check_platforms(ecfg.get("platforms", ()))
   data, model, variables = _restore(cfg, workdir, data, model, part)
-  platforms = tuple(ecfg.get("platforms", ()) or ()) or None
   item_all = eval_lib.encode_all(model, variables, data.items, data.item_masks,
                                  "encode_item", None)                    # [N, K, D]
   dim = int(item_all.shape[-1])
@@ -352,7 +371,8 @@ def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str |
   ``exclude_seen`` the items of :func:`seen_items` under ``config.eval.mask`` are removed.
   Returns ``{'user', 'scenario', 'model', 'step', 'num_excluded', 'items': [{'rank',
   'item_id', 'item_index', 'score'}]}`` (fewer than K items only if the corpus runs out).
-  Raises UnknownIdError for an empty or unknown user / scenario, ValueError for k < 1.
+  Raises UnknownIdError for an empty or unknown user / scenario, ValueError for k < 1,
+  FileNotFoundError if the workdir has no fine-tuning checkpoint (before preparing data).
   """
   rc = cfg.get("recommend", {})
   user = str(rc.get("user", "") if user is None else user)
@@ -362,6 +382,8 @@ def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str |
   if k < 1:
     raise ValueError(f"config.recommend.k={k}; expected >= 1")
   if data is None:
+    if variables is None:
+      loop.require_finetune_checkpoint(workdir)   # before preparing anything
     data = loop.prepare(cfg, workdir)
   if not user:
     raise UnknownIdError("set the raw user id with --config.recommend.user=<id>")

@@ -7,17 +7,26 @@ the serialised user tower) and recommend (top-K of one user), both ``sass_jax.ex
 config value can be overridden with ``--config.<path>=<value>``; the config is locked, so a
 misspelt key is an error. This module only parses and dispatches; the logic lives in
 ``sass_jax.train.loop``.
+
+User errors (an invalid value, a missing file or checkpoint, bad input data, an unknown id;
+``USER_ERRORS``) print one ``error: <message>`` to stderr and exit with code 1; set
+``SASS_JAX_DEBUG=1`` for the full traceback. SIGTERM or Ctrl-C during training finishes the
+step, saves a checkpoint and exits 0 (rerun the same command to resume).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from sass_jax import bench, config_check, distributed
+from sass_jax import bench, config_check, distributed, export
+from sass_jax.data.store import DataError
 from sass_jax.eval.evaluate import markdown_table
 from sass_jax.train import loop, monitor
 
@@ -32,6 +41,10 @@ _COORD = flags.DEFINE_string("coordinator_address", None,
                              "host:port of process 0's jax.distributed coordinator.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+# User errors: printed as one 'error: <message>' line, exit code 1 (full traceback with
+# SASS_JAX_DEBUG=1). DataError and UnknownIdError are ValueErrors; listed for the reader.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, DataError,
+               export.UnknownIdError)
 
 
 def main(argv):
@@ -47,11 +60,27 @@ def main(argv):
   cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/movielens.py")
-  try:  # every value checked before any work
-    config_check.validate(cfg, workdir=workdir, stages={
-        "pretrain": ("pretrain",), "finetune": ("finetune",), "train": loop.STAGES}.get(mode, ()))
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from e   # the message only (exit code 1)
+  debug = os.environ.get("SASS_JAX_DEBUG", "") not in ("", "0")
+  try:
+    _dispatch(cfg, workdir, mode)
+  except monitor.Preempted as e:   # SIGTERM / Ctrl-C: the step reached was checkpointed; exit 0
+    logging.warning("%s", e)
+  except USER_ERRORS as e:         # the message only, exit code 1 (traceback: SASS_JAX_DEBUG=1)
+    if debug:
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
+  except KeyboardInterrupt:        # Ctrl-C outside a training loop (or pressed twice)
+    if debug:
+      raise
+    print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+    raise SystemExit(130) from None
+
+
+def _dispatch(cfg, workdir: str, mode: str) -> None:
+  """Validate the config, then run ``mode`` (the module docstring lists them)."""
+  config_check.validate(cfg, workdir=workdir, stages={   # every value checked before any work
+      "pretrain": ("pretrain",), "finetune": ("finetune",), "train": loop.STAGES}.get(mode, ()))
   if mode == "prepare":
     loop.prepare(cfg, workdir, force=True)
     return
@@ -68,29 +97,23 @@ def main(argv):
     return
   if mode == "compare":
     from sass_jax import compare
-    res = compare.compare(cfg, workdir)
+    cmd = "python -m sass_jax.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    res = compare.compare(cfg, workdir, command=cmd)
     print(compare.markdown(res))
     print(f"\nresults written to {cfg.compare.results_dir}/{res['name']}.{{md,json,png}}")
     return
-  if mode in ("export", "recommend"):
-    from sass_jax import export
-    if mode == "export":
-      print(f"exported to {export.export_workdir(cfg, workdir)}")
-      return
-    try:
-      print(export.format_recommendations(export.recommend(cfg, workdir)))
-    except export.UnknownIdError as e:
-      raise app.UsageError(str(e)) from e
+  if mode == "export":
+    print(f"exported to {export.export_workdir(cfg, workdir)}")
     return
-  try:
-    if mode in ("pretrain", "finetune"):
-      loop.train(cfg, workdir, stages=(mode,), evaluate=False)
-      return
-    metrics = loop.train(cfg, workdir) if mode == "train" else loop.evaluate_workdir(cfg, workdir)
-  except monitor.Preempted as e:   # SIGTERM: the step reached was checkpointed; exit 0
-    logging.warning("%s", e)
+  if mode == "recommend":
+    print(export.format_recommendations(export.recommend(cfg, workdir)))
     return
-  print(f"\n## {metrics['model']} on {metrics['dataset']} ({metrics['split']} split)\n")
+  if mode in ("pretrain", "finetune"):
+    loop.train(cfg, workdir, stages=(mode,), evaluate=False)
+    return
+  metrics = loop.train(cfg, workdir) if mode == "train" else loop.evaluate_workdir(cfg, workdir)
+  print(f"\n## {metrics['model']} on {metrics['dataset']} ({metrics['split']} split, "
+        f"fine-tuning step {metrics['checkpoint_step']})\n")
   print(markdown_table(metrics))
   print(f"\nmetrics written to {workdir}/metrics.json")
 

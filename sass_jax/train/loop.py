@@ -35,13 +35,86 @@ def _data_options(data_cfg) -> dict:
   return json.loads(json.dumps(data_cfg.to_dict()))
 
 
+def saved_steps(workdir: str | Path, stage: str | None = None) -> dict[str, list[int]]:
+  """{stage: sorted saved steps} of ``WORKDIR/checkpoints/<stage>`` (every stage directory
+  when ``stage`` is None), stages without a saved step left out. Reads directory names only
+  (committed orbax steps are ``<step>/``; interrupted saves and set-aside steps are not counted)
+  and creates nothing."""
+  root = Path(workdir) / "checkpoints"
+  dirs = [root / stage] if stage else (sorted(root.iterdir()) if root.is_dir() else [])
+  out = {}
+  for d in dirs:
+    if d.is_dir():
+      steps = sorted(int(x.name) for x in d.iterdir() if x.name.isdigit() and x.is_dir())
+      if steps:
+        out[d.name] = steps
+  return out
+
+
+def require_finetune_checkpoint(workdir: str | Path) -> None:
+  """Raise FileNotFoundError unless ``WORKDIR/checkpoints/finetune`` holds a saved step
+  (checked before any data is prepared; nothing is created)."""
+  if not saved_steps(workdir, "finetune"):
+    raise FileNotFoundError(f"no fine-tuned checkpoint in "
+                            f"{Path(workdir) / 'checkpoints' / 'finetune'}; run --mode train "
+                            "(or finetune) first")
+
+
+def _source_changes(manifest: dict, data_dir) -> list[str]:
+  """Source files of a prepared store (manifest ``sources``: path relative to ``data_dir`` ->
+  sha256) whose bytes at ``data_dir`` now differ; files not found there are not compared."""
+  out = []
+  for name, info in sorted((manifest.get("sources") or {}).items()):
+    p = Path(str(data_dir)) / name
+    if isinstance(info, dict) and "sha256" in info and p.is_file():
+      if (p.stat().st_size != info.get("bytes", p.stat().st_size)
+          or store.sha256_file(p) != info["sha256"]):
+        out.append(name)
+  return out
+
+
+def _refuse_to_replace_trained_data(cfg, workdir: str | Path, force: bool) -> None:
+  """Raise ValueError if preparing would replace ``WORKDIR/data`` under saved checkpoints:
+  the store's ``config.data`` options differ from ``cfg.data`` (or, with ``force``, a source
+  file changed). Nothing is touched."""
+  out = Path(workdir) / "data"
+  if not store.is_complete(out):
+    return
+  ckpts = saved_steps(workdir)
+  if not ckpts:
+    return
+  try:
+    manifest = json.loads((out / "manifest.json").read_text())
+  except (OSError, ValueError):
+    return   # unreadable manifest: open_store reports it
+  now = _data_options(cfg.data)
+  saved = manifest.get("options")
+  diffs = [f"config.data.{d}" for d in config_check._diff(
+      saved if isinstance(saved, dict) else {}, now, ())]
+  if force and not diffs:
+    diffs = [f"source file {n} (changed at config.data.dir={cfg.data.dir!r})"
+             for n in _source_changes(manifest, cfg.data.dir)]
+  if not diffs:
+    return
+  held = ", ".join(f"{st} steps {v}" for st, v in ckpts.items())
+  raise ValueError(
+      f"{out} holds the prepared data that the checkpoints in {Path(workdir) / 'checkpoints'} "
+      f"({held}) were trained on, and the config differs from it: {'; '.join(diffs)}. "
+      "Preparing again would replace the data under those checkpoints, so nothing was changed. "
+      "Use a new --workdir for the new data, or restore the original values.")
+
+
 def prepare(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData:
   """Prepare ``config.data`` into ``WORKDIR/data`` (reused if its options are unchanged).
 
   With several processes only process 0 prepares; the others wait for it and then open the
   store (WORKDIR must be on a filesystem every process sees).
-  Raises ValueError for an unknown ``config.data.name``.
+  Raises ValueError for an unknown ``config.data.name``, and -- without touching the store --
+  when ``WORKDIR/checkpoints`` holds a saved step and the store was prepared with other
+  ``config.data`` values (with ``force``, also when a source file changed): the message names
+  the differing fields. Without checkpoints a changed config prepares the data again.
   """
+  _refuse_to_replace_trained_data(cfg, workdir, force)
   if jax.process_count() == 1:
     return _prepare_here(cfg, workdir, force)
   from jax.experimental import multihost_utils
@@ -245,7 +318,7 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
         if stop and step < num_steps:
           ckpt.wait_until_finished()
           bar.close()
-          raise monitor.Preempted(stage, step, ckpt.directory)
+          raise monitor.Preempted(stage, step, ckpt.directory, cause=watch.cause)
     bar.close()
     ckpt.wait_until_finished()
     log.info("%s: finished %d steps; last metrics %s", stage, num_steps,
@@ -255,18 +328,26 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
     ckpt.close()
 
 
+def restore_variables_and_step(cfg, workdir, stage, model, part, data) -> tuple[dict, int]:
+  """(variables, step): :func:`restore_variables` and the checkpoint step it read (the latest
+  readable one). Raises FileNotFoundError if the stage has no checkpoint in ``workdir``."""
+  scfg = _stage_cfg(cfg, stage)
+  tx = steps.make_optimizer(scfg, int(scfg.num_steps))
+  abstract, _ = part.abstract_state(steps.make_init_fn(model, tx, example_batch(data), cfg.seed))
+  with _checkpointer(cfg, workdir, stage) as ck:
+    got = ck.restore_fields({"params": abstract.params, "model_state": abstract.model_state})
+    step = int(ck.restored_step)
+  log.info("%s: restored the parameters of step %d from %s", stage, step, ck.directory)
+  return {"params": got["params"], **got["model_state"]}, step
+
+
 def restore_variables(cfg, workdir, stage, model, part, data) -> dict:
   """The model variables ``{'params': ..., **model_state}`` of a stage's latest checkpoint,
   placed on ``part``'s mesh (which may differ from the mesh that saved them).
 
   Raises FileNotFoundError if the stage has no checkpoint in ``workdir``.
   """
-  scfg = _stage_cfg(cfg, stage)
-  tx = steps.make_optimizer(scfg, int(scfg.num_steps))
-  abstract, _ = part.abstract_state(steps.make_init_fn(model, tx, example_batch(data), cfg.seed))
-  with _checkpointer(cfg, workdir, stage) as ck:
-    got = ck.restore_fields({"params": abstract.params, "model_state": abstract.model_state})
-  return {"params": got["params"], **got["model_state"]}
+  return restore_variables_and_step(cfg, workdir, stage, model, part, data)[0]
 
 
 def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
@@ -298,23 +379,25 @@ def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
 
 
 def evaluate_workdir(cfg, workdir: str | Path, data=None, model=None, part=None) -> dict:
-  """Restore the latest fine-tuned parameters of ``workdir``, evaluate, write metrics.json.
+  """Restore the latest fine-tuned parameters of ``workdir``, evaluate, write metrics.json
+  (with ``checkpoint_step``: the fine-tuning step evaluated).
 
-  Raises FileNotFoundError if the workdir has no fine-tuning checkpoint.
+  Raises FileNotFoundError if the workdir has no fine-tuning checkpoint (checked before the
+  data is prepared; nothing is created).
   """
   workdir = Path(workdir)
+  require_finetune_checkpoint(workdir)
   data = data or prepare(cfg, workdir)
   model = model or build_model(cfg, data)
   part = part or Partitioner(cfg.mesh)
-  variables = restore_variables(cfg, workdir, "finetune", model, part, data)
+  variables, ft_step = restore_variables_and_step(cfg, workdir, "finetune", model, part, data)
   t = time.time()
   metrics = eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
                               cfg.eval.mask, cfg.eval.user_chunk, partitioner=part)
   metrics = {"model": cfg.model.name, "dataset": data.manifest.get("dataset", cfg.data.name),
-             **metrics}
-  log.info("evaluated on %s in %.1fs", cfg.eval.split, time.time() - t)
-  with _checkpointer(cfg, workdir, "finetune") as ck:
-    ft_step = ck.latest_step() or 0
+             "checkpoint_step": ft_step, **metrics}
+  log.info("evaluated fine-tuning step %d on %s in %.1fs", ft_step, cfg.eval.split,
+           time.time() - t)
   with monitor.Monitor(workdir, "finetune") as mon:   # TensorBoard: eval/<scenario>/<metric>
     mon.log_eval(ft_step, metrics, prefix="eval" if cfg.eval.split == "test" else
                  f"eval_{cfg.eval.split}")

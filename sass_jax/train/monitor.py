@@ -8,8 +8,9 @@
   writes; on the other processes every method is a no-op. A resumed stage opens its writer with
   ``purge_step`` = the resumed step, so TensorBoard drops the events an interrupted run wrote
   after its last checkpoint.
-- :class:`PreemptionWatch` turns SIGTERM into "stop after this step": the loop finishes the
-  step, saves a checkpoint and raises :class:`Preempted` (``sass_jax.main`` exits 0).
+- :class:`PreemptionWatch` turns SIGTERM and SIGINT (Ctrl-C) into "stop after this step": the
+  loop finishes the step, saves a checkpoint and raises :class:`Preempted` (``sass_jax.main``
+  exits 0); a second Ctrl-C stops at once (KeyboardInterrupt).
 - :func:`first_nonfinite` names the first non-finite quantity of a step's metrics.
 
 View with ``tensorboard --logdir WORKDIR/tb`` (``pip install tensorboard``; not a dependency).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import signal
 import threading
 from pathlib import Path
@@ -30,16 +32,26 @@ import numpy as np
 log = logging.getLogger("sass_jax")
 
 FINITE_KEYS = ("loss", "grad_norm", "param_norm")
+# Characters TensorBoard does not allow in a tag (tensorboardX's rule; they become '_').
+_BAD_TAG_CHARS = re.compile(r"[^-/\w.]")
+
+
+def clean_tag(tag: str) -> str:
+  """``tag`` with every character outside ``[-/\\w.]`` replaced by '_' and leading '/'
+  stripped, e.g. 'eval/overall/recall@50' -> 'eval/overall/recall_50' (what tensorboardX would
+  write, without its INFO log line per tag)."""
+  return _BAD_TAG_CHARS.sub("_", tag).lstrip("/")
 
 
 class Preempted(Exception):
-  """Raised by ``loop.train_stage`` after it saved a checkpoint at ``step`` because of SIGTERM
-  (or a preemption notice all processes agreed on). Rerun the same command to continue."""
+  """Raised by ``loop.train_stage`` after it saved a checkpoint at ``step`` because of SIGTERM,
+  SIGINT (Ctrl-C) or a preemption notice all processes agreed on. Rerun the same command to
+  continue. ``cause`` completes "stopped ... after step N" (:attr:`PreemptionWatch.cause`)."""
 
-  def __init__(self, stage: str, step: int, directory):
-    super().__init__(f"{stage}: stopped by a preemption signal after step {step}; checkpoint "
+  def __init__(self, stage: str, step: int, directory, cause: str = "by a preemption signal"):
+    super().__init__(f"{stage}: stopped {cause} after step {step}; checkpoint "
                      f"saved in {directory}. Rerun the same command to continue from it.")
-    self.stage, self.step, self.directory = stage, int(step), directory
+    self.stage, self.step, self.directory, self.cause = stage, int(step), directory, cause
 
 
 def first_nonfinite(metrics: Mapping[str, float], keys: Iterable[str] = FINITE_KEYS) -> str | None:
@@ -111,7 +123,7 @@ class Monitor:
       return
     for k, v in metrics.items():
       if k != "step" and isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
-        self._w.add_scalar(f"{prefix}/{k}", float(v), int(step))
+        self._w.add_scalar(clean_tag(f"{prefix}/{k}"), float(v), int(step))
 
   def log_eval(self, step: int, metrics: Mapping, prefix: str = "eval") -> None:
     """Evaluation metrics (``eval.evaluate`` output): ``<prefix>/<scenario>/<metric>`` for
@@ -144,7 +156,7 @@ class Monitor:
 
 
 class PreemptionWatch:
-  """SIGTERM -> a step after which every process saves and stops.
+  """SIGTERM or SIGINT (Ctrl-C) -> a step after which every process saves and stops.
 
   Enter it (``with watch:``) around the training loop and call :meth:`should_stop` on every
   process after every step (the same step numbers everywhere):
@@ -159,9 +171,11 @@ class PreemptionWatch:
     ``sync_every`` steps, ``should_stop`` takes the max of all processes' flags
     (``multihost_utils.process_allgather``), so all save the same step and stop together.
 
-  The previous handler is restored on exit (one installed outside Python -- not visible to
-  ``signal.getsignal`` -- comes back as the default action); nothing is installed outside the
-  main thread.
+  With JAX's preemption service no SIGINT handler is installed either (Ctrl-C then raises
+  KeyboardInterrupt as usual). A second SIGINT while a stop is pending raises
+  KeyboardInterrupt (stop at once, without the checkpoint). The previous handler is restored
+  on exit (one installed outside Python -- not visible to ``signal.getsignal`` -- comes back as
+  the default action); nothing is installed outside the main thread.
 
   Args:
     checkpointer: object with ``reached_preemption(step)`` (a ``Checkpointer``), or None.
@@ -170,19 +184,32 @@ class PreemptionWatch:
   """
 
   def __init__(self, checkpointer=None, sync_every: int = 10,
-               signals: Iterable[int] = (signal.SIGTERM,)):
+               signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)):
     self._ckpt = checkpointer
     self.sync_every = max(1, int(sync_every))
     self._signals = tuple(signals)
     self._previous: dict[int, Any] = {}
     self._service = False
     self.flag = False
+    self.signum: int | None = None   # the first signal received
+
+  @property
+  def cause(self) -> str:
+    """Why the stage stops, for :class:`Preempted`: 'on request (SIGINT / Ctrl-C)' after a
+    SIGINT, else 'by a preemption signal'."""
+    if self.signum == signal.SIGINT:
+      return "on request (SIGINT / Ctrl-C)"
+    return "by a preemption signal"
 
   def _handler(self, signum, frame):
     del frame
+    if self.flag and signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt   # Ctrl-C twice: stop now
     if not self.flag:
-      log.warning("received signal %d: stopping after the current step (checkpoint first)",
-                  signum)
+      self.signum = signum
+      extra = "; press Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+      log.warning("received %s: stopping after the current step (checkpoint first)%s",
+                  signal.Signals(signum).name, extra)
     self.flag = True
 
   def __enter__(self) -> "PreemptionWatch":

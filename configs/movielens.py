@@ -124,7 +124,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   # The tuning grid, the same for every model: learning_rates x taus x widths, each () = the
   # config's own value. A grid of one point means no tuning runs.
   c.compare.learning_rates = ()    # e.g. (1e-3, 3e-3)
-  c.compare.taus = ()              # e.g. (0.1, 0.2)
+  c.compare.taus = (0.1, 0.2)      # temperature: the most sensitive value (README Results)
   c.compare.widths = ()            # e.g. ((256, 128), (128, 64))
   c.compare.select_metric = "recall@50"  # overall, on the validation split
   c.compare.results_dir = "results"

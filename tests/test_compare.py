@@ -21,6 +21,7 @@ def compared(tmp_path_factory):
   cfg.compare.models = MODELS
   cfg.compare.seeds = 2
   cfg.compare.learning_rates = (1e-3, 3e-3)   # two grid points: tuning on valid
+  cfg.compare.taus = ()
   cfg.compare.results_dir = str(wd / "results")
   cfg.compare.name = "tiny"
   return cfg, wd, compare.compare(cfg, wd / "work")

@@ -71,7 +71,8 @@ SCRIPT = textwrap.dedent("""
       if name == "1":       # the single-device path without the sharded top-K agrees too
         plain = eval_lib.evaluate(model, v, data, cfg.eval.split, tuple(cfg.eval.ks),
                                   cfg.eval.mask, cfg.eval.user_chunk)
-        close({"model": m["model"], "dataset": m["dataset"], **plain}, m24, 1e-6)
+        close({"model": m["model"], "dataset": m["dataset"],
+               "checkpoint_step": m["checkpoint_step"], **plain}, m24, 1e-6)
 
       # Training: resume the (2 x 4) run from its step-5 checkpoint on the new mesh.
       wd2 = tmp / f"resume_{name}"

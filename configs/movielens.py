@@ -112,6 +112,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.bench.input_batches = 50       # batches per repeat of the input-only timing
   c.bench.eval_items = 65536       # items encoded (in every scenario) by the evaluation timing
   c.bench.eval_users = 4096        # users encoded and ranked against a corpus of num_items
+  c.bench.eval_topk_scores = 2e9   # ... but at most this many user x item scores ranked
   c.bench.full_eval_max_pairs = 1e9  # also time evaluate() when users x items <= this
   c.bench.probe = True             # measure matmul FLOP/s and copy bandwidth (the floor)
   c.bench.probe_matmul_n = 0       # probe sizes; 0 = 2048 / 256 MiB on CPU, 8192 / 2 GiB else

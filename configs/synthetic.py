@@ -3,8 +3,9 @@
 Default: 1e5 rows, 10k users, 5k items, 3 scenarios (prepares in about a second).
 Arguments (comma-separated, any order): 'sass' | 'sass_base' (the model, as configs/movielens.py)
 and 'large' for 1e7 rows with 1e6 users and 1e6 items (about a minute to prepare, < 1 GB memory),
-or 'xlarge' for 1e7 rows with 8e6 users and 2e6 items: 1e7 embedding rows in the id tables (the
-row-sparse update benchmark of issue 6, BENCHMARKS.md; a few GB of memory with dense AdamW).
+or 'xlarge' for 1.2e7 rows over 2e7 users and 1e7 items (flatter item popularity, Zipf 0.5): the
+training split's vocabularies give about 1.1e7 embedding rows (the row-sparse update benchmark
+of issue 6, BENCHMARKS.md; about 1.5 minutes to prepare, a few GB of memory with dense AdamW).
 
 Usage:
   python -m sass_jax.main --config configs/synthetic.py --workdir runs/syn --mode train
@@ -27,9 +28,9 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c = movielens.get_config(model)
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"
-  c.data.num_rows = 10_000_000 if large else 100_000
-  c.data.num_users = (8_000_000 if xlarge else 1_000_000) if large else 10_000
-  c.data.num_items = (2_000_000 if xlarge else 1_000_000) if large else 5_000
+  c.data.num_rows = (12_000_000 if xlarge else 10_000_000) if large else 100_000
+  c.data.num_users = (20_000_000 if xlarge else 1_000_000) if large else 10_000
+  c.data.num_items = (10_000_000 if xlarge else 1_000_000) if large else 5_000
   c.data.num_scenarios = 3
   c.data.num_user_fields = 2      # extra categorical fields derived from the latent clusters
   c.data.num_item_fields = 2
@@ -38,7 +39,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.num_clusters = 32
   c.data.scenario_strength = 1.0  # weight of the scenario-specific part of the latent vectors
   c.data.popularity_shared = 0.3  # correlation of item popularity across scenarios
-  c.data.zipf_alpha = 1.0
+  c.data.zipf_alpha = 0.5 if xlarge else 1.0
   c.data.ctr = 0.1                # target click rate
   c.data.signal = 2.5             # logit scale of the standardised latent score
   c.data.split = (0.8, 0.1, 0.1)

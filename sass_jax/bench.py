@@ -11,9 +11,10 @@ warm-up, ``config.bench.repeats`` times each (median, min, max and every run):
   each timed run is ``config.bench.steps`` steps closed by ``jax.block_until_ready``. Per step:
   ms and samples/s, compile seconds, XLA's compiled ``cost_analysis`` (flops, bytes accessed)
   and ``memory_analysis`` (argument / output / temp bytes), the device's peak memory where the
-  backend reports it (``memory_stats``), and the *floor*: flops / the measured matmul rate and
-  bytes / the measured copy bandwidth (``probe``), with ``step_over_floor`` = step time / the
-  larger of the two.
+  backend reports it (``memory_stats``), and the *floor* (``_floor``): flops / the measured
+  matmul rate, and the least bytes a step must move (params and optimiser state read and
+  written once; touched rows only for the row-sparse tables) / the measured copy bandwidth
+  (``probe``), with ``step_over_floor`` = step time / the larger of the two.
 - ``sparse_check``: one step of each row-sparse optimiser and of its dense masked reference
   (``SparseOptions(masked=True)``) from the same state and batch: the largest difference on
   the touched rows, whether every untouched row is bitwise unchanged, and the largest
@@ -28,8 +29,8 @@ warm-up, ``config.bench.repeats`` times each (median, min, max and every run):
 - ``loop``: the whole fine-tune loop as ``loop.train_stage`` runs it (next batch from the input
   source, placement, step) with ``config.train.embedding_optimizer``.
 - ``eval``: encoding ``config.bench.eval_items`` items in every scenario and
-  ``config.bench.eval_users`` users, exact top-K of those users over a corpus of the data's
-  item count, and -- when users x items <= ``config.bench.full_eval_max_pairs`` -- the whole
+  ``config.bench.eval_users`` users, exact top-K of those users (at most
+  ``config.bench.eval_topk_scores`` / items of them) over a corpus of the data's item count, and -- when users x items <= ``config.bench.full_eval_max_pairs`` -- the whole
   ``evaluate()`` (the second of two calls, so without compilation).
 - ``probe``: the device's float32 (and bfloat16) matmul FLOP/s and copy bandwidth, measured.
 
@@ -63,7 +64,7 @@ log = logging.getLogger("sass_jax")
 BENCH_DEFAULTS = dict(steps=20, warmup=3, repeats=5, batches=8,
                       embedding_optimizers=("dense", "lazy_adam", "rowwise_adagrad"),
                       stages=("pretrain", "finetune"), check_sparse=True, eval_items=65536,
-                      eval_users=4096, full_eval_max_pairs=1e9, loop_steps=20, input_batches=50,
+                      eval_users=4096, eval_topk_scores=2e9, full_eval_max_pairs=1e9, loop_steps=20, input_batches=50,
                       probe=True, probe_matmul_n=0, probe_bytes=0)
 
 
@@ -197,15 +198,44 @@ def _host_peak_rss_bytes() -> int:
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _floor(cost: dict, pr: dict | None, compute_dtype: str) -> dict | None:
+def _state_bytes(memory: dict, state, opt: str, model, touched_rows: int | None) -> int | None:
+  """The least DRAM traffic of a step: every byte of its arguments (params, optimiser state,
+  batch) read once and of its outputs written once (``memory_analysis``); for a row-sparse
+  step the tables and their state count only their touched rows."""
+  if "argument_size_in_bytes" not in memory:
+    return None
+  total = memory["argument_size_in_bytes"] + memory["output_size_in_bytes"]
+  if opt == "dense" or touched_rows is None:
+    return int(total)
+  tables = sparse.find_tables(model, state.params)
+  _, tabs = sparse.split_params(state.params, tables)
+  tstate = state.opt_state["tables"]
+  full = 0
+  for t in tables:
+    node = tstate
+    for k in t.path:
+      node = node[k]
+    full += tabs[t.path].nbytes + sum(x.nbytes for x in jax.tree.leaves(node))
+  d = tables[0].dim
+  per_row = 4 * d + (8 * d if opt == "lazy_adam" else 4)
+  return int(total - 2 * full + 2 * touched_rows * per_row)
+
+
+def _floor(cost: dict, state_bytes: int | None, pr: dict | None,
+           compute_dtype: str) -> dict | None:
+  """The step's floor on this device: ``compute_ms`` = XLA's flops / the measured matmul rate
+  of ``compute_dtype``; ``state_ms`` = the least traffic (``_state_bytes``) / the measured copy
+  bandwidth; ``floor_ms`` = the larger, ``bound`` names it. ``xla_bytes_ms`` = XLA's
+  'bytes accessed' / the copy bandwidth: every HLO's operands and results, intermediates that
+  stay in cache included -- an upper bound of the traffic, not a floor."""
   if not pr or "flops" not in cost:
     return None
-  rate = pr[f"matmul_{compute_dtype}_flops_per_s"]
-  compute_ms = cost["flops"] / rate * 1e3
-  memory_ms = cost["bytes_accessed"] / pr["copy_bytes_per_s"] * 1e3
-  return {"compute_ms": compute_ms, "memory_ms": memory_ms,
-          "floor_ms": max(compute_ms, memory_ms),
-          "bound": "compute" if compute_ms >= memory_ms else "memory"}
+  compute_ms = cost["flops"] / pr[f"matmul_{compute_dtype}_flops_per_s"] * 1e3
+  state_ms = (state_bytes or 0) / pr["copy_bytes_per_s"] * 1e3
+  return {"compute_ms": compute_ms, "state_ms": state_ms, "state_bytes": state_bytes,
+          "xla_bytes_ms": cost["bytes_accessed"] / pr["copy_bytes_per_s"] * 1e3,
+          "floor_ms": max(compute_ms, state_ms),
+          "bound": "compute" if compute_ms >= state_ms else "memory"}
 
 
 # ---- batches --------------------------------------------------------------------------------
@@ -291,12 +321,13 @@ def _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr):
          "compile_s": compile_s, "cost": cost, "memory": _memory(compiled),
          "peak_device_bytes": _peak_device_bytes(), "host_peak_rss_bytes": _host_peak_rss_bytes(),
          "final_loss": float(jax.device_get(m["loss"]))}
-  fl = _floor(cost, pr, cfg.model.compute_dtype)
+  if "touched_rows" in m:
+    res["touched_rows"] = int(jax.device_get(m["touched_rows"]))
+  fl = _floor(cost, _state_bytes(res["memory"], state, opt, model, res.get("touched_rows")), pr,
+              cfg.model.compute_dtype)
   if fl:
     res["floor"] = fl
     res["step_over_floor"] = res["step_ms"]["median"] / max(fl["floor_ms"], 1e-12)
-  if "touched_rows" in m:
-    res["touched_rows"] = int(jax.device_get(m["touched_rows"]))
   return res, compiled, state
 
 
@@ -487,11 +518,13 @@ def _bench_eval(cfg, model, variables, data, b) -> dict:
   budget = (8 << 30) if jax.devices()[0].platform != "cpu" else (1 << 30)
   uc = max(1, min(int(cfg.eval.user_chunk), budget // (4 * int(data.num_items))))
   out["user_chunk"] = uc
-  topk_scores(uvec[:min(uc, n_users)], corpus, kmax, chunk_size=uc)     # compile
+  # Users ranked: at most config.bench.eval_topk_scores / num_items of them (>= one chunk).
+  n_topk = int(min(n_users, max(uc, float(b.eval_topk_scores) // data.num_items)))
+  topk_scores(uvec[:min(uc, n_topk)], corpus, kmax, chunk_size=uc)     # compile
   t = time.perf_counter()
-  topk_scores(uvec, corpus, kmax, chunk_size=uc)
-  out["topk"] = {"users": n_users, "corpus": int(data.num_items), "k": int(kmax),
-                 "users_per_s": n_users / (time.perf_counter() - t)}
+  topk_scores(uvec[:n_topk], corpus, kmax, chunk_size=uc)
+  out["topk"] = {"users": n_topk, "corpus": int(data.num_items), "k": int(kmax),
+                 "users_per_s": n_topk / (time.perf_counter() - t)}
   pairs = float(data.num_users) * float(data.num_items)
   if pairs <= float(b.full_eval_max_pairs):
     ev = lambda: eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),

@@ -130,8 +130,16 @@ def test_bench_cli_json_every_field(bench_cli):
     assert r["host_peak_rss_bytes"] > 0
     assert r["peak_device_bytes"] is None or r["peak_device_bytes"] > 0
     f = r["floor"]
-    assert f["floor_ms"] == max(f["compute_ms"], f["memory_ms"]) > 0
+    assert f["floor_ms"] == max(f["compute_ms"], f["state_ms"]) > 0 and f["xla_bytes_ms"] > 0
+    assert f["bound"] == ("compute" if f["compute_ms"] >= f["state_ms"] else "memory")
     assert r["step_over_floor"] == pytest.approx(ms / f["floor_ms"])
+    # The least traffic: arguments read + outputs written (fewer for the row-sparse tables).
+    mem = r["memory"]
+    full = mem["argument_size_in_bytes"] + mem["output_size_in_bytes"]
+    if name.endswith("/dense"):
+      assert f["state_bytes"] == full
+    else:
+      assert 0 < f["state_bytes"] < full
   assert out["steps"]["finetune/lazy_adam"]["touched_rows"] > 0
   assert set(out["sparse_speedup"]) == {"lazy_adam"} and _positive(out["sparse_speedup"]["lazy_adam"])
   chk = out["sparse_check"]["lazy_adam"]
@@ -146,10 +154,21 @@ def test_bench_cli_json_every_field(bench_cli):
   sps = out["steps"]["finetune/dense"]["samples_per_s"]["median"]
   assert out["input_over_step"] == pytest.approx(out["input"]["host"]["median"] / sps)
   assert out["loop"]["embedding_optimizer"] == "dense" and out["loop"]["steps"] == 2
-  _stat(out["loop"]["samples_per_s"])
+  assert out["loop_over_step"] == pytest.approx(
+      _stat(out["loop"]["samples_per_s"]) / sps)
+  assert set(out["table_update"]) == {"rows", "ids", "dense", "lazy_adam"}
+  assert out["table_update"]["rows"] == out["model"]["embedding_rows"]
+  assert out["table_update"]["ids"] == 64 * 13     # 5 user fields + movie_id + 6 genres + year
+  for o in ("dense", "lazy_adam"):
+    _stat(out["table_update"][o]["update_ms"])
+  assert out["table_update_speedup"]["lazy_adam"] == pytest.approx(
+      out["table_update"]["dense"]["update_ms"]["median"]
+      / out["table_update"]["lazy_adam"]["update_ms"]["median"])
   ev = out["eval"]
+  assert 1 <= ev["user_chunk"] <= 1024
   assert ev["encode_items"]["items"] == 256 and ev["encode_items"]["scenarios"] == 3
   assert ev["encode_users"]["users"] == 128 and ev["topk"]["k"] == 100
+  assert ev["topk"]["users"] == 128 and ev["topk"]["corpus"] == out["data"]["items"]
   for k in ("encode_items", "encode_users", "topk"):
     assert _positive(ev[k]["items_per_s" if k == "encode_items" else "users_per_s"])
   assert ev["full_evaluate_s"] is None and "full_eval_max_pairs" in ev["full_evaluate_skipped"]

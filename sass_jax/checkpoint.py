@@ -119,12 +119,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _get_params_subtree(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return tree[_PARAMS]
-    return getattr(tree, _PARAMS)
-
-
 class Checkpointer:
     """Orbax CheckpointManager wrapper for one training stage directory.
 
@@ -482,24 +476,7 @@ class Checkpointer:
           FileNotFoundError: no checkpoint (at `step`) in the directory.
           ValueError: structure mismatch with the saved ``params``.
         """
-        item = {_PARAMS: _abstractify(abstract_params)}
-
-        def restore_one(step):
-            restored = self._mngr.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        _STATE: ocp.args.PyTreeRestore(
-                            item=item,
-                            restore_args=_restore_args_for(item),
-                            partial_restore=True,
-                        )
-                    }
-                ),
-            )
-            return _get_params_subtree(restored[_STATE])
-
-        return self._restore_with_fallback(step, restore_one)
+        return self.restore_fields({_PARAMS: abstract_params}, step)[_PARAMS]
 
     # ------------------------------------------------------------- lifecycle
     def wait_until_finished(self) -> None:

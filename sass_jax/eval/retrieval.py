@@ -80,6 +80,20 @@ class _ExclusionChunks:
         return rows, cols
 
 
+
+def _check_topk_args(users, items, k: int, chunk_size: int) -> None:
+    """Raise ValueError unless users [U, D] and items [N >= 1, D], k >= 1, chunk_size >= 1."""
+    if users.ndim != 2 or items.ndim != 2:
+        raise ValueError(f"user_vecs and item_vecs must be 2-D, got shapes {users.shape} and {items.shape}")
+    if users.shape[1] != items.shape[1]:
+        raise ValueError(f"embedding dims differ: user_vecs {users.shape}, item_vecs {items.shape}")
+    if items.shape[0] == 0:
+        raise ValueError("item_vecs must contain at least one item")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
 def topk_scores(
     user_vecs,
     item_vecs,
@@ -119,17 +133,8 @@ def topk_scores(
     """
     users = jnp.asarray(user_vecs, dtype=jnp.float32)
     items = jnp.asarray(item_vecs, dtype=jnp.float32)
-    if users.ndim != 2 or items.ndim != 2:
-        raise ValueError(f"user_vecs and item_vecs must be 2-D, got shapes {users.shape} and {items.shape}")
-    if users.shape[1] != items.shape[1]:
-        raise ValueError(f"embedding dims differ: user_vecs {users.shape}, item_vecs {items.shape}")
+    _check_topk_args(users, items, k, chunk_size)
     num_users, num_items = users.shape[0], items.shape[0]
-    if num_items == 0:
-        raise ValueError("item_vecs must contain at least one item")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     k = min(int(k), num_items)
     if num_users == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
@@ -233,17 +238,8 @@ def sharded_topk_scores(
     """
     users = np.asarray(user_vecs, dtype=np.float32)
     items = np.asarray(item_vecs, dtype=np.float32)
-    if users.ndim != 2 or items.ndim != 2:
-        raise ValueError(f"user_vecs and item_vecs must be 2-D, got shapes {users.shape} and {items.shape}")
-    if users.shape[1] != items.shape[1]:
-        raise ValueError(f"embedding dims differ: user_vecs {users.shape}, item_vecs {items.shape}")
+    _check_topk_args(users, items, k, chunk_size)
     num_users, num_items = users.shape[0], items.shape[0]
-    if num_items == 0:
-        raise ValueError("item_vecs must contain at least one item")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     axes = tuple(mesh.axis_names if axes is None else axes)
     unknown = [a for a in axes if a not in mesh.axis_names]
     if unknown:

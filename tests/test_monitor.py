@@ -115,6 +115,17 @@ def test_resumed_writer_purges_later_events(tmp_path):
   assert not any(v.tag == "config" for ev in events for v in ev.summary.value)
 
 
+def test_undefined_eval_metric_left_out(tmp_path):
+  """AUC is NaN on implicit data (no negatives): no NaN scalar is written, the rest are."""
+  metrics = {"scenarios": {"sports": {"recall@50": 0.25, "auc": float("nan"), "num_users": 3}},
+             "overall": {"recall@50": 0.5, "auc": float("nan")}}
+  with monitor.Monitor(tmp_path, "finetune", config={"a": 1}) as mon:
+    mon.log_eval(10, metrics)
+  assert scalars(read_events(tmp_path / "tb" / "finetune")) == {
+      "eval/sports/recall_50": {10: 0.25}, "eval/sports/num_users": {10: 3.0},
+      "eval/overall/recall_50": {10: 0.5}}
+
+
 def test_first_nonfinite():
   assert monitor.first_nonfinite({"loss": 1.0, "grad_norm": 2.0, "param_norm": 3.0}) is None
   assert monitor.first_nonfinite({"loss": 1.0, "grad_norm": float("inf")}) == "grad_norm"

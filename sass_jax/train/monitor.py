@@ -128,15 +128,17 @@ class Monitor:
   def log_eval(self, step: int, metrics: Mapping, prefix: str = "eval") -> None:
     """Evaluation metrics (``eval.evaluate`` output): ``<prefix>/<scenario>/<metric>`` for
     every scenario and ``<prefix>/overall/<metric>``; numeric values only (e.g. recall@50,
-    auc, num_users). ``loop.evaluate_workdir`` uses prefix 'eval' for the test split and
-    'eval_valid' for the validation split."""
+    auc, num_users). A metric that is undefined for the data (NaN, e.g. AUC on implicit
+    data without negatives) is left out rather than written as NaN. ``loop.evaluate_workdir``
+    uses prefix 'eval' for the test split and 'eval_valid' for the validation split."""
     if self._w is None:
       return
     blocks = dict(metrics.get("scenarios", {}))
     if "overall" in metrics:
       blocks["overall"] = metrics["overall"]
     for name, block in blocks.items():
-      self.log(step, {k: v for k, v in block.items() if isinstance(v, (int, float))},
+      self.log(step, {k: v for k, v in block.items()
+                      if isinstance(v, (int, float)) and math.isfinite(v)},
                prefix=f"{prefix}/{name}")
 
   def flush(self) -> None:

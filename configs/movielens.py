@@ -79,8 +79,8 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.train.embedding_optimizer = "dense"
   c.train.embedding_learning_rate = 0.0  # row-sparse tables' peak lr; 0 = the stage's learning_rate
   # Keep the stage's training rows and entity tables on the device and sample batches there
-  # (sass_jax/data/resident.py; used by --mode bench). Not under config.data, whose every key
-  # is part of the prepared data's identity.
+  # (sass_jax/data/resident.py; every training mode and bench; one process only). Not under
+  # config.data, whose every key is part of the prepared data's identity.
   c.train.resident_on_device = False
 
   c.checkpoint = ml_collections.ConfigDict()

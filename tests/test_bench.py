@@ -288,7 +288,7 @@ def test_resident_sampler_batches_match_the_data(tmp_path, ml_sample_dir):
   s = ResidentSampler(data, "finetune", bs, seed=1)
   n_batches = -(-len(rows) // bs)
   got = [jax.device_get(next(s)) for _ in range(n_batches)]
-  assert s.get_state() == {"next_index": n_batches}
+  assert s.get_state() == {"sampler": "resident", "next_index": n_batches}
   key = lambda u, i, k: (np.asarray(u, np.int64) * 10**7 + np.asarray(i) * 10 + np.asarray(k))
   first_epoch = np.concatenate([key(g["user_index"], g["item_index"], g["scenario"])
                                 for g in got])[:len(rows)]

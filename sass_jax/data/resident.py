@@ -141,10 +141,14 @@ class ResidentSampler:
     return b
 
   def get_state(self) -> dict:
-    """{'next_index': i}: the position, for a checkpoint."""
-    return {"next_index": self.index}
+    """``{'sampler': 'resident', 'next_index': i}``: the position, for a checkpoint (the
+    'sampler' key tells it from a grain iterator's state)."""
+    return {"sampler": "resident", "next_index": self.index}
 
   def set_state(self, state: dict):
+    """Resume at ``state['next_index']``; raises ValueError for another sampler's state."""
+    if not isinstance(state, dict) or state.get("sampler") != "resident":
+      raise ValueError(f"not a ResidentSampler state: {state!r}")
     self.index = int(state["next_index"])
 
 

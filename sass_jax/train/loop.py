@@ -190,6 +190,37 @@ def _keep_log_until(path: Path, step: int) -> None:
     path.write_text("".join(keep))
 
 
+def batch_source(cfg, data: store.PreparedData, stage: str, batch_size: int, seed: int,
+                 num_batches: int, part: Partitioner):
+  """``(iterator, place)``: the stage's batches and the function that puts one on the mesh.
+
+  ``config.train.resident_on_device=False`` (default): the grain pipeline
+  (``pipeline.make_iterator``, this process's rows of each global batch) and
+  ``part.shard_batch``. ``True``: ``data.resident.ResidentSampler`` (the stream's rows and the
+  entity tables copied to the device once, each batch gathered there; single process only),
+  whose batches are already placed, so ``place`` is the identity. The two samplers visit every
+  row once per epoch but in different orders. Raises ValueError as ``ResidentSampler`` does
+  (several processes, batch larger than the stream).
+  """
+  if cfg.train.get("resident_on_device", False):
+    from sass_jax.data.resident import ResidentSampler
+    return ResidentSampler(data, stage, batch_size, seed, part.batch_sharding()), lambda b: b
+  return (pipeline.make_iterator(data, stage, batch_size, seed, num_batches, *part.data_shard()),
+          part.shard_batch)
+
+
+def _resume_iterator(it, data_state, cfg, step: int) -> None:
+  """Restore the data position; a checkpoint written by the other sampler is a clear error."""
+  resident = bool(cfg.train.get("resident_on_device", False))
+  saved_resident = isinstance(data_state, dict) and data_state.get("sampler") == "resident"
+  if resident != saved_resident:
+    raise ValueError(
+        f"the checkpoint at step {step} was written with config.train.resident_on_device="
+        f"{saved_resident}, and the two samplers order the rows differently; resume with "
+        f"--config.train.resident_on_device={saved_resident} (or use a new workdir)")
+  it.set_state(data_state)
+
+
 def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Partitioner,
                 workdir: str | Path, init_params=None, show_progress: bool = True):
   """Run one stage to ``num_steps``, resuming from its latest checkpoint if there is one.
@@ -239,9 +270,9 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
     start = int(state.step)
     if start >= num_steps:
       return state
-    it = pipeline.make_iterator(data, stage, bs, seed, num_steps, *part.data_shard())
+    it, place = batch_source(cfg, data, stage, bs, seed, num_steps, part)
     if data_state:
-      it.set_state(data_state)
+      _resume_iterator(it, data_state, cfg, int(state.step))
     step_fn = stage_step
     policy = cfg.train.get("nan_policy", "raise")
     max_skips = int(cfg.train.get("max_skips", 10))
@@ -292,7 +323,7 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
         monitor.PreemptionWatch(ckpt) as watch, \
         open(log_path, "a") if writer else contextlib.nullcontext() as logf:
       for step in range(start + 1, num_steps + 1):
-        state, m = step_fn(state, part.shard_batch(next(it)))
+        state, m = step_fn(state, place(next(it)))
         if pending is not None:       # the previous step, checked while this one runs
           checked(*pending)
         pending = (step, m)

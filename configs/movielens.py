@@ -92,6 +92,9 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.eval.ks = (20, 50, 100)
   c.eval.user_chunk = 1024
   c.eval.mask = "train"            # items masked per user: 'train' positives or 'train_valid'
+  # Items ranked in scenario k: 'all' (the whole corpus, SPEC section 5) or 'scenario' (only
+  # items seen in scenario k: for scenarios that are domains with their own items).
+  c.eval.corpus = "all"
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                 # -1: all devices not used by the other axis

@@ -528,7 +528,7 @@ def _bench_eval(cfg, model, variables, data, b) -> dict:
   pairs = float(data.num_users) * float(data.num_items)
   if pairs <= float(b.full_eval_max_pairs):
     ev = lambda: eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
-                                   cfg.eval.mask, uc)
+                                   cfg.eval.mask, uc, corpus=cfg.eval.get("corpus", "all"))
     ev()
     t = time.perf_counter()
     ev()

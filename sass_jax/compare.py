@@ -110,10 +110,11 @@ def _run(cfg, workdir: Path, run_dir: Path, splits: tuple[str, ...]) -> dict[str
   if not link.exists():
     os.symlink(os.path.relpath(workdir / "data", run_dir), link)
   out = {}
-  todo = [s for s in splits if not (run_dir / f"compare_{s}.json").is_file()]
   for s in splits:
-    if s not in todo:
-      out[s] = json.loads((run_dir / f"compare_{s}.json").read_text())
+    f = run_dir / f"compare_{s}.json"
+    if f.is_file() and _same_protocol(m := json.loads(f.read_text()), cfg):
+      out[s] = m
+  todo = [s for s in splits if s not in out]
   if not todo:
     return out
   loop.train(cfg, run_dir, evaluate=False, show_progress=False)
@@ -126,6 +127,16 @@ def _run(cfg, workdir: Path, run_dir: Path, splits: tuple[str, ...]) -> dict[str
     tmp.replace(run_dir / f"compare_{s}.json")
     out[s] = m
   return out
+
+
+def _same_protocol(metrics: dict, cfg) -> bool:
+  """Whether saved metrics were computed as ``cfg.eval`` asks (corpus, mask, every K); metrics
+  saved before 'corpus' / 'mask' were recorded used 'all' / 'train'. A mismatch means the run
+  is evaluated again (its training is reused)."""
+  e = cfg.eval
+  ks_saved = {int(m.split("@")[1]) for m in metrics.get("overall", {}) if m.startswith("recall@")}
+  return (metrics.get("corpus", "all") == e.get("corpus", "all")
+          and metrics.get("mask", "train") == e.mask and set(map(int, e.ks)) <= ks_saved)
 
 
 def _select_value(metrics: dict, metric: str) -> float:
@@ -224,6 +235,13 @@ def summarize_runs(results: dict) -> dict:
   return out
 
 
+def _corpus_sentence(corpus: str) -> str:
+  if corpus == "scenario":
+    return ("Items ranked in each scenario: only that scenario's own items "
+            "(`config.eval.corpus='scenario'`), training positives masked.")
+  return "Items ranked in each scenario: the whole item corpus, training positives masked."
+
+
 def markdown(results: dict) -> str:
   """The results file's Markdown: one table per scenario and overall, then the tuning grid."""
   summ = summarize_runs(results)
@@ -232,7 +250,8 @@ def markdown(results: dict) -> str:
            "", f"Mean ± sample std over {n} seed(s) {results['seeds']}; settings chosen per "
            f"model on the validation split by overall {results['select_metric']} "
            "(tuning table below). Best mean per column in **bold**. Popularity: most-clicked "
-           "training items of the scenario (no seeds).", ""]
+           "training items of the scenario (no seeds). "
+           + _corpus_sentence(results.get("config", {}).get("eval", {}).get("corpus", "all")), ""]
   if results.get("command"):
     lines += ["Made by:", "", "```bash", results["command"], "```", ""]
   models = list(summ)

@@ -20,6 +20,7 @@ from typing import Iterable
 STAGES = ("pretrain", "finetune")
 EVAL_SPLITS = ("valid", "test")
 EVAL_MASKS = ("train", "train_valid")
+EVAL_CORPORA = ("all", "scenario")   # config.eval.corpus (sass_jax.eval.evaluate.scenario_corpus)
 PRETRAIN_PAIRS = ("scenario_views", "user_item")
 NAN_POLICIES = ("raise", "skip")
 BIAS_MODES = ("add", "concat")
@@ -150,6 +151,9 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     p(f"config.eval.split={e.split!r}: expected one of {EVAL_SPLITS}")
   if e.mask not in EVAL_MASKS:
     p(f"config.eval.mask={e.mask!r}: expected one of {EVAL_MASKS}")
+  if e.get("corpus", "all") not in EVAL_CORPORA:
+    p(f"config.eval.corpus={e.corpus!r}: expected one of {EVAL_CORPORA} ('scenario' ranks only "
+      "the items seen in the scenario, for scenarios with their own items)")
   ks = tuple(e.ks) if isinstance(e.ks, (tuple, list)) else (e.ks,)
   if not ks or not all(_is_int(k) and k >= 1 for k in ks):
     p(f"config.eval.ks={ks}: expected a non-empty tuple of positive ints, e.g. (20, 50, 100)")

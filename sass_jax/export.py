@@ -368,7 +368,8 @@ def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str |
 
   Arguments default to ``config.recommend.{user, scenario, k, exclude_seen}``. Scores are the
   evaluation's (user vector . item vector of the scenario, ``topk_scores``); with
-  ``exclude_seen`` the items of :func:`seen_items` under ``config.eval.mask`` are removed.
+  ``exclude_seen`` the items of :func:`seen_items` under ``config.eval.mask`` are removed;
+  with ``config.eval.corpus='scenario'`` only the scenario's own items are candidates.
   Returns ``{'user', 'scenario', 'model', 'step', 'num_excluded', 'items': [{'rank',
   'item_id', 'item_index', 'score'}]}`` (fewer than K items only if the corpus runs out).
   Raises UnknownIdError for an empty or unknown user / scenario, ValueError for k < 1,
@@ -398,7 +399,13 @@ def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str |
   uvec = eval_lib.encode_all(model, variables, {f: c[[row]] for f, c in data.users.items()},
                              {f: c[[row]] for f, c in data.user_masks.items()}, "encode_user", s)
   seen = seen_items(data, row, s, cfg.eval.mask) if exclude_seen else np.zeros(0, np.int64)
+  cand = eval_lib.scenario_corpus(data, s, cfg.eval.get("corpus", "all"))
+  if cand is not None:            # config.eval.corpus='scenario': the scenario's items only
+    seen = np.searchsorted(cand, seen[np.isin(seen, cand)])
+    items = items[cand]
   scores, idx = topk_scores(uvec, items, k, exclude=(np.array([0, len(seen)]), seen))
+  if cand is not None:
+    idx = cand[idx]
   keep = np.isfinite(scores[0])
   raw = np.asarray(data.item_raw_ids).astype(str)
   recs = [{"rank": r + 1, "item_id": str(raw[i]), "item_index": int(i), "score": float(v)}

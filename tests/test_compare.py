@@ -1,4 +1,5 @@
 """--mode compare on the tiny config: every model and seed in the table, means and stds right."""
+import copy
 import json
 import re
 
@@ -80,6 +81,19 @@ def test_rerun_skips_finished_runs(compared):
   again = compare.compare(cfg, wd / "work")
   assert again["runs"] == json.loads(json.dumps(res["runs"]))
   assert again["wall_s"] < res["wall_s"]
+
+
+def test_changed_eval_protocol_reevaluates_without_retraining(compared):
+  cfg, wd, res = compared
+  logs = {p: p.read_text() for p in (wd / "work").rglob("finetune_log.jsonl")}
+  c = copy.deepcopy(cfg)
+  c.eval.corpus = "scenario"
+  c.compare.name = "tiny_scenario"
+  again = compare.compare(c, wd / "work")
+  assert {r["metrics"]["corpus"] for r in again["runs"]} == {"scenario"}
+  assert {r["metrics"]["corpus"] for r in res["runs"]} == {"all"}
+  assert {p: p.read_text() for p in logs} == logs         # no training step was run again
+  assert "only that scenario's own items" in (wd / "results" / "tiny_scenario.md").read_text()
 
 
 def test_unknown_variant_is_rejected(tmp_path):

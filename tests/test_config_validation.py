@@ -57,6 +57,7 @@ CASES = [
      "(train, valid, test), e.g. (0.8, 0.1, 0.1)"),
     ("eval.split", "train", "config.eval.split='train': expected one of ('valid', 'test')"),
     ("eval.mask", "none", "config.eval.mask='none': expected one of ('train', 'train_valid')"),
+    ("eval.corpus", "domain", "config.eval.corpus='domain': expected one of ('all', 'scenario')"),
     ("eval.ks", (20, 0, 100), "config.eval.ks=(20, 0, 100): expected a non-empty tuple of "
      "positive ints, e.g. (20, 50, 100)"),
     ("mesh.data", 0, "config.mesh.data=0: expected a positive int or -1 (= all devices the "

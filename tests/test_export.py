@@ -128,9 +128,9 @@ def test_parquet_round_trip(run):
     assert str(schema.field("embedding").type.value_type) == "float"
 
 
-def _independent_topk(run, row, k, top, mask_splits):
+def _independent_topk(run, row, k, top, mask_splits, also_exclude=()):
   """Top-``top`` items by direct model.apply vectors and topk_scores with the user's positives
-  of ``mask_splits`` in scenario k excluded (or none)."""
+  of ``mask_splits`` in scenario k excluded (or none), and the items ``also_exclude``."""
   data, model, variables = run["data"], run["model"], run["variables"]
   n = data.num_items
   items = {f: jnp.asarray(np.asarray(c)) for f, c in data.items.items()}
@@ -141,7 +141,7 @@ def _independent_topk(run, row, k, top, mask_splits):
   sel = ((inter["user"] == row) & (inter["scenario"] == k) & (inter["label"] > 0.5)
          & np.isin(inter["split"], mask_splits))
   seen = np.unique(inter["item"][sel])
-  scores, idx = topk_scores(uvec, ivec, top, exclude=[seen])
+  scores, idx = topk_scores(uvec, ivec, top, exclude=[np.union1d(seen, np.asarray(also_exclude, np.int64))])
   return idx[0], scores[0], seen
 
 
@@ -177,6 +177,16 @@ def test_recommend_matches_evaluation_ranking(run):
   idx2, _, seen2 = _independent_topk(run, row, k, 25, [0, 1])
   assert tv["num_excluded"] == len(seen2)
   assert [r["item_index"] for r in tv["items"]] == idx2.tolist()
+  # eval.corpus='scenario': only items seen in the scenario are candidates.
+  cfg3 = copy.deepcopy(cfg)
+  cfg3.eval.corpus = "scenario"
+  sc = export.recommend(cfg3, wd, raw, name, 25, **kw)
+  inter = {c: np.asarray(v) for c, v in data.inter.items()}
+  others = np.setdiff1d(np.arange(data.num_items), inter["item"][inter["scenario"] == k])
+  assert len(others) > 0
+  idx3, scores3, _ = _independent_topk(run, row, k, 25, [0], also_exclude=others)
+  assert [r["item_index"] for r in sc["items"]] == idx3.tolist()
+  np.testing.assert_allclose([r["score"] for r in sc["items"]], scores3, atol=1e-5)
 
 
 def test_recommend_unknown_user_and_scenario(run):

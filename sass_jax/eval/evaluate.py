@@ -73,9 +73,49 @@ def _encoder(model, method, all_scenarios, out_sharding=None) -> Callable:
   return _ENCODERS[key]
 
 
+from sass_jax.config_check import EVAL_CORPORA as CORPORA  # noqa: E402  ('all', 'scenario')
+
+
+def scenario_corpus(data: PreparedData, k: int, corpus: str = "all") -> np.ndarray | None:
+  """The candidate items of scenario k: None for 'all' (every item of the corpus, SPEC section
+  5), or for 'scenario' int64 [N_k] (sorted) the items with at least one interaction of
+  scenario k in any split -- the domain's catalogue when scenarios are domains with their own
+  items (Douban book / music, Amazon sports / clothing), where ranking the other domain's
+  items would only test whether a model can tell the domains apart.
+
+  Raises ValueError for another ``corpus``.
+  """
+  if corpus not in CORPORA:
+    raise ValueError(f"config.eval.corpus={corpus!r}; expected one of {CORPORA}")
+  if corpus == "all":
+    return None
+  inter = data.inter
+  return np.unique(np.asarray(inter["item"])[np.asarray(inter["scenario"]) == k]).astype(np.int64)
+
+
+def _in_corpus(topk: Callable, cand: np.ndarray | None, item_vecs, num_users: int, kmax: int,
+               exclude):
+  """``topk(item_vecs, exclude)`` over the candidates ``cand`` only: exclusions are mapped to
+  candidate positions and the result back to item indices, padded with -1 to ``kmax``."""
+  if cand is None:
+    return topk(item_vecs, exclude)
+  pos = np.full(item_vecs.shape[0], -1, np.int64)
+  pos[cand] = np.arange(len(cand))
+  indptr, ex = (np.asarray(a, np.int64) for a in exclude)
+  local = pos[ex]
+  keep = local >= 0               # only candidates can be ranked, so only they need masking
+  row = np.repeat(np.arange(num_users), np.diff(indptr))
+  new_ptr = np.zeros(num_users + 1, np.int64)
+  np.cumsum(np.bincount(row[keep], minlength=num_users), out=new_ptr[1:])
+  idx = np.asarray(topk(item_vecs[cand], (new_ptr, local[keep])))
+  out = np.full((num_users, kmax), -1, np.int64)
+  out[:, :idx.shape[1]] = cand[idx]
+  return out
+
+
 def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
              ks=(20, 50, 100), mask: str = "train", user_chunk: int = 1024,
-             partitioner=None) -> dict[str, Any]:
+             partitioner=None, corpus: str = "all") -> dict[str, Any]:
   """Evaluate ``params`` and the popularity baseline on ``split``.
 
   Returns the metrics dict written to metrics.json::
@@ -90,7 +130,11 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
   gathered replicated and the top-K is ``retrieval.sharded_topk_scores`` (items split over
   every device of the mesh, exact merge; SPEC section 6) -- same metrics, and it runs with
   several processes. None: the single-device ``retrieval.topk_scores``.
+  corpus: 'all' ranks every item in every scenario (SPEC section 5); 'scenario' ranks only the
+  scenario's own items (:func:`scenario_corpus`), for the model and popularity alike.
+  Raises ValueError for an unknown corpus.
   """
+  scenario_corpus(data, 0, corpus)   # validates the name before any work
   if mask not in ("train", "train_valid"):
     raise ValueError(f"config.eval.mask={mask!r}; expected 'train' or 'train_valid'")
   if split not in SPLITS or split == "train":
@@ -124,13 +168,17 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
       uvec = encode_all(model, params, {f: c[users] for f, c in data.users.items()},
                         {f: c[users] for f, c in data.user_masks.items()}, "encode_user", k,
                         partitioner=partitioner)
+      cand = scenario_corpus(data, k, corpus)
       if partitioner is None:
-        _, idx = topk_scores(uvec, item_all[:, k], kmax, exclude=exclude, chunk_size=user_chunk)
+        model_topk = lambda vecs, ex: topk_scores(uvec, vecs, kmax, exclude=ex,
+                                                  chunk_size=user_chunk)[1]
       else:
-        _, idx = sharded_topk_scores(uvec, item_all[:, k], kmax, partitioner.mesh,
-                                     exclude=exclude, chunk_size=user_chunk)
+        model_topk = lambda vecs, ex: sharded_topk_scores(uvec, vecs, kmax, partitioner.mesh,
+                                                          exclude=ex, chunk_size=user_chunk)[1]
+      idx = _in_corpus(model_topk, cand, item_all[:, k], len(users), kmax, exclude)
       per_user = M.retrieval_metrics(idx, test_pos, ks)
-      _, pidx = popularity_topk(counts, len(users), kmax, exclude=exclude)
+      pidx = _in_corpus(lambda c, ex: popularity_topk(c, len(users), kmax, exclude=ex)[1],
+                        cand, counts, len(users), kmax, exclude)
       pop_per_user = M.retrieval_metrics(pidx, test_pos, ks)
       res.update({m: float(v.mean()) for m, v in per_user.items()})
       pres.update({m: float(v.mean()) for m, v in pop_per_user.items()})
@@ -162,6 +210,8 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
 
   return {
       "split": split,
+      "corpus": corpus,
+      "mask": mask,
       "num_items": data.num_items,
       "scenarios": scen_res,
       "overall": pooled(model_users, all_scores),

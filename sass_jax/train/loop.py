@@ -424,7 +424,8 @@ def evaluate_workdir(cfg, workdir: str | Path, data=None, model=None, part=None)
   variables, ft_step = restore_variables_and_step(cfg, workdir, "finetune", model, part, data)
   t = time.time()
   metrics = eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
-                              cfg.eval.mask, cfg.eval.user_chunk, partitioner=part)
+                              cfg.eval.mask, cfg.eval.user_chunk, partitioner=part,
+                              corpus=cfg.eval.get("corpus", "all"))
   metrics = {"model": cfg.model.name, "dataset": data.manifest.get("dataset", cfg.data.name),
              "checkpoint_step": ft_step, **metrics}
   log.info("evaluated fine-tuning step %d on %s in %.1fs", ft_step, cfg.eval.split,

@@ -1,6 +1,7 @@
 """SASS on Douban book + music (GA-DTCDR release), two real domains (SPEC sections 1, 2, 4, 5).
 
-166k ratings, 2,718 users (1,566 in both domains), 12,344 items (6,777 book + 5,567 music);
+165,750 ratings, 2,216 distinct users in the files (1,566 in both domains; the data README
+says 2,718), 12,344 items (6,777 book + 5,567 music);
 label rating >= 4; random 8:1:1 split.
 
 Usage:

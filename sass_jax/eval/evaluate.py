@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sass_jax.config_check import EVAL_CORPORA as CORPORA  # ('all', 'scenario')
 from sass_jax.data.pipeline import gather_features
 from sass_jax.data.store import SPLITS, PreparedData
 from sass_jax.eval import metrics as M
@@ -71,9 +72,6 @@ def _encoder(model, method, all_scenarios, out_sharding=None) -> Callable:
       _ENCODERS[key] = jax.jit(lambda v, f, s: model.apply(as_variables(v), f, s, method=m),
                                out_shardings=out_sharding)
   return _ENCODERS[key]
-
-
-from sass_jax.config_check import EVAL_CORPORA as CORPORA  # noqa: E402  ('all', 'scenario')
 
 
 def scenario_corpus(data: PreparedData, k: int, corpus: str = "all") -> np.ndarray | None:

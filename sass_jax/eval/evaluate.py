@@ -74,6 +74,11 @@ def _encoder(model, method, all_scenarios, out_sharding=None) -> Callable:
   return _ENCODERS[key]
 
 
+def _check_corpus(corpus: str) -> None:
+  if corpus not in CORPORA:
+    raise ValueError(f"config.eval.corpus={corpus!r}; expected one of {CORPORA}")
+
+
 def scenario_corpus(data: PreparedData, k: int, corpus: str = "all") -> np.ndarray | None:
   """The candidate items of scenario k: None for 'all' (every item of the corpus, SPEC section
   5), or for 'scenario' int64 [N_k] (sorted) the items with at least one interaction of
@@ -83,8 +88,7 @@ def scenario_corpus(data: PreparedData, k: int, corpus: str = "all") -> np.ndarr
 
   Raises ValueError for another ``corpus``.
   """
-  if corpus not in CORPORA:
-    raise ValueError(f"config.eval.corpus={corpus!r}; expected one of {CORPORA}")
+  _check_corpus(corpus)
   if corpus == "all":
     return None
   inter = data.inter
@@ -132,7 +136,7 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
   scenario's own items (:func:`scenario_corpus`), for the model and popularity alike.
   Raises ValueError for an unknown corpus.
   """
-  scenario_corpus(data, 0, corpus)   # validates the name before any work
+  _check_corpus(corpus)
   if mask not in ("train", "train_valid"):
     raise ValueError(f"config.eval.mask={mask!r}; expected 'train' or 'train_valid'")
   if split not in SPLITS or split == "train":

@@ -239,7 +239,10 @@ def pretrain_loss(model: TorchSASS, b: Mapping, tau: float, pairs: str):
   if pairs == "user_item":
     u = model.encode_user(b["user"], b["scenario"])
     i = model.encode_item(b["item"], b["scenario"])
-    return info_nce(u, i, b["item_index"], tau)
+    # a column sharing the row's user or its item is masked (as in ``steps.pretrain_loss``)
+    logits = (u @ i.T / tau).masked_fill(_dup_mask(b["user_index"]) | _dup_mask(b["item_index"]),
+                                         _MASKED)
+    return 0.5 * (_ce_diag(logits).mean() + _ce_diag(logits.T).mean())
   if pairs != "scenario_views":
     raise ValueError(f"pairs={pairs!r}; expected 'scenario_views' or 'user_item'")
   u_all, i_all = model.encode_user(b["user"], None), model.encode_item(b["item"], None)

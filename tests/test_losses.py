@@ -26,11 +26,15 @@ def _logsumexp(x):
 
 
 def _np_ce_diag(logits, ids=None):
-  """Mean over rows b of -log softmax(row b)[b]; columns j != b with ids[j] == ids[b] dropped."""
+  """Mean over rows b of -log softmax(row b)[b]; columns j != b with ids[j] == ids[b] dropped.
+
+  ids: None, one id array, or a tuple of id arrays (a column is dropped when any matches).
+  """
   B = logits.shape[0]
+  ids = ids if ids is None or isinstance(ids, tuple) else (ids,)
   out = []
   for b in range(B):
-    keep = [j for j in range(B) if j == b or ids is None or ids[j] != ids[b]]
+    keep = [j for j in range(B) if j == b or ids is None or all(x[j] != x[b] for x in ids)]
     out.append(_logsumexp(logits[b, keep]) - logits[b, b])
   return float(np.mean(out))
 
@@ -205,8 +209,33 @@ def test_pretrain_loss_user_item_wiring(tiny_cfg, tiny_features):
                              method=SASS.encode_user))
   i = np.asarray(model.apply({"params": params}, batch["item"], batch["scenario"],
                              method=SASS.encode_item))
-  np.testing.assert_allclose(float(loss), np_info_nce(u, i, batch["item_index"], tau), rtol=1e-5)
+  # row 3 repeats row 0's user: column 3 is masked in row 0 and vice versa (both directions),
+  # like row 4 / row 1 that share an item
+  ref = np_info_nce(u, i, (batch["user_index"], batch["item_index"]), tau)
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+  items_only = np_info_nce(u, i, batch["item_index"], tau)
+  assert abs(ref - items_only) > 1e-4     # the repeated user's mask matters on this batch
   assert float(aux["item_loss"]) == 0.0
+
+
+def test_info_nce_masks_repeated_user_of_user_item_pairs():
+  """Hand-made batch: rows 0 and 2 are the same user with different items. In the
+  item-to-user direction, column 2 of row 0 (user 0's other row) must not be a negative."""
+  u = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)    # rows 0, 2: the same user
+  i = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], np.float32)
+  uid, iid = np.array([5, 6, 5], np.int32), np.array([1, 2, 3], np.int32)
+  tau = 0.5
+  got = float(losses.info_nce(jnp.asarray(u), jnp.asarray(i), (jnp.asarray(uid), jnp.asarray(iid)),
+                              tau))
+  lg = u @ i.T / tau
+  # user->item: row 0 drops column 2, row 2 drops column 0; item->user (transpose) the same
+  ce = lambda row, keep, t: _logsumexp(row[keep]) - row[t]
+  u2i = [ce(lg[0], [0, 1], 0), ce(lg[1], [0, 1, 2], 1), ce(lg[2], [1, 2], 2)]
+  i2u = [ce(lg.T[0], [0, 1], 0), ce(lg.T[1], [0, 1, 2], 1), ce(lg.T[2], [1, 2], 2)]
+  np.testing.assert_allclose(got, 0.5 * (np.mean(u2i) + np.mean(i2u)), rtol=1e-5)
+  # without the user mask the item-to-user row 0 would count user 0's other row (logit equal
+  # to the positive's) as a negative
+  assert abs(got - float(losses.info_nce(jnp.asarray(u), jnp.asarray(i), jnp.asarray(iid), tau))) > 1e-3
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.0])

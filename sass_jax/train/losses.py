@@ -16,10 +16,17 @@ import jax.numpy as jnp
 _MASKED = -1e9
 
 
-def _duplicate_mask(ids: jnp.ndarray) -> jnp.ndarray:
-  """bool [B, B]: True where column j holds the same entity as row b's positive, j != b."""
-  same = ids[:, None] == ids[None, :]
-  return same & ~jnp.eye(ids.shape[0], dtype=bool)
+def _duplicate_mask(ids: jnp.ndarray | tuple[jnp.ndarray, ...]) -> jnp.ndarray:
+  """bool [B, B]: True where column j shares an entity with row b's positive pair, j != b.
+
+  ``ids`` is one int [B] array, or a tuple of them (e.g. (user ids, item ids) of user-item
+  pairs): a column is masked when *any* of them equals the row's.
+  """
+  ids = ids if isinstance(ids, (tuple, list)) else (ids,)
+  same = ids[0][:, None] == ids[0][None, :]
+  for other in ids[1:]:
+    same = same | (other[:, None] == other[None, :])
+  return same & ~jnp.eye(ids[0].shape[0], dtype=bool)
 
 
 def _softmax_ce_diag(logits: jnp.ndarray) -> jnp.ndarray:
@@ -27,12 +34,16 @@ def _softmax_ce_diag(logits: jnp.ndarray) -> jnp.ndarray:
   return jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits)
 
 
-def info_nce(view_a: jnp.ndarray, view_b: jnp.ndarray, ids: jnp.ndarray, tau: float) -> jnp.ndarray:
+def info_nce(view_a: jnp.ndarray, view_b: jnp.ndarray, ids: jnp.ndarray | tuple[jnp.ndarray, ...],
+             tau: float) -> jnp.ndarray:
   """Symmetric in-batch InfoNCE; scalar float32.
 
   Args:
     view_a, view_b: float [B, D], L2-normalised; row b of each are two views of entity b.
-    ids: int [B] entity ids; another row with the same id is masked out (not a negative).
+    ids: int [B] entity ids; another row with the same id is masked out (not a negative). A
+      tuple of int [B] arrays masks a column when any of them matches: for user-item pairs
+      pass (user ids, item ids), so that another row of the same user is not a negative of
+      the item-to-user direction (its logit would equal the positive's).
     tau: temperature (> 0).
   Returns:
     0.5 * (CE(a b^T / tau, diag) + CE(b a^T / tau, diag)), averaged over the batch.

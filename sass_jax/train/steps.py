@@ -137,7 +137,8 @@ def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs:
                         method="encode_user", rngs=rngs_u)
     i, ms = apply_model(model, params, ms, batch["item"], batch["scenario"],
                         method="encode_item", rngs=rngs_i)
-    loss = losses.info_nce(u, i, batch["item_index"], tau)
+    # a column sharing the row's user or its item is neither positive nor negative
+    loss = losses.info_nce(u, i, (batch["user_index"], batch["item_index"]), tau)
     return loss, ({"user_loss": loss, "item_loss": jnp.zeros_like(loss)}, ms)
   u_all, ms = apply_model(model, params, ms, batch["user"], None, method="encode_user",
                           rngs=rngs_u)                                # [B, K, D]

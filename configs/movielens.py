@@ -128,14 +128,14 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   # The tuning grid, the same for every model: learning_rates x taus x widths, each () = the
   # config's own value. A grid of one point means no tuning runs.
   c.compare.learning_rates = ()    # e.g. (1e-3, 3e-3)
-  c.compare.taus = (0.1, 0.2)      # temperature: the most sensitive value (README Results)
+  c.compare.taus = (0.1, 0.2)      # temperature: the most sensitive value (RESULTS.md)
   c.compare.widths = ()            # e.g. ((256, 128), (128, 64))
   c.compare.select_metric = "recall@50"  # overall, on the validation split
   c.compare.results_dir = "results"
   c.compare.name = ""              # results file name; '' = the data set's name
 
   # Values above are the SPEC defaults. These were chosen on the MovieLens *validation* split
-  # (README "Results": the runs compared); set them back to compare with the SPEC defaults.
+  # (RESULTS.md: the runs compared); set them back to compare with the SPEC defaults.
   c.model.tau = 0.2
   c.train.logq_strength = 1.5
   c.pretrain.pairs = "user_item"

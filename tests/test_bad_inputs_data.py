@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -227,7 +228,6 @@ def test_every_loader_detects_repeated_exposures(tmp_path, loader):
   d = _write(tmp_path / "raw", loader, {rel: [*files[rel], line]})
   cfg = _data_cfg(cfg_mod)
   cfg.dir = str(d)
-  assert cfg.duplicates == default
   n = sum(len(v) for v in files.values())
   lineno = len(files[rel]) + 1 + (header is not None)
   cfg.duplicates = "error"
@@ -244,6 +244,7 @@ def test_every_loader_detects_repeated_exposures(tmp_path, loader):
   cfg.duplicates = "keep"
   m = store.open_store(fn(cfg, tmp_path / "keep")).manifest
   assert m["num_interactions"] == n + 1 and m["rows_repeated"] == {rel: 1}
+  assert _data_cfg(cfg_mod).duplicates == default                # documented in the config
 
 
 def test_mind_default_merges_impressions_clicked_in_any(tmp_path):
@@ -306,7 +307,6 @@ def test_kuairand_default_merges_and_counts_repeats(tmp_path):
   logs = _write_release(tmp_path / "rel")
   cfg = _data_cfg("kuairand")
   cfg.dir, cfg.features_dir, cfg.include_random, cfg.top_tabs = str(tmp_path / "rel"), None, True, 0
-  assert cfg.duplicates == "max"
   data = store.open_store(kuairand.prepare(cfg, tmp_path / "k"))
   rows = [r for f in sorted(logs) if "standard" in f for r in logs[f]]
   rows += logs["log_random_4_22_to_5_08_pure.csv"]            # the loader's file order
@@ -322,6 +322,7 @@ def test_kuairand_default_merges_and_counts_repeats(tmp_path):
   t = np.asarray(tabs)[np.asarray(data.inter["scenario"])]
   got = {(a, b, c): lab for a, b, c, lab in zip(u, v, t, np.asarray(data.inter["label"]))}
   assert got == {k: float(x) for k, x in best.items()}
+  assert m["duplicates"] == "max"                                 # the config's default
   _balance(m, [f for f in m["rows_read"] if f.startswith("log_")])
 
 
@@ -392,7 +393,7 @@ def test_touched_identical_source_and_old_manifests(tmp_path, caplog):
   man = json.loads(mpath.read_text())
   for info in man["sources"].values():
     for k in ("bytes", "mtime_ns", "path"):
-      info.pop(k)
+      info.pop(k, None)
   mpath.write_text(json.dumps(man))
   assert loop.prepare(cfg, wd).manifest["num_interactions"] == 100000
   raw = bytearray((d / RATINGS).read_bytes())
@@ -636,6 +637,11 @@ def test_no_space_left_names_the_file_and_keeps_the_old_store(tmp_path, monkeypa
 
 # ============================================================================ killed prepares
 
+def _host() -> str:
+  """This host's name as it appears in the store's temporary directory names."""
+  return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
 def _dead_pid() -> int:
   p = subprocess.Popen([sys.executable, "-c", "pass"])
   p.wait()
@@ -646,7 +652,7 @@ def test_stale_temporary_copies_of_killed_prepares_are_removed(tmp_path, small_s
   wd = tmp_path / "wd"
   shutil.copytree(small_store, wd / "data")
   cfg = _ml_cfg(json.loads((wd / "data" / "manifest.json").read_text())["options"]["dir"])
-  host = store._host()
+  host = _host()
   dead = _dead_pid()
   live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
@@ -667,8 +673,9 @@ def test_stale_temporary_copies_of_killed_prepares_are_removed(tmp_path, small_s
 def test_old_store_left_between_the_two_renames_is_restored(tmp_path, small_store):
   wd = tmp_path / "wd"
   dead = _dead_pid()
-  shutil.copytree(small_store, wd / f".data.old-{store._host()}-{dead}")   # data itself missing
-  (wd / f".data.tmp-{store._host()}-{dead}-abc").mkdir()
-  removed = store.remove_stale_temps(wd / "data")
-  assert len(removed) == 2 and sorted(p.name for p in wd.iterdir()) == ["data"]
-  assert store.open_store(wd / "data").manifest == store.open_store(small_store).manifest
+  shutil.copytree(small_store, wd / f".data.old-{_host()}-{dead}")   # data itself missing
+  (wd / f".data.tmp-{_host()}-{dead}-abc").mkdir()
+  manifest = json.loads((small_store / "manifest.json").read_text())
+  data = loop.prepare(_ml_cfg(manifest["options"]["dir"]), wd)    # restored, then reused
+  assert data.manifest == manifest
+  assert sorted(p.name for p in wd.iterdir()) == ["data"]

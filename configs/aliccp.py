@@ -27,6 +27,10 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
                             *(["scenario_wise_rec_variant"] if "variant" in args else []))
   c.data.layout = "auto"           # 'raw' (Tianchi sample_skeleton/common_features), 'csv' (preprocessed)
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  # Repeated (user, item, 301) impressions: 'keep' (entire space: each impression of a request
+  # is an exposure; in the csv layout all rare users / items also share id 0), counted in the
+  # manifest's rows_repeated. Or 'error' | 'first' | 'last' | 'max' (one row per triple).
+  c.data.duplicates = "keep"
   c.data.split = (0.8, 0.1, 0.1)   # raw layout: train file cut train:valid = 8:1; test file = test
   c.data.split_seed = 42
   c.data.min_count = 1             # values seen fewer times in the training split map to id 0

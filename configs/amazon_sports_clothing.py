@@ -22,6 +22,10 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.pair = "sport_cloth"      # or 'game_video' (also 'cloth_sport' / 'video_game': swapped)
   c.data.shared_users = 0          # 0: the pair's known count (9,828 / 2,179); needed for others
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  # A (user, item) on two lines of one folder (in any of train / valid / test): CDRIB lists a
+  # purchase once, and a repeat across splits would be a training positive in the test set, so
+  # 'error' (a bad row naming both lines); 'first' keeps the earliest split's (counted).
+  c.data.duplicates = "error"
   c.data.min_count = 1             # values seen fewer times in the training split map to id 0
   # The two domains have disjoint items: rank each domain's own catalogue (sports and clothing items
   # are never recommended in the other domain), as the cross-domain papers evaluate.

@@ -20,6 +20,9 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.dir = os.path.join(movielens.SHARED_DATA, "douban_sample")
   c.data.file = "douban_sample.csv"
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  # A (user, item, domain) on two rows: one rating per pair in the sample, so 'error' (a bad
+  # row naming both lines); or 'first' | 'last' | 'max' | 'keep' (counted in the manifest).
+  c.data.duplicates = "error"
   c.data.split = (0.8, 0.1, 0.1)   # random train / valid / test split of the rows
   c.data.split_seed = 42
   c.data.min_count = 1             # values seen fewer times in the training split map to id 0

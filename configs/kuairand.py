@@ -25,6 +25,10 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.include_random = False    # also read log_random_*.csv (randomly exposed videos)
   c.data.top_tabs = 4              # keep the N tabs with the most rows (0: all)
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  # A video shown again to a user in the same tab is legitimate in the logs: 'max' keeps one
+  # exposure (the first row), clicked if any showing was, and counts the others in the
+  # manifest's rows_merged. Or 'error' | 'first' | 'last' | 'keep' (counted in rows_repeated).
+  c.data.duplicates = "max"
   c.data.split = (0.8, 0.1, 0.1)   # random train / valid / test split of the kept rows
   c.data.split_seed = 42
   c.data.min_count = 1             # values seen fewer times in the training split map to id 0

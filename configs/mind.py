@@ -20,6 +20,11 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.dir = os.path.join(movielens.SHARED_DATA, "mind_multidomain_sample")
   c.data.file = "mind_sample.csv"
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  # A (user, news) shown in several impressions is legitimate: 'max' keeps one exposure (the
+  # first row), clicked if any impression was, and counts the others in the manifest's
+  # rows_merged -- so a pair never lands in both train and test. Or 'error' | 'first' |
+  # 'last' | 'keep' (every impression a row, counted in rows_repeated).
+  c.data.duplicates = "max"
   c.data.split = (0.8, 0.1, 0.1)   # random train / valid / test split of the impressions
   c.data.split_seed = 42
   c.data.min_count = 1             # values seen fewer times in the training split map to id 0

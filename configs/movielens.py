@@ -21,6 +21,11 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.dir = os.path.join(SHARED_DATA, "movielens_1m_sample")
   c.data.download = False          # fetch ml-1m.zip from GroupLens into data.dir (MD5 checked)
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  # A (user, movie) rated on two lines: GroupLens' ratings are unique per pair, so a repeat is
+  # an error in the file ('error': a bad row naming both lines, dropped and counted under
+  # on_error='skip'); 'first' / 'last' keep one line and count the others in the manifest's
+  # rows_merged, 'max' keeps the first with the highest rating, 'keep' keeps all (and counts).
+  c.data.duplicates = "error"
   c.data.split = (0.8, 0.1, 0.1)   # random train / valid / test split of the rating rows
   c.data.split_seed = 42
   c.data.zip_prefix_len = 3

@@ -34,6 +34,10 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.scenarios = None          # allowed scenario values in order (None: all seen, sorted)
   c.data.numeric_ids = False
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  # A row repeating the (user, item, scenario) of an earlier row: 'error' (a bad row naming both
+  # lines), 'first' | 'last' (one row; the others counted in rows_merged), 'max' (one row with
+  # the highest label) or 'keep' (all rows, counted in rows_repeated).
+  c.data.duplicates = "error"
   c.data.split = (0.8, 0.1, 0.1)
   c.data.split_seed = 42
   c.data.min_count = 1

@@ -22,6 +22,7 @@ import pytest
 from configs import test as test_config
 from sass_jax import compare, config_check, export
 from sass_jax.checkpoint import Checkpointer
+from sass_jax.data import store
 from sass_jax.partition import Partitioner
 from sass_jax.train import loop, monitor, steps
 from test_monitor import read_events, scalars
@@ -102,7 +103,10 @@ def test_forced_prepare_refuses_changed_source_files(trained, tmp_path, changed_
   (wd / "data" / "manifest.json").write_text(json.dumps(man))
   manifest = (wd / "data" / "manifest.json").read_bytes()
   cfg = _cfg(dir=str(changed_data))
-  assert loop.prepare(cfg, wd).manifest == man          # same options: reused as it is
+  # Same options, but the source changed since: not reused (it used to be, silently).
+  with pytest.raises(store.DataError, match=re.escape(
+      f"{changed_data / RATINGS}: changed since {wd / 'data'} was prepared from it")):
+    loop.prepare(cfg, wd)
   with pytest.raises(ValueError, match=re.escape(
       f"the config differs from it: source file {RATINGS} (changed at config.data.dir=")):
     loop.prepare(cfg, wd, force=True)

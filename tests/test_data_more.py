@@ -214,8 +214,10 @@ def test_table_csv_and_parquet(tmp_path, fmt):
     tbl = tbl.set_column(3, "click", pa.array([int(x) for x in cols[3]]))
     path = tmp_path / "t.parquet"
     pq.write_table(tbl, path)
-  d = store.open_store(table.prepare(_small_cfg(path), tmp_path / "out"))
+  # Each row 5 times: kept with duplicates='keep' and counted (the default, 'error', refuses).
+  d = store.open_store(table.prepare(_small_cfg(path, duplicates="keep"), tmp_path / "out"))
   inter = _inter(d)
+  assert d.manifest["rows_repeated"] == {path.name: 16} and d.manifest["duplicates"] == "keep"
   assert d.manifest["num_interactions"] == 20 and d.num_users == 3 and d.num_items == 2
   assert d.scenario_names == ["page=feed", "page=home"]
   assert inter["label"].sum() == 10
@@ -583,7 +585,10 @@ def _write_release(d: Path, seed=0):
 @pytest.mark.parametrize("include_random", [False, True])
 def test_kuairand_release_layout(tmp_path, include_random):
   logs = _write_release(tmp_path / "rel")
-  cfg = _cfg("kuairand", dir=str(tmp_path / "rel"), features_dir=None, include_random=include_random)
+  # Every log row kept (the random rows repeat (user, video, tab)s; the default 'max' merges
+  # them, tested in test_bad_inputs_data.py).
+  cfg = _cfg("kuairand", dir=str(tmp_path / "rel"), features_dir=None, include_random=include_random,
+             duplicates="keep")
   d = store.open_store(kuairand.prepare(cfg, tmp_path / "k"))
   inter = _inter(d)
   m = d.manifest
@@ -614,7 +619,7 @@ def test_kuairand_release_layout(tmp_path, include_random):
   # top_tabs=0 keeps every tab.
   d_all = store.open_store(kuairand.prepare(
       _cfg("kuairand", dir=str(tmp_path / "rel"), features_dir=None, top_tabs=0,
-           include_random=include_random), tmp_path / "k_all"))
+           include_random=include_random, duplicates="keep"), tmp_path / "k_all"))
   assert d_all.manifest["num_interactions"] == len(rows) and d_all.num_scenarios == len(by_tab)
 
 

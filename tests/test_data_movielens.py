@@ -183,7 +183,9 @@ def test_prepare_manifest_sources_and_options(prepared, ml_sample_dir):
   src = prepared.manifest["sources"]
   for name in ("users.dat", "movies.dat", "ratings_sample_100k.dat"):
     data = (ml_sample_dir / name).read_bytes()
-    assert src[name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    assert src[name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                         "mtime_ns": (ml_sample_dir / name).stat().st_mtime_ns,
+                         "path": str((ml_sample_dir / name).resolve())}
   assert prepared.manifest["options"]["split_seed"] == 42
   assert prepared.manifest["scenario_names"] == list(movielens.SCENARIOS)
 
@@ -376,7 +378,7 @@ def _failing_save(monkeypatch, after):
 def test_interrupted_store_write_leaves_nothing(tmp_path, monkeypatch, after):
   path = tmp_path / "parent" / "store"
   calls = _failing_save(monkeypatch, after)
-  with pytest.raises(OSError, match="simulated"):
+  with pytest.raises(store.DataError, match="simulated"):   # one line naming the file
     store.write_store(path, **_tiny_store_args())
   assert calls["n"] == after + 1
   assert not store.is_complete(path) and not path.exists()
@@ -389,7 +391,7 @@ def test_interrupted_rewrite_keeps_previous_store(tmp_path, monkeypatch):
   path = tmp_path / "store"
   store.write_store(path, **_tiny_store_args(1))
   _failing_save(monkeypatch, 4)
-  with pytest.raises(OSError, match="simulated"):
+  with pytest.raises(store.DataError, match="simulated"):
     store.write_store(path, **_tiny_store_args(2))
   monkeypatch.undo()
   assert store.is_complete(path)

@@ -106,7 +106,9 @@ def _check_sources(data, data_dir, names):
   assert set(src) == set(names)
   for name in names:
     b = (data_dir / name).read_bytes()
-    assert src[name] == {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)}
+    assert src[name] == {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b),
+                         "mtime_ns": (data_dir / name).stat().st_mtime_ns,
+                         "path": str((data_dir / name).resolve())}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,10 +32,13 @@ item cross fields 5xx / 7xx / 8xx; SOURCE.md of ali_ccp_sample):
     values of the raw lists: the store has no dense columns), ``purchase`` / ``conversion``.
 
 Label = click. Entire space: every impression is kept (also the click=0, conversion=1 rows that
-torch-rechub drops). User / item features come from the entity's first occurrence (raw: the
-first common-feature line of that user id, in file order, train before test). In the csv layout
-the entity key is the encoded id, so all users (items) encoded as 0 -- rare ones -- form one
-entity "0".
+torch-rechub drops). Repeated (user, item, scenario) impressions are kept too by default
+(``duplicates='keep'``: one user sees one item in several requests; in the csv layout, moreover,
+all rare users share id 0); the manifest counts them in rows_repeated. 'error' / 'first' /
+'last' / 'max' as in ``store.resolve_duplicates``. User / item features come from the entity's
+first occurrence (raw: the first common-feature line of that user id, in file order, train
+before test). In the csv layout the entity key is the encoded id, so all users (items) encoded
+as 0 -- rare ones -- form one entity "0".
 
 Splits: csv -- the files' own train / val / test. Raw -- test file = test; the train file is cut
 at random (seeded) into train and valid in the ratio ``split[0] : split[1]``; without the test
@@ -53,8 +56,9 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.store import Rejects
-from sass_jax.data.table import (Interner, build_and_write, cfg_get, options_of, random_split,
-                                 read_csv, check_file, rejected_dict, sources_of, split_fractions)
+from sass_jax.data.table import (Interner, bad_utf8, build_and_write, cfg_get, options_of,
+                                 random_split, read_csv, check_file, rejected_dict, sources_of,
+                                 split_fractions)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,19 @@ def detect_layout(d: Path, layout: str = "auto") -> str:
 
 # ----------------------------------------------------------------------------- csv layout
 
+def _exact_int(v: str) -> int | None:
+  """A decimal integer, or an integral float written exactly ('3.0'; at most 2**53 in size);
+  None otherwise (a float id above 2**53 could not be told apart from its neighbours)."""
+  i = store.parse_int(v)
+  if i is not None:
+    return i
+  try:
+    f = float(v)
+  except ValueError:
+    return None
+  return int(f) if f.is_integer() and abs(f) <= 2**53 else None
+
+
 def _csv_key(vals: dict, id_field: str, fields) -> int | str:
   """Entity key of a csv-layout row: the encoded id, or -- for id 0 (a rare user / item that
   torch-rechub encoded as unknown) -- the id together with the entity's other field values, so
@@ -119,6 +136,7 @@ def _read_csv_layout(d: Path, data_cfg, rej: Rejects):
   ufeat, ifeat = [], []
   r_user, r_item = array.array("i"), array.array("i")
   r_scen, r_label, r_split = array.array("b"), array.array("b"), array.array("b")
+  r_line = array.array("q")
   read = collections.Counter()
   for split_id, name in enumerate(("train", "valid", "test")):
     path = files[name]
@@ -127,11 +145,14 @@ def _read_csv_layout(d: Path, data_cfg, rej: Rejects):
       vals = {}
       for f in ("click", SCENARIO_FIELD, *USER_FIELDS, *ITEM_FIELDS):
         v = row[f].strip()
-        try:
-          vals[f] = int(float(v)) if f != "click" else int(v)
-        except ValueError:
+        x = _exact_int(v) if f != "click" else store.parse_int(v)
+        if x is None:
           rej.reject(path, lineno, f"bad_{f}", f"field {f!r}: expected an integer id, got {v!r}")
           break
+        if not store.INT64_MIN <= x <= store.INT64_MAX:
+          rej.reject(path, lineno, f"bad_{f}", f"field {f!r}: {v} does not fit a 64-bit integer")
+          break
+        vals[f] = x
       else:
         if vals["click"] not in (0, 1):
           rej.reject(path, lineno, "bad_click", f"field 'click': expected 0 or 1, got {vals['click']}")
@@ -150,10 +171,12 @@ def _read_csv_layout(d: Path, data_cfg, rej: Rejects):
         if i == ni:
           ifeat.append([vals[f] or None for f in ITEM_FIELDS])
         r_user.append(u), r_item.append(i), r_scen.append(allowed.index(s))
-        r_label.append(vals["click"]), r_split.append(split_id)
+        r_label.append(vals["click"]), r_split.append(split_id), r_line.append(lineno)
   scen_names = [f"301={s}" for s in allowed]
-  return (users, items, ufeat, ifeat, r_user, r_item, r_scen, r_label,
-          np.frombuffer(r_split, np.int8).copy(), scen_names, read, list(files.values()))
+  split = np.frombuffer(r_split, np.int8).copy()
+  return (users, items, ufeat, ifeat, r_user, r_item, r_scen, r_label, split, scen_names, read,
+          list(files.values()), np.frombuffer(r_line, np.int64), split.astype(np.int64),
+          list(files.values()))
 
 
 # ----------------------------------------------------------------------------- raw layout
@@ -186,7 +209,10 @@ def _parse_features(path, lineno, text, feature_num, wanted, rej):
       return None
     if field in wanted:
       try:
-        out[field].append((int(fid), float(w)))
+        v = store.parse_int(fid)
+        if v is None or not store.INT64_MIN <= v <= store.INT64_MAX:
+          raise ValueError
+        out[field].append((v, float(w)))
       except ValueError:
         rej.reject(path, lineno, "bad_feature_id",
                    f"field {field!r}: expected an integer feature id and a numeric value, "
@@ -195,12 +221,19 @@ def _parse_features(path, lineno, text, feature_num, wanted, rej):
   return out
 
 
-def _lines(path: Path):
+def _lines(path: Path, rej: Rejects, read: collections.Counter):
+  """Yield (lineno, text) of the non-blank lines of ``path``; ``read[path.name]`` counts them,
+  and a line holding a byte that is not UTF-8 is rejected ('bad_encoding')."""
   check_file(path, "the Tianchi Ali-CCP layout")
-  with open(path, encoding="utf-8", newline="") as f:
+  with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
     for lineno, line in enumerate(f, start=1):
       line = line.rstrip("\r\n")
       if line.strip():
+        read[path.name] += 1
+        bad = bad_utf8([line])
+        if bad:
+          rej.reject(path, lineno, "bad_encoding", f"not valid UTF-8: {bad.split(' in ')[0]}")
+          continue
         yield lineno, line
 
 
@@ -215,6 +248,7 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
   ufeat, ifeat = [], []
   r_user, r_item = array.array("i"), array.array("i")
   r_scen, r_label, r_part = array.array("i"), array.array("b"), array.array("b")
+  r_line, skels = array.array("q"), []
   read, multi_scalar = collections.Counter(), collections.Counter()
   sources = []
   user_wanted = set(USER_FIELDS)
@@ -234,8 +268,7 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
     check_file(skel, "the Tianchi Ali-CCP layout (sample_skeleton_*.csv)")
     sources += [common, skel]
     cfi_user: dict[str, int] = {}
-    for lineno, line in _lines(common):
-      read[common.name] += 1
+    for lineno, line in _lines(common, rej, read):
       cols = line.split(",")
       if len(cols) != 3:
         rej.reject(common, lineno, "wrong_field_count",
@@ -264,8 +297,8 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
             v = sorted(v, key=lambda t: -t[1])[:max_len]
           row.append(np.asarray([t[0] for t in v], np.int64))
         ufeat.append(row)
-    for lineno, line in _lines(skel):
-      read[skel.name] += 1
+    skels.append(skel)
+    for lineno, line in _lines(skel, rej, read):
       cols = line.split(",")
       if len(cols) != 6:
         rej.reject(skel, lineno, "wrong_field_count",
@@ -303,7 +336,7 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
       if i == n:
         ifeat.append([scalar(feats, f, skel) for f in ITEM_FIELDS])
       r_user.append(u), r_item.append(i), r_scen.append(scen_of(s))
-      r_label.append(int(click)), r_part.append(part_id)
+      r_label.append(int(click)), r_part.append(part_id), r_line.append(lineno)
 
   names = allowed if allowed is not None else sorted(scen_of.keys, key=int)
   sid = np.asarray([names.index(k) for k in scen_of.keys] or [0], np.int8)
@@ -322,7 +355,8 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
   else:
     split = random_split(n, frac, seed)
   return (users, items, ufeat, ifeat, r_user, r_item, r_scen, r_label, split,
-          [f"301={s}" for s in names], read, sources, dict(multi_scalar))
+          [f"301={s}" for s in names], read, sources, np.frombuffer(r_line, np.int64),
+          part.astype(np.int64), skels, dict(multi_scalar))
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -347,18 +381,31 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   if not d.is_dir():
     raise FileNotFoundError(f"{d}: Ali-CCP directory not found (config.data.dir)")
   rej = Rejects(cfg_get(data_cfg, "on_error", "strict"))
+  dup_policy = store.duplicates_policy(data_cfg, "keep")
   layout = detect_layout(d, cfg_get(data_cfg, "layout", "auto"))
   notes = {}
   if layout == "csv":
     (users, items, ufeat, ifeat, r_user, r_item, r_scen, r_label, split, names, read,
-     sources) = _read_csv_layout(d, data_cfg, rej)
+     sources, lines, fidx, row_files) = _read_csv_layout(d, data_cfg, rej)
   else:
     (users, items, ufeat, ifeat, r_user, r_item, r_scen, r_label, split, names, read, sources,
-     multi_scalar) = _read_raw_layout(d, data_cfg, rej)
+     lines, fidx, row_files, multi_scalar) = _read_raw_layout(d, data_cfg, rej)
     if multi_scalar:
       notes["scalar_fields_with_several_values_first_kept"] = multi_scalar
   if len(r_user) == 0:
     raise store.DataError(f"{d}: no valid impressions in the {layout} layout")
+  r_user, r_item = np.frombuffer(r_user, np.int32), np.frombuffer(r_item, np.int32)
+  r_scen, r_label = np.asarray(r_scen, np.int32), np.frombuffer(r_label, np.int8)
+
+  def detail(i, j):
+    where = (f"line {lines[j]}" if fidx[i] == fidx[j]
+             else f"{row_files[fidx[j]].name}:{lines[j]}")
+    return (f"fields '101', '205', '301': ({users.keys[r_user[i]]}, {items.keys[r_item[i]]}, "
+            f"{names[r_scen[i]]}) repeat {where}")
+  dd = store.resolve_duplicates(dup_policy, rej, (r_user, r_item, r_scen), lines=lines,
+                                paths=row_files, files=fidx, values=r_label, detail=detail)
+  r_user, r_item, r_scen, r_label = r_user[dd.rows], r_item[dd.rows], r_scen[dd.rows], dd.values
+  split = np.asarray(split)[dd.rows]
 
   uvals = {f: [row[j] for row in ufeat] for j, f in enumerate(USER_FIELDS)}
   # The csv layout's id 0 is "unknown / rare" (torch-rechub): its entity gets field id 0 too.
@@ -372,6 +419,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       "sources": sources_of(sources),
       "rows_read": dict(read),
       "rows_rejected": rejected_dict(rej),
+      **store.duplicates_manifest(dup_policy, dd),
       "options": options_of(data_cfg),
       "label": "click",
       "scenario_rule": "field 301: " + ", ".join(f"{n} -> {k}" for k, n in enumerate(names)),
@@ -382,9 +430,8 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       **notes,
   }
   out = build_and_write(
-      out_dir, scenario_names=names, r_user=np.frombuffer(r_user, np.int32),
-      r_item=np.frombuffer(r_item, np.int32), scenario=np.asarray(r_scen, np.int32),
-      label=np.frombuffer(r_label, np.int8), split=split, user_keys=users.keys,
+      out_dir, scenario_names=names, r_user=r_user, r_item=r_item, scenario=r_scen,
+      label=r_label, split=split, user_keys=users.keys,
       item_keys=items.keys, user_vals=uvals, item_vals=ivals, multi=USER_MULTI,
       min_count=int(cfg_get(data_cfg, "min_count", 1)),
       max_len=int(cfg_get(data_cfg, "max_multi_hot", 0) or 0), extra=extra)

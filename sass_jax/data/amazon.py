@@ -65,9 +65,11 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
   ``"<domain>:<id>"``). Fields: users ``user_id``; items ``item_id``, ``domain``; vocabularies
   from the training split (values seen fewer than ``data_cfg.min_count`` times -> 0).
 
-  Rejected rows (wrong field count, non-integer or negative id, a (user, item) pair repeating an
-  earlier line of the same folder, in any split): 'strict' raises store.DataError naming
-  file:line and field; 'skip' counts them in manifest['rows_rejected']['<folder>/<file>'][reason].
+  Rejected rows (wrong field count, non-integer or negative id, an id over 2**31 - 1):
+  'strict' raises store.DataError naming file:line and field; 'skip' counts them in
+  manifest['rows_rejected']['<folder>/<file>'][reason]. A (user, item) pair repeating an
+  earlier line of the same folder, in any split, is handled by ``data_cfg.duplicates``
+  (default 'error': a bad row as above, 'duplicate_pair'; 'first' keeps the earliest split's).
   A missing file raises FileNotFoundError, an empty one DataError; an unknown pair ValueError;
   nothing is written then.
   Source: SPEC section 4; ``amazon_cdrib_pairs/SOURCE.md`` (GitHub cjx96/CDRIB).
@@ -76,6 +78,7 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
   (f0, n0), (f1, n1), n_shared = resolve_pair(data_cfg)
   domains = (n0, n1)
   rej = Rejects(data_cfg.on_error, data_dir)
+  dup_policy = store.duplicates_policy(data_cfg, "error")
   paths = [data_dir / f / s for f in (f0, f1) for s in SPLIT_FILES]
   for p in paths:   # fail before reading anything if the layout is incomplete
     if not p.is_file():
@@ -83,6 +86,7 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
                               f"<dir>/{{{f0},{f1}}}/{{{','.join(SPLIT_FILES)}}})")
 
   read, parts = {}, []
+  merged, repeated = {}, {}
   for d, folder in enumerate((f0, f1)):
     dom_parts = []
     for s, fname in enumerate(SPLIT_FILES):
@@ -95,21 +99,15 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
     allv = np.concatenate([v for _, v, _, _ in dom_parts])
     all_lines = np.concatenate([ln for _, _, ln, _ in dom_parts])
     all_file = np.concatenate([np.full(len(v), s) for _, v, _, s in dom_parts])
-    pair = (allv[:, 0] << 32) | allv[:, 1]
-    _, first, inv = np.unique(pair, return_index=True, return_inverse=True)
-    dup = np.ones(len(allv), bool)
-    dup[first] = False
-    start = 0
-    for path, vals, linenos, s in dom_parts:
-      def detail(i, v=vals, start=start):
-        j = first[inv[start + i]]
-        return (f"fields 'user_id', 'item_id': ({v[i, 0]}, {v[i, 1]}) repeats an earlier line "
-                f"of {folder} ({SPLIT_FILES[all_file[j]]}:{all_lines[j]})")
-      bad = dup[start:start + len(vals)]
-      start += len(vals)
-      keep = rej.reject_rows(path, bad, linenos, "duplicate_pair", detail)
-      vals = vals[keep]
-      parts.append(np.column_stack([vals, np.full((len(vals), 2), (d, s), np.int64)]))
+    dd = store.resolve_duplicates(
+        dup_policy, rej, (allv[:, 0], allv[:, 1]), lines=all_lines,
+        paths=[p for p, _, _, _ in dom_parts], files=all_file,
+        detail=lambda i, j, allv=allv, folder=folder: (
+            f"fields 'user_id', 'item_id': ({allv[i, 0]}, {allv[i, 1]}) repeats an earlier line "
+            f"of {folder} ({SPLIT_FILES[all_file[j]]}:{all_lines[j]})"))
+    merged.update(dd.merged), repeated.update(dd.repeated)
+    parts.append(np.column_stack([allv[dd.rows], np.full(len(dd.rows), d, np.int64),
+                                  all_file[dd.rows]]))
   allv = np.concatenate(parts)
   if len(allv) == 0:
     raise store.DataError(f"{data_dir}/{{{f0},{f1}}}: no valid rows")
@@ -143,6 +141,7 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
       "sources": sources(paths, rej),
       "rows_read": read,
       "rows_rejected": rejected,
+      "duplicates": dup_policy, "rows_merged": merged, "rows_repeated": repeated,
       "rows_kept": {"rows": n, "users": len(user_keys), "items": len(item_keys),
                     "shared_users_seen": int((u_scope == 0).sum()),
                     **{f"rows_{nm}": int((r_dom == d).sum()) for d, nm in enumerate(domains)}},

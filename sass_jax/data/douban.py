@@ -125,19 +125,21 @@ def read_int_table(path: Path, columns: tuple[str, ...], rej: Rejects, what: str
 def read_csv_rows(path: Path, columns: tuple[str, ...], rej: Rejects, what: str):
   """Yield (lineno, dict) for the rows of a UTF-8 CSV whose header is exactly ``columns``.
 
-  A row with the wrong field count is rejected (under 'skip' it is yielded as (lineno, None) so
-  the caller can count it as read); a wrong header raises DataError (line 1). Blank lines are
-  ignored.
+  A row with the wrong field count or a byte that is not UTF-8 ('bad_encoding', naming the
+  row's line) is rejected (under 'skip' it is yielded as (lineno, None) so the caller can count
+  it as read); a wrong or undecodable header raises DataError (line 1). Blank lines are ignored.
   Raises FileNotFoundError / DataError for a missing or empty file.
   """
+  from sass_jax.data.table import bad_utf8
   path = Path(path)
   raw = read_source(path, what)
-  try:
-    text = raw.decode("utf-8-sig")
-  except UnicodeDecodeError as e:
-    raise store.DataError(f"{path}: not valid UTF-8 at byte {e.start}: {e.reason}") from None
+  # surrogateescape keeps an undecodable byte in its row (as U+DC80..U+DCFF), so the row -- and
+  # only that row -- is rejected with its true line number.
+  text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
   reader = csv.reader(io.StringIO(text, newline=""))
   header = next(reader)
+  if bad_utf8(header):
+    raise store.DataError(f"{path}:1: header is not valid UTF-8 ({bad_utf8(header)})")
   if tuple(h.strip() for h in header) != tuple(columns):
     raise store.DataError(f"{path}:1: header {','.join(header)!r}, expected "
                           f"{','.join(columns)!r}")
@@ -150,6 +152,11 @@ def read_csv_rows(path: Path, columns: tuple[str, ...], rej: Rejects, what: str)
       rej.reject(path, lineno, "wrong_field_count",
                  f"{len(row)} comma-separated fields, expected {n} ({', '.join(columns)})")
       yield lineno, None   # counted as read (and rejected) by the caller
+      continue
+    bad = bad_utf8(row, columns)
+    if bad:
+      rej.reject(path, lineno, "bad_encoding", f"not valid UTF-8: {bad}")
+      yield lineno, None
       continue
     yield lineno, dict(zip(columns, row))
 
@@ -186,8 +193,8 @@ def options(data_cfg) -> dict:
 
 
 def sources(paths, rej: Rejects) -> dict:
-  """Manifest ``sources``: relative path -> sha256 and size."""
-  return {rej.key(p): {"sha256": store.sha256_file(p), "bytes": p.stat().st_size} for p in paths}
+  """Manifest ``sources``: relative path -> ``store.source_info`` (sha256, size, mtime, path)."""
+  return {rej.key(p): store.source_info(p) for p in paths}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,9 +233,11 @@ def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
   Fields: users ``user_id``; items ``item_id``, ``domain``. Vocabularies from the training split
   (values seen fewer than ``data_cfg.min_count`` times -> 0).
 
-  Rejected rows (wrong field count, non-integer id or rating, rating outside 1..5, a repeated
-  (user, item) pair within a domain): 'strict' raises store.DataError naming file:line and
-  field; 'skip' counts them in manifest['rows_rejected'][file][reason]. A missing file raises
+  Rejected rows (wrong field count, non-integer id or rating, rating outside 1..5, an id over
+  2**31 - 1): 'strict' raises store.DataError naming file:line and field; 'skip' counts them in
+  manifest['rows_rejected'][file][reason]. A (user, item) pair rated twice within a domain is
+  handled by ``data_cfg.duplicates`` (default 'error': a bad row as above, 'duplicate_pair';
+  see ``store.resolve_duplicates``). A missing file raises
   FileNotFoundError, an empty one DataError; nothing is written then.
   Source: SPEC section 4; ``douban_gadtcdr_book_music/SOURCE.md`` (GitHub fengzhu1/GA-DTCDR).
   """
@@ -237,6 +246,7 @@ def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
   if len(domains) < 1 or len(set(domains)) != len(domains):
     raise ValueError(f"config.data.domains must be distinct domain names, got {domains}")
   rej = Rejects(data_cfg.on_error, data_dir)
+  dup_policy = store.duplicates_policy(data_cfg, "error")
   paths = [find_gadtcdr_file(data_dir, d) for d in domains]
 
   read, parts = {}, []
@@ -248,16 +258,17 @@ def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
     keep = rej.reject_rows(path, bad, linenos, "bad_rating",
                            lambda i: f"field 'rating': {vals[i, 2]} is not one of 1..5")
     vals, linenos = vals[keep], linenos[keep]
-    pair = (vals[:, 0] << 32) | vals[:, 1]
-    _, first, inv = np.unique(pair, return_index=True, return_inverse=True)
-    dup = np.ones(len(vals), bool)
-    dup[first] = False
-    keep = rej.reject_rows(path, dup, linenos, "duplicate_pair",
-                           lambda i: f"fields 'user_id', 'item_id': ({vals[i, 0]}, {vals[i, 1]}) "
-                                     f"repeats an earlier line (line {linenos[first[inv[i]]]})")
-    vals = vals[keep]
-    parts.append(np.column_stack([vals, np.full(len(vals), k, np.int64)]))
+    parts.append(np.column_stack([vals, np.full(len(vals), k, np.int64), linenos]))
   allv = np.concatenate(parts)
+  # A (user, item) pair rated twice within a domain (scenario); items are per domain.
+  dd = store.resolve_duplicates(
+      dup_policy, rej, (allv[:, 0], allv[:, 1], allv[:, 3]), lines=allv[:, 4], paths=paths,
+      files=allv[:, 3], values=allv[:, 2],
+      detail=lambda i, j: (f"fields 'user_id', 'item_id': ({allv[i, 0]}, {allv[i, 1]}) repeats "
+                           f"an earlier line (line {allv[j, 4]})"))
+  allv = allv[dd.rows]
+  allv[:, 2] = dd.values
+  allv = allv[:, :4]
   if len(allv) == 0:
     raise store.DataError(f"{', '.join(map(str, paths))}: no valid rating rows")
   r_user, r_item, r_rating, r_dom = allv.T
@@ -282,6 +293,7 @@ def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
       "sources": sources(paths, rej),
       "rows_read": read,
       "rows_rejected": rejected,
+      **store.duplicates_manifest(dup_policy, dd),
       "rows_kept": {"ratings": n, "users": len(user_raw), "items": len(item_keys),
                     **{f"ratings_{d}": int((r_dom == k).sum()) for k, d in enumerate(domains)}},
       "options": options(data_cfg),
@@ -319,8 +331,10 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
   bucket; ``join_time`` itself is not used); items ``item_id`` (keyed by (domain, item_id), raw
   id ``"movie:95875"``), ``domain``. Vocabularies from the training split.
 
-  Rejected rows (wrong field count, non-integer user_id / item_id / time_bin, rating not 0/1,
-  domain not book/movie/music, a user whose living_place / time_bin differ from an earlier row):
+  Rejected rows (wrong field count, a byte that is not UTF-8, non-integer user_id / item_id /
+  time_bin or one over 2**31 - 1, rating not 0/1, domain not book/movie/music, a user whose
+  living_place / time_bin differ from an earlier row; under ``data_cfg.duplicates='error'``, the
+  default, a (user_id, item_id, domain) repeating an earlier row):
   'strict' raises store.DataError naming file:line and field; 'skip' counts them in
   manifest['rows_rejected'][file][reason]. A missing file raises FileNotFoundError; an empty file
   or a wrong header raises DataError; nothing is written then.
@@ -329,9 +343,10 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
   data_dir = Path(data_cfg.dir).expanduser()
   path = data_dir / data_cfg.get("file", SAMPLE_FILE)
   rej = Rejects(data_cfg.on_error, data_dir)
+  dup_policy = store.duplicates_policy(data_cfg, "error")
   scen_of = {s: k for k, s in enumerate(SAMPLE_SCENARIOS)}
   users: dict[int, tuple[str, int]] = {}
-  r_user, r_item, r_label, r_scen = [], [], [], []
+  r_user, r_item, r_label, r_scen, r_line = [], [], [], [], []
   n_read = 0
   for lineno, row in read_csv_rows(path, SAMPLE_COLUMNS, rej, "the Scenario-Wise Rec "
                                    "douban_sample.csv layout"):
@@ -340,12 +355,10 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
       continue
     ints = []
     for f in ("user_id", "item_id", "time_bin"):
-      v = row[f].strip()
-      if not v.isdigit():
-        rej.reject(path, lineno, f"bad_{f}", f"field {f!r}: expected a non-negative integer, "
-                                             f"got {row[f]!r}")
+      v = rej.id_field(path, lineno, f, row[f], lo=0, hi=INT32_MAX)
+      if v is None:
         break
-      ints.append(int(v))
+      ints.append(v)
     else:
       u, i, tbin = ints
       rating, dom = row["rating"].strip(), row["domain"].strip()
@@ -363,10 +376,17 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
                    f"{users[u]}")
         continue
       r_user.append(u), r_item.append(i), r_label.append(rating == "1"), r_scen.append(scen_of[dom])
+      r_line.append(lineno)
   if not r_user:
     raise store.DataError(f"{path}: no valid rows")
-  r_user, r_item, r_scen = (np.asarray(a, np.int64) for a in (r_user, r_item, r_scen))
+  r_user, r_item, r_scen, r_line = (np.asarray(a, np.int64)
+                                    for a in (r_user, r_item, r_scen, r_line))
   r_label = np.asarray(r_label, np.float32)
+  dd = store.resolve_duplicates(
+      dup_policy, rej, (r_user, r_item, r_scen), lines=r_line, paths=[path], values=r_label,
+      detail=lambda i, j: (f"fields 'user_id', 'item_id', 'domain': ({r_user[i]}, {r_item[i]}, "
+                           f"{SAMPLE_SCENARIOS[r_scen[i]]}) repeat line {r_line[j]}"))
+  r_user, r_item, r_scen, r_label = r_user[dd.rows], r_item[dd.rows], r_scen[dd.rows], dd.values
   n = len(r_user)
   split = random_split(n, data_cfg.split, data_cfg.split_seed)
   train = split == 0
@@ -395,6 +415,7 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
       "sources": sources([path], rej),
       "rows_read": {rej.key(path): n_read},
       "rows_rejected": rejected,
+      **store.duplicates_manifest(dup_policy, dd),
       "rows_kept": {"rows": n, "users": len(user_raw), "items": len(item_keys)},
       "options": options(data_cfg),
       "label": "rating (0/1 in the file)",

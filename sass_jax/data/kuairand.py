@@ -25,6 +25,10 @@ keeps the tabs with the most valid rows (ties: the smaller tab) and counts every
 tab as rejected with reason 'tab_not_kept' (under any policy: it is a choice, not an error).
 Scenario k = the k-th kept tab in increasing tab order, named ``tab=<v>``.
 Label = is_click (0 / 1). Split: seeded random ``split`` (8:1:1) of the kept rows.
+Repeats: a (user_id, video_id, tab) seen in several log rows is one exposure under
+``duplicates='max'`` (the default: the first row, clicked if any of them was; the others are
+counted in the manifest's rows_merged), so it never lands in both the training and the test
+split; 'error' / 'first' / 'last' / 'keep' as in ``store.resolve_duplicates``.
 """
 from __future__ import annotations
 
@@ -70,14 +74,27 @@ def _norm(v: str) -> str | None:
 
 
 def _int(v: str) -> int | None:
+  """A decimal integer, or an integral float written exactly ('1.0'; at most 2**53 in size)."""
+  i = store.parse_int(v)
+  if i is not None:
+    return i
   try:
-    return int(v.strip())
+    f = float(v)
   except ValueError:
-    try:
-      f = float(v)
-      return int(f) if f.is_integer() else None
-    except ValueError:
-      return None
+    return None
+  return int(f) if f.is_integer() and abs(f) <= 2**53 else None
+
+
+def _id(path, lineno, field, text, rej) -> int | None:
+  """An id of ``field`` within int64, or None after rejecting the row ('bad_<field>')."""
+  k = _int(text)
+  if k is None:
+    rej.reject(path, lineno, f"bad_{field}", f"field {field!r}: expected an integer id, got {text!r}")
+  elif not store.INT64_MIN <= k <= store.INT64_MAX:
+    rej.reject(path, lineno, f"bad_{field}",
+               f"field {field!r}: {text.strip()} does not fit a 64-bit integer")
+    k = None
+  return k
 
 
 def _one(folder: Path, pattern: str) -> Path | None:
@@ -131,9 +148,8 @@ def _read_table(path: Path, key: str, fields, rej, read) -> dict:
   """{int id: [field values]} of a feature table; a repeated id is rejected ('duplicate_<key>')."""
   out = {}
   for lineno, row in read_csv(path, rej, (key, *fields), "a KuaiRand feature table", counter=read):
-    k = _int(row[key])
+    k = _id(path, lineno, key, row[key], rej)
     if k is None:
-      rej.reject(path, lineno, f"bad_{key}", f"field {key!r}: expected an integer id, got {row[key]!r}")
       continue
     if k in out:
       rej.reject(path, lineno, f"duplicate_{key}", f"field {key!r}: {k} repeats an earlier line")
@@ -164,6 +180,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   'tab_not_kept'.
   """
   rej = Rejects(cfg_get(data_cfg, "on_error", "strict"))
+  dup_policy = store.duplicates_policy(data_cfg, "max")
   layout, logs, utab, vtab = find_files(data_cfg)
   top = int(cfg_get(data_cfg, "top_tabs", 4) or 0)
   read = collections.Counter()
@@ -178,21 +195,19 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   ufeat, ifeat = [], []
   r_user, r_item = array.array("i"), array.array("i")
   r_tab, r_label, r_file = array.array("b"), array.array("b"), array.array("h")
+  r_line = array.array("q")
   for fi, path in enumerate(logs):
     if embedded:   # sample layout without tables: the sample's own columns
-      with open(path, newline="", encoding="utf-8") as f:
+      with open(path, newline="", encoding="utf-8", errors="replace") as f:
         header = [h.strip() for h in f.readline().split(",")]
       ufields = tuple(c for c in USER_FIELDS if c in header)
       ifields = tuple(c for c in SAMPLE_ITEM_FIELDS if c in header)
     for lineno, row in read_csv(path, rej, LOG_COLUMNS, "a KuaiRand log CSV", counter=read):
-      uid, vid = _int(row["user_id"]), _int(row["video_id"])
+      uid = _id(path, lineno, "user_id", row["user_id"], rej)
       if uid is None:
-        rej.reject(path, lineno, "bad_user_id",
-                   f"field 'user_id': expected an integer id, got {row['user_id']!r}")
         continue
+      vid = _id(path, lineno, "video_id", row["video_id"], rej)
       if vid is None:
-        rej.reject(path, lineno, "bad_video_id",
-                   f"field 'video_id': expected an integer id, got {row['video_id']!r}")
         continue
       click = _int(row["is_click"])
       if click not in (0, 1):
@@ -218,19 +233,30 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       if i == ni:
         ifeat.append(videos_t[vid] if not embedded else [_norm(row[c]) for c in ifields])
       r_user.append(u), r_item.append(i), r_tab.append(tab), r_label.append(click)
-      r_file.append(fi)
+      r_file.append(fi), r_line.append(lineno)
 
   if sum(read[p.name] for p in logs) == 0:
     raise store.DataError(f"{logs[0]}: no data rows (file is empty)")
   tab = np.frombuffer(r_tab, np.int8).astype(np.int64) if len(r_tab) else np.zeros(0, np.int64)
   if len(tab) == 0:
     raise store.DataError(f"{', '.join(str(p) for p in logs)}: no valid log rows")
+  r_user, r_item = np.frombuffer(r_user, np.int32), np.frombuffer(r_item, np.int32)
+  fidx, lines = np.frombuffer(r_file, np.int16), np.frombuffer(r_line, np.int64)
+  # The same video shown again to the same user in the same tab (before choosing the tabs, so
+  # that the tab sizes count exposures).
+  def detail(i, j):
+    where = (f"line {lines[j]}" if fidx[i] == fidx[j] else f"{logs[fidx[j]].name}:{lines[j]}")
+    return (f"fields 'user_id', 'video_id', 'tab': ({users.keys[r_user[i]]}, "
+            f"{items.keys[r_item[i]]}, {tab[i]}) repeat {where}")
+  dd = store.resolve_duplicates(dup_policy, rej, (r_user, r_item, tab), lines=lines, paths=logs,
+                                files=fidx, values=np.frombuffer(r_label, np.int8), detail=detail)
+  r_user, r_item, tab, fidx, label = (r_user[dd.rows], r_item[dd.rows], tab[dd.rows],
+                                      fidx[dd.rows], dd.values)
   counts = np.bincount(tab, minlength=NUM_TABS)
   present = np.flatnonzero(counts)
   by_size = present[np.lexsort((present, -counts[present]))]
   kept_tabs = np.sort(by_size[:top] if top > 0 else by_size)
   keep = np.isin(tab, kept_tabs)
-  fidx = np.frombuffer(r_file, np.int16) if len(r_file) else np.zeros(0, np.int16)
   for fi, c in zip(*np.unique(fidx[~keep], return_counts=True)):
     rej.counts[logs[int(fi)].name]["tab_not_kept"] += int(c)
   rows = np.flatnonzero(keep)
@@ -249,6 +275,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       "sources": sources_of([*logs, *([utab, vtab] if not embedded else [])]),
       "rows_read": dict(read),
       "rows_rejected": rejected_dict(rej),
+      **store.duplicates_manifest(dup_policy, dd),
       "rows_by_tab": {int(t): int(counts[t]) for t in present},
       "kept_tabs": [int(t) for t in kept_tabs],
       "options": options_of(data_cfg),
@@ -257,8 +284,8 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   }
   out = build_and_write(
       out_dir, scenario_names=[f"tab={int(t)}" for t in kept_tabs],
-      r_user=np.frombuffer(r_user, np.int32)[rows], r_item=np.frombuffer(r_item, np.int32)[rows],
-      scenario=tab_to_scen[tab[rows]], label=np.frombuffer(r_label, np.int8)[rows], split=split,
+      r_user=r_user[rows], r_item=r_item[rows],
+      scenario=tab_to_scen[tab[rows]], label=label[rows], split=split,
       user_keys=users.keys, item_keys=items.keys, user_vals=uvals, item_vals=ivals,
       multi=MULTI, min_count=int(cfg_get(data_cfg, "min_count", 1)),
       max_len=int(cfg_get(data_cfg, "max_multi_hot", 0) or 0), extra=extra)

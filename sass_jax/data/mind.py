@@ -37,9 +37,12 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
   random ``data_cfg.split`` (8:1:1) with ``data_cfg.split_seed``. Fields: users ``user_id``;
   items ``news_id``, ``subcategory``. Vocabularies from the training split (values seen fewer
   than ``data_cfg.min_count`` times -> 0). The same (user, news) pair may occur in several rows
-  (several impressions); all are kept.
+  (several impressions); ``data_cfg.duplicates`` (default 'max') decides: 'max' keeps one row
+  (the first) labelled 1 if any of the impressions was clicked, counting the others in the
+  manifest's rows_merged -- so one exposure never lands in both the training and the test
+  split; see ``store.resolve_duplicates`` for 'error' / 'first' / 'last' / 'keep'.
 
-  Rejected rows (wrong field count; User_ID not ``U<digits>``; News_ID not ``N<digits>``; label
+  Rejected rows (wrong field count; a byte that is not UTF-8; User_ID not ``U<digits>``; News_ID not ``N<digits>``; label
   not 0/1; Category not one of the four; empty SubCategory; a News_ID whose Category or
   SubCategory differ from an earlier row): 'strict' raises store.DataError naming file:line and
   field; 'skip' counts them in manifest['rows_rejected'][file][reason]. A missing file raises
@@ -50,9 +53,10 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
   data_dir = Path(data_cfg.dir).expanduser()
   path = data_dir / data_cfg.get("file", FILE)
   rej = Rejects(data_cfg.on_error, data_dir)
+  dup_policy = store.duplicates_policy(data_cfg, "max")
   scen_of = {s: k for k, s in enumerate(SCENARIOS)}
   news: dict[str, tuple[int, str]] = {}
-  r_user, r_news, r_label, r_scen = [], [], [], []
+  r_user, r_news, r_label, r_scen, r_line = [], [], [], [], []
   n_read = 0
   for lineno, row in read_csv_rows(path, COLUMNS, rej, "the Scenario-Wise Rec MIND layout"):
     n_read += 1
@@ -82,11 +86,19 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
                  f"earlier ({SCENARIOS[news[nid][0]]!r}, {news[nid][1]!r})")
       continue
     r_user.append(uid), r_news.append(nid), r_label.append(label == "1")
-    r_scen.append(attrs[0])
+    r_scen.append(attrs[0]), r_line.append(lineno)
   if not r_user:
     raise store.DataError(f"{path}: no valid rows")
   r_user, r_news = np.asarray(r_user), np.asarray(r_news)
   r_scen, r_label = np.asarray(r_scen, np.int32), np.asarray(r_label, np.float32)
+  r_line = np.asarray(r_line, np.int64)
+  # The same news shown to the same user in several impressions (the category, hence the
+  # scenario, follows from the news).
+  dd = store.resolve_duplicates(
+      dup_policy, rej, (r_user, r_news), lines=r_line, paths=[path], values=r_label,
+      detail=lambda i, j: (f"fields 'User_ID', 'News_ID': ({r_user[i]}, {r_news[i]}) repeat "
+                           f"line {r_line[j]}"))
+  r_user, r_news, r_scen, r_label = r_user[dd.rows], r_news[dd.rows], r_scen[dd.rows], dd.values
   n = len(r_user)
   split = random_split(n, data_cfg.split, data_cfg.split_seed)
   train = split == 0
@@ -108,6 +120,7 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
       "sources": sources([path], rej),
       "rows_read": {rej.key(path): n_read},
       "rows_rejected": rejected,
+      **store.duplicates_manifest(dup_policy, dd),
       "rows_kept": {"rows": n, "users": len(user_raw), "items": len(item_raw)},
       "options": options(data_cfg),
       "label": "label (click in the impression)",

@@ -35,8 +35,13 @@ _YEAR = re.compile(r"\((\d{4})\)\s*$")
 log = logging.getLogger(__name__)
 
 
-def _read_lines(path: Path, encoding: str, expect_fields: int, rej: store.Rejects):
-    """Yield (lineno, fields) of a '::' file, validating the field count and the encoding."""
+def _read_lines(path: Path, encoding: str, expect_fields: int, rej: store.Rejects,
+                read: collections.Counter):
+    """Yield (lineno, fields) of a '::' file, validating the field count and the encoding.
+
+    ``read[path.name]`` counts every non-blank line, rejected ones included, so that the
+    manifest's rows_read = rows kept + rows rejected.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found (expected the GroupLens ML-1M layout)")
     raw = path.read_bytes()
@@ -45,6 +50,7 @@ def _read_lines(path: Path, encoding: str, expect_fields: int, rej: store.Reject
     for lineno, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
+        read[path.name] += 1
         try:
             text = line.decode(encoding)
         except UnicodeDecodeError as e:
@@ -58,11 +64,11 @@ def _read_lines(path: Path, encoding: str, expect_fields: int, rej: store.Reject
         yield lineno, parts
 
 
-def _int(path, lineno, field, value, rej, valid=None):
-    try:
-        v = int(value)
-    except ValueError:
-        rej.reject(path, lineno, f"bad_{field}", f"field {field!r}: expected an integer, got {value!r}")
+def _int(path, lineno, field, value, rej, valid=None, lo=store.INT64_MIN):
+    """The integer in ``value`` or None after rejecting the row: not a plain decimal integer,
+    below ``lo``, beyond int64 (ids are never read as floats), or not in ``valid``."""
+    v = rej.id_field(path, lineno, field, value, lo=lo)
+    if v is None:
         return None
     if valid is not None and v not in valid:
         rej.reject(path, lineno, f"bad_{field}",
@@ -105,10 +111,16 @@ def download(dest: Path) -> Path:
 def prepare(data_cfg, out_dir: str | Path) -> Path:
     """Read the raw MovieLens files named by ``data_cfg`` and write a store at ``out_dir``.
 
-    data_cfg fields: dir, download, on_error ('strict'|'skip'), split (train, valid, test
-    fractions), split_seed, zip_prefix_len, min_count, max_genres.
+    data_cfg fields: dir, download, on_error ('strict'|'skip'), duplicates (default 'error'),
+    split (train, valid, test fractions), split_seed, zip_prefix_len, min_count, max_genres.
+
+    Bad rows: a wrong field count; an id that is not a decimal integer or does not fit int64;
+    a rating outside 1..5; a negative or non-integer timestamp; an unknown user / movie; a
+    repeated UserID / MovieID line. A (user, movie) pair rated on two lines is handled by
+    ``duplicates`` (``store.resolve_duplicates``; 'error' makes it a bad row naming both lines).
     Raises FileNotFoundError / store.DataError naming the file and line on bad input (policy
-    'strict'); under 'skip' rejected rows are counted by file and reason in the manifest.
+    'strict'); under 'skip' rejected rows are counted by file and reason in the manifest
+    (rows_read = kept + rejected + merged, per file).
     """
     data_dir = Path(data_cfg.dir).expanduser()
     if data_cfg.download:
@@ -116,11 +128,11 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
     rej = store.Rejects(data_cfg.on_error)
     users_path, movies_path = data_dir / "users.dat", data_dir / "movies.dat"
     ratings_path = find_ratings(data_dir)
+    dup_policy = store.duplicates_policy(data_cfg, "error")
     read = collections.Counter()
 
     users = {}
-    for lineno, (uid, gender, age, occ, zipc) in _read_lines(users_path, "latin-1", 5, rej):
-        read["users.dat"] += 1
+    for lineno, (uid, gender, age, occ, zipc) in _read_lines(users_path, "latin-1", 5, rej, read):
         u = _int(users_path, lineno, "UserID", uid, rej)
         a = _int(users_path, lineno, "Age", age, rej, AGE_TO_SCENARIO)
         o = _int(users_path, lineno, "Occupation", occ, rej, range(21))
@@ -135,8 +147,7 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
         users[u] = (gender, a, o, zipc.strip()[: data_cfg.zip_prefix_len])
 
     movies = {}
-    for lineno, (mid, title, genres) in _read_lines(movies_path, "latin-1", 3, rej):
-        read["movies.dat"] += 1
+    for lineno, (mid, title, genres) in _read_lines(movies_path, "latin-1", 3, rej, read):
         m = _int(movies_path, lineno, "MovieID", mid, rej)
         if m is None:
             continue
@@ -147,13 +158,18 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
         g = [x for x in genres.strip().split("|") if x][: data_cfg.max_genres]
         movies[m] = (ym.group(1) if ym else "", g)
 
-    r_user, r_item, r_rating = [], [], []
-    for lineno, (uid, mid, rating, _ts) in _read_lines(ratings_path, "latin-1", 4, rej):
-        read[ratings_path.name] += 1
+    r_user, r_item, r_rating, r_line = [], [], [], []
+    for lineno, (uid, mid, rating, ts) in _read_lines(ratings_path, "latin-1", 4, rej, read):
         u = _int(ratings_path, lineno, "UserID", uid, rej)
+        if u is None:
+            continue
         m = _int(ratings_path, lineno, "MovieID", mid, rej)
+        if m is None:
+            continue
         r = _int(ratings_path, lineno, "Rating", rating, rej, range(1, 6))
-        if None in (u, m, r):
+        if r is None:
+            continue
+        if _int(ratings_path, lineno, "Timestamp", ts, rej, lo=0) is None:
             continue
         if u not in users:
             rej.reject(ratings_path, lineno, "unknown_user", f"field 'UserID': {u} is not in users.dat")
@@ -161,11 +177,18 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
         if m not in movies:
             rej.reject(ratings_path, lineno, "unknown_movie", f"field 'MovieID': {m} is not in movies.dat")
             continue
-        r_user.append(u), r_item.append(m), r_rating.append(r)
+        r_user.append(u), r_item.append(m), r_rating.append(r), r_line.append(lineno)
     if not r_user:
         raise store.DataError(f"{ratings_path}: no valid rating rows")
 
-    r_user, r_item, r_rating = map(np.asarray, (r_user, r_item, r_rating))
+    r_user, r_item, r_rating = (np.asarray(a, np.int64) for a in (r_user, r_item, r_rating))
+    r_line = np.asarray(r_line, np.int64)
+    # A (user, movie) pair rated twice (the scenario follows from the user).
+    dd = store.resolve_duplicates(
+        dup_policy, rej, (r_user, r_item), lines=r_line, paths=[ratings_path], values=r_rating,
+        detail=lambda i, j: (f"fields 'UserID', 'MovieID': ({r_user[i]}, {r_item[i]}) repeat "
+                             f"line {r_line[j]}"))
+    r_user, r_item, r_rating = r_user[dd.rows], r_item[dd.rows], dd.values
     n = len(r_user)
     split = store.random_split(n, data_cfg.split, data_cfg.split_seed)
 
@@ -215,10 +238,10 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
     extra = {
         "dataset": "movielens_1m",
         "source_dir": str(data_dir.resolve()),
-        "sources": {p.name: {"sha256": store.sha256_file(p), "bytes": p.stat().st_size}
-                    for p in (users_path, movies_path, ratings_path)},
+        "sources": {p.name: store.source_info(p) for p in (users_path, movies_path, ratings_path)},
         "rows_read": dict(read),
         "rows_rejected": rejected,
+        **store.duplicates_manifest(dup_policy, dd),
         "rows_kept": {"ratings": n, "users": len(user_raw), "movies": len(item_raw)},
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
         "label": "rating > 3",

@@ -25,7 +25,10 @@ Store: users = all ``num_users`` users (fields user_id, user_f0..), items = all 
 items (item_id, item_f0..), int32 [E]; raw ids are the indices as text. Vocabulary ids are from
 training-split counts as everywhere (id 0 = never seen in training or rarer than ``min_count``),
 computed vectorised. Interactions: ``num_rows`` rows; split: every chunk of ``chunk_rows`` rows is
-cut exactly train / valid / test by ``split`` (default 8:1:1) in a seeded random order.
+cut exactly train / valid / test by ``split`` (default 8:1:1) in a seeded random order. Rows are
+drawn with replacement, so a (user, item, scenario) can be drawn more than once: every draw is
+kept as its own exposure, and the manifest's ``rows_repeated`` counts the draws that repeat an
+earlier one (``duplicates: 'keep'``; there is no config choice for generated data).
 
 Rows are generated in chunks straight into memory-mapped columns in a scratch folder beside
 ``out_dir`` (removed afterwards), so memory stays bounded (O(num_users + num_items) for the entity
@@ -181,10 +184,18 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
 
   out_dir = Path(out_dir)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.gen-", dir=out_dir.parent))
+  store.remove_stale_temps(out_dir)
+  scratch = None
   try:
+    scratch = Path(tempfile.mkdtemp(prefix=store.temp_prefix(out_dir, "gen"), dir=out_dir.parent))
     cols = {c: np.lib.format.open_memmap(scratch / f"{c}.npy", mode="w+", dtype=dt, shape=(n,))
             for c, dt in store.INTERACTION_COLUMNS.items()}
+  except OSError as e:
+    if scratch is not None:
+      shutil.rmtree(scratch, ignore_errors=True)
+    raise store.DataError(store.os_error_message(e, f"creating scratch space for {n} rows in "
+                                                    f"{out_dir.parent}")) from e
+  try:
     u_train = np.zeros(U, np.int64)
     i_train = np.zeros(I, np.int64)
     clicks = np.zeros(K, np.int64)
@@ -207,6 +218,13 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     for c in cols.values():
       c.flush()
     del users.vec, items.vec
+    # Draws are with replacement, so a (user, item, scenario) can repeat; they are kept (each
+    # draw is its own exposure) and counted.
+    key = cols["user"].astype(np.int64) * (I * K) + cols["item"].astype(np.int64) * K
+    key += cols["scenario"]
+    key.sort()
+    repeated = int(np.count_nonzero(key[1:] == key[:-1]))
+    del key
 
     mc = int(o["min_count"])
     ucols, specs_u = {}, []
@@ -231,6 +249,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
         "sources": {},
         "rows_read": {"generated": n},
         "rows_rejected": {},
+        "duplicates": "keep", "rows_merged": {}, "rows_repeated": {"generated": repeated},
         "rows_kept": {"interactions": n, "users": U, "items": I},
         "options": options_of(data_cfg),
         "label": "Bernoulli(sigmoid(signal * standardised <u_k, v_k> + beta))",

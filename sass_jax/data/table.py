@@ -17,7 +17,9 @@ import collections
 import csv
 import json
 import logging
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -69,26 +71,48 @@ def check_file(path: Path, what: str) -> None:
     raise store.DataError(f"{path}: file is empty")
 
 
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def bad_utf8(row: Sequence[str], names: Sequence[str] | None = None) -> str:
+  """'' if every field of ``row`` (text read with ``errors='surrogateescape'``) was valid UTF-8,
+  else a description of the first bad byte, e.g. "byte 0xff in field 'title'"."""
+  text = "".join(row)
+  if text.isascii() or not _UNDECODED.search(text):
+    return ""
+  for j, v in enumerate(row):
+    m = _UNDECODED.search(v)
+    if m:
+      name = repr(names[j]) if names is not None and j < len(names) else str(j + 1)
+      return f"byte 0x{ord(m.group()) - 0xDC00:02x} in field {name}"
+  return ""
+
+
 def read_csv(path: Path, rej: Rejects, required: Iterable[str], what: str,
              delimiter: str = ",", counter=None) -> Iterator[tuple[int, dict]]:
   """Yield (line number, {column: str}) for each data row of a CSV file with a header.
 
-  Raises FileNotFoundError for a missing file, DataError for an empty file or a header without a
-  ``required`` column (the message names the file and the column, whatever the policy). A row
-  whose field count differs from the header's is rejected ('wrong_field_count'). Blank lines are
-  skipped. Line numbers are physical line numbers of the row's last line (1 = the header).
+  Raises FileNotFoundError for a missing file, DataError for an empty file, a header that is
+  not valid UTF-8, or a header without a ``required`` column (the message names the file and
+  the column, whatever the policy). A row whose field count differs from the header's is
+  rejected ('wrong_field_count'), so is a row holding a byte that is not UTF-8
+  ('bad_encoding', naming its line: the file is decoded with ``errors='surrogateescape'`` so an
+  undecodable byte stays in its own row). Blank lines are skipped. Line numbers are physical
+  line numbers of the row's last line (1 = the header).
   ``counter[path.name]`` (a collections.Counter, if given) counts every data row, rejected ones
   included, so that rows_read = kept + rejected.
   """
   check_file(path, what)
-  with open(path, newline="", encoding="utf-8", errors="strict") as f:
+  with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
     reader = csv.reader(f, delimiter=delimiter)
     try:
       header = next(reader)
     except StopIteration:
       raise store.DataError(f"{path}: file is empty") from None
-    except (UnicodeDecodeError, csv.Error) as e:
-      raise store.DataError(f"{path}:1: unreadable header: {e}") from None
+    except csv.Error as e:
+      raise store.DataError(f"{path}:{reader.line_num}: unreadable header: {e}") from None
+    if bad_utf8(header):
+      raise store.DataError(f"{path}:1: header is not valid UTF-8 ({bad_utf8(header)})")
     header = [h.strip().lstrip("\ufeff") for h in header]
     if not any(header):
       raise store.DataError(f"{path}: file is empty (no header)")
@@ -102,8 +126,8 @@ def read_csv(path: Path, rej: Rejects, required: Iterable[str], what: str,
         row = next(reader)
       except StopIteration:
         return
-      except (UnicodeDecodeError, csv.Error) as e:
-        raise store.DataError(f"{path}:{reader.line_num + 1}: unreadable CSV: {e}") from None
+      except csv.Error as e:
+        raise store.DataError(f"{path}:{reader.line_num}: unreadable CSV: {e}") from None
       if not row or (len(row) == 1 and not row[0].strip()):
         continue
       if counter is not None:
@@ -111,6 +135,10 @@ def read_csv(path: Path, rej: Rejects, required: Iterable[str], what: str,
       if len(row) != n:
         rej.reject(path, reader.line_num, "wrong_field_count",
                    f"{len(row)} fields, expected {n} (the header's)")
+        continue
+      bad = bad_utf8(row, header)
+      if bad:
+        rej.reject(path, reader.line_num, "bad_encoding", f"not valid UTF-8: {bad}")
         continue
       yield reader.line_num, dict(zip(header, row))
 
@@ -238,7 +266,8 @@ def rejected_dict(rej: Rejects) -> dict:
 
 
 def sources_of(paths: Iterable[Path]) -> dict:
-  return {p.name: {"sha256": store.sha256_file(p), "bytes": p.stat().st_size} for p in paths}
+  """Manifest ``sources``: file name -> ``store.source_info`` (sha256, size, mtime, path)."""
+  return {p.name: store.source_info(p) for p in paths}
 
 
 def build_and_write(out_dir, *, scenario_names: list[str], r_user, r_item, scenario, label,
@@ -347,7 +376,11 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     scenarios: optional tuple of allowed scenario values (strings), in scenario-id order; rows with
       another value are rejected ('unknown_scenario'). None: every value seen, sorted (numerically
       if all are integers).
-    numeric_ids: if True, user / item ids must be integers (else rejected, 'bad_<column>').
+    numeric_ids: if True, user / item ids must be decimal integers within int64 (else
+      rejected, 'bad_<column>'); they are kept as exact integers, never floats.
+    duplicates: rows repeating the (user, item, scenario) of an earlier row -- 'error'
+      (default; a bad row naming both lines, 'duplicate_pair' under 'skip'), 'first', 'last',
+      'max' (one row, the maximum label), 'keep' (see ``store.resolve_duplicates``).
     on_error 'strict' | 'skip'; split (fractions, default 8:1:1), split_seed; min_count.
 
   Output (SPEC section 4): entity tables of every user / item in a kept row, sorted by raw id;
@@ -364,6 +397,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   if not str(cfg_get(data_cfg, "path", "")):
     raise ValueError("config.data.path is not set (the exposure table to read)")
   rej = Rejects(cfg_get(data_cfg, "on_error", "strict"))
+  dup_policy = store.duplicates_policy(data_cfg, "error")
   frac = split_fractions(data_cfg)
   ucol, icol = data_cfg.user_id_col, data_cfg.item_id_col
   scol, lcol = data_cfg.scenario_col, data_cfg.label_col
@@ -399,7 +433,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   ufeat: list = []
   ifeat: list = []
   r_user, r_item, r_scen = array.array("i"), array.array("i"), array.array("i")
-  r_label = array.array("b")
+  r_label, r_line = array.array("b"), array.array("q")
 
   def feat(row, cols):
     out = []
@@ -415,19 +449,20 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     return out
 
   for lineno, row in rows:
-    uid, iid = _text(row[ucol]), _text(row[icol])
-    bad = False
-    for col, v in ((ucol, uid), (icol, iid)):
+    ids = []
+    for col in (ucol, icol):
+      v = _text(row[col])
       if v is None:
         rej.reject(path, lineno, f"missing_{col}", f"field {col!r}: empty id")
-        bad = True
         break
-      if numeric_ids and not _is_int(v):
-        rej.reject(path, lineno, f"bad_{col}", f"field {col!r}: expected an integer id, got {v!r}")
-        bad = True
-        break
-    if bad:
+      if numeric_ids:   # a Python int within int64, never a float
+        v = rej.id_field(path, lineno, col, v, what="an integer id")
+        if v is None:
+          break
+      ids.append(v)
+    if len(ids) < 2:
       continue
+    uid, iid = ids
     s = _text(row[scol])
     if s is None or (allowed is not None and s not in allowed):
       rej.reject(path, lineno, "unknown_scenario",
@@ -437,13 +472,12 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     lv = _text(row[lcol])
     try:
       label = float(lv)
-      if label != label:
+      if not math.isfinite(label):
         raise ValueError
     except (TypeError, ValueError):
-      rej.reject(path, lineno, "bad_label", f"field {lcol!r}: expected a number, got {lv!r}")
+      rej.reject(path, lineno, "bad_label",
+                 f"field {lcol!r}: expected a finite number, got {lv!r}")
       continue
-    if numeric_ids:
-      uid, iid = int(uid), int(iid)
     nu, ni = len(users), len(items)
     u, i = users(uid), items(iid)
     if u == nu:
@@ -451,13 +485,22 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     if i == ni:
       ifeat.append(feat(row, item_cols))
     r_user.append(u), r_item.append(i), r_scen.append(scen_of(s))
-    r_label.append(1 if label >= threshold else 0)
+    r_label.append(1 if label >= threshold else 0), r_line.append(lineno)
 
   if read[path.name] == 0:
     raise store.DataError(f"{path}: no data rows (file is empty)")
-  n = len(r_user)
-  if n == 0:
+  if len(r_user) == 0:
     raise store.DataError(f"{path}: no valid rows")
+  r_user, r_item = np.frombuffer(r_user, np.int32), np.frombuffer(r_item, np.int32)
+  r_scen, r_label = np.frombuffer(r_scen, np.int32), np.frombuffer(r_label, np.int8)
+  r_line = np.frombuffer(r_line, np.int64)
+  dd = store.resolve_duplicates(
+      dup_policy, rej, (r_user, r_item, r_scen), lines=r_line, paths=[path], values=r_label,
+      detail=lambda i, j: (f"fields {ucol!r}, {icol!r}, {scol!r}: ({users.keys[r_user[i]]}, "
+                           f"{items.keys[r_item[i]]}, {scen_of.keys[r_scen[i]]}) repeat "
+                           f"{'line' if fmt == 'csv' else 'row'} {r_line[j]}"))
+  r_user, r_item, r_scen, r_label = r_user[dd.rows], r_item[dd.rows], r_scen[dd.rows], dd.values
+  n = len(r_user)
 
   # Scenarios: the configured list, else every value seen (numeric order if all integers).
   if allowed is not None:
@@ -466,7 +509,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     seen = list(scen_of.keys)
     names = sorted(seen, key=int) if all(_is_int(x) for x in seen) else sorted(seen)
   sid = np.asarray([names.index(k) for k in scen_of.keys], np.int32)
-  scenario = sid[np.frombuffer(r_scen, np.int32)]
+  scenario = sid[r_scen]
 
   split = random_split(n, frac, int(cfg_get(data_cfg, "split_seed", 42)))
   uvals = {ucol: users.keys, **{c: [f[j] for f in ufeat] for j, c in enumerate(user_cols)}}
@@ -477,15 +520,15 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       "sources": sources_of([path]),
       "rows_read": dict(read),
       "rows_rejected": rejected_dict(rej),
+      **store.duplicates_manifest(dup_policy, dd),
       "options": options_of(data_cfg),
       "label": f"float({lcol}) >= {threshold}",
       "scenario_rule": f"column {scol!r}: " + ", ".join(f"{v} -> {k}" for k, v in enumerate(names)),
       "entity_features": "first occurrence of each user / item in file order",
   }
   out = build_and_write(
-      out_dir, scenario_names=[f"{scol}={v}" for v in names], r_user=np.frombuffer(r_user, np.int32),
-      r_item=np.frombuffer(r_item, np.int32), scenario=scenario,
-      label=np.frombuffer(r_label, np.int8), split=split, user_keys=users.keys,
+      out_dir, scenario_names=[f"{scol}={v}" for v in names], r_user=r_user,
+      r_item=r_item, scenario=scenario, label=r_label, split=split, user_keys=users.keys,
       item_keys=items.keys, user_vals=uvals, item_vals=ivals, multi=multi_cols,
       min_count=int(cfg_get(data_cfg, "min_count", 1)),
       max_len=int(cfg_get(data_cfg, "max_multi_hot", 0) or 0), extra=extra)

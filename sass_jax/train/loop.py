@@ -61,16 +61,10 @@ def require_finetune_checkpoint(workdir: str | Path) -> None:
 
 
 def _source_changes(manifest: dict, data_dir) -> list[str]:
-  """Source files of a prepared store (manifest ``sources``: path relative to ``data_dir`` ->
-  sha256) whose bytes at ``data_dir`` now differ; files not found there are not compared."""
-  out = []
-  for name, info in sorted((manifest.get("sources") or {}).items()):
-    p = Path(str(data_dir)) / name
-    if isinstance(info, dict) and "sha256" in info and p.is_file():
-      if (p.stat().st_size != info.get("bytes", p.stat().st_size)
-          or store.sha256_file(p) != info["sha256"]):
-        out.append(name)
-  return out
+  """Keys of the source files of a prepared store whose bytes changed since it was prepared
+  (``store.changed_sources``: size + mtime first, sha256 when they differ; a file found neither
+  at ``data_dir`` nor where it was read is not compared)."""
+  return [key for key, _ in store.changed_sources(manifest, data_dir)]
 
 
 def _refuse_to_replace_trained_data(cfg, workdir: str | Path, force: bool) -> None:
@@ -92,8 +86,9 @@ def _refuse_to_replace_trained_data(cfg, workdir: str | Path, force: bool) -> No
   diffs = [f"config.data.{d}" for d in config_check._diff(
       saved if isinstance(saved, dict) else {}, now, ())]
   if force and not diffs:
-    diffs = [f"source file {n} (changed at config.data.dir={cfg.data.dir!r})"
-             for n in _source_changes(manifest, cfg.data.dir)]
+    data_dir = cfg.data.get("dir")
+    diffs = [f"source file {n} (changed at config.data.dir={data_dir!r})" if data_dir else
+             f"source file {n} (changed)" for n in _source_changes(manifest, data_dir)]
   if not diffs:
     return
   held = ", ".join(f"{st} steps {v}" for st, v in ckpts.items())
@@ -113,6 +108,10 @@ def prepare(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData
   when ``WORKDIR/checkpoints`` holds a saved step and the store was prepared with other
   ``config.data`` values (with ``force``, also when a source file changed): the message names
   the differing fields. Without checkpoints a changed config prepares the data again.
+  Without ``force`` a store whose options match is reused only if its source files are
+  unchanged (size + mtime, else sha256); a changed one raises store.DataError naming the file.
+  Temporary copies of the store left by killed processes are removed first
+  (``store.remove_stale_temps``).
   """
   _refuse_to_replace_trained_data(cfg, workdir, force)
   if jax.process_count() == 1:
@@ -123,12 +122,31 @@ def prepare(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData
   return data if data is not None else store.open_store(Path(workdir) / "data")
 
 
+def _check_sources_unchanged(data: store.PreparedData, cfg, workdir) -> None:
+  """Raise DataError naming a source file that changed since ``data`` was prepared from it."""
+  changed = store.changed_sources(data.manifest, cfg.data.get("dir"))
+  if not changed:
+    return
+  key, path = changed[0]
+  more = f" (and {len(changed) - 1} more: {', '.join(k for k, _ in changed[1:])})" \
+      if len(changed) > 1 else ""
+  if saved_steps(workdir):
+    todo = (f"the checkpoints in {Path(workdir) / 'checkpoints'} were trained on the data as it "
+            "was, so use a new --workdir for the new data, or restore the original file")
+  else:
+    todo = "run --mode prepare to prepare the data again, or use a new --workdir"
+  raise store.DataError(f"{path}: changed since {data.path} was prepared from it (its size or "
+                        f"sha256 differ from the manifest's record){more}; {todo}")
+
+
 def _prepare_here(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData:
   preparer = get_preparer(cfg.data.name)
   out = Path(workdir) / "data"
+  store.remove_stale_temps(out)
   if not force and store.is_complete(out):
     data = store.open_store(out)
     if data.manifest.get("options") == _data_options(cfg.data):
+      _check_sources_unchanged(data, cfg, workdir)
       log.info("using prepared data at %s", out)
       return data
     log.info("config.data changed since %s was prepared; preparing again", out)

@@ -1,0 +1,151 @@
+"""One run at a time per workdir, and file-system failures as one clear line.
+
+:func:`lock` takes an exclusive ``fcntl.flock`` on ``WORKDIR/.lock`` for the life of the process
+(every CLI mode that writes to the workdir takes it; in a multi-process run only process 0 does).
+The lock file holds the owner's pid. A second run on the same workdir fails at once with
+``WorkdirError: WORKDIR is in use by pid N``. The kernel releases a ``flock`` when its process
+ends, however it ends, so a crashed run never leaves a stale lock; the file itself stays.
+
+:func:`os_error_message` turns a disk-full, file-too-large, read-only or permission error
+(``errno`` ENOSPC, EFBIG, EDQUOT, EROFS, EACCES, EPERM) found anywhere in an exception's
+``__cause__`` / ``__context__`` chain -- or in the text of a wrapped tensorstore / orbax error --
+into one sentence naming the path and the cause.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+from pathlib import Path
+
+LOCK_FILE = ".lock"
+# errno -> the cause, as a user reads it.
+CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (the file-size limit or the file system's maximum was reached)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# The same causes as C libraries spell them inside wrapped messages (tensorstore, absl status).
+_TEXT = [(re.compile(p, re.I), e) for p, e in (
+    (r"no space left on device|\bENOSPC\b|OS error 28\b|errno 28\b", errno.ENOSPC),
+    (r"disk quota exceeded|\bEDQUOT\b", errno.EDQUOT),
+    (r"file too large|\bEFBIG\b|OS error 27\b|errno 27\b", errno.EFBIG),
+    (r"read-only file system|\bEROFS\b|OS error 30\b|errno 30\b", errno.EROFS),
+    (r"permission denied|\bEACCES\b|OS error 13\b|errno 13\b", errno.EACCES),
+)]
+_PATH_IN_TEXT = re.compile(r"(?:file|path|directory)\s*[\"'`]?(/[^\s\"'`,;\]]+)", re.I)
+
+_HELD: dict[str, int] = {}   # absolute workdir -> fd of its lock file, held until the process ends
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be used: held by another run, not a directory, or not writable (the
+  message is one line naming the path and the cause)."""
+
+
+def lock(workdir: str | os.PathLike) -> Path:
+  """Create ``workdir`` if needed, check it is a writable directory and take its lock.
+
+  The lock (``WORKDIR/.lock``, holding this process's pid) is kept until the process ends;
+  taking it again in the same process is a no-op. Returns the lock file's path.
+
+  Raises:
+    WorkdirError: ``WORKDIR is in use by pid N`` when another process holds the lock;
+      ``WORKDIR is not a directory`` when a file is in the way; ``cannot write to WORKDIR:
+      <cause>`` when the directory cannot be created or written (read-only file system, no
+      permission). Nothing is written in any of these cases.
+  """
+  given = os.fspath(workdir)
+  path = Path(given)
+  key = os.path.abspath(given)
+  if key in _HELD:
+    return path / LOCK_FILE
+  if path.exists() and not path.is_dir():
+    raise WorkdirError(f"--workdir {given} is not a directory (a file is in the way); give a "
+                       "new directory or remove the file")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"cannot create the workdir {given}: {_cause(e)}") from None
+  # access() sees a read-only file system and missing permissions before any work is done
+  # (root passes the permission test, but not the read-only one).
+  if not os.access(path, os.W_OK | os.X_OK):
+    cause = CAUSES[errno.EROFS] if _read_only_fs(path) else CAUSES[errno.EACCES]
+    raise WorkdirError(f"cannot write to the workdir {given}: {cause}")
+  try:
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise WorkdirError(f"cannot write to the workdir {given}: {_cause(e)}") from None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      os.close(fd)
+      raise WorkdirError(f"cannot lock the workdir {given}: {_cause(e)}") from None
+    holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+    os.close(fd)
+    raise WorkdirError(f"{given} is in use by pid {holder}") from None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+  _HELD[key] = fd
+  return path / LOCK_FILE
+
+
+def release(workdir: str | os.PathLike) -> None:
+  """Release this process's lock on ``workdir`` (if held); the lock file stays."""
+  fd = _HELD.pop(os.path.abspath(os.fspath(workdir)), None)
+  if fd is not None:
+    os.close(fd)   # closing the only descriptor releases the flock
+
+
+def _read_only_fs(path: Path) -> bool:
+  try:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+  except OSError:
+    return False
+
+
+def _cause(e: OSError) -> str:
+  return CAUSES.get(e.errno, e.strerror or str(e))
+
+
+def _chain(exc: BaseException):
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    yield exc
+    exc = exc.__cause__ or exc.__context__
+
+
+def os_error_message(exc: BaseException, workdir: str | os.PathLike | None = None) -> str | None:
+  """One line for a file-system failure behind ``exc``, or None if there is none.
+
+  Looks through ``exc`` and its ``__cause__`` / ``__context__`` chain for an ``OSError``
+  whose errno is in :data:`CAUSES` (else for that cause in the text of a wrapped error) and
+  returns e.g. ``no space left on device while writing runs/x/checkpoints/finetune/20`` --
+  the path of the error if it has one, else a path mentioned in its text, else ``workdir``.
+  """
+  found = None
+  for e in _chain(exc):
+    if isinstance(e, OSError) and e.errno in CAUSES and not isinstance(e, WorkdirError):
+      found = (CAUSES[e.errno], e.filename)
+      break
+  if found is None:
+    for e in _chain(exc):
+      text = str(e)
+      for pattern, code in _TEXT:
+        if pattern.search(text):
+          m = _PATH_IN_TEXT.search(text)
+          found = (CAUSES[code], m.group(1) if m else None)
+          break
+      if found:
+        break
+  if found is None:
+    return None
+  cause, where = found
+  where = os.fspath(where) if where else (os.fspath(workdir) if workdir is not None else None)
+  return f"{cause} while writing {where}" if where else cause

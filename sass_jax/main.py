@@ -68,26 +68,40 @@ def main(argv):
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/movielens.py")
   debug = os.environ.get("SASS_JAX_DEBUG", "") not in ("", "0")
+  # A disk-full / read-only failure inside orbax or tensorstore makes their threads log the
+  # same error many times over; keep those echoes quiet (remembered) and report it once below.
+  quiet = None if debug else workdir_lib.quiet_os_error_echoes()
   try:
     _dispatch(cfg, workdir, mode)
   except monitor.Preempted as e:   # SIGTERM / Ctrl-C: the step reached was checkpointed; exit 0
     logging.warning("%s", e)
-  except USER_ERRORS as e:         # the message only, exit code 1 (traceback: SASS_JAX_DEBUG=1)
-    if debug:
-      raise
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(1) from None
   except KeyboardInterrupt:        # Ctrl-C outside a training loop (or pressed twice)
     if debug:
       raise
     print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
     raise SystemExit(130) from None
-  except Exception as e:           # disk full, read-only, ... (possibly wrapped by orbax)
-    msg = workdir_lib.os_error_message(e, workdir)
-    if msg is None or debug:
+  except Exception as e:           # pylint: disable=broad-exception-caught
+    # Disk full, file too large, read-only, no permission (possibly wrapped by orbax /
+    # tensorstore): one line naming the path and the cause. Then user errors: the message.
+    if debug:
       raise
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    if (msg := workdir_lib.os_error_message(e, workdir)) is not None:
+      _exit_after_os_error(msg)
+    if not isinstance(e, USER_ERRORS):
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)   # the message only, exit code 1
     raise SystemExit(1) from None
+  if quiet is not None and quiet.seen:   # a background write failed: never exit 0 after that
+    _exit_after_os_error(quiet.seen[0])
+
+
+def _exit_after_os_error(msg: str) -> None:
+  """Print ``error: <msg>`` and end the process with exit code 1, without running the exit
+  handlers of libraries whose background writers failed on the same full / read-only disk
+  (their reports would follow the one line)."""
+  print(f"error: {msg}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
 
 
 def _unknown_key_message(error: BaseException, argv) -> str | None:

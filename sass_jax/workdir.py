@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
+import sys
+import threading
+import traceback
 from pathlib import Path
 
 LOCK_FILE = ".lock"
@@ -31,13 +35,16 @@ CAUSES = {
 }
 # The same causes as C libraries spell them inside wrapped messages (tensorstore, absl status).
 _TEXT = [(re.compile(p, re.I), e) for p, e in (
-    (r"no space left on device|\bENOSPC\b|OS error 28\b|errno 28\b", errno.ENOSPC),
+    (r"no space left on device|\bENOSPC\b|os_error_code='?28\b|errno 28\b", errno.ENOSPC),
     (r"disk quota exceeded|\bEDQUOT\b", errno.EDQUOT),
-    (r"file too large|\bEFBIG\b|OS error 27\b|errno 27\b", errno.EFBIG),
-    (r"read-only file system|\bEROFS\b|OS error 30\b|errno 30\b", errno.EROFS),
-    (r"permission denied|\bEACCES\b|OS error 13\b|errno 13\b", errno.EACCES),
+    (r"file too large|\bEFBIG\b|os_error_code='?27\b|errno 27\b", errno.EFBIG),
+    (r"read-only file system|\bEROFS\b|os_error_code='?30\b|errno 30\b", errno.EROFS),
+    (r"permission denied|\bEACCES\b|os_error_code='?13\b|errno 13\b", errno.EACCES),
 )]
-_PATH_IN_TEXT = re.compile(r"(?:file|path|directory)\s*[\"'`]?(/[^\s\"'`,;\]]+)", re.I)
+_PATHS_IN_TEXT = (re.compile(r'Failed writing: "([^"]+)"'),
+                  re.compile(r"(?:file|path|directory)\s*[\"'`]?(/[^\s\"'`,;\]]+)", re.I))
+_ORBAX_TMP = re.compile(r"\.orbax-checkpoint-tmp[^/\"']*")
+_WRITE_CAUSES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # '... while writing PATH'
 
 _HELD: dict[str, int] = {}   # absolute workdir -> fd of its lock file, held until the process ends
 
@@ -121,31 +128,97 @@ def _chain(exc: BaseException):
     exc = exc.__cause__ or exc.__context__
 
 
+def _in_text(text: str):
+  """(errno, path or None) of the first file-system cause named in ``text``, else None."""
+  for pattern, code in _TEXT:
+    if pattern.search(text):
+      for p in _PATHS_IN_TEXT:
+        if m := p.search(text):
+          return code, m.group(1)
+      return code, None
+  return None
+
+
 def os_error_message(exc: BaseException, workdir: str | os.PathLike | None = None) -> str | None:
   """One line for a file-system failure behind ``exc``, or None if there is none.
 
   Looks through ``exc`` and its ``__cause__`` / ``__context__`` chain for an ``OSError``
-  whose errno is in :data:`CAUSES` (else for that cause in the text of a wrapped error) and
-  returns e.g. ``no space left on device while writing runs/x/checkpoints/finetune/20`` --
-  the path of the error if it has one, else a path mentioned in its text, else ``workdir``.
+  whose errno is in :data:`CAUSES` (else for that cause in the text of a wrapped error, e.g.
+  tensorstore's ``[os_error_code='28']``) and returns e.g. ``no space left on device while
+  writing runs/x/checkpoints/finetune/20/state/...`` (or ``read-only file system: PATH``):
+  the path of the error if it has one (an orbax temporary directory named as the step it
+  was to become), else a path mentioned in its text, else ``workdir``.
   """
   found = None
   for e in _chain(exc):
     if isinstance(e, OSError) and e.errno in CAUSES and not isinstance(e, WorkdirError):
-      found = (CAUSES[e.errno], e.filename)
+      found = (e.errno, e.filename)
       break
   if found is None:
     for e in _chain(exc):
-      text = str(e)
-      for pattern, code in _TEXT:
-        if pattern.search(text):
-          m = _PATH_IN_TEXT.search(text)
-          found = (CAUSES[code], m.group(1) if m else None)
-          break
-      if found:
+      if (found := _in_text(str(e))) is not None:
         break
   if found is None:
     return None
-  cause, where = found
+  return _sentence(*found, workdir)
+
+
+def _sentence(code: int, where, workdir=None) -> str:
   where = os.fspath(where) if where else (os.fspath(workdir) if workdir is not None else None)
-  return f"{cause} while writing {where}" if where else cause
+  if where:
+    where = _ORBAX_TMP.sub("", where).rstrip("/") or where
+  if not where:
+    return CAUSES[code]
+  return f"{CAUSES[code]} while writing {where}" if code in _WRITE_CAUSES else \
+      f"{CAUSES[code]}: {where}"
+
+
+class _Echoes(logging.Filter):
+  """Drops log records, thread exceptions and 'unraisable' reports that repeat a file-system
+  failure (and the 'Event loop is closed' errors of callbacks that outlive it), keeping the
+  first one's sentence in :attr:`seen`."""
+
+  def __init__(self):
+    super().__init__()
+    self.seen: list[str] = []
+
+  def _echo(self, text: str) -> bool:
+    if (found := _in_text(text)) is not None:
+      if not self.seen:
+        self.seen.append(_sentence(*found))
+      return True
+    return bool(self.seen) and "Event loop is closed" in text
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "sass_jax":
+      return True
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+      text += "\n" + "".join(traceback.format_exception_only(record.exc_info[1]))
+    return not self._echo(text)
+
+
+def quiet_os_error_echoes() -> _Echoes:
+  """Silence the echoes of a file-system failure in other threads (orbax / tensorstore /
+  asyncio log and print the same error once per array); the CLI reports it once itself.
+  Returns the filter; its ``seen`` lists the failures silenced (first one's sentence)."""
+  echoes = _Echoes()
+  for h in logging.getLogger().handlers:
+    h.addFilter(echoes)
+  old_thread, old_unraisable, old_except = threading.excepthook, sys.unraisablehook, sys.excepthook
+
+  def thread_hook(args):
+    if not echoes._echo("".join(traceback.format_exception_only(args.exc_value))):
+      old_thread(args)
+
+  def unraisable_hook(u):
+    if not echoes._echo("".join(traceback.format_exception_only(u.exc_value))):
+      old_unraisable(u)
+
+  def except_hook(tp, value, tb):
+    if not echoes._echo("".join(traceback.format_exception_only(value))):
+      old_except(tp, value, tb)
+
+  threading.excepthook, sys.unraisablehook, sys.excepthook = (thread_hook, unraisable_hook,
+                                                              except_hook)
+  return echoes

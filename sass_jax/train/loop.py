@@ -256,6 +256,7 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
                                      init_params)
   abstract, shardings = part.abstract_state(init_fn)
   ckpt = _checkpointer(cfg, workdir, stage)
+  bar = None
   try:
     data_state = None
     if ckpt.latest_step() is not None:
@@ -356,6 +357,8 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
              {k: round(v, 4) for k, v in h.items()})
     return state
   finally:
+    if bar is not None:
+      bar.close()   # ends the progress line, so an error message starts on its own line
     ckpt.close()
 
 

@@ -144,12 +144,18 @@ def parse_flags(argv):
 
 def _dispatch(cfg, workdir: str, mode: str) -> None:
   """Validate the config, then run ``mode`` (the module docstring lists them)."""
-  config_check.validate(cfg, workdir=workdir, stages={   # every value checked before any work
-      "pretrain": ("pretrain",), "finetune": ("finetune",), "train": loop.STAGES}.get(mode, ()))
+  stages = {"pretrain": ("pretrain",), "finetune": ("finetune",),
+            "train": loop.STAGES}.get(mode, ())
+  config_check.validate(cfg, stages=stages)      # every value checked before any work
   if mode in ("eval", "export"):
     loop.require_finetune_checkpoint(workdir)   # no checkpoint: nothing is created
+  if mode == "finetune":
+    loop.require_pretrained(cfg, workdir, ("finetune",))   # nothing to start from: the same
+  # One run per workdir (writable, checked now), before anything opens its checkpoints: even
+  # opening them removes what looks like an interrupted save, i.e. another run's save.
   if mode in WRITING_MODES and jax.process_index() == 0:
-    workdir_lib.lock(workdir)                    # one run per workdir; writable, checked now
+    workdir_lib.lock(workdir)
+  config_check.validate(cfg, workdir=workdir, stages=stages)   # against the saved checkpoints
   if mode == "prepare":
     loop.prepare(cfg, workdir, force=True)
     return

@@ -147,8 +147,11 @@ def os_error_message(exc: BaseException, workdir: str | os.PathLike | None = Non
   tensorstore's ``[os_error_code='28']``) and returns e.g. ``no space left on device while
   writing runs/x/checkpoints/finetune/20/state/...`` (or ``read-only file system: PATH``):
   the path of the error if it has one (an orbax temporary directory named as the step it
-  was to become), else a path mentioned in its text, else ``workdir``.
+  was to become), else a path mentioned in its text, else ``workdir``. None for a
+  :class:`WorkdirError`, whose message says it already.
   """
+  if isinstance(exc, WorkdirError):
+    return None   # already one line naming the workdir and the cause
   found = None
   for e in _chain(exc):
     if isinstance(e, OSError) and e.errno in CAUSES and not isinstance(e, WorkdirError):
@@ -190,8 +193,8 @@ class _Echoes(logging.Filter):
     return bool(self.seen) and "Event loop is closed" in text
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.name == "sass_jax":
-      return True
+    if record.name == "sass_jax" or record.name.startswith("jax"):
+      return True   # ours, and JAX's (a compilation-cache write that fails is harmless)
     text = record.getMessage()
     if record.exc_info and record.exc_info[1] is not None:
       text += "\n" + "".join(traceback.format_exception_only(record.exc_info[1]))

@@ -60,6 +60,21 @@ def require_finetune_checkpoint(workdir: str | Path) -> None:
                             "(or finetune) first")
 
 
+def require_pretrained(cfg, workdir: str | Path, stages=STAGES) -> None:
+  """Raise FileNotFoundError, saying what to run instead, when ``stages`` fine-tune without
+  pre-training first although the model is fine-tuned from pre-trained parameters
+  (``config.pretrain.num_steps > 0``) and ``WORKDIR/checkpoints/pretrain`` holds no saved
+  step. Reads directory names only; creates nothing."""
+  if (cfg.pretrain.num_steps > 0 and "finetune" in stages and "pretrain" not in stages
+      and not saved_steps(workdir, "pretrain")):
+    raise FileNotFoundError(
+        f"--mode finetune starts from the pre-trained {cfg.model.name} model, but "
+        f"{Path(workdir) / 'checkpoints' / 'pretrain'} holds no pre-training checkpoint. Run "
+        "--mode pretrain first, or --mode train (pre-training, then fine-tuning), or fine-tune "
+        "without pre-training: the sass_base variant (e.g. --config configs/movielens.py:"
+        "sass_base) or --config.pretrain.num_steps=0")
+
+
 def _source_changes(manifest: dict, data_dir) -> list[str]:
   """Source files of a prepared store (manifest ``sources``: path relative to ``data_dir`` ->
   sha256) whose bytes at ``data_dir`` now differ; files not found there are not compared."""
@@ -435,15 +450,8 @@ def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
   """
   workdir = Path(workdir)
   config_check.validate(cfg, workdir=workdir, stages=stages)   # before any work
+  require_pretrained(cfg, workdir, stages)
   pretrain = cfg.pretrain.num_steps > 0
-  if (pretrain and "finetune" in stages and "pretrain" not in stages
-      and not saved_steps(workdir, "pretrain")):
-    raise FileNotFoundError(
-        f"--mode finetune starts from the pre-trained {cfg.model.name} model, but "
-        f"{workdir / 'checkpoints' / 'pretrain'} holds no pre-training checkpoint. Run "
-        "--mode pretrain first, or --mode train (pre-training, then fine-tuning), or fine-tune "
-        "without pre-training: the sass_base variant (e.g. --config configs/movielens.py:"
-        "sass_base) or --config.pretrain.num_steps=0")
   workdir.mkdir(parents=True, exist_ok=True)
   data = prepare(cfg, workdir)
   model = build_model(cfg, data)

@@ -195,7 +195,10 @@ class _Echoes(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name == "sass_jax" or record.name.startswith("jax"):
       return True   # ours, and JAX's (a compilation-cache write that fails is harmless)
-    text = record.getMessage()
+    try:
+      text = record.getMessage()
+    except Exception:  # pylint: disable=broad-exception-caught
+      return True       # the handler reports a malformed record itself
     if record.exc_info and record.exc_info[1] is not None:
       text += "\n" + "".join(traceback.format_exception_only(record.exc_info[1]))
     return not self._echo(text)

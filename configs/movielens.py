@@ -100,6 +100,11 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   # Items ranked in scenario k: 'all' (the whole corpus, SPEC section 5) or 'scenario' (only
   # items seen in scenario k: for scenarios that are domains with their own items).
   c.eval.corpus = "all"
+  # Which fine-tuning step: 0 = the latest. If the latest cannot be read, evaluation stops
+  # (naming it; the step is set aside as <step>.unreadable) unless fallback=True, which
+  # evaluates the newest readable step instead.
+  c.eval.step = 0
+  c.eval.fallback = False
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                 # -1: all devices not used by the other axis

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -205,7 +206,8 @@ class Checkpointer:
         Raises:
           orbax ``StepAlreadyExistsError`` (a ValueError) if ``force`` and the
           step already exists; TypeError from ``json`` for non-serialisable
-          metadata.
+          metadata; whatever the write raised (e.g. a full disk), after the
+          step's temporary directory has been removed (:meth:`discard_partial`).
         """
         items = {
             _STATE: ocp.args.PyTreeSave(state),
@@ -213,9 +215,25 @@ class Checkpointer:
         }
         if data_state is not None:
             items[_DATA_STATE] = ocp.args.JsonSave(_jsonable(data_state))
-        return bool(
-            self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
-        )
+        try:
+            return bool(
+                self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+            )
+        except BaseException:
+            self.discard_partial(step)
+            raise
+
+    def discard_partial(self, step: int) -> list[str]:
+        """Remove the temporary directories of an interrupted save of ``step``
+        (``<dir>/<step>.orbax-checkpoint-tmp*``; process 0), so that a failed
+        save (disk full, ...) leaves nothing half-written. Returns their names."""
+        if jax.process_index() != 0:
+            return []
+        gone = []
+        for p in self.directory.glob(f"{int(step)}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(os.fspath(p), ignore_errors=True)
+            gone.append(p.name)
+        return gone
 
     # ----------------------------------------------------------------- query
     def _refresh(self) -> None:

@@ -159,6 +159,16 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     p(f"config.eval.ks={ks}: expected a non-empty tuple of positive ints, e.g. (20, 50, 100)")
   if not (_is_int(e.user_chunk) and e.user_chunk >= 1):
     p(f"config.eval.user_chunk={e.user_chunk!r}: expected an int >= 1")
+  if e.split == "valid" and e.mask == "train_valid":
+    p("config.eval.split='valid' with config.eval.mask='train_valid' masks the very validation "
+      "positives being scored (every metric would be 0); use config.eval.mask='train' to "
+      "evaluate the valid split, or config.eval.split='test'")
+  step = e.get("step", 0)
+  if not (_is_int(step) and step >= 0):
+    p(f"config.eval.step={step!r}: expected a fine-tuning step (int >= 1), or 0 for the latest")
+  fb = e.get("fallback", False)
+  if not isinstance(fb, bool):
+    p(f"config.eval.fallback={fb!r}: expected True or False")
   # -- mesh ------------------------------------------------------------------------------
   mesh = cfg.mesh
   for k in ("data", "model"):

@@ -19,12 +19,18 @@ User encoder signature (``f(features, scenario) -> float32 [b, D]``, b symbolic)
   (after the vocabulary; 0 is the unknown value): ``int32 [b]`` for a single-valued field,
   ``int32 [b, L]`` plus ``'<field>_mask'`` ``bool [b, L]`` for a multi-valued field -- exactly
   what ``pipeline.gather_features(data.users, data.user_masks, rows)`` returns
-  (:func:`user_features` does that from raw user ids). Ids outside ``[0, vocab_size)`` are
-  read as the unknown id 0.
+  (:func:`user_features` does that from raw user ids). Valid ids lie in ``[0, vocab_size)``
+  (``manifest['user_encoder']['valid_ranges']``; a multi-hot entry whose mask is False is not
+  checked); a row with any other id comes back as NaN.
 - ``scenario``: ``int32 [b]`` in ``[0, K)`` (index into ``manifest['scenario_names']``); a row
-  with a scenario outside that range comes back as NaN.
+  with a scenario outside that range comes back as NaN. :func:`load_user_encoder`'s callable
+  raises ValueError for such inputs instead of returning NaN rows.
 - output: float32 ``[b, D]``, L2-normalised; the retrieval score of an item is the inner
   product with its row of ``items/<scenario>.npy`` (the model's logit is score / tau).
+
+The export is written into a temporary sibling directory (``.<dir>.tmp-*``) and renamed into
+place once complete, so a reader (or an export cut short) sees the previous export or the new
+one, never a mix; the directory is replaced as a whole.
 
 ``--mode recommend`` (:func:`recommend`) prints the top-K items of one raw user id in one
 scenario, scored exactly like the evaluation (SPEC section 5), with the user's positives of
@@ -35,7 +41,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -122,18 +131,25 @@ def user_encoder_fn(model, variables, user_specs: Sequence[FieldSpec],
   """``f(features, scenario) -> float32 [B, D]`` with the variables closed over (host copies).
 
   Same values as ``model.apply(variables, features, scenario, method='encode_user')`` for ids
-  in range; ids outside ``[0, vocab_size)`` are mapped to 0, out-of-range scenarios give NaN.
+  in range; a row with an id outside ``[0, vocab_size)`` (a multi-hot entry counts only where
+  its mask is True) or a scenario outside ``[0, num_scenarios)`` comes back as NaN, never as a
+  normal-looking vector.
   """
   host = as_variables(jax.device_get(variables))
   vocab = {s.name: int(s.vocab_size) for s in user_specs}
+  multi = {s.name for s in user_specs if s.multi_hot}
 
   def fn(features, scenario):
     feats = dict(features)
+    ok = (scenario >= 0) & (scenario < num_scenarios)
     for name, v in vocab.items():
       ids = feats[name]
-      feats[name] = jnp.where((ids >= 0) & (ids < v), ids, 0)
+      good = (ids >= 0) & (ids < v)
+      feats[name] = jnp.where(good, ids, 0)
+      if name in multi:
+        good = (good | ~feats[f"{name}_mask"].astype(bool)).all(axis=1)
+      ok = ok & good
     r = model.apply(host, feats, scenario, method="encode_user")
-    ok = (scenario >= 0) & (scenario < num_scenarios)
     return jnp.where(ok[:, None], r, jnp.nan).astype(jnp.float32)
 
   return fn
@@ -182,11 +198,46 @@ class UserEncoder:
     if len(sizes) != 1:
       raise ValueError(f"user encoder inputs have different batch sizes {sorted(sizes)}")
     if self.manifest is not None:
-      k = len(self.manifest["scenario_names"])
-      if len(sc) and (sc.min() < 0 or sc.max() >= k):
-        raise ValueError(f"scenario ids must lie in [0, {k}) "
-                         f"({self.manifest['scenario_names']}), got {sc.tolist()}")
+      check_inputs(self.manifest, args, sc)
     return np.asarray(self.exported.call(args, sc))
+
+
+def valid_ranges(user_specs: Sequence[FieldSpec], scenario_names: Sequence[str]) -> dict:
+  """The user encoder's valid input ranges as written to the manifest: ``{'features': {field:
+  [0, vocab_size]}, 'scenario': [0, K], 'note': ...}`` (half-open intervals)."""
+  return {"features": {s.name: [0, int(s.vocab_size)] for s in user_specs},
+          "scenario": [0, len(scenario_names)],
+          "note": "half-open [lo, hi); a row with an id or scenario outside its range comes "
+                  "back as NaN (a multi-hot entry is checked only where its mask is True); "
+                  "sass_jax.export.load_user_encoder(...) raises ValueError instead"}
+
+
+def check_inputs(manifest: dict, features: dict, scenario) -> None:
+  """Raise ValueError naming the first feature (or the scenario) with a value outside the
+  ranges of ``manifest`` (``user_encoder.valid_ranges``, else the input signature's
+  ``vocab_size`` and ``scenario_names``); values are ``features[field]`` int [B] / [B, L] with
+  ``'<field>_mask'`` bool [B, L] for multi-hot fields, ``scenario`` int [B]."""
+  ue = manifest.get("user_encoder", {})
+  ranges = ue.get("valid_ranges") or {
+      "features": {n: [0, d["vocab_size"]] for n, d in ue.get("inputs", {}).get(
+          "features", {}).items() if "vocab_size" in d},
+      "scenario": [0, len(manifest["scenario_names"])]}
+  for name, (lo, hi) in ranges["features"].items():
+    if name not in features:
+      continue
+    ids = np.asarray(features[name])
+    bad = (ids < lo) | (ids >= hi)
+    if f"{name}_mask" in features and ids.ndim == 2:
+      bad &= np.asarray(features[f"{name}_mask"], bool)
+    if bad.any():
+      row = int(np.argwhere(bad)[0][0])
+      raise ValueError(f"user feature {name!r} must lie in [{lo}, {hi}) (its vocabulary; 0 is "
+                       f"the unknown value), got {ids[row].tolist()} in row {row}")
+  sc = np.atleast_1d(np.asarray(scenario))
+  lo, hi = ranges["scenario"]
+  if len(sc) and (sc.min() < lo or sc.max() >= hi):
+    raise ValueError(f"scenario ids must lie in [{lo}, {hi}) "
+                     f"({manifest.get('scenario_names')}), got {sc.tolist()}")
 
 
 def load_user_encoder(path: str | Path) -> UserEncoder:
@@ -261,14 +312,17 @@ def check_platforms(platforms) -> tuple[str, ...] | None:
 
 
 def _restore(cfg, workdir, data=None, model=None, part=None, variables=None):
+  """(data, model, variables, step): ``step`` is the fine-tuning step read (None when
+  ``variables`` are given)."""
+  step = None
   if variables is None:
     loop.require_finetune_checkpoint(workdir)   # before preparing anything
   data = data or loop.prepare(cfg, workdir)
   model = model or loop.build_model(cfg, data)
   if variables is None:
-    variables = loop.restore_variables(cfg, workdir, "finetune", model,
-                                       part or Partitioner(cfg.mesh), data)
-  return data, model, variables
+    variables, step = loop.restore_variables_and_step(cfg, workdir, "finetune", model,
+                                                      part or Partitioner(cfg.mesh), data)
+  return data, model, variables, step
 
 
 def _finetune_step(workdir) -> int | None:
@@ -283,7 +337,9 @@ def export_workdir(cfg, workdir: str | Path, out_dir: str | Path | None = None, 
                    model=None, part=None) -> Path:
   """Write the export of ``workdir``'s latest fine-tuned parameters (module docstring layout).
 
-  ``out_dir``: default ``config.export.dir`` or, if empty, ``WORKDIR/export``. Returns the
+  ``out_dir``: default ``config.export.dir`` or, if empty, ``WORKDIR/export``; written into a
+  temporary sibling and renamed into place when complete (a previous export there is replaced
+  as a whole; what an earlier, interrupted export left beside it is removed). Returns the
   directory. Raises FileNotFoundError if the workdir has no fine-tuning checkpoint, ValueError
   for a ``config.export.platforms`` entry outside PLATFORMS (both before any work).
   """
@@ -291,12 +347,55 @@ def export_workdir(cfg, workdir: str | Path, out_dir: str | Path | None = None, 
   ecfg = cfg.get("export", {})
   out = Path(out_dir or ecfg.get("dir", "") or workdir / "export")
   platforms = check_platforms(ecfg.get("platforms", ()))
-  data, model, variables = _restore(cfg, workdir, data, model, part)
+  data, model, variables, step = _restore(cfg, workdir, data, model, part)
   item_all = eval_lib.encode_all(model, variables, data.items, data.item_masks,
                                  "encode_item", None)                    # [N, K, D]
   dim = int(item_all.shape[-1])
   if jax.process_index() != 0:
     return out
+  blob = export_user_encoder(model, variables, data.user_specs, data.num_scenarios, platforms)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  _clean_stale(out)
+  final, out = out, Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    _write_export(cfg, workdir, data, item_all, blob, platforms, step, out)
+    _swap_into_place(out, final)
+  except BaseException:
+    shutil.rmtree(out, ignore_errors=True)
+    raise
+  log.info("exported %d items x %d scenarios (D=%d) and the user encoder to %s",
+           data.num_items, data.num_scenarios, dim, final)
+  return final
+
+
+def _clean_stale(out: Path) -> None:
+  """Remove what an export killed midway left beside ``out`` (``.<name>.tmp-*``); if it was
+  killed between the two renames of :func:`_swap_into_place`, put the previous export back."""
+  for p in out.parent.glob(f".{out.name}.old-*"):
+    if not out.exists():
+      os.replace(p, out)
+      log.warning("restored the previous export %s from %s (an export was cut short)", out, p)
+    else:
+      shutil.rmtree(p, ignore_errors=True)
+  for p in out.parent.glob(f".{out.name}.tmp-*"):
+    shutil.rmtree(p, ignore_errors=True)
+    log.info("removed %s, left by an export that was cut short", p)
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+  """Rename the complete export ``tmp`` to ``out``, replacing (then deleting) a previous one."""
+  if out.exists():
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.replace(tmp, out)
+
+
+def _write_export(cfg, workdir: Path, data, item_all, blob: bytes, platforms, step, out: Path):
+  """Write every file of the export (module docstring layout) into the directory ``out``."""
+  dim = int(item_all.shape[-1])
   (out / "items").mkdir(parents=True, exist_ok=True)
   raw = np.asarray(data.item_raw_ids).astype(str)
   np.save(out / ITEM_IDS_FILE, raw)
@@ -309,13 +408,12 @@ def export_workdir(cfg, workdir: str | Path, out_dir: str | Path | None = None, 
     write_items_parquet(out / "items" / f"{slug}.parquet", raw, emb)
     scenarios.append({"index": k, "name": name, "item_embeddings": f"items/{slug}.npy",
                       "item_parquet": f"items/{slug}.parquet"})
-  blob = export_user_encoder(model, variables, data.user_specs, data.num_scenarios, platforms)
   (out / USER_ENCODER_FILE).write_bytes(blob)
   manifest = {
       "format_version": FORMAT_VERSION,
       "model": cfg.model.name,
       "dataset": data.manifest.get("dataset", cfg.data.name),
-      "checkpoint": {"stage": "finetune", "step": _finetune_step(workdir),
+      "checkpoint": {"stage": "finetune", "step": step,
                      "dir": str((workdir / "checkpoints" / "finetune").absolute())},
       "prepared_data": str(Path(data.path).absolute()),
       "embedding_dim": dim,
@@ -336,14 +434,12 @@ def export_workdir(cfg, workdir: str | Path, out_dir: str | Path | None = None, 
                      "scenario": {"shape": ["b"], "dtype": "int32",
                                   "range": [0, data.num_scenarios]}},
           "output": {"shape": ["b", dim], "dtype": "float32"},
+          "valid_ranges": valid_ranges(data.user_specs, data.scenario_names),
           "raw_ids_to_features": "sass_jax.export.user_features(store.open_store("
                                  "manifest['prepared_data']), raw_user_ids)",
       },
   }
   (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-  log.info("exported %d items x %d scenarios (D=%d) and the user encoder to %s",
-           data.num_items, data.num_scenarios, dim, out)
-  return out
 
 
 def seen_items(data: PreparedData, user_row: int, scenario: int, mask: str) -> np.ndarray:
@@ -393,7 +489,7 @@ def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str |
                          f"{list(data.scenario_names)}")
   s = scenario_index(data, scenario)
   row = int(user_rows(data, [user])[0])
-  data, model, variables = _restore(cfg, workdir, data, model, part, variables)
+  data, model, variables, step = _restore(cfg, workdir, data, model, part, variables)
   items = eval_lib.encode_all(model, variables, data.items, data.item_masks, "encode_item",
                               None)[:, s]
   uvec = eval_lib.encode_all(model, variables, {f: c[[row]] for f, c in data.users.items()},
@@ -411,7 +507,7 @@ def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str |
   recs = [{"rank": r + 1, "item_id": str(raw[i]), "item_index": int(i), "score": float(v)}
           for r, (i, v) in enumerate(zip(idx[0][keep], scores[0][keep]))]
   return {"user": user, "scenario": scenario, "model": cfg.model.name,
-          "step": _finetune_step(workdir), "num_excluded": int(len(seen)), "items": recs}
+          "step": step if step is not None else _finetune_step(workdir), "num_excluded": int(len(seen)), "items": recs}
 
 
 def format_recommendations(rec: dict) -> str:

@@ -8,9 +8,13 @@ config value can be overridden with ``--config.<path>=<value>``; the config is l
 misspelt key is an error. This module only parses and dispatches; the logic lives in
 ``sass_jax.train.loop``.
 
-User errors (an invalid value, a missing file or checkpoint, bad input data, an unknown id;
-``USER_ERRORS``) print one ``error: <message>`` to stderr and exit with code 1; set
-``SASS_JAX_DEBUG=1`` for the full traceback. SIGTERM or Ctrl-C during training finishes the
+User errors (an invalid value, a missing file or checkpoint, bad input data, an unknown id,
+a misspelt ``--config.<key>``; ``USER_ERRORS``) and file-system failures (disk full, file too
+large, read-only or not permitted; ``sass_jax.workdir.os_error_message``) print one
+``error: <message>`` to stderr and exit with code 1; set ``SASS_JAX_DEBUG=1`` for the full
+traceback. Every mode that writes to the workdir (all but recommend) first takes its lock
+(``sass_jax.workdir.lock``): a second run on the same workdir fails at once with
+``error: WORKDIR is in use by pid N``. SIGTERM or Ctrl-C during training finishes the
 step, saves a checkpoint and exits 0 (rerun the same command to resume).
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sass_jax import bench, config_check, distributed, export
+from sass_jax import workdir as workdir_lib
 from sass_jax.data.store import DataError
 from sass_jax.eval.evaluate import markdown_table
 from sass_jax.train import loop, monitor
@@ -44,7 +49,9 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num
 # User errors: printed as one 'error: <message>' line, exit code 1 (full traceback with
 # SASS_JAX_DEBUG=1). DataError and UnknownIdError are ValueErrors; listed for the reader.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, DataError,
-               export.UnknownIdError)
+               export.UnknownIdError, workdir_lib.WorkdirError)
+# Modes that write to the workdir, and so take its lock (recommend only reads).
+WRITING_MODES = tuple(m for m in MODES if m != "recommend")
 
 
 def main(argv):
@@ -61,26 +68,94 @@ def main(argv):
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/movielens.py")
   debug = os.environ.get("SASS_JAX_DEBUG", "") not in ("", "0")
+  # A disk-full / read-only failure inside orbax or tensorstore makes their threads log the
+  # same error many times over; keep those echoes quiet (remembered) and report it once below.
+  quiet = None if debug else workdir_lib.quiet_os_error_echoes()
   try:
     _dispatch(cfg, workdir, mode)
   except monitor.Preempted as e:   # SIGTERM / Ctrl-C: the step reached was checkpointed; exit 0
     logging.warning("%s", e)
-  except USER_ERRORS as e:         # the message only, exit code 1 (traceback: SASS_JAX_DEBUG=1)
-    if debug:
-      raise
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(1) from None
   except KeyboardInterrupt:        # Ctrl-C outside a training loop (or pressed twice)
     if debug:
       raise
     print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
     raise SystemExit(130) from None
+  except Exception as e:           # pylint: disable=broad-exception-caught
+    # Disk full, file too large, read-only, no permission (possibly wrapped by orbax /
+    # tensorstore): one line naming the path and the cause. Then user errors: the message.
+    if debug:
+      raise
+    if (msg := workdir_lib.os_error_message(e, workdir)) is not None:
+      _exit_after_os_error(msg)
+    if not isinstance(e, USER_ERRORS):
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)   # the message only, exit code 1
+    raise SystemExit(1) from None
+  if quiet is not None and quiet.seen:   # a background write failed: never exit 0 after that
+    _exit_after_os_error(quiet.seen[0])
+
+
+def _exit_after_os_error(msg: str) -> None:
+  """Print ``error: <msg>`` and end the process with exit code 1, without running the exit
+  handlers of libraries whose background writers failed on the same full / read-only disk
+  (their reports would follow the one line)."""
+  print(f"error: {msg}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(1)
+
+
+def _unknown_key_message(error: BaseException, argv) -> str | None:
+  """One line for ml_collections' error about a ``--config.<path>`` that is not in the
+  config (a KeyError, raised as an AttributeError, whose text holds a 'Did you mean' hint);
+  None for any other error."""
+  e = error
+  while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0],
+                                                                            BaseException):
+    e = e.args[0]
+  if not isinstance(e, (AttributeError, KeyError)) or not e.args:
+    return None
+  text = str(e.args[0])
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  if not lines:
+    return None
+  key = lines[0].strip("'\"")
+  hint = next((l for l in lines[1:] if l.lower().startswith("did you mean")), "")
+  given = next((a.split("=", 1)[0] for a in argv[1:]
+                if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")[1:]),
+               None)
+  if given is None:
+    return None
+  hint = hint[0].lower() + hint[1:] if hint else "see the config file for the keys it has"
+  return f"{given}: the config has no key {key!r}; {hint}"
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a misspelt ``--config.<key>`` reported as one ``error:`` line
+  (exit code 1) instead of ml_collections' traceback; ``--help`` / ``--helpfull`` unchanged."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    msg = _unknown_key_message(e, argv)
+    if msg is None or os.environ.get("SASS_JAX_DEBUG", "") not in ("", "0"):
+      raise
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 def _dispatch(cfg, workdir: str, mode: str) -> None:
   """Validate the config, then run ``mode`` (the module docstring lists them)."""
-  config_check.validate(cfg, workdir=workdir, stages={   # every value checked before any work
-      "pretrain": ("pretrain",), "finetune": ("finetune",), "train": loop.STAGES}.get(mode, ()))
+  stages = {"pretrain": ("pretrain",), "finetune": ("finetune",),
+            "train": loop.STAGES}.get(mode, ())
+  config_check.validate(cfg, stages=stages)      # every value checked before any work
+  if mode in ("eval", "export"):
+    loop.require_finetune_checkpoint(workdir)   # no checkpoint: nothing is created
+  if mode == "finetune":
+    loop.require_pretrained(cfg, workdir, ("finetune",))   # nothing to start from: the same
+  # One run per workdir (writable, checked now), before anything opens its checkpoints: even
+  # opening them removes what looks like an interrupted save, i.e. another run's save.
+  if mode in WRITING_MODES and jax.process_index() == 0:
+    workdir_lib.lock(workdir)
+  config_check.validate(cfg, workdir=workdir, stages=stages)   # against the saved checkpoints
   if mode == "prepare":
     loop.prepare(cfg, workdir, force=True)
     return
@@ -119,4 +194,4 @@ def _dispatch(cfg, workdir: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

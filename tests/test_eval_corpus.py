@@ -27,6 +27,10 @@ ROWS = np.array([
     (0, 5, 1, 1, 0),
     (1, 6, 1, 1, 2),
     (1, 7, 1, 0, 0),
+    # Training negatives that put the test positives' items into their scenario's catalogue
+    # (corpus='scenario' is read from the training split only); no positive, no mask.
+    (1, 2, 0, 0, 0),
+    (0, 6, 1, 0, 0),
 ])
 
 

@@ -177,12 +177,13 @@ def test_recommend_matches_evaluation_ranking(run):
   idx2, _, seen2 = _independent_topk(run, row, k, 25, [0, 1])
   assert tv["num_excluded"] == len(seen2)
   assert [r["item_index"] for r in tv["items"]] == idx2.tolist()
-  # eval.corpus='scenario': only items seen in the scenario are candidates.
+  # eval.corpus='scenario': only items seen in the scenario's training rows are candidates.
   cfg3 = copy.deepcopy(cfg)
   cfg3.eval.corpus = "scenario"
   sc = export.recommend(cfg3, wd, raw, name, 25, **kw)
   inter = {c: np.asarray(v) for c, v in data.inter.items()}
-  others = np.setdiff1d(np.arange(data.num_items), inter["item"][inter["scenario"] == k])
+  others = np.setdiff1d(np.arange(data.num_items),
+                        inter["item"][(inter["scenario"] == k) & (inter["split"] == 0)])
   assert len(others) > 0
   idx3, scores3, _ = _independent_topk(run, row, k, 25, [0], also_exclude=others)
   assert [r["item_index"] for r in sc["items"]] == idx3.tolist()
@@ -273,11 +274,15 @@ def test_multi_hot_user_fields_and_out_of_range_ids():
     got = np.asarray(exp.call(f, sc))
     want = np.asarray(ref(f, sc))
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
-  # Ids outside the vocabulary read as the unknown id 0; a bad scenario gives NaN rows.
-  f = feats(2)
-  bad = dict(f, user_id=np.array([10, -1], np.int32))
-  zero = dict(f, user_id=np.zeros(2, np.int32))
-  np.testing.assert_allclose(np.asarray(exp.call(bad, np.zeros(2, np.int32))),
-                             np.asarray(ref(zero, np.zeros(2, np.int32))), atol=1e-6)
-  out = np.asarray(exp.call(f, np.array([0, 2], np.int32)))
+  # A row with an id outside the vocabulary (a multi-hot entry only where its mask is True) or
+  # a bad scenario comes back as NaN, never as a normal-looking vector.
+  f = feats(3)
+  bad = dict(f, user_id=np.array([10, -1, 3], np.int32))
+  out = np.asarray(exp.call(bad, np.zeros(3, np.int32)))
+  assert np.isnan(out[:2]).all() and np.isfinite(out[2]).all()
+  tags, mask = f["tags"].copy(), f["tags_mask"].copy()
+  tags[:, 2], mask[0, 2], mask[1, 2] = 99, False, True     # row 0: masked out; row 1: used
+  out = np.asarray(exp.call(dict(f, tags=tags, tags_mask=mask), np.zeros(3, np.int32)))
+  assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+  out = np.asarray(exp.call(f, np.array([0, 2, 1], np.int32)))
   assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()

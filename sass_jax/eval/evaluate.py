@@ -7,9 +7,17 @@ Ranking: AUC and GAUC over the split's labelled exposures of scenario k (every r
 exactly over the whole split. 'overall' pools the (user, scenario) lists of every scenario and
 every exposure. A most-popular-items baseline (per scenario, from training positives) is
 evaluated the same way.
+
+Nothing is unreachable in silence: a test positive that is also a masked (training, or with
+``mask='train_valid'`` validation) positive of the same (user, item, scenario) is masked out of
+the ranking and so can never be retrieved; such pairs are counted per scenario and overall as
+``test_positives_in_train`` in the metrics (with a warning when there are any), and with
+``corpus='scenario'`` so are the positives outside the scenario's corpus
+(``test_positives_outside_corpus``).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import jax
@@ -24,6 +32,8 @@ from sass_jax.eval.retrieval import popularity_topk, sharded_topk_scores, topk_s
 import flax.linen as nn
 
 from sass_jax.train.steps import as_variables
+
+log = logging.getLogger("sass_jax")
 
 
 def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int):
@@ -82,9 +92,11 @@ def _check_corpus(corpus: str) -> None:
 def scenario_corpus(data: PreparedData, k: int, corpus: str = "all") -> np.ndarray | None:
   """The candidate items of scenario k: None for 'all' (every item of the corpus, SPEC section
   5), or for 'scenario' int64 [N_k] (sorted) the items with at least one interaction of
-  scenario k in any split -- the domain's catalogue when scenarios are domains with their own
-  items (Douban book / music, Amazon sports / clothing), where ranking the other domain's
-  items would only test whether a model can tell the domains apart.
+  scenario k in the training split -- the domain's catalogue when scenarios are domains with
+  their own items (Douban book / music, Amazon sports / clothing), where ranking the other
+  domain's items would only test whether a model can tell the domains apart. Only training
+  rows count: a catalogue read from the validation or test rows would tell the ranking which
+  items the held-out positives are.
 
   Raises ValueError for another ``corpus``.
   """
@@ -92,13 +104,29 @@ def scenario_corpus(data: PreparedData, k: int, corpus: str = "all") -> np.ndarr
   if corpus == "all":
     return None
   inter = data.inter
-  return np.unique(np.asarray(inter["item"])[np.asarray(inter["scenario"]) == k]).astype(np.int64)
+  sel = (np.asarray(inter["scenario"]) == k) & (np.asarray(inter["split"]) == SPLITS["train"])
+  return np.unique(np.asarray(inter["item"])[sel]).astype(np.int64)
+
+
+def _pair_keys(inter: dict, rows: np.ndarray, num_items: int) -> np.ndarray:
+  """int64 keys user * num_items + item of the given interaction rows."""
+  return inter["user"][rows].astype(np.int64) * int(num_items) + inter["item"][rows]
+
+
+def _valid_only(topk: Callable) -> Callable:
+  """``topk`` returning (scores, indices) -> indices, with -inf entries (excluded items that
+  fill a row when fewer than K items are allowed) replaced by -1 (padding, never a hit)."""
+  def fn(vecs, ex):
+    scores, idx = topk(vecs, ex)
+    return np.where(np.isneginf(np.asarray(scores)), -1, np.asarray(idx))
+  return fn
 
 
 def _in_corpus(topk: Callable, cand: np.ndarray | None, item_vecs, num_users: int, kmax: int,
                exclude):
   """``topk(item_vecs, exclude)`` over the candidates ``cand`` only: exclusions are mapped to
-  candidate positions and the result back to item indices, padded with -1 to ``kmax``."""
+  candidate positions and the result back to item indices (padding -1 stays -1), padded with
+  -1 to ``kmax``."""
   if cand is None:
     return topk(item_vecs, exclude)
   pos = np.full(item_vecs.shape[0], -1, np.int64)
@@ -111,7 +139,7 @@ def _in_corpus(topk: Callable, cand: np.ndarray | None, item_vecs, num_users: in
   np.cumsum(np.bincount(row[keep], minlength=num_users), out=new_ptr[1:])
   idx = np.asarray(topk(item_vecs[cand], (new_ptr, local[keep])))
   out = np.full((num_users, kmax), -1, np.int64)
-  out[:, :idx.shape[1]] = cand[idx]
+  out[:, :idx.shape[1]] = np.where(idx >= 0, cand[np.maximum(idx, 0)], -1)   # -1: padding
   return out
 
 
@@ -123,11 +151,14 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
   Returns the metrics dict written to metrics.json::
 
     {"split": ..., "scenarios": {name: {"recall@50": .., "ndcg@50": .., "hitrate@50": ..,
-      "auc": .., "gauc": .., "num_users": .., "num_exposures": ..}}, "overall": {...},
+      "auc": .., "gauc": .., "num_users": .., "num_exposures": ..,
+      "test_positives_in_train": .., ["test_positives_outside_corpus": ..]}}, "overall": {...},
      "baselines": {"popularity": {"scenarios": {...}, "overall": {...}}}}
 
   mask: 'train' masks each user's training positives (in the scenario evaluated);
-  'train_valid' also masks validation positives. Raises ValueError for an unknown mask/split.
+  'train_valid' also masks validation positives. Raises ValueError for an unknown mask/split,
+  and for split='valid' with mask='train_valid' (it would mask the positives being scored).
+  Masked items never count as retrieved, even where they fill the tail of a user's list.
   partitioner: a ``sass_jax.partition.Partitioner`` whose mesh holds ``params``: vectors are
   gathered replicated and the top-K is ``retrieval.sharded_topk_scores`` (items split over
   every device of the mesh, exact merge; SPEC section 6) -- same metrics, and it runs with
@@ -141,6 +172,9 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
     raise ValueError(f"config.eval.mask={mask!r}; expected 'train' or 'train_valid'")
   if split not in SPLITS or split == "train":
     raise ValueError(f"config.eval.split={split!r}; expected 'valid' or 'test'")
+  if split == "valid" and mask == "train_valid":
+    raise ValueError("config.eval.split='valid' with config.eval.mask='train_valid' masks the "
+                     "very validation positives being scored; use config.eval.mask='train'")
   inter = {c: np.asarray(v) for c, v in data.inter.items()}
   kmax = max(ks)
   item_all = encode_all(model, params, data.items, data.item_masks, "encode_item", None,
@@ -160,6 +194,16 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
     res, pres = {"num_users": int(len(users))}, {"num_users": int(len(users))}
     exp_rows = np.flatnonzero(in_split & sk)
     res["num_exposures"] = pres["num_exposures"] = int(len(exp_rows))
+    # Held-out positives that are also masked positives of the same (user, item, scenario):
+    # masked out of the ranking, so never retrievable. Counted, never silently lost.
+    test_keys = np.unique(_pair_keys(inter, test_rows, data.num_items))
+    masked_keys = _pair_keys(inter, np.flatnonzero(in_mask & sk), data.num_items)
+    n_in_train = int(np.isin(test_keys, masked_keys).sum())
+    res["test_positives_in_train"] = pres["test_positives_in_train"] = n_in_train
+    cand = scenario_corpus(data, k, corpus)
+    if cand is not None:
+      n_out = int((~np.isin(test_keys % data.num_items, cand)).sum())
+      res["test_positives_outside_corpus"] = pres["test_positives_outside_corpus"] = n_out
     counts = np.bincount(inter["item"][np.flatnonzero(sk & pos & (inter["split"] == 0))],
                          minlength=data.num_items).astype(np.float32)
     if len(users):
@@ -170,16 +214,16 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
       uvec = encode_all(model, params, {f: c[users] for f, c in data.users.items()},
                         {f: c[users] for f, c in data.user_masks.items()}, "encode_user", k,
                         partitioner=partitioner)
-      cand = scenario_corpus(data, k, corpus)
       if partitioner is None:
-        model_topk = lambda vecs, ex: topk_scores(uvec, vecs, kmax, exclude=ex,
-                                                  chunk_size=user_chunk)[1]
+        model_topk = _valid_only(lambda vecs, ex: topk_scores(uvec, vecs, kmax, exclude=ex,
+                                                              chunk_size=user_chunk))
       else:
-        model_topk = lambda vecs, ex: sharded_topk_scores(uvec, vecs, kmax, partitioner.mesh,
-                                                          exclude=ex, chunk_size=user_chunk)[1]
+        model_topk = _valid_only(lambda vecs, ex: sharded_topk_scores(
+            uvec, vecs, kmax, partitioner.mesh, exclude=ex, chunk_size=user_chunk))
       idx = _in_corpus(model_topk, cand, item_all[:, k], len(users), kmax, exclude)
       per_user = M.retrieval_metrics(idx, test_pos, ks)
-      pidx = _in_corpus(lambda c, ex: popularity_topk(c, len(users), kmax, exclude=ex)[1],
+      pidx = _in_corpus(_valid_only(lambda c, ex: popularity_topk(c, len(users), kmax,
+                                                                  exclude=ex)),
                         cand, counts, len(users), kmax, exclude)
       pop_per_user = M.retrieval_metrics(pidx, test_pos, ks)
       res.update({m: float(v.mean()) for m, v in per_user.items()})
@@ -201,8 +245,19 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
       all_groups.append(eu.astype(np.int64) * data.num_scenarios + k)
     scen_res[name], pop_res[name] = res, pres
 
+  lost = {n: r["test_positives_in_train"] for n, r in scen_res.items()}
+  if sum(lost.values()):
+    log.warning("%d positive(s) of the %s split are also %s positives of the same (user, item, "
+                "scenario) and are masked out of the ranking, so no model can retrieve them "
+                "(per scenario: %s); counted as test_positives_in_train in the metrics",
+                sum(lost.values()), split, "training" if mask == "train" else
+                "training / validation", lost)
+
   def pooled(per_users, scores):
     out = {"num_users": int(sum(len(next(iter(p.values()))) for p in per_users))}
+    for key in ("test_positives_in_train", "test_positives_outside_corpus"):
+      if any(key in r for r in scen_res.values()):
+        out[key] = int(sum(r.get(key, 0) for r in scen_res.values()))
     if per_users:
       out.update({m: float(np.concatenate([p[m] for p in per_users]).mean()) for m in per_users[0]})
     if scores:

@@ -297,7 +297,8 @@ def _topk_hits(topk: np.ndarray, indptr: np.ndarray, indices: np.ndarray):
     return hits, num_pos
 
 
-def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int]) -> dict[str, np.ndarray]:
+def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int],
+                      scores=None) -> dict[str, np.ndarray]:
     """Per-user Recall@K, HitRate@K and NDCG@K (SPEC section 5).
 
     With T_K = the first K items of a user's ranked list and P the user's set
@@ -311,7 +312,9 @@ def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int]
 
     P is a set: duplicate entries in a user's positives are counted once, and
     an item repeated within a ranked list only counts at its first rank.
-    Negative entries in ``topk_items`` are padding (never a hit).
+    Negative entries in ``topk_items`` are padding (never a hit), and so are entries whose
+    ``scores`` are -inf: the excluded (masked) items that ``topk_scores`` puts in the tail of a
+    row when a user has fewer than Kmax allowed items -- a masked item is never retrieved.
 
     Vectorised: hits [U, Kmax] come from one ``np.searchsorted`` of the
     sorted (user, item) positive keys into the row-sorted ranked keys, then
@@ -323,6 +326,8 @@ def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int]
         a list of U 1-D int arrays, or a CSR tuple ``(indptr [U+1], indices)``
         (see :func:`as_csr`).
       ks: cut-offs, each in [1, Kmax].
+      scores: optional float [U, Kmax], the scores of ``topk_items`` (as returned with them by
+        ``topk_scores``); entries at -inf are ignored.
 
     Returns:
       dict mapping ``recall@K``, ``hitrate@K``, ``ndcg@K`` (for every K in
@@ -331,7 +336,7 @@ def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int]
     Raises:
       ValueError: ``topk_items`` not a 2-D integer array, ``ks`` empty or a K
         outside [1, Kmax], ``test_positives`` malformed (see :func:`as_csr`),
-        a user with no positives, or item ids so large that
+        a user with no positives, ``scores`` of another shape, or item ids so large that
         U * max_item * max(ks) reaches 2**62 (remap ids densely).
     """
     topk = np.asarray(topk_items)
@@ -340,6 +345,11 @@ def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int]
     if topk.size and not np.issubdtype(topk.dtype, np.integer):
         raise ValueError(f"topk_items must be integer, got dtype {topk.dtype}")
     num_users, kmax = topk.shape
+    if scores is not None:
+        sc = np.asarray(scores)
+        if sc.shape != topk.shape:
+            raise ValueError(f"scores must have the shape of topk_items {topk.shape}, got {sc.shape}")
+        topk = np.where(np.isneginf(sc), -1, topk)
     ks = sorted({int(k) for k in ks})
     if not ks:
         raise ValueError("ks must contain at least one cut-off")

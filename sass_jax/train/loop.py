@@ -60,6 +60,21 @@ def require_finetune_checkpoint(workdir: str | Path) -> None:
                             "(or finetune) first")
 
 
+def require_pretrained(cfg, workdir: str | Path, stages=STAGES) -> None:
+  """Raise FileNotFoundError, saying what to run instead, when ``stages`` fine-tune without
+  pre-training first although the model is fine-tuned from pre-trained parameters
+  (``config.pretrain.num_steps > 0``) and ``WORKDIR/checkpoints/pretrain`` holds no saved
+  step. Reads directory names only; creates nothing."""
+  if (cfg.pretrain.num_steps > 0 and "finetune" in stages and "pretrain" not in stages
+      and not saved_steps(workdir, "pretrain")):
+    raise FileNotFoundError(
+        f"--mode finetune starts from the pre-trained {cfg.model.name} model, but "
+        f"{Path(workdir) / 'checkpoints' / 'pretrain'} holds no pre-training checkpoint. Run "
+        "--mode pretrain first, or --mode train (pre-training, then fine-tuning), or fine-tune "
+        "without pre-training: the sass_base variant (e.g. --config configs/movielens.py:"
+        "sass_base) or --config.pretrain.num_steps=0")
+
+
 def _source_changes(manifest: dict, data_dir) -> list[str]:
   """Keys of the source files of a prepared store whose bytes changed since it was prepared
   (``store.changed_sources``: size + mtime first, sha256 when they differ; a file found neither
@@ -274,6 +289,7 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
                                      init_params)
   abstract, shardings = part.abstract_state(init_fn)
   ckpt = _checkpointer(cfg, workdir, stage)
+  bar = None
   try:
     data_state = None
     if ckpt.latest_step() is not None:
@@ -374,20 +390,64 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
              {k: round(v, 4) for k, v in h.items()})
     return state
   finally:
+    if bar is not None:
+      bar.close()   # ends the progress line, so an error message starts on its own line
     ckpt.close()
 
 
-def restore_variables_and_step(cfg, workdir, stage, model, part, data) -> tuple[dict, int]:
-  """(variables, step): :func:`restore_variables` and the checkpoint step it read (the latest
-  readable one). Raises FileNotFoundError if the stage has no checkpoint in ``workdir``."""
+class UnreadableCheckpointError(ValueError):
+  """A checkpoint step that evaluation was asked for (or would have to skip) cannot be read;
+  the message names the step, the directory and what to run instead."""
+
+
+def restore_variables_and_step(cfg, workdir, stage, model, part, data, step: int | None = None,
+                               fallback: bool = True) -> tuple[dict, int]:
+  """(variables, step): :func:`restore_variables` and the checkpoint step it read.
+
+  ``step``: restore exactly that step (None: the latest). ``fallback`` (with ``step=None``):
+  if the latest step cannot be read, use the newest older one that can (with a warning, as
+  training does); without it, the unreadable latest step is set aside as
+  ``<step>.unreadable`` (as training would) and UnreadableCheckpointError is raised naming it.
+
+  Raises FileNotFoundError if the stage has no checkpoint (at ``step``) in ``workdir``,
+  UnreadableCheckpointError as above or when the requested ``step`` cannot be read.
+  """
   scfg = _stage_cfg(cfg, stage)
   tx = steps.make_optimizer(scfg, int(scfg.num_steps))
   abstract, _ = part.abstract_state(steps.make_init_fn(model, tx, example_batch(data), cfg.seed))
+  fields = {"params": abstract.params, "model_state": abstract.model_state}
   with _checkpointer(cfg, workdir, stage) as ck:
-    got = ck.restore_fields({"params": abstract.params, "model_state": abstract.model_state})
-    step = int(ck.restored_step)
-  log.info("%s: restored the parameters of step %d from %s", stage, step, ck.directory)
-  return {"params": got["params"], **got["model_state"]}, step
+    want = step
+    if want is None and not fallback:
+      want = ck.latest_step()
+      if want is None:
+        raise FileNotFoundError(f"No checkpoint found in directory {ck.directory}")
+    try:
+      got = ck.restore_fields(fields, step=want)
+    except FileNotFoundError:
+      raise
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      if want is None:
+        raise
+      why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+      rest = [x for x in ck.all_steps() if x != want]
+      if step is None:       # the latest step: set it aside, as training would
+        ck.unreadable_steps = [want]
+        ck.set_aside_unreadable()
+        raise UnreadableCheckpointError(
+            f"the latest {stage} checkpoint, step {want} in {ck.directory}, cannot be read "
+            f"({why}); it was set aside as {ck.directory / f'{want}.unreadable'} and nothing "
+            "was evaluated. "
+            + (f"Evaluate an older step explicitly with --config.eval.step=N (saved: {rest}) "
+               "or let evaluation fall back with --config.eval.fallback=True"
+               if rest else "No other step is saved; train again to write one")) from e
+      raise UnreadableCheckpointError(
+          f"{stage} checkpoint step {want} in {ck.directory} cannot be read ({why}); saved "
+          f"steps: {ck.all_steps()}") from e
+    read = int(ck.restored_step)
+    ck.set_aside_unreadable()   # steps skipped by a fallback, as training does
+  log.info("%s: restored the parameters of step %d from %s", stage, read, ck.directory)
+  return {"params": got["params"], **got["model_state"]}, read
 
 
 def restore_variables(cfg, workdir, stage, model, part, data) -> dict:
@@ -408,6 +468,8 @@ def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
   """
   workdir = Path(workdir)
   config_check.validate(cfg, workdir=workdir, stages=stages)   # before any work
+  require_pretrained(cfg, workdir, stages)
+  pretrain = cfg.pretrain.num_steps > 0
   workdir.mkdir(parents=True, exist_ok=True)
   data = prepare(cfg, workdir)
   model = build_model(cfg, data)
@@ -415,7 +477,6 @@ def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
   config_check.validate(cfg, data, part, stages=stages)
   log.info("mesh %s over %d device(s) (%s)", dict(part.mesh.shape), part.mesh.size,
            jax.devices()[0].platform)
-  pretrain = cfg.pretrain.num_steps > 0
   if pretrain and "pretrain" in stages:
     train_stage("pretrain", cfg, data, model, part, workdir, show_progress=show_progress)
   if "finetune" in stages:
@@ -427,19 +488,50 @@ def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
   return None
 
 
+def _set_aside_after(workdir: Path, latest: int) -> list[int]:
+  """Steps newer than ``latest`` that were set aside as unreadable (``<step>.unreadable``)."""
+  d = workdir / "checkpoints" / "finetune"
+  out = set()
+  for x in d.iterdir() if d.is_dir() else ():
+    head = x.name.split(".")[0]
+    if ".unreadable" in x.name and head.isdigit() and int(head) > latest:
+      out.add(int(head))
+  return sorted(out)
+
+
 def evaluate_workdir(cfg, workdir: str | Path, data=None, model=None, part=None) -> dict:
-  """Restore the latest fine-tuned parameters of ``workdir``, evaluate, write metrics.json
+  """Restore the fine-tuned parameters of ``workdir``, evaluate, write metrics.json
   (with ``checkpoint_step``: the fine-tuning step evaluated).
 
+  The step evaluated is ``config.eval.step`` if > 0, else the latest. Evaluation never
+  quietly uses an older step: if the latest step cannot be read it is set aside as
+  ``<step>.unreadable`` (as training does) and UnreadableCheckpointError is raised naming it
+  -- as it is when a newer step was set aside earlier -- unless ``config.eval.fallback`` is
+  True (then the newest readable step is evaluated, with a warning).
+
   Raises FileNotFoundError if the workdir has no fine-tuning checkpoint (checked before the
-  data is prepared; nothing is created).
+  data is prepared; nothing is created) or none at ``config.eval.step``;
+  UnreadableCheckpointError as above. metrics.json is left as it was when anything fails.
   """
   workdir = Path(workdir)
   require_finetune_checkpoint(workdir)
+  want = int(cfg.eval.get("step", 0) or 0) or None
+  fallback = bool(cfg.eval.get("fallback", False))
+  saved = saved_steps(workdir, "finetune")["finetune"]
+  if want is not None and want not in saved:
+    raise FileNotFoundError(f"config.eval.step={want}: no such fine-tuning checkpoint in "
+                            f"{workdir / 'checkpoints' / 'finetune'}; saved steps: {saved}")
+  if want is None and not fallback and (newer := _set_aside_after(workdir, saved[-1])):
+    raise UnreadableCheckpointError(
+        f"fine-tuning step(s) {newer} in {workdir / 'checkpoints' / 'finetune'} were set aside "
+        f"as unreadable, so the latest readable step ({saved[-1]}) is not the newest trained "
+        f"one; evaluate it explicitly with --config.eval.step={saved[-1]}, or accept the "
+        "fallback with --config.eval.fallback=True")
   data = data or prepare(cfg, workdir)
   model = model or build_model(cfg, data)
   part = part or Partitioner(cfg.mesh)
-  variables, ft_step = restore_variables_and_step(cfg, workdir, "finetune", model, part, data)
+  variables, ft_step = restore_variables_and_step(cfg, workdir, "finetune", model, part, data,
+                                                  step=want, fallback=fallback)
   t = time.time()
   metrics = eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
                               cfg.eval.mask, cfg.eval.user_chunk, partitioner=part,

@@ -56,6 +56,10 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     get_preparer(cfg.data.name)
   except ValueError as e:
     p(str(e))
+  from sass_jax.data.store import DUPLICATE_POLICIES
+  dup = cfg.data.get("duplicates")
+  if dup is not None and dup not in DUPLICATE_POLICIES:
+    p(f"config.data.duplicates={dup!r}: expected one of {DUPLICATE_POLICIES}")
   split = cfg.data.get("split")
   if split is not None:
     frac = tuple(split)

@@ -80,6 +80,8 @@ CASES = [
      "('raise', 'skip')"),
     ("train.log_every", 0, "config.train.log_every=0: expected an int >= 1"),
     ("data.name", "movielenz", "config.data.name='movielenz'; expected one of"),
+    ("data.duplicates", "drop", "config.data.duplicates='drop': expected one of ('error', "
+     "'first', 'last', 'max', 'keep')"),
 ]
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from collections import defaultdict
@@ -148,6 +149,9 @@ def topology_devices(topology: str) -> list:
   topology = str(topology).strip()
   if topology.lower() == "cpu":
     return list(jax.devices("cpu"))
+  # Only a description is loaded, never a chip: let it coexist with another process that
+  # holds libtpu (a training run, another compile), which libtpu's lockfile would refuse.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   try:
     topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")

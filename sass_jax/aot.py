@@ -226,6 +226,22 @@ def collectives(hlo_text: str) -> dict:
   return {k: dict(v) for k, v in sorted(out.items())}
 
 
+def largest_collectives(hlo_text: str, n: int = 12) -> list[dict]:
+  """The ``n`` largest collectives of optimised HLO text (per device): {'kind', 'bytes',
+  'shape', 'source'} (source: the JAX operation from the HLO metadata, when kept)."""
+  out = []
+  for _, name, typ, op, rest in hlo_instructions(hlo_text):
+    kind = op[:-5] if op.endswith("-done") else op
+    if op.endswith("-start") or kind not in COLLECTIVES:
+      continue
+    src = re.search(r'op_name="([^"]*)"', rest)
+    out.append({"kind": kind, "bytes": _array_bytes(typ)[0],
+                "shape": re.sub(r"\{[^}]*\}", "", typ),
+                "source": (src.group(1) if src else name)[-120:]})
+  out.sort(key=lambda v: -v["bytes"])
+  return out[:n]
+
+
 def table_all_gathers(hlo_text: str, tables: Sequence[dict]) -> list[str]:
   """All-gathers (or all-to-alls) whose result holds a whole table's rows (the leading dim
   of an array equal to a sharded table's rows): each as 'name: type'."""
@@ -370,6 +386,7 @@ def compile_one(cfg, stage: str, optimizer: str | None, model, part, user_specs,
        "memory": mem, "cost": cost_report(compiled),
        "collectives": coll,
        "collective_bytes": int(sum(v["bytes"] for v in coll.values())),
+       "largest_collectives": largest_collectives(text),
        "table_bytes_per_chip": int(table_bytes),
        "table_all_gathers": table_all_gathers(text, tables),
        "biggest_arrays": biggest_arrays(text), "tables": tables}
@@ -400,7 +417,8 @@ def compile_workdir(cfg, workdir, print_fn: Callable[[str], Any] | None = print)
 
   Returns the report: 'topology', 'device_kind', 'num_devices', 'mesh', 'table_layout',
   'hbm_bytes', 'fields' (source, rows, table bytes) and 'steps' (one dict per compiled step:
-  'memory', 'cost', 'collectives', 'collective_bytes', 'compile_seconds', 'tables',
+  'memory', 'cost', 'collectives', 'collective_bytes', 'largest_collectives',
+  'compile_seconds', 'tables',
   'table_all_gathers', 'biggest_arrays', 'fits', 'headroom').
   Raises ValueError for an invalid config, an unknown topology or missing field sizes.
   """

@@ -110,6 +110,28 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.mesh.data = -1                 # -1: all devices not used by the other axis
   c.mesh.model = 1
   c.mesh.shard_min_rows = 100_000  # tables with fewer rows are replicated
+  # Tables with more rows are split: 'all' over every device (data x model), 'model' over the
+  # model axis (a copy per data coordinate), 'auto' = 'all' where the rows divide evenly.
+  c.mesh.table_layout = "auto"
+  # Per-device memory a step may use (bytes); 0 = the device's own limit (memory_stats()
+  # 'bytes_limit'; CPU reports none: no check). Each stage's step is compiled first and the run
+  # stops if it needs more (sass_jax/aot.py, preflight).
+  c.mesh.memory_limit_bytes = 0
+
+  # --mode compile (sass_jax/aot.py; docs/scaling.md): compile the real steps for a device
+  # topology that need not be present, from abstract state and batch, and report per-chip
+  # memory, FLOPs and collectives to WORKDIR/compile.json.
+  c.compile = ml_collections.ConfigDict()
+  c.compile.topology = "v5e:2x2"   # a TPU topology ('v5e:16x16', 'v5p:8x8x8', ...) or 'cpu'
+  c.compile.mesh = ()              # (data, model) for that topology; () = config.mesh
+  c.compile.hbm_bytes = 0          # per-chip memory to report against; 0 = the chip's own
+  c.compile.stages = ("pretrain", "finetune")
+  c.compile.embedding_optimizers = ("dense", "lazy_adam", "rowwise_adagrad")
+  # Fields to compile for without prepared data: ((name, vocab_size, multi_hot L or 0), ...)
+  # per tower and the number of scenarios; () / 0 = read them from WORKDIR/data.
+  c.compile.user_fields = ()
+  c.compile.item_fields = ()
+  c.compile.num_scenarios = 0
 
   c.bench = ml_collections.ConfigDict()   # --mode bench (sass_jax/bench.py; BENCHMARKS.md)
   c.bench.steps = 20               # timed steps per repeat

@@ -25,6 +25,7 @@ PRETRAIN_PAIRS = ("scenario_views", "user_item")
 NAN_POLICIES = ("raise", "skip")
 BIAS_MODES = ("add", "concat")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+TABLE_LAYOUTS = ("auto", "all", "model")   # sass_jax.partition.TABLE_LAYOUTS
 # Model settings that change no parameter shape: a checkpoint can be resumed with other values.
 MODEL_NON_STRUCTURAL = ("tau", "dropout", "activation", "compute_dtype", "star_momentum")
 # Data settings that do not change the prepared data.
@@ -186,6 +187,25 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   smr = mesh.get("shard_min_rows", 0)
   if not (_is_int(smr) and smr >= 0):
     p(f"config.mesh.shard_min_rows={smr!r}: expected an int >= 0")
+  layout = mesh.get("table_layout", "auto")
+  if layout not in TABLE_LAYOUTS:
+    p(f"config.mesh.table_layout={layout!r}: expected one of {TABLE_LAYOUTS} ('all': tables "
+      "split over every device, 'model': over the model axis, 'auto': 'all' where it divides)")
+  mlb = mesh.get("memory_limit_bytes", 0)
+  if not (_is_int(mlb) and mlb >= 0):
+    p(f"config.mesh.memory_limit_bytes={mlb!r}: expected an int >= 0 (0 = the device's own)")
+  # -- compile (--mode compile, sass_jax.aot) ---------------------------------------------
+  cc = cfg.get("compile")
+  if cc is not None:
+    shape = tuple(cc.get("mesh", ()) or ())
+    if shape and not (len(shape) == 2 and all(_is_int(v) and (v >= 1 or v == -1) for v in shape)):
+      p(f"config.compile.mesh={shape}: expected () or (data, model) device counts, e.g. (16, 16)")
+    hbm = cc.get("hbm_bytes", 0)
+    if not (_is_num(hbm) and hbm >= 0):
+      p(f"config.compile.hbm_bytes={hbm!r}: expected a byte count >= 0 (0 = the chip's own)")
+    bad = [x for x in tuple(cc.get("stages", ())) if x not in STAGES]
+    if bad:
+      p(f"config.compile.stages={tuple(cc.stages)}: unknown {bad}; expected some of {STAGES}")
 
 
 def _data_axis(cfg, partitioner, p) -> int | None:

@@ -3,7 +3,9 @@
 Modes: prepare, pretrain, finetune, train (pretrain + finetune + eval), eval, bench (step,
 input, loop and evaluation throughput, ``sass_jax.bench``), bench_input
 (input pipeline vs fine-tune step throughput, ``sass_jax.bench``), export (item vectors and
-the serialised user tower) and recommend (top-K of one user), both ``sass_jax.export``. Any
+the serialised user tower) and recommend (top-K of one user), both ``sass_jax.export``, and
+compile (per-chip memory, FLOPs and collectives of the steps compiled for a device topology
+that need not be present, ``sass_jax.aot``). Any
 config value can be overridden with ``--config.<path>=<value>``; the config is locked, so a
 misspelt key is an error. This module only parses and dispatches; the logic lives in
 ``sass_jax.train.loop``.
@@ -36,7 +38,7 @@ from sass_jax.eval.evaluate import markdown_table
 from sass_jax.train import loop, monitor
 
 MODES = ("prepare", "pretrain", "finetune", "train", "eval", "bench", "bench_input", "compare",
-         "export", "recommend")
+         "export", "recommend", "compile")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory: data, checkpoints, logs, metrics.")
@@ -144,6 +146,14 @@ def parse_flags(argv):
 
 def _dispatch(cfg, workdir: str, mode: str) -> None:
   """Validate the config, then run ``mode`` (the module docstring lists them)."""
+  if mode == "compile":   # validated inside, against the mesh of config.compile.topology
+    from sass_jax import aot
+    if jax.process_index() == 0:
+      workdir_lib.lock(workdir)                  # compile.json is written there
+    res = aot.compile_workdir(cfg, workdir)
+    print("\n" + aot.summary_table(res))
+    print(f"\nwritten to {workdir}/compile.json")
+    return
   stages = {"pretrain": ("pretrain",), "finetune": ("finetune",),
             "train": loop.STAGES}.get(mode, ())
   config_check.validate(cfg, stages=stages)      # every value checked before any work

@@ -4,8 +4,14 @@ This is the only module that builds ``NamedSharding``s. Model code names logical
 ('vocab', 'embed', 'scenario', 'mlp_in', 'mlp_out'); ``RULES`` maps them onto the mesh axes
 ('data', 'model'):
 
-- embedding tables ``[rows, d]`` ('vocab', 'embed'): rows sharded over 'model' when the table has
-  at least ``shard_min_rows`` rows, replicated otherwise;
+- embedding tables ``[rows, d]`` ('vocab', 'embed') and their optimiser state (moments ``[rows,
+  d]``, row accumulators ``[rows]``): tables with fewer than ``shard_min_rows`` rows are
+  replicated; the others are row-split by ``config.mesh.table_layout`` (``TABLE_LAYOUTS``):
+  'all' over every device (('data', 'model') jointly: each device holds rows / (data * model)),
+  'model' over the 'model' axis only (a copy per 'data' coordinate), 'auto' (the default) 'all'
+  when the rows divide over every device, else 'model'. A table that cannot be split evenly
+  raises ValueError naming it and the fix: a large table is never replicated silently (rows are
+  padded for this, ``sass_jax.model.embedding.padded_rows``);
 - dense and per-scenario weights: replicated;
 - every batch array: leading (batch) dimension split over 'data'.
 
@@ -21,6 +27,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "model")
+TABLE_LAYOUTS = ("auto", "all", "model")
 RULES = (("vocab", "model"), ("embed", None), ("scenario", None), ("mlp_in", None),
          ("mlp_out", None), ("batch", "data"))
 
@@ -50,8 +57,12 @@ class Partitioner:
   """Owns the ('data', 'model') mesh and every sharding decision.
 
   Args:
-    mesh_cfg: ``config.mesh`` (data, model, shard_min_rows).
-    devices: devices to use (default ``jax.devices()``, all processes).
+    mesh_cfg: ``config.mesh`` (data, model, shard_min_rows, optional table_layout: one of
+      ``TABLE_LAYOUTS``, default 'auto').
+    devices: devices to use (default ``jax.devices()``, all processes); also the devices of a
+      TPU topology description (``sass_jax.aot``: compiled, never run).
+
+  Raises ValueError for mesh sizes that do not fit the devices or an unknown table layout.
   """
 
   def __init__(self, mesh_cfg, devices: Sequence[jax.Device] | None = None):
@@ -59,6 +70,10 @@ class Partitioner:
     shape = mesh_shape(int(mesh_cfg.data), int(mesh_cfg.model), len(devices))
     self.mesh: Mesh = jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
     self.shard_min_rows = int(mesh_cfg.shard_min_rows)
+    self.table_layout = str(mesh_cfg.get("table_layout", "auto"))
+    if self.table_layout not in TABLE_LAYOUTS:
+      raise ValueError(f"config.mesh.table_layout={self.table_layout!r}; expected one of "
+                       f"{TABLE_LAYOUTS}")
 
   @property
   def data_size(self) -> int:
@@ -128,28 +143,58 @@ class Partitioner:
     return jax.tree.map(one, local_batch)
 
   # -- state -----------------------------------------------------------------------------
+  def table_axes(self, rows: int, name: str = "an embedding table") -> tuple[str, ...]:
+    """Mesh axes the rows of a ``rows``-row table (or its optimiser state) are split over:
+    () (replicated) below ``shard_min_rows``, else per ``table_layout`` (module docstring).
+
+    Raises ValueError, naming ``name``, when the rows do not split evenly over the layout's
+    devices (the message gives the padding or layout that fixes it).
+    """
+    if rows < self.shard_min_rows or self.mesh.size == 1:
+      return ()
+    n_all, n_model = self.mesh.size, self.model_size
+    if self.data_size > 1 and (self.table_layout == "all" or (self.table_layout == "auto"
+                                                              and rows % n_all == 0)):
+      axes, n = ("data", "model"), n_all
+    else:
+      axes, n = ("model",), n_model
+    if rows % n:
+      raise ValueError(
+          f"{name} has {rows} rows, which do not split evenly over the {n} devices of "
+          f"config.mesh.table_layout={self.table_layout!r} (mesh {dict(self.mesh.shape)}), and "
+          f"a table of >= config.mesh.shard_min_rows={self.shard_min_rows} rows is never "
+          f"replicated; set config.model.vocab_pad_to to a multiple of {n} (rows are padded to "
+          "it), or config.mesh.shard_min_rows above the table's rows to replicate it")
+    return axes
+
+  def table_shards(self, rows: int) -> int:
+    """Number of devices a ``rows``-row table's rows are split over (1: replicated)."""
+    return int(np.prod([self.mesh.shape[a] for a in self.table_axes(rows)], dtype=np.int64))
+
   def state_shardings(self, abstract_boxed_state: Any) -> Any:
     """NamedShardings for the *unboxed* state, from a state whose params carry logical axes.
 
     ``abstract_boxed_state`` is ``jax.eval_shape`` of an init function that returns params
     still boxed in ``nn.LogicallyPartitioned`` (optax states built from boxed params carry the
-    same boxes). Tables with fewer than ``shard_min_rows`` rows, or whose rows do not divide
-    evenly over 'model', are replicated.
+    same boxes). Every leaf whose first logical axis is 'vocab' (tables, their moments and
+    row accumulators) is placed by ``table_axes``; raises ValueError as it does.
     """
     specs = nn.get_partition_spec(abstract_boxed_state)
     shapes = nn.meta.unbox(abstract_boxed_state)
 
-    def to_sharding(spec, leaf):
+    def to_sharding(path, spec, leaf):
       mesh_spec = nn.logical_to_mesh_axes(spec, RULES) if spec is not None else P()
       mesh_spec = P(*mesh_spec) if mesh_spec is not None else P()
       if len(mesh_spec) and mesh_spec[0] == "model":
-        rows = leaf.shape[0]
-        if rows < self.shard_min_rows or rows % self.model_size:
-          mesh_spec = P(None, *mesh_spec[1:])
+        name = "the table " + "/".join(str(getattr(k, "key", getattr(k, "name", k)))
+                                       for k in path)
+        axes = self.table_axes(leaf.shape[0], name)
+        first = None if not axes else axes[0] if len(axes) == 1 else axes
+        mesh_spec = P(first, *mesh_spec[1:])
       return NamedSharding(self.mesh, mesh_spec)
 
-    return jax.tree.map(to_sharding, specs, shapes,
-                        is_leaf=lambda x: isinstance(x, P) or x is None)
+    return jax.tree_util.tree_map_with_path(to_sharding, specs, shapes,
+                                            is_leaf=lambda x: isinstance(x, P) or x is None)
 
   def init(self, init_fn: Callable[[], Any]) -> tuple[Any, Any]:
     """Run ``init_fn`` (no args; returns a state with boxed params) directly into its shardings.

@@ -46,7 +46,8 @@ SCRIPT = textwrap.dedent("""
 
     one = Partitioner(cfg.mesh.__class__({"data": 1, "model": 1, "shard_min_rows": 0}),
                       devices=jax.devices()[:1])
-    eight = Partitioner(cfg.mesh.__class__({"data": 2, "model": 4, "shard_min_rows": 0}))
+    eight = Partitioner(cfg.mesh.__class__({"data": 2, "model": 4, "shard_min_rows": 0,
+                                             "table_layout": "model"}))
     assert dict(eight.mesh.shape) == {"data": 2, "model": 4}
     for stage, n in (("finetune", 5), ("pretrain", 3)):
         s1, l1 = run(one, stage, n)
@@ -83,7 +84,8 @@ SCRIPT = textwrap.dedent("""
     _, sh = big.abstract_state(steps.make_init_fn(model, tx, loop.example_batch(data), 0))
     assert sh.params["user_tower"]["embed"]["user_id"].spec == P(None, None)
     user_rows = table.shape[0]
-    mid = Partitioner(cfg.mesh.__class__({"data": 2, "model": 4, "shard_min_rows": user_rows}))
+    mid = Partitioner(cfg.mesh.__class__({"data": 2, "model": 4, "shard_min_rows": user_rows,
+                                          "table_layout": "model"}))
     _, sh = mid.abstract_state(steps.make_init_fn(model, tx, loop.example_batch(data), 0))
     assert sh.params["user_tower"]["embed"]["user_id"].spec == P("model", None)
     assert sh.params["user_tower"]["embed"]["gender"].spec == P(None, None)

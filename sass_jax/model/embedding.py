@@ -1,6 +1,7 @@
 """Field embeddings shared by all scenarios (SPEC section 1, "a shared embedding layer")."""
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import flax.linen as nn
@@ -9,14 +10,30 @@ import jax.numpy as jnp
 from sass_jax.data.store import FieldSpec
 
 
-def padded_rows(vocab_size: int, pad_to: int) -> int:
-  """Embedding table rows: ``vocab_size`` rounded up to a multiple of ``pad_to`` (>= 1).
+# Tables of at least LARGE_TABLE_ROWS rows are padded to a multiple of lcm(pad_to,
+# LARGE_TABLE_PAD_TO): their rows then split evenly over any power-of-two number of devices up
+# to 1,024 (whatever the mesh, so a checkpoint restores on any mesh), for at most 1/64 more rows.
+LARGE_TABLE_PAD_TO = 1024
+LARGE_TABLE_ROWS = 64 * LARGE_TABLE_PAD_TO
 
-  Padding lets a table be row-sharded evenly over the 'model' mesh axis; padded rows are
-  never looked up because ids are < vocab_size.
+
+def padded_rows(vocab_size: int, pad_to: int) -> int:
+  """Embedding table rows for ``vocab_size`` ids (>= 1).
+
+  ``pad_to`` > 1: ``vocab_size`` rounded up to a multiple of ``pad_to``, and a table of at least
+  ``LARGE_TABLE_ROWS`` (65,536) rows further to a multiple of ``lcm(pad_to, 1024)``, so that it
+  row-splits evenly over 2, 4, ..., 1024 devices (and over ``pad_to`` devices).
+  ``pad_to`` = 1: exactly ``vocab_size`` rows (no padding; the row-sparse view of
+  ``sass_jax.train.sparse`` uses it for its gathered buffers).
+  The padding depends on the vocabulary only, never on the mesh, so a checkpoint restores on
+  any mesh. Padded rows are never looked up because ids are < vocab_size.
   """
   pad_to = max(1, int(pad_to))
-  return -(-int(vocab_size) // pad_to) * pad_to
+  rows = -(-int(vocab_size) // pad_to) * pad_to
+  if pad_to > 1 and rows >= LARGE_TABLE_ROWS:
+    big = math.lcm(pad_to, LARGE_TABLE_PAD_TO)
+    rows = -(-rows // big) * big
+  return rows
 
 
 class FieldEmbedder(nn.Module):

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from sass_jax import aot
 from sass_jax import checkpoint as ckpt_lib
 from sass_jax import config_check
 from sass_jax.data import get_preparer, pipeline, store
@@ -254,6 +255,22 @@ def _resume_iterator(it, data_state, cfg, step: int) -> None:
   it.set_state(data_state)
 
 
+def _compiled_or_jitted(compiled, jitted):
+  """A step that runs the preflight's compiled executable, or -- if the first real batch does
+  not match the abstract batch it was compiled for (nothing has run then) -- the jitted step."""
+  use = [compiled]
+
+  def step(state, batch):
+    if use[0] is compiled:
+      try:
+        return compiled(state, batch)
+      except (TypeError, ValueError) as e:
+        log.info("compiled step does not take this batch (%s); compiling it again", e)
+        use[0] = jitted
+    return use[0](state, batch)
+  return step
+
+
 def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Partitioner,
                 workdir: str | Path, init_params=None, show_progress: bool = True):
   """Run one stage to ``num_steps``, resuming from its latest checkpoint if there is one.
@@ -267,6 +284,9 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
   Returns the final TrainState (sharded on the partitioner's mesh).
 
   Raises:
+    aot.MemoryPreflightError: (a ValueError) the stage's compiled step needs more memory per
+      device than ``config.mesh.memory_limit_bytes`` or, when that is 0, the device's
+      ``bytes_limit`` (CPU reports none: not checked); raised before anything is allocated.
     FloatingPointError: a step's loss, gradient norm or parameter norm is not finite
       (``config.train.nan_policy='raise'``), or ``config.train.max_skips`` consecutive steps
       were skipped (``'skip'``); the message names the stage, step and quantity. Nothing
@@ -288,6 +308,17 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
   init_fn, stage_step = sparse.build(cfg, stage, model, tx, example_batch(data), seed, num_steps,
                                      init_params)
   abstract, shardings = part.abstract_state(init_fn)
+  policy = cfg.train.get("nan_policy", "raise")
+  step_fn = steps.with_nan_policy(stage_step, policy, int(cfg.train.get("debug_nan_at_step", 0)))
+  step_fn = part.compile_step(step_fn, shardings)
+  limit = aot.memory_limit(cfg, part)
+  if limit:   # compile first; stop before allocating anything if the step cannot fit
+    given = int(cfg.mesh.get("memory_limit_bytes", 0) or 0) > 0
+    compiled = aot.preflight(
+        stage, step_fn, abstract, aot.abstract_batch(data.user_specs, data.item_specs, stage, bs,
+                                                     part.batch_sharding()), limit,
+        "config.mesh.memory_limit_bytes" if given else "the device's bytes_limit")
+    step_fn = _compiled_or_jitted(compiled, step_fn)
   ckpt = _checkpointer(cfg, workdir, stage)
   bar = None
   try:
@@ -307,11 +338,7 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Pa
     it, place = batch_source(cfg, data, stage, bs, seed, num_steps, part)
     if data_state:
       _resume_iterator(it, data_state, cfg, int(state.step))
-    step_fn = stage_step
-    policy = cfg.train.get("nan_policy", "raise")
     max_skips = int(cfg.train.get("max_skips", 10))
-    step_fn = steps.with_nan_policy(step_fn, policy, int(cfg.train.get("debug_nan_at_step", 0)))
-    step_fn = part.compile_step(step_fn, shardings)
     log_every = max(1, int(cfg.train.log_every))
     every = int(cfg.checkpoint.every_steps)
     log_path = Path(workdir) / f"{stage}_log.jsonl"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,3 +230,49 @@ def test_config_validation_rejects_unknown_settings():
     config_check.validate(c)
   assert "config.model.scenario_compute='ragged'" in str(e.value)
   assert "config.train.negatives='some'" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the PyTorch reference mirrors both formulations
+
+
+def test_torch_reference_grouped_equals_onehot_and_jax(tiny_cfg, tiny_features):
+  torch = pytest.importorskip("torch")
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+  import torch_reference as tr
+
+  cfg = tiny_cfg()
+  model = SASS(cfg)
+  b = _batch(tiny_features, seed=2)
+  v = model.init(jax.random.key(0), b["user"], b["item"], b["scenario"])
+  params = jax.device_get(nn.meta.unbox(v["params"]))
+  tb = tr.to_torch(jax.device_get(b))
+  rng = jax.random.key_data(jax.random.key(3))
+  cases = {
+      "finetune_all": (lambda m: tr.finetune_loss(m, tb, 0.2, 1.0),
+                       steps.finetune_loss(model, v["params"], b, rng, 0.2, 1.0)[0]),
+      "finetune_same": (lambda m: tr.finetune_loss(m, tb, 0.2, 1.0, "same_scenario"),
+                        steps.finetune_loss(model, v["params"], b, rng, 0.2, 1.0, None,
+                                            "same_scenario")[0]),
+      "pretrain_views": (lambda m: tr.pretrain_loss(m, tb, 0.1, "scenario_views"),
+                         steps.pretrain_loss(model, v["params"], b, rng, 0.1,
+                                             "scenario_views")[0]),
+  }
+  models = {}
+  for compute in ("grouped", "onehot"):
+    m = tr.TorchSASS.from_model_config(dataclasses.replace(cfg, scenario_compute=compute))
+    m.load_flax_params(params)
+    models[compute] = m
+  assert models["grouped"].compute == "grouped"
+  for case, (f, want) in cases.items():
+    grads = {}
+    for compute, m in models.items():
+      m.zero_grad(set_to_none=True)
+      loss = f(m)
+      loss.backward()
+      np.testing.assert_allclose(float(loss.detach()), float(want), rtol=1e-5, err_msg=case)
+      grads[compute] = [p.grad.detach().numpy().copy() if p.grad is not None else
+                        np.zeros(tuple(p.shape), np.float32) for p in m.parameters()]
+    assert _max_diff(grads["grouped"], grads["onehot"]) < TOL, case

@@ -329,7 +329,7 @@ def table(out: dict) -> str:
            f"(load {out['load_avg_start'][0]:.2f} -> {out['load_avg_end'][0]:.2f})", "",
            "| round | implementation | samples/s (median of repeats) | ms/step | first loss |",
            "|---|---|---|---|---|"]
-  lines[2] = lines[2][:-1] + " floor ms | foreign cores | load before -> after |"
+  lines[2] += " floor ms | foreign cores | load before -> after |"
   lines[3] += "---|---|---|"
   for r, rd in enumerate(out["rounds"]):
     mark = " (contended)" if rd["_round"]["contended"] else ""

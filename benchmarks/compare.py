@@ -11,8 +11,26 @@ torch with ``load_flax_params``), builds the same ``--batches`` batches with
 prints one JSON line. The first step's loss is reported by both sides: with the same
 parameters and batch they must agree (a check that the two compute the same model).
 
-The parent prints a table and the ratio sass_jax samples/s / torch samples/s (median over the
-rounds of the per-round ratios, and the ratio of the medians), writes ``WORKDIR/compare.json``.
+The PyTorch reference runs twice per round: eager (``torch``) and with its loss function under
+``torch.compile`` (``torch_compile``; ``--torch_variants``); the faster of the two in a round is
+that round's anchor. Both sides compute the same formulation (``--override
+model.scenario_compute=grouped|onehot``, ``--override train.negatives=...``).
+
+Around every child the parent records the 1-minute load average before and after and the CPU
+time that *other* processes used meanwhile (``cpu_meter``: ``/proc/stat`` busy jiffies minus
+this process's and its children's own CPU time, ``getrusage``), in cores. A round in which any
+child saw more than ``--foreign_limit`` cores (default 0.10) of foreign use is marked
+``contended`` and left out of the ratios (every round stays in the JSON).
+
+Each sass_jax child also reports XLA's flops of its compiled step (``cost_analysis``), a
+matmul probe (``[4096, 1024] x [1024, 1024]`` float32 ``jnp.dot``, median of 5 timed calls,
+GFLOP/s) measured right after its timed runs, and the *floor* = flops / probe rate: the step
+time if all its arithmetic ran at the probe's matmul rate (``step_over_floor`` = median step
+time / floor). With 'grouped' compute those flops are the minimal arithmetic of the step.
+
+The parent prints a table and the ratio sass_jax samples/s / best torch samples/s (median over
+the clean rounds of the per-round ratios, and the ratio of the medians), writes
+``WORKDIR/compare.json``.
 
 Usage (from the repository root; torch from ``pip install .[bench]``)::
 
@@ -27,6 +45,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -69,6 +88,56 @@ def load_config(spec: str, batch_size: int | None, overrides=()):
   return cfg
 
 
+def _busy_jiffies() -> int:
+  """Busy CPU time of the whole machine so far, in clock ticks (``/proc/stat`` 'cpu' line:
+  user + nice + system + irq + softirq + steal)."""
+  with open("/proc/stat") as f:
+    v = [int(x) for x in f.readline().split()[1:]]
+  return sum(v[:8]) - v[3] - (v[4] if len(v) > 4 else 0)
+
+
+def _own_cpu_s() -> float:
+  r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
+def cpu_meter():
+  """Start measuring; returns ``stop()`` -> the CPU time other processes used since, per second
+  of wall time (cores; 0.0 on a quiet machine). Own = this process and its waited-for children
+  (``getrusage``), so a child must have exited before ``stop()`` for its time to count as own.
+  Returns a ``stop`` giving ``float('nan')`` where ``/proc/stat`` is unreadable."""
+  try:
+    b0 = _busy_jiffies()
+  except OSError:
+    return lambda: float("nan")
+  hz = os.sysconf("SC_CLK_TCK")
+  o0, t0 = _own_cpu_s(), time.monotonic()
+
+  def stop() -> float:
+    busy = (_busy_jiffies() - b0) / hz
+    own = _own_cpu_s() - o0
+    return max(0.0, busy - own) / max(time.monotonic() - t0, 1e-9)
+  return stop
+
+
+def matmul_probe(n: int = 4096, k: int = 1024, m: int = 1024, calls: int = 5) -> dict:
+  """Float32 ``jnp.dot`` of ``[n, k] x [k, m]`` on JAX's default device: median of ``calls``
+  timed calls after one warm-up, as GFLOP/s."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, k), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (k, m), jnp.float32)
+  f = jax.jit(jnp.dot)
+  jax.block_until_ready(f(a, b))
+  ts = []
+  for _ in range(calls):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    ts.append(time.perf_counter() - t)
+  sec = statistics.median(ts)
+  return {"shape": [n, k, m], "seconds": ts, "gflop_per_s": 2.0 * n * k * m / sec / 1e9}
+
+
 def _batches(data, stage, bs, seed, n):
   from sass_jax.data import pipeline
   fn = pipeline.BatchFn(data, stage, bs, seed)
@@ -102,8 +171,8 @@ def child(args) -> dict:
   seed = cfg.seed + (0 if stage == "pretrain" else 1)
   host_batches = _batches(data, stage, bs, seed, args.batches)
   params0 = _jax_params(cfg, data, model, stage)
-  runs, first_loss = [], None
-  if args.child == "torch":
+  runs, first_loss, extra = [], None, {}
+  if args.child in ("torch", "torch_compile"):
     import torch
     sys.path.insert(0, str(HERE))
     import torch_reference as tr
@@ -115,7 +184,9 @@ def child(args) -> dict:
     step = tr.make_step(tm, stage, scfg.tau if stage == "pretrain" else cfg.model.tau,
                         float(scfg.learning_rate), int(scfg.num_steps),
                         int(scfg.get("warmup_steps", 0)), float(scfg.get("weight_decay", 0.0)),
-                        float(cfg.train.get("logq_strength", 1.0)), str(cfg.pretrain.pairs))
+                        float(cfg.train.get("logq_strength", 1.0)), str(cfg.pretrain.pairs),
+                        str(cfg.train.get("negatives", "all")),
+                        compile=args.child == "torch_compile")
     batches = [tr.to_torch(b, args.device) for b in host_batches]
     t = time.perf_counter()
     first_loss = float(step(batches[0]))
@@ -131,8 +202,10 @@ def child(args) -> dict:
         i += 1
       float(loss)
       runs.append((time.perf_counter() - t) / args.steps)
-    impl = {"impl": "torch", "torch_version": torch.__version__, "device": args.device,
-            "threads": torch.get_num_threads(), "embedding_optimizer": "dense (AdamW)"}
+    impl = {"impl": "torch eager" if args.child == "torch" else "torch.compile (loss)",
+            "torch_version": torch.__version__, "device": args.device,
+            "threads": torch.get_num_threads(), "embedding_optimizer": "dense (AdamW)",
+            "compute": tm.compute}
   else:
     import jax
 
@@ -148,6 +221,9 @@ def child(args) -> dict:
     batches = [part.shard_batch(b) for b in host_batches]
     t = time.perf_counter()
     fn = part.compile_step(step, shardings).lower(state, batches[0]).compile()
+    ca = fn.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    extra["flops"] = float(ca["flops"])
     state, m = fn(state, batches[0])
     first_loss = float(m["loss"])
     compile_s = time.perf_counter() - t
@@ -163,6 +239,11 @@ def child(args) -> dict:
         i += 1
       jax.block_until_ready((state, m))
       runs.append((time.perf_counter() - t) / args.steps)
+    probe = matmul_probe()
+    floor_ms = extra["flops"] / (probe["gflop_per_s"] * 1e9) * 1e3
+    extra.update(probe=probe, floor_ms=floor_ms, flops_per_sample=extra["flops"] / bs,
+                 step_over_floor=float(np.median(runs)) * 1e3 / floor_ms,
+                 compute=model.cfg.scenario_compute)
     impl = {"impl": f"sass_jax ({c.train.embedding_optimizer})", "jax_version": jax.__version__,
             "device": jax.devices()[0].device_kind,
             "embedding_optimizer": c.train.embedding_optimizer}
@@ -170,6 +251,7 @@ def child(args) -> dict:
   return {**impl, "stage": stage, "batch_size": bs, "first_loss": first_loss,
           "first_step_s": compile_s, "step_ms": [r * 1e3 for r in runs],
           "samples_per_s": sps, "samples_per_s_median": float(np.median(sps)),
+          "negatives": str(cfg.train.get("negatives", "all")), **extra,
           "load_avg": list(os.getloadavg())}
 
 
@@ -178,7 +260,9 @@ def parent(args) -> dict:
   from sass_jax.train import loop
   cfg = load_config(args.config, args.batch_size, args.override)
   loop.prepare(cfg, args.workdir)        # once, before the children
-  impls = [f"jax:{o}" for o in args.jax_embedding_optimizer.split(",") if o] + ["torch"]
+  torch_impls = [{"eager": "torch", "compile": "torch_compile"}[v]
+                 for v in args.torch_variants.split(",") if v]
+  impls = [f"jax:{o}" for o in args.jax_embedding_optimizer.split(",") if o] + torch_impls
   common = ["--config", args.config, "--workdir", args.workdir, "--stage", args.stage,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats",
             str(args.repeats), "--batches", str(args.batches), "--threads", str(args.threads),
@@ -193,25 +277,42 @@ def parent(args) -> dict:
     got = {}
     for impl in order:
       print(f"round {r + 1}/{args.rounds}: {impl} ...", file=sys.stderr, flush=True)
+      load0, meter = os.getloadavg()[0], cpu_meter()
       p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", impl] + common,
                          env=env, capture_output=True, text=True, timeout=args.child_timeout)
+      foreign = meter()
       lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
       if p.returncode or not lines:
         raise RuntimeError(f"child {impl} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-      got[impl] = json.loads(lines[-1])
+      got[impl] = {**json.loads(lines[-1]), "parent_load_before": load0,
+                   "parent_load_after": os.getloadavg()[0], "foreign_cores": foreign}
+    worst = max(g["foreign_cores"] for g in got.values())
+    got["_round"] = {"foreign_cores_max": worst,
+                     "contended": bool(worst > args.foreign_limit)}   # NaN (no /proc): not marked
     rounds.append(got)
-  torch_sps = [rd["torch"]["samples_per_s_median"] for rd in rounds]
-  summary = {}
-  for impl in impls[:-1]:
-    jax_sps = [rd[impl]["samples_per_s_median"] for rd in rounds]
+  clean = [rd for rd in rounds if not rd["_round"]["contended"]]
+  best = lambda rd: max(rd[t]["samples_per_s_median"] for t in torch_impls)
+  summary = {"rounds": len(rounds), "clean_rounds": len(clean),
+             "torch_anchor": "the faster of " + ", ".join(torch_impls) + " in each round"}
+  for impl in impls[:len(impls) - len(torch_impls)]:
+    if not clean:
+      summary[impl] = {"note": "every round was contended; no ratio"}
+      continue
+    jax_sps = [rd[impl]["samples_per_s_median"] for rd in clean]
+    torch_sps = [best(rd) for rd in clean]
     per_round = [j / t for j, t in zip(jax_sps, torch_sps)]
     summary[impl] = {
         "jax_samples_per_s_median": statistics.median(jax_sps),
-        "torch_samples_per_s_median": statistics.median(torch_sps),
+        "torch_best_samples_per_s_median": statistics.median(torch_sps),
+        **{f"{t}_samples_per_s_median": statistics.median(rd[t]["samples_per_s_median"]
+                                                         for rd in clean) for t in torch_impls},
         "ratio_per_round": per_round,
         "ratio_median_of_rounds": statistics.median(per_round),
         "ratio_of_medians": statistics.median(jax_sps) / statistics.median(torch_sps),
-        "first_loss_abs_diff": abs(rounds[0][impl]["first_loss"] - rounds[0]["torch"]["first_loss"]),
+        "step_over_floor_median": statistics.median(rd[impl]["step_over_floor"] for rd in clean),
+        "flops_per_sample": rounds[0][impl]["flops_per_sample"],
+        "first_loss_abs_diff": max(abs(rounds[0][impl]["first_loss"] - rounds[0][t]["first_loss"])
+                                   for t in torch_impls),
     }
   out = {"config": args.config, "stage": args.stage, "batch_size": rounds[0]["torch"]["batch_size"],
          "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
@@ -228,16 +329,33 @@ def table(out: dict) -> str:
            f"(load {out['load_avg_start'][0]:.2f} -> {out['load_avg_end'][0]:.2f})", "",
            "| round | implementation | samples/s (median of repeats) | ms/step | first loss |",
            "|---|---|---|---|---|"]
+  lines[2] += " floor ms | foreign cores | load before -> after |"
+  lines[3] += "---|---|---|"
   for r, rd in enumerate(out["rounds"]):
+    mark = " (contended)" if rd["_round"]["contended"] else ""
     for impl, res in rd.items():
-      lines.append(f"| {r + 1} | {res['impl']} | {res['samples_per_s_median']:,.0f} | "
-                   f"{statistics.median(res['step_ms']):.1f} | {res['first_loss']:.6f} |")
+      if impl == "_round":
+        continue
+      floor = f"{res['floor_ms']:.1f}" if "floor_ms" in res else ""
+      lines.append(f"| {r + 1}{mark} | {res['impl']} | {res['samples_per_s_median']:,.0f} | "
+                   f"{statistics.median(res['step_ms']):.1f} | {res['first_loss']:.6f} | {floor} | "
+                   f"{res['foreign_cores']:.3f} | {res['parent_load_before']:.2f} -> "
+                   f"{res['parent_load_after']:.2f} |")
   lines.append("")
-  for impl, s in out["summary"].items():
-    lines.append(f"{impl} / torch samples/s: {s['ratio_median_of_rounds']:.2f}x (median of "
+  s_all = out["summary"]
+  lines.append(f"clean rounds: {s_all['clean_rounds']} of {s_all['rounds']}; anchor: "
+               f"{s_all['torch_anchor']}")
+  for impl, s in s_all.items():
+    if not isinstance(s, dict):
+      continue
+    if "ratio_per_round" not in s:
+      lines.append(f"{impl}: {s['note']}")
+      continue
+    lines.append(f"{impl} / best torch samples/s: {s['ratio_median_of_rounds']:.2f}x (median of "
                  f"per-round ratios {[round(x, 2) for x in s['ratio_per_round']]}; ratio of "
-                 f"medians {s['ratio_of_medians']:.2f}x); first-step loss |diff| "
-                 f"{s['first_loss_abs_diff']:.2e}")
+                 f"medians {s['ratio_of_medians']:.2f}x); step / floor "
+                 f"{s['step_over_floor_median']:.2f}x; {s['flops_per_sample'] / 1e3:,.0f} "
+                 f"kFLOP/sample; first-step loss |diff| {s['first_loss_abs_diff']:.2e}")
   return "\n".join(lines)
 
 
@@ -257,6 +375,10 @@ def main(argv=None):
                   "uses JAX's default device)")
   ap.add_argument("--jax_embedding_optimizer", default="dense",
                   help="comma-separated sass_jax variants, e.g. dense,lazy_adam")
+  ap.add_argument("--torch_variants", default="eager,compile",
+                  help="torch reference runs: 'eager', 'compile' (torch.compile of the loss)")
+  ap.add_argument("--foreign_limit", type=float, default=0.10,
+                  help="cores of other processes' CPU use above which a round is contended")
   ap.add_argument("--override", action="append", default=[],
                   help="config field=value, e.g. data.dir=/path (repeatable)")
   ap.add_argument("--child_timeout", type=float, default=3600)

@@ -10,6 +10,17 @@ would write it in eager PyTorch: ``nn.Parameter`` tensors, ``torch.einsum``, ``l
 kernels ``[K, in, out]``, tables ``[rows, d]``), so ``load_flax_params`` copies a JAX model's
 parameters in and the two losses can be checked to agree (``tests/test_bench.py``).
 
+Arithmetic (``compute``, as ``config.model.scenario_compute``): 'grouped' (default) does only
+what the model needs, the way one would in eager PyTorch: a per-scenario layer sorts the rows by
+scenario and multiplies each scenario's contiguous block by its own kernel (``grouped_linear``:
+``torch.split`` by the scenario counts, one matmul per scenario present, no padding); the
+shared gates are applied in blocks (``W_g g`` once per sample, ``W_z z`` once per scenario);
+the in-batch logits of ``negatives='all'`` multiply each row only by the items' vectors in its
+own scenario (one ``[n_k, D] x [D, B]`` matmul per scenario); scenario-view pre-training encodes
+only the two views. 'onehot' is the earlier formulation (every row times all K kernels, a
+one-hot keeps one; logits through a one-hot einsum; all K views encoded). ``negatives=
+'same_scenario'`` encodes each item once in its row's scenario and masks other scenarios.
+
 Torch is an optional extra (``pip install .[bench]``); nothing in ``sass_jax`` imports this file.
 
 Usage (``benchmarks/compare.py`` drives it)::
@@ -55,9 +66,29 @@ class Dense(nn.Module):
     return x @ self.kernel + self.bias
 
 
+class Groups:
+  """Rows sorted by scenario: ``order`` (sorted position -> row), ``inverse`` (row -> sorted
+  position), ``counts`` (rows per scenario, Python ints), ``scenario`` (int64 ``[N]``)."""
+
+  def __init__(self, scenario: torch.Tensor, k: int):
+    self.scenario = scenario.reshape(-1)
+    self.order = torch.argsort(self.scenario, stable=True)
+    self.inverse = torch.argsort(self.order)
+    self.counts = torch.bincount(self.scenario, minlength=k).tolist()
+
+
+def grouped_linear(x: torch.Tensor, kernel: torch.Tensor, groups: Groups) -> torch.Tensor:
+  """Row n of ``x [N, in]`` times ``kernel[scenario[n]]`` (``[K, in, out]``) -> ``[N, out]``:
+  one matmul per scenario over its rows (sorted by scenario), then back to row order."""
+  parts = torch.split(x.index_select(0, groups.order), groups.counts)
+  y = torch.cat([p @ kernel[k] for k, p in enumerate(parts) if p.shape[0]], 0)
+  return y.index_select(0, groups.inverse)
+
+
 class ScenarioDense(nn.Module):
   """One kernel per scenario, stacked ``[K, in, out]``; selected layout ``(x [B, in], onehot
-  [B, K]) -> [B, out]``, all-scenarios layout ``(x [B, K, in], None) -> [B, K, out]``."""
+  [B, K]) -> [B, out]`` or ``(x [..., in], Groups) -> [..., out]``, all-scenarios layout
+  ``(x [B, K, in], None) -> [B, K, out]``."""
 
   def __init__(self, d_in: int, d_out: int, k: int):
     super().__init__()
@@ -67,6 +98,10 @@ class ScenarioDense(nn.Module):
   def forward(self, x, onehot):
     if onehot is None:
       return torch.einsum("bki,kio->bko", x, self.kernel) + self.bias
+    if isinstance(onehot, Groups):
+      y = grouped_linear(x.reshape(-1, x.shape[-1]), self.kernel, onehot)
+      y = y + self.bias.index_select(0, onehot.scenario)
+      return y.reshape(*x.shape[:-1], y.shape[-1])
     return (torch.einsum("bk,bki->bi", onehot, torch.einsum("bi,kio->bko", x, self.kernel))
             + onehot @ self.bias)
 
@@ -85,12 +120,29 @@ class MLSATLayer(nn.Module):
   def forward(self, g, h, z, onehot):
     g = self.act(self.glob(g))
     s = self.act(self.scenario(h, onehot))
+    if isinstance(onehot, Groups) or (onehot is None and z.dim() == 2):
+      return g, self._blocks(g, s, z, onehot)
     gb = g.expand(s.shape)
     zb = z.expand(*s.shape[:-1], z.shape[-1])
     a = torch.sigmoid(self.adaptive_gate(torch.cat([gb, s, zb], -1)))
     c = a * gb
     u = torch.sigmoid(self.update_gate(torch.cat([c, s, zb], -1)))
     return g, u * s + (1.0 - u) * c
+
+  def _blocks(self, g, s, z, groups):
+    """The gates block by block (grouped compute): z is the ``[K, d_s]`` table."""
+    w = g.shape[-1]
+    if isinstance(groups, Groups):
+      rows = lambda t: t.index_select(0, groups.scenario).reshape(*s.shape[:-1], t.shape[-1])
+    else:
+      rows = lambda t: t[None]
+    def gate(dense, first):
+      k = dense.kernel
+      return torch.sigmoid(first @ k[:w] + s @ k[w:2 * w] + rows(z @ k[2 * w:]) + dense.bias)
+    a = gate(self.adaptive_gate, g)
+    c = a * g
+    u = gate(self.update_gate, c)
+    return u * s + (1.0 - u) * c
 
 
 class Tower(nn.Module):
@@ -124,16 +176,29 @@ class Tower(nn.Module):
     return torch.cat(outs, -1)
 
   def forward(self, feats, z, onehot):
+    """'onehot' compute: z ``[B, d_s]`` / ``[1, K, d_s]``, onehot ``[B, K]`` / None. 'grouped':
+    z the table ``[K, d_s]``, onehot a ``Groups`` of B * V rows (-> ``[B, V, D]``) or None."""
     e = self.embed_fields(feats)
-    if onehot is None:
-      g, h = e[:, None, :], e[:, None, :].expand(e.shape[0], self.k, e.shape[-1])
+    B = e.shape[0]
+    grouped = isinstance(onehot, Groups)
+    if grouped:
+      v = onehot.scenario.shape[0] // B
+      g, h = e[:, None, :], e[:, None, :].expand(B, v, e.shape[-1])
+    elif onehot is None:
+      g, h = e[:, None, :], e[:, None, :].expand(B, self.k, e.shape[-1])
     else:
       g = h = e
     for layer in self.layers:
       g, h = layer(g, h, z, onehot)
     out = self.out(h)
-    zb = z.expand(*out.shape[:-1], z.shape[-1])
-    r = out + self.bias_out(self.act(self.bias_hidden(zb)))
+    if grouped or (onehot is None and z.dim() == 2):   # bias net once per scenario
+      bias = self.bias_out(self.act(self.bias_hidden(z)))                 # [K, D]
+      bias = (bias.index_select(0, onehot.scenario).reshape(B, -1, bias.shape[-1]) if grouped
+              else bias[None])
+      r = out + bias
+    else:
+      zb = z.expand(*out.shape[:-1], z.shape[-1])
+      r = out + self.bias_out(self.act(self.bias_hidden(zb)))
     return r * torch.rsqrt((r * r).sum(-1, keepdim=True).clamp_min(1e-12))
 
 
@@ -143,9 +208,11 @@ class TorchSASS(nn.Module):
 
   def __init__(self, user_specs, item_specs, user_rows, item_rows, num_scenarios: int,
                embed_dim=16, scenario_dim=16, widths=(256, 128), out_dim=64, bias_hidden=32,
-               activation="relu"):
+               activation="relu", compute="grouped"):
     super().__init__()
-    self.k = num_scenarios
+    if compute not in ("grouped", "onehot"):
+      raise ValueError(f"compute={compute!r}; expected 'grouped' or 'onehot'")
+    self.k, self.compute = num_scenarios, compute
     self.scenario_embedding = _normal((num_scenarios, scenario_dim), 0.1)
     args = (embed_dim, num_scenarios, scenario_dim, widths, out_dim, bias_hidden, activation)
     self.user_tower = Tower(user_specs, user_rows, *args)
@@ -164,19 +231,27 @@ class TorchSASS(nn.Module):
     pad = lambda v: -(-int(v) // max(1, mc.vocab_pad_to)) * max(1, mc.vocab_pad_to)
     return cls(mc.user_specs, mc.item_specs, [pad(s.vocab_size) for s in mc.user_specs],
                [pad(s.vocab_size) for s in mc.item_specs], mc.num_scenarios, mc.embed_dim,
-               mc.scenario_dim, tuple(mc.widths), mc.out_dim, mc.bias_hidden, mc.activation)
+               mc.scenario_dim, tuple(mc.widths), mc.out_dim, mc.bias_hidden, mc.activation,
+               getattr(mc, "scenario_compute", "grouped"))
 
-  def _z(self, scenario):
+  def _encode(self, tower, feats, scenario):
+    if self.compute == "grouped":
+      if scenario is None:
+        return tower(feats, self.scenario_embedding, None)
+      r = tower(feats, self.scenario_embedding, Groups(scenario, self.k))   # [B, V, D]
+      return r[:, 0] if scenario.dim() == 1 else r
     if scenario is None:
-      return self.scenario_embedding[None], None
+      return tower(feats, self.scenario_embedding[None], None)
     onehot = nn.functional.one_hot(scenario, self.k).to(self.scenario_embedding.dtype)
-    return onehot @ self.scenario_embedding, onehot
+    return tower(feats, onehot @ self.scenario_embedding, onehot)
 
   def encode_user(self, feats, scenario=None):
-    return self.user_tower(feats, *self._z(scenario))
+    """scenario int64 ``[B]`` -> ``[B, D]``; ``[B, V]`` ('grouped') -> ``[B, V, D]``; None ->
+    ``[B, K, D]``."""
+    return self._encode(self.user_tower, feats, scenario)
 
   def encode_item(self, feats, scenario=None):
-    return self.item_tower(feats, *self._z(scenario))
+    return self._encode(self.item_tower, feats, scenario)
 
   @torch.no_grad()
   def load_flax_params(self, params: Mapping):
@@ -219,18 +294,33 @@ def info_nce(a, b, ids, tau: float):
   return 0.5 * (_ce_diag(logits).mean() + _ce_diag(logits.T).mean())
 
 
-def sampled_softmax_logq(logits, item_ids, logq, tau: float, alpha: float):
-  """In-batch sampled softmax with logQ correction (``losses.sampled_softmax_logq``)."""
-  z = (logits / tau - alpha * logq[None, :]).masked_fill(_dup_mask(item_ids), _MASKED)
+def sampled_softmax_logq(logits, item_ids, logq, tau: float, alpha: float, scenario=None):
+  """In-batch sampled softmax with logQ correction (``losses.sampled_softmax_logq``); with
+  ``scenario`` columns of another scenario than the row's are masked too."""
+  mask = _dup_mask(item_ids)
+  if scenario is not None:
+    mask = mask | (scenario[:, None] != scenario[None, :])
+  z = (logits / tau - alpha * logq[None, :]).masked_fill(mask, _MASKED)
   return _ce_diag(z).mean()
 
 
-def finetune_loss(model: TorchSASS, b: Mapping, tau: float, logq_strength: float):
+def finetune_loss(model: TorchSASS, b: Mapping, tau: float, logq_strength: float,
+                  negatives: str = "all"):
   """Stage-2 loss on a torch batch (``steps.finetune_loss``)."""
+  if negatives not in ("all", "same_scenario"):
+    raise ValueError(f"negatives={negatives!r}; expected 'all' or 'same_scenario'")
   u = model.encode_user(b["user"], b["scenario"])                      # [B, D]
+  if negatives == "same_scenario":
+    i = model.encode_item(b["item"], b["scenario"])                    # [B, D]
+    return sampled_softmax_logq(u @ i.T, b["item_index"], b["item_logq"], tau, logq_strength,
+                                b["scenario"])
   i_all = model.encode_item(b["item"], None)                           # [B, K, D]
-  onehot = nn.functional.one_hot(b["scenario"], model.k).to(u.dtype)
-  logits = torch.einsum("bkd,jkd->bj", u[:, None, :] * onehot[:, :, None], i_all)
+  if model.compute == "grouped":   # row b times the items in its own scenario only
+    groups = Groups(b["scenario"], model.k)
+    logits = grouped_linear(u, i_all.permute(1, 2, 0), groups)         # [B, B]
+  else:
+    onehot = nn.functional.one_hot(b["scenario"], model.k).to(u.dtype)
+    logits = torch.einsum("bkd,jkd->bj", u[:, None, :] * onehot[:, :, None], i_all)
   return sampled_softmax_logq(logits, b["item_index"], b["item_logq"], tau, logq_strength)
 
 
@@ -245,9 +335,12 @@ def pretrain_loss(model: TorchSASS, b: Mapping, tau: float, pairs: str):
     return 0.5 * (_ce_diag(logits).mean() + _ce_diag(logits.T).mean())
   if pairs != "scenario_views":
     raise ValueError(f"pairs={pairs!r}; expected 'scenario_views' or 'user_item'")
-  u_all, i_all = model.encode_user(b["user"], None), model.encode_item(b["item"], None)
-  take = lambda v, idx: torch.gather(v, 1, idx[:, :, None].expand(-1, -1, v.shape[-1]))
-  uv, iv = take(u_all, b["user_views"]), take(i_all, b["item_views"])
+  if model.compute == "grouped":   # only the two views
+    uv, iv = model.encode_user(b["user"], b["user_views"]), model.encode_item(b["item"], b["item_views"])
+  else:
+    u_all, i_all = model.encode_user(b["user"], None), model.encode_item(b["item"], None)
+    take = lambda v, idx: torch.gather(v, 1, idx[:, :, None].expand(-1, -1, v.shape[-1]))
+    uv, iv = take(u_all, b["user_views"]), take(i_all, b["item_views"])
   return (info_nce(uv[:, 0], uv[:, 1], b["user_index"], tau)
           + info_nce(iv[:, 0], iv[:, 1], b["item_index"], tau))
 
@@ -283,19 +376,26 @@ def make_optimizer(model: nn.Module, lr: float, num_steps: int, warmup: int,
 
 def make_step(model: TorchSASS, stage: str, tau: float, lr: float, num_steps: int, warmup: int,
               weight_decay: float = 0.0, logq_strength: float = 1.0,
-              pairs: str = "scenario_views") -> Callable[[dict], float]:
+              pairs: str = "scenario_views", negatives: str = "all",
+              compile: bool = False) -> Callable[[dict], float]:
   """A training step ``step(torch_batch) -> loss tensor`` (zero_grad, forward, backward, AdamW
-  step, schedule step). ``stage`` is 'finetune' or 'pretrain'; raises ValueError otherwise."""
+  step, schedule step). ``stage`` is 'finetune' or 'pretrain'; raises ValueError otherwise.
+  ``compile``: the loss function (forward, and through AOTAutograd its backward) runs under
+  ``torch.compile(dynamic=True)`` (graph breaks allowed: the grouped layers' per-scenario row
+  counts are data); the optimiser step stays eager."""
   if stage not in ("finetune", "pretrain"):
     raise ValueError(f"stage={stage!r}; expected 'finetune' or 'pretrain'")
   opt, sched = make_optimizer(model, lr, num_steps, warmup, weight_decay)
+  if stage == "finetune":
+    loss_fn = lambda b: finetune_loss(model, b, tau, logq_strength, negatives)
+  else:
+    loss_fn = lambda b: pretrain_loss(model, b, tau, pairs)
+  if compile:
+    loss_fn = torch.compile(loss_fn, dynamic=True)
 
   def step(b):
     opt.zero_grad(set_to_none=True)
-    if stage == "finetune":
-      loss = finetune_loss(model, b, tau, logq_strength)
-    else:
-      loss = pretrain_loss(model, b, tau, pairs)
+    loss = loss_fn(b)
     loss.backward()
     opt.step()
     sched.step()

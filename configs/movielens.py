@@ -49,6 +49,10 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.model.tau = 0.05               # score = <r_u, r_i> / tau
   c.model.vocab_pad_to = 8         # embedding rows rounded up (even row-sharding over 'model')
   c.model.compute_dtype = "float32"
+  # Per-scenario layers and in-batch logits: 'grouped' multiplies each row by its own
+  # scenario's weights only; 'onehot' (the earlier formulation) by all K, keeping one. Same
+  # model, same parameters and results (sass_jax/model/grouped.py).
+  c.model.scenario_compute = "grouped"
   # Baselines only (sass_jax/model/baselines.py); `widths` above are their MLP / expert widths.
   c.model.tower_widths = (64,)     # per-scenario head of shared_bottom / mmoe / ple (then out_dim)
   c.model.num_experts = 4          # mmoe experts; ple shared experts per extraction layer
@@ -71,6 +75,10 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.0
   c.train.warmup_steps = 100
   c.train.logq_strength = 1.0      # alpha of the logQ correction; 0 turns it off
+  # In-batch negatives of a row: 'all' the batch's items, each scored in the row's scenario
+  # (items encoded in every scenario: cost grows with K), or 'same_scenario' only the items
+  # of rows of the same scenario (each item encoded once: cost independent of K).
+  c.train.negatives = "all"
   c.train.log_every = 50
   # Non-finite loss / gradient norm / parameter norm (both stages): 'raise' stops the run
   # naming the step (the last checkpoint is the last good state); 'skip' discards that step's

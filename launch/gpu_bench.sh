@@ -14,8 +14,11 @@
 #        - --mode bench on MovieLens (batch 4096), the Ali-CCP-scale synthetic config at
 #          batch 4096 and 65536, and synthetic:xlarge (1.1e7 embedding rows; its data takes
 #          about 1.5 minutes to generate), with the data resident on the device (no grain);
-#        - benchmarks/compare.py (sass_jax vs torch on cuda, alternating) on MovieLens and
-#          Ali-CCP-scale at batch 4096;
+#        - benchmarks/compare.py (sass_jax vs torch on cuda, eager and torch.compile'd,
+#          alternating; grouped scenario compute on both sides) on MovieLens and Ali-CCP-scale
+#          at batch 4096, fine-tune and pre-train steps;
+#        - benchmarks/scaling.py: SASS fine-tune samples/s and flops per sample for K = 2, 8, 32
+#          (synthetic data), negatives 'all' and 'same_scenario';
 #      and prints a short table last. JSON results go to $OUT (the run tool's output folder)
 #      or runs/gpu_bench_out.
 #
@@ -71,6 +74,7 @@ if [[ -n "${DRY:-}" ]]; then
      --config.bench.eval_items=512 --config.bench.eval_users=256 --config.bench.probe_matmul_n=256
      --config.bench.probe_bytes=4000000 --config.bench.full_eval_max_pairs=0)
   BS=256; BIG=1024; CMP=(--steps 2 --repeats 1 --rounds 1 --warmup 1 --batches 2)
+  SCL=(--ks 2,8 --batch_size 256 --steps 2 --repeats 1 --warmup 1 --batches 2)
   ACS=(--config.data.num_rows=200000 --config.data.num_users=20000 --config.data.num_items=50000)
   XL=(--config.data.num_rows=100000 --config.data.num_users=400000 --config.data.num_items=100000)
 else
@@ -78,6 +82,7 @@ else
      --config.bench.batches=8 --config.bench.loop_steps=20 --config.bench.input_batches=20
      --config.bench.eval_items=262144 --config.bench.eval_users=4096)
   BS=4096; BIG=65536; CMP=(--steps 20 --repeats 3 --rounds 2 --warmup 3 --batches 4)
+  SCL=(--ks 2,8,32 --batch_size 4096 --steps 10 --repeats 2 --warmup 2 --batches 2)
   ACS=(); XL=()
 fi
 RESIDENT=(--config.train.resident_on_device=True)
@@ -123,8 +128,13 @@ run cmp_ml 50 benchmarks/compare.py --config configs/movielens.py --workdir "$WO
 run cmp_acs 60 benchmarks/compare.py --config configs/aliccp_scale.py --workdir "$WORK/acs" \
     --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" "${ACS[@]/#--config./--override=}"
 [[ -f "$WORK/acs/compare.json" ]] && cp "$WORK/acs/compare.json" "$RES/compare_acs.json"
-# At most 8 files come back from the device machine: 6 JSON files, the logs in one archive,
-# and the summary below.
+rm -f "$WORK/acs/compare.json"
+run cmp_acs_pre 60 benchmarks/compare.py --config configs/aliccp_scale.py --workdir "$WORK/acs" \
+    --stage pretrain --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" "${ACS[@]/#--config./--override=}"
+[[ -f "$WORK/acs/compare.json" ]] && cp "$WORK/acs/compare.json" "$RES/compare_acs_pre.json"
+run scaling 60 benchmarks/scaling.py --workdir "$WORK/scaling" --models sass "${SCL[@]}"
+[[ -f "$WORK/scaling/scaling.json" ]] && cp "$WORK/scaling/scaling.json" "$RES/scaling.json"
+# The JSON files, the logs in one archive, and the summary below come back.
 tar czf "$RES/logs.tgz" -C "$WORK" $(cd "$WORK" && ls *.log) 2>/dev/null
 
 echo "== done in $(($(date +%s) - T0)) s; results in $RES"
@@ -145,6 +155,8 @@ for f in sorted(glob.glob(os.path.join(sys.argv[1], "bench_*.json"))):
 for f in sorted(glob.glob(os.path.join(sys.argv[1], "compare_*.json"))):
   r = json.load(open(f))
   for impl, s in r["summary"].items():
+    if not isinstance(s, dict) or "ratio_median_of_rounds" not in s:
+      continue
     rows.append((os.path.basename(f)[8:-5], f"{impl}/torch ratio", r["batch_size"], float("nan"),
                  s["ratio_median_of_rounds"], float("nan"), ""))
 print(f"{'run':8} {'what':34} {'batch':>6} {'ms/step':>9} {'samples/s|x':>12} {'/floor':>7} bound")

@@ -763,7 +763,8 @@ def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 
   init_fn = steps.make_init_fn(model, tx, loop.example_batch(data), cfg.seed + 1)
   state, shardings = part.init(init_fn)
   step_fn = part.compile_step(
-      steps.make_finetune_step(model, tx, cfg.model.tau, cfg.train.get("logq_strength", 1.0)),
+      steps.make_finetune_step(model, tx, cfg.model.tau, cfg.train.get("logq_strength", 1.0),
+                               cfg.train.get("negatives", "all")),
       shardings)
   it = make("finetune")()
   batches = [place(next(it)) for _ in range(total)]

@@ -22,12 +22,15 @@ EVAL_SPLITS = ("valid", "test")
 EVAL_MASKS = ("train", "train_valid")
 EVAL_CORPORA = ("all", "scenario")   # config.eval.corpus (sass_jax.eval.evaluate.scenario_corpus)
 PRETRAIN_PAIRS = ("scenario_views", "user_item")
+NEGATIVES = ("all", "same_scenario")             # config.train.negatives
+SCENARIO_COMPUTE = ("grouped", "onehot")         # config.model.scenario_compute
 NAN_POLICIES = ("raise", "skip")
 BIAS_MODES = ("add", "concat")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TABLE_LAYOUTS = ("auto", "all", "model")   # sass_jax.partition.TABLE_LAYOUTS
 # Model settings that change no parameter shape: a checkpoint can be resumed with other values.
-MODEL_NON_STRUCTURAL = ("tau", "dropout", "activation", "compute_dtype", "star_momentum")
+MODEL_NON_STRUCTURAL = ("tau", "dropout", "activation", "compute_dtype", "star_momentum",
+                        "scenario_compute")
 # Data settings that do not change the prepared data.
 DATA_NON_STRUCTURAL = ("dir", "download")
 
@@ -99,6 +102,9 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     p(f"config.model.bias_mode={m.bias_mode!r}: expected one of {BIAS_MODES}")
   if m.get("compute_dtype") is not None and m.compute_dtype not in COMPUTE_DTYPES:
     p(f"config.model.compute_dtype={m.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
+  if m.get("scenario_compute") is not None and m.scenario_compute not in SCENARIO_COMPUTE:
+    p(f"config.model.scenario_compute={m.scenario_compute!r}: expected one of "
+      f"{SCENARIO_COMPUTE} ('grouped': each row's own scenario only)")
   # -- stages ----------------------------------------------------------------------------
   if not (_is_int(cfg.pretrain.num_steps) and cfg.pretrain.num_steps >= 0):
     p(f"config.pretrain.num_steps={cfg.pretrain.num_steps!r}: expected an int >= 0 "
@@ -130,6 +136,10 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
       a = s.get("logq_strength", 1.0)
       if not (_is_num(a) and a >= 0):
         p(f"config.train.logq_strength={a!r}: expected a value >= 0 (0 turns logQ off)")
+      neg = s.get("negatives", "all")
+      if neg not in NEGATIVES:
+        p(f"config.train.negatives={neg!r}: expected one of {NEGATIVES} ('all': every item "
+          "of the batch, scored in the row's scenario; 'same_scenario': rows of its scenario)")
   t = cfg.train
   if not (_is_int(t.log_every) and t.log_every >= 1):
     p(f"config.train.log_every={t.log_every!r}: expected an int >= 1")

@@ -29,9 +29,13 @@ user *and* item vector wherever its design allows (all but DSSM-M).
 
 Per-scenario and per-expert weights are stacked (``[K, d_in, d_out]``, ``[E, d_in, d_out]``,
 ``[K, E_k, d_in, d_out]``) and applied with einsums; there is no Python loop over scenarios.
-Except for STAR, a tower always computes the all-scenarios layout ``[B, K, D]`` and the selected
-layout gathers each row's slice, so the two layouts agree exactly (selecting per-layer, as
-``ScenarioDense`` does, costs the same K-fold matmul).
+The selected layout (scenario ``[B]``) depends on ``config.model.scenario_compute``: 'grouped'
+(default) applies each row's own scenario's weights only (``grouped.grouped_dense``: the
+per-scenario heads, DSSM-S's MLP and tables, MMoE's gates, PLE's last extraction layer, STAR's
+layers); 'onehot' (the earlier formulation) computes the all-scenarios layout ``[B, K, D]`` and
+gathers each row's slice. Both give the same vectors (up to float rounding) from the same
+parameters. PLE's shared gate mixes every scenario's experts, so its layers before the last
+need all K scenario paths in either formulation.
 
 Logical axes: embedding tables ('vocab', 'embed'); shared dense ('mlp_in', 'mlp_out');
 per-scenario stacks ('scenario', ...); expert stacks ('expert', ...) -- every axis but 'vocab'
@@ -48,6 +52,7 @@ import jax.numpy as jnp
 
 from sass_jax.data.store import FieldSpec
 from sass_jax.model.embedding import FieldEmbedder, padded_rows
+from sass_jax.model.grouped import Groups, grouped_dense, make_groups
 from sass_jax.model.mlsat import _dense, activation
 from sass_jax.model.towers import ModelConfig, l2_normalize
 
@@ -82,12 +87,22 @@ def _check_scenario(scenario, batch: int):
     raise ValueError(f"scenario must be int32 [B={batch}] or None, got shape {jnp.shape(scenario)}")
 
 
+def _groups(cfg: ModelConfig, scenario) -> Groups | None:
+  """The rows' tile layout for the 'grouped' selected layout; None for the all-scenarios layout
+  or the 'onehot' compute."""
+  if scenario is None or cfg.scenario_compute != "grouped":
+    return None
+  return make_groups(jnp.asarray(scenario, jnp.int32), cfg.num_scenarios)
+
+
 class _ScenarioMLP(nn.Module):
   """One MLP per scenario, weights stacked ``[K, d_in, d_out]``: hidden ``widths`` with
   activation (and dropout), then ``out_dim`` without.
 
   Call ``(x, train)``: x ``[B, d]`` (the same input for every scenario) or ``[B, K, d]`` (slice
-  k for scenario k) -> ``[B, K, out_dim]`` in ``dtype``.
+  k for scenario k) -> ``[B, K, out_dim]`` in ``dtype``. ``(x, train, groups)`` with a
+  ``grouped.Groups`` of the B rows: x ``[B, d]`` -> ``[B, out_dim]``, row b through its own
+  scenario's MLP only.
   """
   widths: Sequence[int]
   out_dim: int
@@ -97,7 +112,7 @@ class _ScenarioMLP(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool = False, groups: Groups | None = None) -> jnp.ndarray:
     act = activation(self.act)
     K = self.num_scenarios
     x = x.astype(self.dtype)
@@ -106,8 +121,11 @@ class _ScenarioMLP(nn.Module):
       w, b = _stacked_kernel(self, f"dense_{l}" if l < len(self.widths) else "out", (K,),
                              ("scenario",), x.shape[-1], width)
       w, b = w.astype(self.dtype), b.astype(self.dtype)
-      x = (jnp.einsum("bi,kio->bko", x, w) if x.ndim == 2 else
-           jnp.einsum("bki,kio->bko", x, w)) + b
+      if groups is not None:
+        x = grouped_dense(x, w, b, groups)
+      else:
+        x = (jnp.einsum("bi,kio->bko", x, w) if x.ndim == 2 else
+             jnp.einsum("bki,kio->bko", x, w)) + b
       if l < len(self.widths):
         x = act(x)
         if self.dropout > 0:
@@ -204,7 +222,7 @@ class DSSMMixed(nn.Module):
 
 
 def scenario_field_ids(features: Mapping[str, jnp.ndarray], specs: Sequence[FieldSpec],
-                       num_scenarios: int, pad_to: int):
+                       num_scenarios: int, pad_to: int, scenario=None):
   """Ids into K independent sets of embedding tables stored as one table per field.
 
   Field f's table gets ``K * R`` rows (R = ``padded_rows(vocab_size, pad_to)``); scenario k's
@@ -212,8 +230,9 @@ def scenario_field_ids(features: Mapping[str, jnp.ndarray], specs: Sequence[Fiel
   ``vocab_size = K * R`` and features whose ids gain a scenario axis, ``[B, K]`` (single) or
   ``[B, K, L]`` with the mask broadcast to ``[B, K, L]`` (multi-hot), so a ``FieldEmbedder``
   over them returns ``[B, K, F * d]`` (slice k from scenario k's tables) with one gather per
-  field, and each table keeps the logical axes ('vocab', 'embed'). Raises KeyError naming a
-  missing field.
+  field, and each table keeps the logical axes ('vocab', 'embed'). With ``scenario`` (int
+  ``[B]``) only each row's own scenario's ids: ``[B]`` / ``[B, L]`` (mask unchanged), so the
+  embedder returns ``[B, F * d]``. Raises KeyError naming a missing field.
   """
   K = num_scenarios
   specs_k, shifted = [], {}
@@ -223,6 +242,12 @@ def scenario_field_ids(features: Mapping[str, jnp.ndarray], specs: Sequence[Fiel
     rows = padded_rows(s.vocab_size, pad_to)
     specs_k.append(dataclasses.replace(s, vocab_size=K * rows))
     ids = jnp.asarray(features[s.name], jnp.int32)
+    if scenario is not None:
+      off = jnp.asarray(scenario, jnp.int32) * rows                          # [B]
+      shifted[s.name] = ids + (off[:, None] if s.multi_hot else off)
+      if s.multi_hot:
+        shifted[f"{s.name}_mask"] = jnp.asarray(features[f"{s.name}_mask"])
+      continue
     off = jnp.arange(K, dtype=jnp.int32) * rows
     if s.multi_hot:
       shifted[s.name] = ids[:, None, :] + off[None, :, None]                 # [B, K, L]
@@ -246,15 +271,18 @@ class DSSMSingleTower(nn.Module):
   def __call__(self, features, scenario=None, train: bool = False):
     c = self.cfg
     dt = jnp.dtype(c.compute_dtype)
+    groups = _groups(c, scenario)
     if c.separate_embeddings:
-      specs, ids = scenario_field_ids(features, self.specs, c.num_scenarios, c.vocab_pad_to)
-      e = FieldEmbedder(specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(ids)  # [B,K,F*d]
+      specs, ids = scenario_field_ids(features, self.specs, c.num_scenarios, c.vocab_pad_to,
+                                      scenario if groups is not None else None)
+      e = FieldEmbedder(specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(ids)  # [B,(K,)F*d]
     else:
       e = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(features)
     _check_scenario(scenario, e.shape[0])
     out = _ScenarioMLP(c.widths, c.out_dim, c.num_scenarios, c.activation, c.dropout, dt,
-                       name="mlp")(e, train)
-    return _select(l2_normalize(out.astype(jnp.float32)), scenario)
+                       name="mlp")(e, train, groups)
+    out = l2_normalize(out.astype(jnp.float32))
+    return out if groups is not None else _select(out, scenario)
 
 
 class DSSMSingle(_TwoTowerBase):
@@ -286,9 +314,11 @@ class SharedBottomTower(nn.Module):
     e = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(features)
     _check_scenario(scenario, e.shape[0])
     h = _mlp(e, c.widths, activation(c.activation), c.dropout, dt, "bottom", train)   # [B, w]
+    groups = _groups(c, scenario)
     out = _ScenarioMLP(c.tower_widths, c.out_dim, c.num_scenarios, c.activation, c.dropout, dt,
-                       name="head")(h, train)                                          # [B, K, D]
-    return _select(l2_normalize(out.astype(jnp.float32)), scenario)
+                       name="head")(h, train, groups)                          # [B, (K,) D]
+    out = l2_normalize(out.astype(jnp.float32))
+    return out if groups is not None else _select(out, scenario)
 
 
 class SharedBottom(_TwoTowerBase):
@@ -324,6 +354,14 @@ class MMoETower(nn.Module):
     if x.ndim == 2:  # no expert layers: every expert is the identity
       x = jnp.broadcast_to(x[:, None, :], (x.shape[0], E, x.shape[-1]))
     gw, gb = _stacked_kernel(self, "gate", (K,), ("scenario",), e.shape[-1], E)
+    groups = _groups(c, scenario)
+    if groups is not None:     # each row's own scenario: gate [B, E], mixture [B, w], head
+      gates = jax.nn.softmax(grouped_dense(e, gw.astype(dt), gb.astype(dt), groups)
+                             .astype(jnp.float32), axis=-1)
+      mixed = jnp.einsum("be,bew->bw", gates.astype(dt), x)
+      out = _ScenarioMLP(c.tower_widths, c.out_dim, K, c.activation, c.dropout, dt,
+                         name="head")(mixed, train, groups)
+      return l2_normalize(out.astype(jnp.float32))
     gates = jax.nn.softmax((jnp.einsum("bi,kie->bke", e, gw.astype(dt)) + gb.astype(dt))
                            .astype(jnp.float32), axis=-1)                       # [B, K, E]
     mixed = jnp.einsum("bke,bew->bkw", gates.astype(dt), x)                     # [B, K, w]
@@ -369,12 +407,27 @@ class PLETower(nn.Module):
     B = e.shape[0]
     s, t = e, None                    # t None: every scenario path still equals e
     L = len(c.widths)
+    groups = _groups(c, scenario)
     for l, width in enumerate(c.widths):
       d = s.shape[-1]
       sw, sb = _stacked_kernel(self, f"shared_expert_{l}", (Es,), ("expert",), d, width)
       S = act(jnp.einsum("bi,eio->beo", s, sw.astype(dt)) + sb.astype(dt))            # [B,Es,w]
       pw, pb = _stacked_kernel(self, f"scenario_expert_{l}", (K, Ek), ("scenario", "expert"),
                                d, width)
+      if groups is not None and l == L - 1:
+        # last layer, selected: only each row's own scenario path (no shared gate follows)
+        tin = e if t is None else _select(t, scenario)                               # [B, d]
+        kw = jnp.transpose(pw, (0, 2, 1, 3)).reshape(K, d, Ek * width).astype(dt)
+        P = act(grouped_dense(tin, kw, pb.reshape(K, Ek * width).astype(dt), groups)
+                .reshape(B, Ek, width))                                              # [B,Ek,w]
+        gw, gb = _stacked_kernel(self, f"scenario_gate_{l}", (K,), ("scenario",), d, Es + Ek)
+        g = jax.nn.softmax(grouped_dense(tin, gw.astype(dt), gb.astype(dt), groups)
+                           .astype(jnp.float32), -1).astype(dt)                      # [B,Es+Ek]
+        t = (jnp.einsum("be,bew->bw", g[..., :Es], S) +
+             jnp.einsum("be,bew->bw", g[..., Es:], P))
+        if c.dropout > 0:
+          t = nn.Dropout(c.dropout)(t, deterministic=not train)
+        break
       tin = e if t is None else t
       P = act((jnp.einsum("bi,keio->bkeo", tin, pw.astype(dt)) if t is None else
                jnp.einsum("bki,keio->bkeo", tin, pw.astype(dt))) + pb.astype(dt))    # [B,K,Ek,w]
@@ -395,8 +448,9 @@ class PLETower(nn.Module):
       if c.dropout > 0:
         t = nn.Dropout(c.dropout)(t, deterministic=not train)
     out = _ScenarioMLP(c.tower_widths, c.out_dim, K, c.activation, c.dropout, dt,
-                       name="head")(t, train)
-    return _select(l2_normalize(out.astype(jnp.float32)), scenario)
+                       name="head")(t, train, groups)
+    out = l2_normalize(out.astype(jnp.float32))
+    return out if groups is not None else _select(out, scenario)
 
 
 class PLE(_TwoTowerBase):
@@ -498,14 +552,16 @@ class StarDense(nn.Module):
   b_k ``[K, d_out]`` (0), logical axes ('scenario', ...).
 
   Call ``(x, scenario)``: x ``[B, d_in]`` with scenario int32 ``[B]`` -> ``[B, d_out]``;
-  x ``[B, d_in]`` or ``[B, K, d_in]`` with scenario None -> ``[B, K, d_out]``.
+  x ``[B, d_in]`` or ``[B, K, d_in]`` with scenario None -> ``[B, K, d_out]``. ``groups`` (a
+  ``grouped.Groups`` of the rows' scenarios): the selected layout with each row times its own
+  scenario's kernel only.
   """
   features: int
   num_scenarios: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, scenario=None) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, scenario=None, groups: Groups | None = None) -> jnp.ndarray:
     K, d_in = self.num_scenarios, x.shape[-1]
     w = self.param("kernel", nn.with_logical_partitioning(
         nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")), (d_in, self.features), jnp.float32)
@@ -519,6 +575,8 @@ class StarDense(nn.Module):
     weff = (w[None] * wk).astype(self.dtype)                         # [K, d_in, d_out]
     beff = (b[None] + bk).astype(self.dtype)                         # [K, d_out]
     x = x.astype(self.dtype)
+    if groups is not None:
+      return grouped_dense(x, weff, beff, groups)
     if x.ndim == 3:
       return jnp.einsum("bki,kio->bko", x, weff) + beff
     y = jnp.einsum("bi,kio->bko", x, weff) + beff                    # [B, K, d_out]
@@ -545,10 +603,11 @@ class StarTower(nn.Module):
     e = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(features)
     _check_scenario(scenario, e.shape[0])
     x = PartitionedNorm(K, c.star_momentum, dtype=dt, name="pn")(e, scenario, train)
+    groups = _groups(c, scenario)
     dims = list(c.widths) + [c.out_dim]
     for l, width in enumerate(dims):
       last = l == len(dims) - 1
-      x = StarDense(width, K, dt, name="out" if last else f"star_{l}")(x, scenario)
+      x = StarDense(width, K, dt, name="out" if last else f"star_{l}")(x, scenario, groups)
       if not last:
         x = act(x)
         if c.dropout > 0:

@@ -16,8 +16,18 @@ Two layouts of the scenario axis, so one code path serves both uses:
 - *selected*: arrays ``[B, d]`` and a one-hot ``[B, K]`` of each sample's scenario;
 - *all scenarios*: the scenario path is ``[B, K, d]`` (every sample in every scenario, e.g. an
   item's K vectors) and the global path stays ``[B, 1, d]`` (computed once).
-Per-scenario weights are stacked ``[K, d_in, d_out]`` and applied with an einsum; there is no
-Python loop over scenarios.
+Per-scenario weights are stacked ``[K, d_in, d_out]``; there is no Python loop over scenarios.
+
+How the selected layout is computed (``config.model.scenario_compute``):
+- 'grouped' (default): the scenario argument is a ``grouped.Groups`` layout of the rows and a
+  per-scenario layer multiplies each row by its own scenario's kernel only
+  (``grouped.grouped_matmul``); the scenario path may then hold V >= 1 scenarios per sample,
+  h ``[B, V, d]`` with g ``[B, 1, d]`` computed once (two views of pre-training: V = 2). The
+  shared gates are applied as blocks, ``W_a [g; s; z] = W_a,g g + W_a,s s + W_a,z z``: the g
+  part once per sample and the z part once per scenario (of the ``[K, d_s]`` table), in both
+  layouts -- the same function and parameters as the concatenated form.
+- 'onehot' (the earlier formulation, kept for reference and tests): every row is multiplied by
+  all K kernels and a one-hot ``[B, K]`` keeps one; gates on the concatenated input.
 """
 from __future__ import annotations
 
@@ -26,6 +36,8 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from sass_jax.model.grouped import Groups, grouped_dense
 
 ACTIVATIONS: dict[str, Callable] = {
     "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu, "tanh": jnp.tanh, "leaky_relu": nn.leaky_relu,
@@ -50,7 +62,9 @@ def _dense(features: int, dtype, name: str) -> nn.Dense:
 class ScenarioDense(nn.Module):
   """A dense layer with one weight matrix per scenario, stacked ``[K, d_in, d_out]``.
 
-  Call ``(x, onehot)``: selected layout, x ``[B, d_in]``, onehot ``[B, K]`` -> ``[B, d_out]``;
+  Call ``(x, onehot)``: selected layout, x ``[B, d_in]``, onehot ``[B, K]`` -> ``[B, d_out]``
+  (every row times all K kernels, one kept); ``(x, groups)`` with a ``grouped.Groups`` of N
+  rows: x ``[..., d_in]`` (N rows) -> ``[..., d_out]``, each row times its own kernel only;
   ``(x, None)``: all-scenarios layout, x ``[B, K, d_in]`` -> ``[B, K, d_out]`` where slice k
   uses scenario k's weights. Logical axes: kernel ('scenario', 'mlp_in', 'mlp_out').
   """
@@ -70,6 +84,8 @@ class ScenarioDense(nn.Module):
                    (self.num_scenarios, self.features), jnp.float32)
     w, b = w.astype(self.dtype), b.astype(self.dtype)
     x = x.astype(self.dtype)
+    if isinstance(onehot, Groups):
+      return grouped_dense(x, w, b, onehot)
     if onehot is None:
       if x.ndim != 3 or x.shape[1] != self.num_scenarios:
         raise ValueError(f"all-scenarios layout needs x [B, {self.num_scenarios}, d], got {x.shape}")
@@ -78,12 +94,48 @@ class ScenarioDense(nn.Module):
     return jnp.einsum("bk,bki->bi", onehot, jnp.einsum("bi,kio->bko", x, w)) + onehot @ b
 
 
+class _SplitDense(nn.Module):
+  """``_dense(features)`` of ``concat(inputs, -1)`` computed block by block.
+
+  Call ``(parts)``: a list of ``(x_i, post_i)``; the result is ``sum_i post_i(x_i @ W_i) + b``
+  where W_i are the kernel rows of block i (in order) and post_i is None or a function applied
+  to that block's product (e.g. a gather of per-scenario rows); the terms broadcast against
+  each other, so a block shared by many rows (``[B, 1, d]``) is multiplied once. Parameters
+  ('kernel' ``[sum d_i, features]``, 'bias'; same initialisers and logical axes as
+  ``_dense``) are those of ``_dense`` on the concatenated input, so checkpoints of either load
+  into the other.
+  """
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, parts):
+    d_in = sum(int(x.shape[-1]) for x, _ in parts)
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                               ("mlp_in", "mlp_out")),
+                        (d_in, self.features), jnp.float32).astype(self.dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           ("mlp_out",)),
+                      (self.features,), jnp.float32).astype(self.dtype)
+    out, off = None, 0
+    for x, post in parts:
+      d = int(x.shape[-1])
+      y = jnp.matmul(x.astype(self.dtype), kernel[off:off + d])
+      off += d
+      y = y if post is None else post(y)
+      out = y if out is None else out + y
+    return out + bias
+
+
 class MLSATLayer(nn.Module):
   """One ML-SAT layer (module docstring). Returns ``(g_l, h_l)``.
 
-  Inputs: g ``[B, d]`` (selected) or ``[B, 1, d]`` (all scenarios); h ``[B, d]`` or
-  ``[B, K, d]``; z the scenario embedding ``[B, d_s]`` or ``[1, K, d_s]``; onehot ``[B, K]`` or
-  None for the all-scenarios layout.
+  Inputs ('onehot' compute): g ``[B, d]`` (selected) or ``[B, 1, d]`` (all scenarios); h
+  ``[B, d]`` or ``[B, K, d]``; z the scenario embedding ``[B, d_s]`` or ``[1, K, d_s]``; onehot
+  ``[B, K]`` or None for the all-scenarios layout.
+  Inputs ('grouped' compute): g ``[B, 1, d]``; h ``[B, V, d]`` with ``onehot`` a
+  ``grouped.Groups`` of the B * V rows, or ``[B, K, d]`` with onehot None; z the scenario
+  embedding table ``[K, d_s]`` (or ``[1, K, d_s]``). Outputs keep the input layouts.
   """
   features: int
   num_scenarios: int
@@ -93,6 +145,7 @@ class MLSATLayer(nn.Module):
   dropout: float = 0.0
   layer_norm: bool = False
   dtype: jnp.dtype = jnp.float32
+  scenario_compute: str = "onehot"
 
   def _gate(self, name, x, onehot):
     if self.gate_per_scenario:
@@ -108,6 +161,8 @@ class MLSATLayer(nn.Module):
     s = act(ScenarioDense(self.features, self.num_scenarios, self.dtype, name="scenario")(h, onehot))
     if self.gate_style == "none":
       h = g + s
+    elif self.scenario_compute == "grouped":
+      h = self._grouped_gates(g, s, z, onehot)
     else:
       gb = jnp.broadcast_to(g, s.shape)
       zb = jnp.broadcast_to(z, s.shape[:-1] + z.shape[-1:]).astype(self.dtype)
@@ -127,3 +182,29 @@ class MLSATLayer(nn.Module):
       h = nn.Dropout(self.dropout)(h, deterministic=not train)
       g = nn.Dropout(self.dropout)(g, deterministic=not train)
     return g, h
+
+  def _grouped_gates(self, g, s, z, groups):
+    """The gates of the 'grouped' compute: g ``[B, 1, w]``, s ``[B, V or K, w]``, z ``[K, d_s]``
+    (or ``[1, K, d_s]``); returns h like s."""
+    ztab = z.reshape(-1, z.shape[-1])                                      # [K, d_s]
+    if isinstance(groups, Groups):
+      idx = groups.scenario.reshape(s.shape[:-1])                          # [B, V]
+      zrows = lambda t: jnp.take(t, idx, axis=0)                           # [K, x] -> [B, V, x]
+    else:
+      zrows = lambda t: t[None]                                            # [K, x] -> [1, K, x]
+    gb = jnp.broadcast_to(g, s.shape)
+    if self.gate_per_scenario:   # per-scenario kernels: no block is shared
+      zb = jnp.broadcast_to(zrows(ztab.astype(self.dtype)), s.shape[:-1] + ztab.shape[-1:])
+      gate = lambda name, first: nn.sigmoid(self._gate(
+          name, jnp.concatenate([jnp.broadcast_to(first, s.shape), s, zb], -1), groups))
+    else:
+      gate = lambda name, first: nn.sigmoid(_SplitDense(self.features, self.dtype, name=name)(
+          [(first, None), (s, None), (ztab, zrows)]))
+    a = gate("adaptive_gate", g)
+    if self.gate_style == "gated_sum":
+      c = a * gb
+      u = gate("update_gate", c)
+      return u * s + (1.0 - u) * c
+    u = gate("update_gate", g)   # gru
+    c = jnp.tanh(_dense(self.features, self.dtype, "candidate")(jnp.concatenate([a * gb, s], -1)))
+    return (1.0 - u) * s + u * c

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from sass_jax.data.store import FieldSpec
 from sass_jax.model.embedding import FieldEmbedder
+from sass_jax.model.grouped import SCENARIO_COMPUTE, Groups, make_groups
 from sass_jax.model.mlsat import GATE_STYLES, MLSATLayer, _dense, activation
 
 MODEL_NAMES = ("sass", "sass_base", "dssm_single", "dssm_mixed", "shared_bottom", "mmoe", "ple",
@@ -51,6 +52,9 @@ class ModelConfig:
   tau: float = 0.05
   vocab_pad_to: int = 8
   compute_dtype: str = "float32"
+  # 'grouped': per-scenario layers do each row's own scenario only; 'onehot': all K, one kept
+  # (sass_jax/model/grouped.py, sass_jax/model/mlsat.py). Same function, same parameters.
+  scenario_compute: str = "grouped"
   # Baselines (SPEC section 3; sass_jax/model/baselines.py).
   tower_widths: tuple[int, ...] = (64,)   # per-scenario head of shared_bottom / mmoe / ple
   num_experts: int = 4                    # mmoe experts; ple shared experts per layer
@@ -72,6 +76,10 @@ class ModelConfig:
     if model_cfg.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"config.model.compute_dtype={model_cfg.compute_dtype!r}; "
                        "expected 'float32' or 'bfloat16'")
+    compute = model_cfg.get("scenario_compute", "grouped")
+    if compute not in SCENARIO_COMPUTE:
+      raise ValueError(f"config.model.scenario_compute={compute!r}; expected one of "
+                       f"{SCENARIO_COMPUTE}")
     if num_scenarios < 1:
       raise ValueError(f"the data has {num_scenarios} scenarios; need at least 1")
     activation(model_cfg.activation)
@@ -101,15 +109,17 @@ class ModelConfig:
                gate_style=model_cfg.gate_style, gate_per_scenario=model_cfg.gate_per_scenario,
                bias_mode=model_cfg.bias_mode, bias_hidden=model_cfg.bias_hidden,
                tau=model_cfg.tau, vocab_pad_to=model_cfg.vocab_pad_to,
-               compute_dtype=model_cfg.compute_dtype)
+               compute_dtype=model_cfg.compute_dtype, scenario_compute=compute)
 
 
 class SASSTower(nn.Module):
   """One scenario-aware tower: field embeddings -> L ML-SAT layers -> output + scenario bias.
 
   Call ``(features, z, onehot, train)``:
-    selected layout: z ``[B, d_s]`` (each sample's scenario embedding), onehot ``[B, K]``
-      -> ``[B, D]`` float32, L2-normalised;
+    selected layout, 'onehot' compute: z ``[B, d_s]`` (each sample's scenario embedding),
+      onehot ``[B, K]`` -> ``[B, D]`` float32, L2-normalised;
+    selected layout, 'grouped' compute: z the table ``[K, d_s]``, onehot a ``grouped.Groups``
+      of B * V rows (V scenarios per sample, row-major) -> ``[B, V, D]``;
     all-scenarios layout: z ``[1, K, d_s]``, onehot None -> ``[B, K, D]``, slice k the vectors
       in scenario k.
   D = out_dim ('add') or 2 * out_dim ('concat').
@@ -122,15 +132,29 @@ class SASSTower(nn.Module):
     c = self.cfg
     dt = jnp.dtype(c.compute_dtype)
     e = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(features)
-    g = e if onehot is not None else e[:, None, :]
-    h = e if onehot is not None else jnp.broadcast_to(e[:, None, :], (e.shape[0], c.num_scenarios, e.shape[-1]))
+    B = e.shape[0]
+    grouped = isinstance(onehot, Groups)
+    if grouped:
+      views = onehot.scenario.shape[0] // B
+      g, h = e[:, None, :], jnp.broadcast_to(e[:, None, :], (B, views, e.shape[-1]))
+    else:
+      g = e if onehot is not None else e[:, None, :]
+      h = e if onehot is not None else jnp.broadcast_to(e[:, None, :], (B, c.num_scenarios, e.shape[-1]))
     for l, width in enumerate(c.widths):
       g, h = MLSATLayer(width, c.num_scenarios, c.activation, c.gate_style, c.gate_per_scenario,
-                        c.dropout, c.layer_norm, dt, name=f"mlsat_{l}")(g, h, z, onehot, train)
+                        c.dropout, c.layer_norm, dt, c.scenario_compute,
+                        name=f"mlsat_{l}")(g, h, z, onehot, train)
     out = _dense(c.out_dim, dt, "out")(h)
     act = activation(c.activation)
-    zb = jnp.broadcast_to(z, out.shape[:-1] + z.shape[-1:]).astype(dt)
-    bias = _dense(c.out_dim, dt, "bias_out")(act(_dense(c.bias_hidden, dt, "bias_hidden")(zb)))
+    bias_net = lambda t: _dense(c.out_dim, dt, "bias_out")(act(_dense(c.bias_hidden, dt, "bias_hidden")(t)))
+    if grouped or (c.scenario_compute == "grouped" and onehot is None):
+      # once per scenario, on the [K, d_s] table, then placed
+      ztab = z.reshape(-1, z.shape[-1]).astype(dt)
+      bias = bias_net(ztab)                                                 # [K, out_dim]
+      bias = (jnp.take(bias, onehot.scenario.reshape(B, -1), axis=0) if grouped else bias[None])
+      bias = jnp.broadcast_to(bias, out.shape)
+    else:
+      bias = bias_net(jnp.broadcast_to(z, out.shape[:-1] + z.shape[-1:]).astype(dt))
     r = out + bias if c.bias_mode == "add" else jnp.concatenate([out, bias], -1)
     return l2_normalize(r.astype(jnp.float32))
 
@@ -139,12 +163,15 @@ class SASS(nn.Module):
   """The two-tower SASS model. Use through ``apply(..., method=...)``:
 
   - ``encode_user(features, scenario)`` / ``encode_item(features, scenario)``: scenario int32
-    ``[B]`` -> ``[B, D]``; scenario None -> ``[B, K, D]`` (every scenario's vector).
+    ``[B]`` -> ``[B, D]``; scenario None -> ``[B, K, D]`` (every scenario's vector); scenario
+    int32 ``[B, V]`` -> ``[B, V, D]`` (V chosen scenarios per sample; 'grouped' compute only,
+    ``encodes_views``), equal to the all-scenarios vectors taken at those scenarios.
   - ``__call__(user_features, item_features, scenario)`` -> (user ``[B, D]``, item ``[B, D]``),
     used for ``init``.
   Parameters: ``scenario_embedding`` ``[K, d_s]`` (shared), ``user_tower``, ``item_tower``.
   """
   cfg: ModelConfig
+  encodes_views = True   # accepts scenario [B, V] when cfg.scenario_compute == 'grouped'
 
   def setup(self):
     c = self.cfg
@@ -155,19 +182,28 @@ class SASS(nn.Module):
     self.user_tower = SASSTower(c, c.user_specs)
     self.item_tower = SASSTower(c, c.item_specs)
 
-  def _scenario_inputs(self, scenario):
+  def _encode(self, tower, features, scenario, train):
+    c = self.cfg
     if scenario is None:
-      return self.scenario_embedding[None], None
-    onehot = jax.nn.one_hot(scenario, self.cfg.num_scenarios, dtype=jnp.float32)
-    return onehot @ self.scenario_embedding, onehot
+      return tower(features, self.scenario_embedding[None], None, train)
+    scenario = jnp.asarray(scenario, jnp.int32)
+    if c.scenario_compute == "grouped":
+      if scenario.ndim not in (1, 2):
+        raise ValueError(f"scenario must be int32 [B] or [B, V], got shape {scenario.shape}")
+      r = tower(features, self.scenario_embedding,
+                make_groups(scenario.reshape(-1), c.num_scenarios), train)   # [B, V, D]
+      return r[:, 0] if scenario.ndim == 1 else r
+    if scenario.ndim != 1:
+      raise ValueError("scenario [B, V] needs config.model.scenario_compute='grouped'; got "
+                       f"shape {scenario.shape} with 'onehot'")
+    onehot = jax.nn.one_hot(scenario, c.num_scenarios, dtype=jnp.float32)
+    return tower(features, onehot @ self.scenario_embedding, onehot, train)
 
   def encode_user(self, features, scenario=None, train: bool = False):
-    z, onehot = self._scenario_inputs(scenario)
-    return self.user_tower(features, z, onehot, train)
+    return self._encode(self.user_tower, features, scenario, train)
 
   def encode_item(self, features, scenario=None, train: bool = False):
-    z, onehot = self._scenario_inputs(scenario)
-    return self.item_tower(features, z, onehot, train)
+    return self._encode(self.item_tower, features, scenario, train)
 
   def __call__(self, user_features, item_features, scenario, train: bool = False):
     return (self.encode_user(user_features, scenario, train),

@@ -13,7 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sass_jax.model.grouped import SCENARIO_COMPUTE, grouped_matmul, make_groups
+
 _MASKED = -1e9
+NEGATIVES = ("all", "same_scenario")   # config.train.negatives
 
 
 def _duplicate_mask(ids: jnp.ndarray | tuple[jnp.ndarray, ...]) -> jnp.ndarray:
@@ -56,21 +59,30 @@ def info_nce(view_a: jnp.ndarray, view_b: jnp.ndarray, ids: jnp.ndarray | tuple[
 
 
 def scenario_logits(user_vecs: jnp.ndarray, item_vecs_all: jnp.ndarray,
-                    scenario: jnp.ndarray) -> jnp.ndarray:
+                    scenario: jnp.ndarray, compute: str = "grouped") -> jnp.ndarray:
   """float32 [B, B]: logits[b, j] = <r_u^{k_b}[b], r_i^{k_b}[j]> (item j seen in user b's scenario).
 
   Args: user_vecs float [B, D] (each user in its own scenario); item_vecs_all float [B, K, D]
-  (every item in every scenario); scenario int [B]. Computed as one einsum over a one-hot of
-  the scenario, without materialising a [B, B, D] tensor.
+  (every item in every scenario); scenario int [B]; compute: 'grouped' (default) multiplies
+  each row only by the items' vectors in its own scenario (rows tiled by scenario,
+  ``grouped.grouped_matmul``: about B * B * D multiply-adds), 'onehot' (the earlier form) by
+  all K of them through a one-hot mask (K * B * B * D). Neither materialises [B, B, D].
+  Raises ValueError for another ``compute``.
   """
+  if compute not in SCENARIO_COMPUTE:
+    raise ValueError(f"config.model.scenario_compute={compute!r}; expected one of {SCENARIO_COMPUTE}")
   k = item_vecs_all.shape[1]
+  if compute == "grouped":
+    rhs = jnp.transpose(item_vecs_all.astype(jnp.float32), (1, 2, 0))      # [K, D, B]
+    return grouped_matmul(user_vecs.astype(jnp.float32), rhs, make_groups(scenario, k))
   onehot = jax.nn.one_hot(scenario, k, dtype=jnp.float32)
   u = user_vecs.astype(jnp.float32)[:, None, :] * onehot[:, :, None]     # [B, K, D]
   return jnp.einsum("bkd,jkd->bj", u, item_vecs_all.astype(jnp.float32))
 
 
 def sampled_softmax_logq(logits: jnp.ndarray, item_ids: jnp.ndarray, item_logq: jnp.ndarray,
-                         tau: float, logq_strength: float) -> jnp.ndarray:
+                         tau: float, logq_strength: float,
+                         scenario: jnp.ndarray | None = None) -> jnp.ndarray:
   """In-batch sampled softmax with logQ correction; scalar float32.
 
   Args:
@@ -80,9 +92,14 @@ def sampled_softmax_logq(logits: jnp.ndarray, item_ids: jnp.ndarray, item_logq: 
       positives, i.e. how often it appears as an in-batch negative).
     tau: temperature; logits are divided by it.
     logq_strength: alpha in s(b, j) = <u_b, i_j> / tau - alpha * log q_j; 0 turns it off.
+    scenario: None, or int [B] each row's scenario: then a column of another scenario than row
+      b's is masked too (negatives from the row's own scenario only).
   Returns: mean over b of CE(row b, target b).
   Source: SPEC section 2 (stage 2); Yi et al., RecSys 2019, eq. (3).
   """
   z = logits.astype(jnp.float32) / tau - logq_strength * item_logq.astype(jnp.float32)[None, :]
-  z = jnp.where(_duplicate_mask(item_ids), _MASKED, z)
+  mask = _duplicate_mask(item_ids)
+  if scenario is not None:
+    mask = mask | (scenario[:, None] != scenario[None, :])
+  z = jnp.where(mask, _MASKED, z)
   return _softmax_ce_diag(z).mean()

@@ -358,10 +358,10 @@ def make_pretrain_step(model: nn.Module, tx: optax.GradientTransformation, opts:
 
 
 def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation, opts: SparseOptions,
-                       tau: float, logq_strength: float) -> Callable:
+                       tau: float, logq_strength: float, negatives: str = "all") -> Callable:
   """``steps.make_finetune_step`` with row-sparse table updates."""
   return _make_step(model, tx, opts, lambda m, p, b, r, ms: steps.finetune_loss(
-      m, p, b, r, tau, logq_strength, ms))
+      m, p, b, r, tau, logq_strength, ms, negatives))
 
 
 def build(cfg, stage: str, model: nn.Module, tx: optax.GradientTransformation, dummy: dict,
@@ -379,9 +379,10 @@ def build(cfg, stage: str, model: nn.Module, tx: optax.GradientTransformation, d
     if stage == "pretrain":
       return init_fn, steps.make_pretrain_step(model, tx, scfg.tau, scfg.pairs)
     return init_fn, steps.make_finetune_step(model, tx, cfg.model.tau,
-                                             scfg.get("logq_strength", 1.0))
+                                             scfg.get("logq_strength", 1.0),
+                                             scfg.get("negatives", "all"))
   init_fn = make_init_fn(model, tx, opts, dummy, seed, init_params)
   if stage == "pretrain":
     return init_fn, make_pretrain_step(model, tx, opts, scfg.tau, scfg.pairs)
   return init_fn, make_finetune_step(model, tx, opts, cfg.model.tau,
-                                     scfg.get("logq_strength", 1.0))
+                                     scfg.get("logq_strength", 1.0), scfg.get("negatives", "all"))

@@ -127,11 +127,23 @@ def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs:
   pairs='scenario_views': user InfoNCE between r_u^i and r_u^j plus the same for items.
   pairs='user_item': InfoNCE between r_u^k and r_i^k of the row's scenario k, over every
   exposure (clicked or not).
+  With ``config.model.scenario_compute='grouped'`` a model that encodes chosen scenarios
+  (``encodes_views``: SASS) computes only the two views of each row; other models (and
+  'onehot') compute all K and take two.
   model_state: non-trained collections (e.g. STAR's batch_stats), updated and returned.
   """
   ms = model_state or {}
   r1, r2 = jax.random.split(jax.random.wrap_key_data(rng))
   rngs_u, rngs_i = {"dropout": r1}, {"dropout": r2}
+  if pairs == "scenario_views" and _encodes_views(model):
+    # only the two views of each row ([B, 2, D]), not all K scenarios
+    uv, ms = apply_model(model, params, ms, batch["user"], batch["user_views"],
+                         method="encode_user", rngs=rngs_u)
+    iv, ms = apply_model(model, params, ms, batch["item"], batch["item_views"],
+                         method="encode_item", rngs=rngs_i)
+    lu = losses.info_nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
+    li = losses.info_nce(iv[:, 0], iv[:, 1], batch["item_index"], tau)
+    return lu + li, ({"user_loss": lu, "item_loss": li}, ms)
   if pairs == "user_item":
     u, ms = apply_model(model, params, ms, batch["user"], batch["scenario"],
                         method="encode_user", rngs=rngs_u)
@@ -151,21 +163,38 @@ def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs:
   return lu + li, ({"user_loss": lu, "item_loss": li}, ms)
 
 
+def _encodes_views(model: nn.Module) -> bool:
+  return (bool(getattr(model, "encodes_views", False))
+          and getattr(model.cfg, "scenario_compute", "onehot") == "grouped")
+
+
 def finetune_loss(model: nn.Module, params, batch: dict, rng, tau: float, logq_strength: float,
-                  model_state: dict | None = None):
+                  model_state: dict | None = None, negatives: str = "all"):
   """Stage-2 loss: in-batch sampled softmax with logQ correction (SPEC section 2).
 
   batch: 'user' / 'item' features; 'scenario' int32 [B]; 'item_index' int32 [B];
-  'item_logq' float32 [B]. Negatives of row b are the batch's other items, each scored by its
-  vector *in row b's scenario*. Returns (loss, ({}, model_state)).
+  'item_logq' float32 [B]. negatives='all': negatives of row b are the batch's other items,
+  each scored by its vector *in row b's scenario* (every item encoded in all K scenarios);
+  'same_scenario': only the items of rows of row b's scenario (each item encoded once, in its
+  own row's scenario: the cost does not grow with K). Returns (loss, ({}, model_state)).
+  Raises ValueError for another ``negatives``.
   """
+  if negatives not in losses.NEGATIVES:
+    raise ValueError(f"config.train.negatives={negatives!r}; expected one of {losses.NEGATIVES}")
   ms = model_state or {}
   r1, r2 = jax.random.split(jax.random.wrap_key_data(rng))
   u, ms = apply_model(model, params, ms, batch["user"], batch["scenario"],
                       method="encode_user", rngs={"dropout": r1})     # [B, D]
+  if negatives == "same_scenario":
+    i, ms = apply_model(model, params, ms, batch["item"], batch["scenario"],
+                        method="encode_item", rngs={"dropout": r2})   # [B, D]
+    logits = u.astype(jnp.float32) @ i.astype(jnp.float32).T
+    return losses.sampled_softmax_logq(logits, batch["item_index"], batch["item_logq"], tau,
+                                       logq_strength, scenario=batch["scenario"]), ({}, ms)
   i_all, ms = apply_model(model, params, ms, batch["item"], None, method="encode_item",
                           rngs={"dropout": r2})                        # [B, K, D]
-  logits = losses.scenario_logits(u, i_all, batch["scenario"])
+  logits = losses.scenario_logits(u, i_all, batch["scenario"],
+                                  getattr(model.cfg, "scenario_compute", "grouped"))
   return losses.sampled_softmax_logq(logits, batch["item_index"], batch["item_logq"], tau,
                                      logq_strength), ({}, ms)
 
@@ -187,11 +216,15 @@ def make_pretrain_step(model: nn.Module, tx: optax.GradientTransformation, tau: 
 
 
 def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation, tau: float,
-                       logq_strength: float) -> Callable:
-  """Build the pure ``finetune_step(state, batch) -> (state, metrics)``."""
+                       logq_strength: float, negatives: str = "all") -> Callable:
+  """Build the pure ``finetune_step(state, batch) -> (state, metrics)``; ``negatives`` as
+  ``finetune_loss`` (ValueError for an unknown one)."""
+  if negatives not in losses.NEGATIVES:
+    raise ValueError(f"config.train.negatives={negatives!r}; expected one of {losses.NEGATIVES}")
+
   def finetune_step(state: TrainState, batch: dict):
     (loss, aux), grads = jax.value_and_grad(finetune_loss, argnums=1, has_aux=True)(
-        model, state.params, batch, state.rng, tau, logq_strength, state.model_state)
+        model, state.params, batch, state.rng, tau, logq_strength, state.model_state, negatives)
     return _apply_update(state, tx, grads, loss, aux)
   return finetune_step
 

@@ -1,4 +1,4 @@
-"""sass_jax vs the PyTorch reference, alternating in one process tree (issue 6; BENCHMARKS.md).
+"""sass_jax vs the PyTorch reference, alternating in one process tree (BENCHMARKS.md).
 
 The parent prepares the config's data once into ``WORKDIR/data`` and then, for each round,
 starts one child process per implementation -- sass_jax (one per ``--jax_embedding_optimizer``)

@@ -1,4 +1,4 @@
-"""A straightforward PyTorch reference of the SASS towers and losses (issue 6, SPEC sections 1-2).
+"""A straightforward PyTorch reference of the SASS towers and losses (docs/design.md §1-2).
 
 Same model as ``sass_jax.model.towers.SASS`` with the defaults it supports (``gate_style=
 'gated_sum'``, shared gates, ``bias_mode='add'``, any activation of ``sass_jax.model.mlsat``,
@@ -107,7 +107,7 @@ class ScenarioDense(nn.Module):
 
 
 class MLSATLayer(nn.Module):
-  """One ML-SAT layer, 'gated_sum' (SPEC section 1); returns ``(g_l, h_l)``."""
+  """One ML-SAT layer, 'gated_sum' (docs/design.md §1); returns ``(g_l, h_l)``."""
 
   def __init__(self, d_in: int, width: int, k: int, d_s: int, act: str):
     super().__init__()

@@ -1,4 +1,4 @@
-"""SASS on Ali-CCP with field 301 as the scenario (SPEC section 4; sass_jax/data/aliccp.py).
+"""SASS on Ali-CCP with field 301 as the scenario (docs/design.md §4; sass_jax/data/aliccp.py).
 
 Default data: the real 200-row sample in ../shared/data/ali_ccp_sample (csv layout, all rows
 301=1 -- a smoke test only). For the full Tianchi release set

@@ -1,4 +1,4 @@
-"""A synthetic data set at Ali-CCP scale for throughput benchmarks (issue 6; BENCHMARKS.md).
+"""A synthetic data set at Ali-CCP scale for throughput benchmarks (BENCHMARKS.md).
 
 Ali-CCP (Tianchi 408) has 3 scenarios (field 301) and about 1.4M embedding rows over its
 categorical fields. This config generates planted synthetic data (sass_jax/data/synthetic.py)

@@ -1,4 +1,4 @@
-"""SASS on Amazon Sports + Clothing (CDRIB release), two real domains (SPEC sections 1, 2, 4, 5).
+"""SASS on Amazon Sports + Clothing (CDRIB release), two real domains (docs/design.md §1, §2, 4, 5).
 
 364,547 implicit positives; 59,329 users (9,828 shared), 30,598 items; the authors' split
 (valid / test users are cold-start in that domain). ``--config.data.pair=game_video`` reads

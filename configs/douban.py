@@ -1,4 +1,4 @@
-"""SASS on Douban book + music (GA-DTCDR release), two real domains (SPEC sections 1, 2, 4, 5).
+"""SASS on Douban book + music (GA-DTCDR release), two real domains (docs/design.md §1, §2, 4, 5).
 
 165,750 ratings, 2,216 distinct users in the files (1,566 in both domains; the data README
 says 2,718), 12,344 items (6,777 book + 5,567 music);

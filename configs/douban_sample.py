@@ -1,4 +1,4 @@
-"""SASS on the Scenario-Wise Rec Douban sample: book / movie / music (SPEC sections 1, 2, 4, 5).
+"""SASS on the Scenario-Wise Rec Douban sample: book / movie / music (docs/design.md §1, §2, 4, 5).
 
 3,000 rows, 1,352 users, 2,502 items; label = the binary rating; random 8:1:1 split. Small: a
 smoke-size run.

@@ -1,4 +1,4 @@
-"""SASS on KuaiRand with ``tab`` as the scenario (SPEC section 4; sass_jax/data/kuairand.py).
+"""SASS on KuaiRand with ``tab`` as the scenario (docs/design.md §4; sass_jax/data/kuairand.py).
 
 Default data: the real 200-row sample in ../shared/data/kuairand_sample (one tab: a smoke test),
 joined with the complete KuaiRand-Pure feature tables in ../shared/data/kuairand_pure_features.

@@ -1,4 +1,4 @@
-"""SASS on the MIND multi-domain sample: 4 news categories as scenarios (SPEC sections 1, 2, 4, 5).
+"""SASS on the MIND multi-domain sample: 4 news categories as scenarios (docs/design.md §1, §2, 4, 5).
 
 8,000 impressions (363 clicks), 7,892 users (almost all seen once), 1,921 news; random 8:1:1
 split. Small and sparse: a smoke-size run; most test users are unseen in training (user_id 0).

@@ -1,4 +1,4 @@
-"""SASS on MovieLens-1M with three age scenarios (SPEC sections 1, 2, 4, 5).
+"""SASS on MovieLens-1M with three age scenarios (docs/design.md §1, §2, 4, 5).
 
 Usage:
   python -m sass_jax.main --config configs/movielens.py --workdir runs/ml --mode train
@@ -34,7 +34,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = arg               # 'sass', 'sass_base' (SASS without pre-training) or a baseline:
-  #   'dssm_single', 'dssm_mixed', 'shared_bottom', 'mmoe', 'ple', 'star' (SPEC section 3)
+  #   'dssm_single', 'dssm_mixed', 'shared_bottom', 'mmoe', 'ple', 'star' (docs/design.md §3)
   c.model.embed_dim = 16           # per field
   c.model.scenario_dim = 16        # d_s of the scenario embedding z_k
   c.model.widths = (256, 128)      # ML-SAT layer widths
@@ -42,7 +42,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.model.activation = "relu"
   c.model.dropout = 0.0
   c.model.layer_norm = False
-  c.model.gate_style = "gated_sum"  # 'gated_sum' (SPEC default), 'gru', or 'none' (g + s)
+  c.model.gate_style = "gated_sum"  # 'gated_sum' (documented default (docs/design.md)), 'gru', or 'none' (g + s)
   c.model.gate_per_scenario = False  # gate weights per scenario instead of shared with z_k input
   c.model.bias_mode = "add"        # scenario bias net: 'add' to the output or 'concat'
   c.model.bias_hidden = 32
@@ -66,7 +66,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.pretrain.batch_size = 512
   c.pretrain.learning_rate = 1e-3
   c.pretrain.tau = 0.1             # tau_pre of the pre-training InfoNCE
-  c.pretrain.pairs = "scenario_views"  # or 'user_item' (SPEC section 2, second reading)
+  c.pretrain.pairs = "scenario_views"  # or 'user_item' (docs/design.md §2, second reading)
 
   c.train = ml_collections.ConfigDict()   # stage 2: fine-tuning
   c.train.num_steps = 1000
@@ -105,7 +105,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.eval.ks = (20, 50, 100)
   c.eval.user_chunk = 1024
   c.eval.mask = "train"            # items masked per user: 'train' positives or 'train_valid'
-  # Items ranked in scenario k: 'all' (the whole corpus, SPEC section 5) or 'scenario' (only
+  # Items ranked in scenario k: 'all' (the whole corpus, docs/design.md §5) or 'scenario' (only
   # items seen in scenario k: for scenarios that are domains with their own items).
   c.eval.corpus = "all"
   # Which fine-tuning step: 0 = the latest. If the latest cannot be read, evaluation stops
@@ -174,8 +174,8 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.compare.results_dir = "results"
   c.compare.name = ""              # results file name; '' = the data set's name
 
-  # Values above are the SPEC defaults. These were chosen on the MovieLens *validation* split
-  # (RESULTS.md: the runs compared); set them back to compare with the SPEC defaults.
+  # Values above are the documented defaults (docs/design.md). These were chosen on the MovieLens *validation* split
+  # (RESULTS.md: the runs compared); set them back to compare with the documented defaults (docs/design.md).
   c.model.tau = 0.2
   c.train.logq_strength = 1.5
   c.pretrain.pairs = "user_item"

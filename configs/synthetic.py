@@ -1,11 +1,11 @@
-"""SASS on the synthetic planted multi-scenario data (SPEC section 4, "synthetic").
+"""SASS on the synthetic planted multi-scenario data (docs/design.md §4, "synthetic").
 
 Default: 1e5 rows, 10k users, 5k items, 3 scenarios (prepares in about a second).
 Arguments (comma-separated, any order): 'sass' | 'sass_base' (the model, as configs/movielens.py)
 and 'large' for 1e7 rows with 1e6 users and 1e6 items (about a minute to prepare, < 1 GB memory),
 or 'xlarge' for 1.2e7 rows over 2e7 users and 1e7 items (flatter item popularity, Zipf 0.5): the
-training split's vocabularies give about 1.1e7 embedding rows (the row-sparse update benchmark
-of issue 6, BENCHMARKS.md; about 1.5 minutes to prepare, a few GB of memory with dense AdamW).
+training split's vocabularies give about 1.1e7 embedding rows (the row-sparse update benchmark in
+BENCHMARKS.md; about 1.5 minutes to prepare, a few GB of memory with dense AdamW).
 
 Usage:
   python -m sass_jax.main --config configs/synthetic.py --workdir runs/syn --mode train

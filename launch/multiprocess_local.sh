@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # N JAX processes on this machine, talking to each other through jax.distributed on 127.0.0.1
-# (SPEC section 6): the multi-host code path -- per-process data shards, global arrays,
+# (docs/design.md §6): the multi-host code path -- per-process data shards, global arrays,
 # cross-process collectives (gloo on CPU), checkpoints written by every process -- without a
 # cluster.
 #

@@ -1,4 +1,4 @@
-"""Throughput benchmarks: ``--mode bench`` (issue 6) and ``--mode bench_input`` (issue 3).
+"""Throughput benchmarks: ``--mode bench`` and ``--mode bench_input``.
 
 ``bench(cfg, workdir)`` prepares ``config.data`` (reusing ``WORKDIR/data``) and measures, after
 warm-up, ``config.bench.repeats`` times each (median, min, max and every run):
@@ -684,7 +684,7 @@ def summary_table(res: dict) -> str:
   return "\n".join(lines)
 
 
-# ==== --mode bench_input (issue 3) ==========================================================
+# ==== --mode bench_input ==========================================================
 def _rate_stats(rates: list[float], batch_size: int) -> dict:
   """{'batches_per_s': {median, min, max, runs}, 'samples_per_s': the same times batch_size}."""
   bb = _stats(rates)
@@ -718,7 +718,7 @@ def _time_iterator(make_it: Callable[[], object], consume: Callable, num_batches
 
 def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 10,
                 repeats: int = 3, config_name: str | None = None) -> dict:
-  """Time the grain input pipeline, input + placement, and the fine-tune step (issue 3).
+  """Time the grain input pipeline, input + placement, and the fine-tune step.
 
   At ``config.train.batch_size``, each ``repeats`` times after ``warmup`` batches / steps:
   ``input`` (``next(it)`` of ``pipeline.make_iterator`` as ``loop.train_stage`` builds it) for

@@ -1,6 +1,6 @@
 """Checkpointing of training state with orbax-checkpoint.
 
-Source: SPEC section 6, "Checkpoints with orbax-checkpoint: parameters,
+Source: docs/design.md §6, "Checkpoints with orbax-checkpoint: parameters,
 optimizer state, step, data-iterator state and config; restore for evaluation
 (parameters only) and restore onto a different mesh".
 

@@ -1,6 +1,6 @@
 """``--mode compare``: every model on the same data, splits and tuning budget, several seeds.
 
-The table a multi-scenario retrieval paper prints (SPEC section 3)::
+The table a multi-scenario retrieval paper prints (docs/design.md §3)::
 
     python -m sass_jax.main --mode compare --config configs/movielens.py \
         --workdir runs/compare_movielens --config.compare.seeds=5
@@ -41,7 +41,7 @@ from sass_jax.train import loop
 log = logging.getLogger("sass_jax")
 
 # Variant name -> config overrides (dotted path -> value). Baselines have no pre-training stage
-# (SPEC section 3); 'sass' is pre-training + fine-tuning with the config's pre-training settings.
+# (docs/design.md §3); 'sass' is pre-training + fine-tuning with the config's pre-training settings.
 VARIANTS: dict[str, dict[str, Any]] = {
     "dssm_single": {"model.name": "dssm_single", "pretrain.num_steps": 0},
     "dssm_mixed": {"model.name": "dssm_mixed", "pretrain.num_steps": 0},
@@ -51,7 +51,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "star": {"model.name": "star", "pretrain.num_steps": 0},
     "sass_base": {"model.name": "sass_base", "pretrain.num_steps": 0},
     "sass": {"model.name": "sass"},
-    # Ablations (SPEC section 2 and 1): the two readings of the pre-training pairs, and the
+    # Ablations (docs/design.md §2 and 1): the two readings of the pre-training pairs, and the
     # gates off (plain sum of the global and scenario paths).
     "sass_user_item": {"model.name": "sass", "pretrain.pairs": "user_item"},
     "sass_scenario_views": {"model.name": "sass", "pretrain.pairs": "scenario_views"},

@@ -1,4 +1,4 @@
-"""Config validation before any work (SPEC section 6: the config drives every run).
+"""Config validation before any work (docs/design.md §6: the config drives every run).
 
 ``validate(cfg, data=None, partitioner=None, workdir=None, stages=...)`` checks the values of a
 config (``configs/movielens.py`` and every config derived from it) and, when given, their

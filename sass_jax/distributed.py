@@ -1,5 +1,5 @@
 """Multi-process start-up: ``jax.distributed.initialize()`` when the environment asks for it
-(SPEC section 6, "Multi-host").
+(docs/design.md §6, "Multi-host").
 
 :func:`maybe_initialize` must run before any other JAX call (``jax.devices()``, the first array,
 the first ``jit``): afterwards the JAX backend is fixed and a process would only ever see its

@@ -1,4 +1,4 @@
-"""Export a trained run for serving, and top-K recommendations for one user (SPEC section 7,
+"""Export a trained run for serving, and top-K recommendations for one user (docs/design.md §4,
 "report / export").
 
 ``--mode export`` (:func:`export_workdir`) restores the latest fine-tuned parameters and writes
@@ -33,7 +33,7 @@ place once complete, so a reader (or an export cut short) sees the previous expo
 one, never a mix; the directory is replaced as a whole.
 
 ``--mode recommend`` (:func:`recommend`) prints the top-K items of one raw user id in one
-scenario, scored exactly like the evaluation (SPEC section 5), with the user's positives of
+scenario, scored exactly like the evaluation (docs/design.md §5), with the user's positives of
 the masked splits (``config.eval.mask``) in that scenario removed.
 """
 from __future__ import annotations

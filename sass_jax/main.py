@@ -169,7 +169,7 @@ def _dispatch(cfg, workdir: str, mode: str) -> None:
   if mode == "prepare":
     loop.prepare(cfg, workdir, force=True)
     return
-  if mode == "bench":   # step / input / loop / eval throughput (sass_jax.bench, issue 6)
+  if mode == "bench":   # step / input / loop / eval throughput (sass_jax.bench)
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     res = bench.bench(cfg, workdir, config_name=name)
     print(json.dumps(res, indent=2))

@@ -1,4 +1,4 @@
-"""Device mesh, sharding rules and placement of inputs, state and steps (SPEC section 6).
+"""Device mesh, sharding rules and placement of inputs, state and steps (docs/design.md §6).
 
 This is the only module that builds ``NamedSharding``s. Model code names logical axes
 ('vocab', 'embed', 'scenario', 'mlp_in', 'mlp_out'); ``RULES`` maps them onto the mesh axes

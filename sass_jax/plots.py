@@ -1,4 +1,4 @@
-"""PNG figures of a run (SPEC section 5, "a PNG plot"): training curves and per-scenario metrics.
+"""PNG figures of a run (docs/design.md §5, "a PNG plot"): training curves and per-scenario metrics.
 
 :func:`write_run_plots` (called at the end of ``loop.evaluate_workdir`` on process 0) writes
 

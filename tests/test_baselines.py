@@ -1,4 +1,4 @@
-"""Tests for the multi-scenario baselines (SPEC section 3): every model name behind the SASS
+"""Tests for the multi-scenario baselines (docs/design.md §3): every model name behind the SASS
 two-tower interface on the real MovieLens sample, STAR's partitioned normalisation against NumPy,
 DSSM-S independence, config validation and the CLI end to end."""
 from __future__ import annotations

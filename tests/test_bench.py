@@ -77,7 +77,7 @@ def test_rejects_bad_counts(tmp_path):
     bench.bench_input(_tiny_cfg(), tmp_path, num_batches=0)
 
 
-# ---- --mode bench (issue 6) ------------------------------------------------------------------
+# ---- --mode bench ------------------------------------------------------------------
 BENCH_FLAGS = ["--config.bench.steps=2", "--config.bench.repeats=2", "--config.bench.warmup=1",
                "--config.bench.batches=2", "--config.bench.loop_steps=2",
                "--config.bench.input_batches=2", "--config.bench.eval_items=256",

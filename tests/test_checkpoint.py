@@ -1,4 +1,4 @@
-"""Tests for sass_jax.checkpoint (SPEC section 6: orbax checkpoints)."""
+"""Tests for sass_jax.checkpoint (docs/design.md §6: orbax checkpoints)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """sass_jax.config_check.validate: every inconsistent value is rejected before any work, with a
-message naming the field and what to set (SPEC section 6)."""
+message naming the field and what to set (docs/design.md §6)."""
 from __future__ import annotations
 
 import importlib

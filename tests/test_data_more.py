@@ -1,4 +1,4 @@
-"""Tests for the synthetic, table, Ali-CCP and KuaiRand loaders (SPEC section 4).
+"""Tests for the synthetic, table, Ali-CCP and KuaiRand loaders (docs/design.md §4).
 
 Real samples are read from ``<repo>/../shared/data/<folder>`` (licensed: never copied into the
 repository); every count is compared with an independent plain-Python (csv) parse of the files.

@@ -1,4 +1,4 @@
-"""Tests for MovieLens preparation, the store and the grain pipeline (SPEC section 4).
+"""Tests for MovieLens preparation, the store and the grain pipeline (docs/design.md §4).
 
 The real 100k-rating sample is read from ``<repo>/../shared/data/movielens_1m_sample`` (licensed,
 never copied into the repository); bad-input cases use small GroupLens-layout files in tmp_path.

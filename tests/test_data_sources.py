@@ -1,4 +1,4 @@
-"""Tests for the Douban, Amazon (CDRIB) and MIND loaders (SPEC section 4).
+"""Tests for the Douban, Amazon (CDRIB) and MIND loaders (docs/design.md §4).
 
 The real samples are read from ``<repo>/../shared/data/<folder>`` (licensed, never copied into
 the repository) and every count is checked against an independent plain-Python parse of the raw

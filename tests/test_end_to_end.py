@@ -1,4 +1,4 @@
-"""End to end on the real MovieLens sample: train, evaluate, restore, CLI (SPEC sections 2, 5)."""
+"""End to end on the real MovieLens sample: train, evaluate, restore, CLI (docs/design.md §2, §5)."""
 import json
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""``config.eval.corpus``: rank the whole corpus or only the scenario's own items (SPEC section 5).
+"""``config.eval.corpus``: rank the whole corpus or only the scenario's own items (docs/design.md §5).
 
 A hand-made store: scenario 'book' has items 0-3, 'music' items 4-7. A fixed lookup "model"
 scores the other domain's items highest, so with corpus='all' they crowd the top of the list,

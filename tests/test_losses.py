@@ -1,4 +1,4 @@
-"""Tests for sass_jax.train.losses and the loss wiring / steps of sass_jax.train.steps (SPEC 2)."""
+"""Tests for sass_jax.train.losses and the loss wiring / steps of sass_jax.train.steps (docs/design.md §2)."""
 from __future__ import annotations
 
 import flax.linen as nn

@@ -1,4 +1,4 @@
-"""A checkpoint saved on one mesh restores on another (SPEC section 6): trained on (2 data x 4
+"""A checkpoint saved on one mesh restores on another (docs/design.md §6): trained on (2 data x 4
 model) over 8 fake CPU devices, it is evaluated on (1 x 4), on 1 device and by a plain
 one-device process with identical metrics, and training resumed on (1 x 4) and on 1 device
 continues the (2 x 4) run's loss curve.

@@ -1,4 +1,4 @@
-"""Tests for sass_jax.model (SPEC section 1): embeddings, ML-SAT layers, SASS towers, config."""
+"""Tests for sass_jax.model (docs/design.md §1): embeddings, ML-SAT layers, SASS towers, config."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -303,7 +303,7 @@ def test_from_config_copies_values():
   assert cfg.widths == (32, 16) and cfg.out_dim == 16 and cfg.embed_dim == 8
   assert cfg.num_scenarios == 3 and cfg.user_specs == u and cfg.item_specs == i
   assert cfg.tau == mc.tau == 0.2 and cfg.gate_style == "gated_sum" and cfg.bias_mode == "add"
-  assert ModelConfig(u, i, 3).tau == 0.05  # the SPEC default when no config sets it
+  assert ModelConfig(u, i, 3).tau == 0.05  # the documented default (docs/design.md) when no config sets it
   hash(cfg)  # static config must be hashable (used as a jit-static closure)
 
 

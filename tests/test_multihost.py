@@ -1,4 +1,4 @@
-"""Multi-process runs (SPEC section 6, "Multi-host"): start-up detection, per-process data
+"""Multi-process runs (docs/design.md §6, "Multi-host"): start-up detection, per-process data
 slices, and two real local processes (launch/multiprocess_local.sh) that must train exactly like
 one process with the same 8 devices."""
 from __future__ import annotations

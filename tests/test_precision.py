@@ -1,7 +1,7 @@
 """Mixed precision (config.model.compute_dtype='bfloat16'): the towers compute in bfloat16 while
 parameters, optimiser state and losses stay float32; losses and gradients agree with float32.
 
-Stated tolerances (issue 6): for the same params and batch, |loss_bf16 - loss_fp32| <= 1% of
+Stated tolerances: for the same params and batch, |loss_bf16 - loss_fp32| <= 1% of
 loss_fp32 (fine-tune and scenario-view pre-training) and the gradients' cosine similarity >= 0.95
 (measured on CPU: losses within 0.2%, cosine 0.977-0.999); after 10 AdamW steps from the same
 init the two runs' losses still agree within 5%.

@@ -1,4 +1,4 @@
-"""Training with the device-resident sampler (``config.train.resident_on_device``, issue 6).
+"""Training with the device-resident sampler (``config.train.resident_on_device``).
 
 Both stages of SASS run from ``data.resident.ResidentSampler``; the checkpoint records the
 sampler's position, so a run resumed from an earlier checkpoint ends bitwise equal to an

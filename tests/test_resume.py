@@ -1,4 +1,4 @@
-"""Runs that survive crashes, preemption and bad numbers (SPEC section 6: checkpoints).
+"""Runs that survive crashes, preemption and bad numbers (docs/design.md §6: checkpoints).
 
 Every run here is the same fine-tuning command (tiny config, 40 steps, a checkpoint every 4,
 dropout on so the saved rng matters) in different workdirs; an interrupted and resumed run must

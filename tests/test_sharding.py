@@ -1,4 +1,4 @@
-"""A sharded step over 8 fake CPU devices equals the 1-device step (SPEC section 6).
+"""A sharded step over 8 fake CPU devices equals the 1-device step (docs/design.md §6).
 
 Runs in a subprocess because the device count must be fixed before JAX starts.
 """
@@ -165,7 +165,7 @@ def test_sharded_step_matches_single_device(tmp_path):
 
 
 def test_sharded_topk_matches_unsharded():
-  """Exact top-K with the items split over 8 devices == the single-device top-K (SPEC 6)."""
+  """Exact top-K with the items split over 8 devices == the single-device top-K (docs/design.md §6)."""
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
   r = subprocess.run([sys.executable, "-c", TOPK_SCRIPT], cwd=REPO, env=env,

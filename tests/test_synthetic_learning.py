@@ -1,4 +1,4 @@
-"""SASS learns planted scenario-specific structure that one shared tower cannot (SPEC sections 3, 4)."""
+"""SASS learns planted scenario-specific structure that one shared tower cannot (docs/design.md §3, §4)."""
 import numpy as np
 import pytest
 

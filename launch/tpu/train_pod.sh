@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM pod slice (several hosts): copy this working tree to every worker,
-# install it there, and start `python -m sass_jax.main` on all workers at once (SPEC section 6).
+# install it there, and start `python -m sass_jax.main` on all workers at once (docs/design.md §6).
 #
 #   TPU_NAME=my-v5e-32 ZONE=us-west4-a [PROJECT=my-project] \
 #     launch/tpu/train_pod.sh CONFIG --workdir /mnt/shared/runs/exp1 [--mode train] [--config.x=y ...]

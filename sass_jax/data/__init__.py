@@ -1,4 +1,4 @@
-"""Data sources, the prepared store and the input pipeline (SPEC section 4).
+"""Data sources, the prepared store and the input pipeline (docs/design.md §4).
 
 Every source module exposes ``prepare(data_cfg, out_dir) -> Path`` that reads the source's real
 released layout and writes a store (``sass_jax.data.store.write_store``).

@@ -1,4 +1,4 @@
-"""Amazon cross-domain pairs of the CDRIB release as 2-scenario data sets (SPEC section 4).
+"""Amazon cross-domain pairs of the CDRIB release as 2-scenario data sets (docs/design.md §4).
 
 A pair is two folders ``A_B`` and ``B_A`` (e.g. ``sport_cloth`` = Sports and ``cloth_sport`` =
 Clothing), each with ``train.txt``, ``valid.txt``, ``test.txt``: tab-separated ``user_id item_id``,
@@ -72,7 +72,7 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
   (default 'error': a bad row as above, 'duplicate_pair'; 'first' keeps the earliest split's).
   A missing file raises FileNotFoundError, an empty one DataError; an unknown pair ValueError;
   nothing is written then.
-  Source: SPEC section 4; ``amazon_cdrib_pairs/SOURCE.md`` (GitHub cjx96/CDRIB).
+  Source: docs/design.md §4; ``amazon_cdrib_pairs/SOURCE.md`` (GitHub cjx96/CDRIB).
   """
   data_dir = Path(data_cfg.dir).expanduser()
   (f0, n0), (f1, n1), n_shared = resolve_pair(data_cfg)

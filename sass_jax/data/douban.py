@@ -1,4 +1,4 @@
-"""Douban as a multi-scenario data set, two releases (SPEC section 4).
+"""Douban as a multi-scenario data set, two releases (docs/design.md §4).
 
 - ``prepare_gadtcdr``: the GA-DTCDR release (book + music ratings, users shared across domains),
   ``../shared/data/douban_gadtcdr_book_music`` (see its SOURCE.md).
@@ -239,7 +239,7 @@ def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
   handled by ``data_cfg.duplicates`` (default 'error': a bad row as above, 'duplicate_pair';
   see ``store.resolve_duplicates``). A missing file raises
   FileNotFoundError, an empty one DataError; nothing is written then.
-  Source: SPEC section 4; ``douban_gadtcdr_book_music/SOURCE.md`` (GitHub fengzhu1/GA-DTCDR).
+  Source: docs/design.md §4; ``douban_gadtcdr_book_music/SOURCE.md`` (GitHub fengzhu1/GA-DTCDR).
   """
   data_dir = Path(data_cfg.dir).expanduser()
   domains = tuple(data_cfg.get("domains", GADTCDR_DOMAINS))
@@ -338,7 +338,7 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
   'strict' raises store.DataError naming file:line and field; 'skip' counts them in
   manifest['rows_rejected'][file][reason]. A missing file raises FileNotFoundError; an empty file
   or a wrong header raises DataError; nothing is written then.
-  Source: SPEC section 4; ``douban_sample/SOURCE.md`` (GitHub Xiaopengli1/Scenario-Wise-Rec).
+  Source: docs/design.md §4; ``douban_sample/SOURCE.md`` (GitHub Xiaopengli1/Scenario-Wise-Rec).
   """
   data_dir = Path(data_cfg.dir).expanduser()
   path = data_dir / data_cfg.get("file", SAMPLE_FILE)

@@ -1,4 +1,4 @@
-"""KuaiRand (Gao et al., CIKM 2022; Zenodo, CC BY-SA 4.0) with ``tab`` as the scenario (SPEC section 4).
+"""KuaiRand (Gao et al., CIKM 2022; Zenodo, CC BY-SA 4.0) with ``tab`` as the scenario (docs/design.md §4).
 
 Logs (``data_cfg.dir``; ``data_cfg.layout`` = 'auto' | 'release' | 'sample'):
   release -- the KuaiRand-Pure / -1K / -27K files: ``log_standard_*.csv`` (and, with

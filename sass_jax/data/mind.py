@@ -1,4 +1,4 @@
-"""MIND (Microsoft News) impressions with the news category as the scenario (SPEC section 4).
+"""MIND (Microsoft News) impressions with the news category as the scenario (docs/design.md §4).
 
 The Scenario-Wise Rec layout (``mind_multidomain_sample/mind_sample.csv``): one row per
 (user, shown news, click 0/1), header ``User_ID,News_ID,label,Category,SubCategory``.
@@ -47,7 +47,7 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
   SubCategory differ from an earlier row): 'strict' raises store.DataError naming file:line and
   field; 'skip' counts them in manifest['rows_rejected'][file][reason]. A missing file raises
   FileNotFoundError; an empty file or a wrong header DataError; nothing is written then.
-  Source: SPEC section 4; ``mind_multidomain_sample/SOURCE.md`` (GitHub
+  Source: docs/design.md §4; ``mind_multidomain_sample/SOURCE.md`` (GitHub
   Xiaopengli1/Scenario-Wise-Rec, built from MIND's behaviors.tsv and news.tsv).
   """
   data_dir = Path(data_cfg.dir).expanduser()

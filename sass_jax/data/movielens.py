@@ -1,4 +1,4 @@
-"""MovieLens-1M in the GroupLens layout, as three age scenarios (SPEC section 4).
+"""MovieLens-1M in the GroupLens layout, as three age scenarios (docs/design.md §4).
 
 Reads ``users.dat``, ``movies.dat`` (ISO-8859-1) and ``ratings.dat`` (or the shared sample's
 ``ratings_sample_100k.dat``), all ``::``-separated without a header. Scenario = age group

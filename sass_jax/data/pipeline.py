@@ -1,4 +1,4 @@
-"""grain input pipelines over a prepared store (SPEC section 4; section 7 "input pipeline").
+"""grain input pipelines over a prepared store (docs/design.md §4; section 7 "input pipeline").
 
 Each stream is a ``grain.MapDataset`` over *batch indices*: batch i covers positions
 ``[i*B, (i+1)*B)`` of an endless sequence made by concatenating seeded permutations of the
@@ -124,7 +124,7 @@ def make_iterator(data: PreparedData, stream: str, batch_size: int, seed: int, n
   position. Batches are dicts (see ``BatchFn``) of this process's ``batch_size / process_count``
   rows.
   """
-  import grain  # here, so that BatchFn and the bench path import without grain (issue 6)
+  import grain  # here, so that BatchFn and the bench path import without grain
   fn = BatchFn(data, stream, batch_size, seed, process_index, process_count)
   ds = grain.MapDataset.range(num_batches).map(fn)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,

@@ -1,4 +1,4 @@
-"""A device-resident data set and a device-side batch sampler (issue 6; SPEC section 7).
+"""A device-resident data set and a device-side batch sampler (docs/design.md §4).
 
 When a stream's rows and the user / item tables fit in device memory
 (``config.train.resident_on_device``), ``ResidentSampler`` copies them to the device once and

@@ -1,6 +1,6 @@
 """Prepared-data store: memory-mapped NumPy columns plus a JSON manifest.
 
-Layout of a prepared data set directory (SPEC section 4, "columnar, memory-mappable format with a
+Layout of a prepared data set directory (docs/design.md §4, "columnar, memory-mappable format with a
 manifest")::
 
     DIR/manifest.json                 schema, vocabulary sizes, row counts, source checksums
@@ -79,7 +79,7 @@ def parse_int(text) -> int | None:
 
 
 class Rejects:
-    """Row-rejection accounting under the ``config.data.on_error`` policy (SPEC section 4).
+    """Row-rejection accounting under the ``config.data.on_error`` policy (docs/design.md §4).
 
     'strict' raises DataError naming ``path:lineno`` and the detail; 'skip' counts the rows in
     ``counts[key][reason]`` (written to the manifest's ``rows_rejected``), so a run never drops

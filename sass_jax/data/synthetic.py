@@ -1,4 +1,4 @@
-"""Synthetic multi-scenario exposures with planted structure, any size (SPEC section 4, "synthetic").
+"""Synthetic multi-scenario exposures with planted structure, any size (docs/design.md §4, "synthetic").
 
 Generative model (all draws from NumPy PCG64 generators seeded by ``data_cfg.seed``):
 

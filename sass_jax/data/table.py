@@ -1,4 +1,4 @@
-"""A user's own exposure table (CSV or Parquet) with the schema given in the config (SPEC section 4).
+"""A user's own exposure table (CSV or Parquet) with the schema given in the config (docs/design.md §4).
 
 One row is one exposure: a user, an item, the scenario it happened in and a label. The config names
 the columns; everything else in the file is ignored. User / item feature columns are taken **per
@@ -383,7 +383,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       'max' (one row, the maximum label), 'keep' (see ``store.resolve_duplicates``).
     on_error 'strict' | 'skip'; split (fractions, default 8:1:1), split_seed; min_count.
 
-  Output (SPEC section 4): entity tables of every user / item in a kept row, sorted by raw id;
+  Output (docs/design.md §4): entity tables of every user / item in a kept row, sorted by raw id;
   fields = the id column itself then user_cols / item_cols, int32 [E] or [E, L] + bool mask;
   interactions user / item (row indices) int32, scenario int32, label float32, split int8 -- a
   seeded random split of the kept rows. Features are per entity from its **first occurrence**.

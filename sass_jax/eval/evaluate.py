@@ -1,4 +1,4 @@
-"""Evaluation of a trained two-tower model on a prepared data set (SPEC section 5).
+"""Evaluation of a trained two-tower model on a prepared data set (docs/design.md §5).
 
 Retrieval, per scenario k: every user with at least one labelled positive of the evaluated
 split in scenario k is scored against the whole item corpus with the items' scenario-k vectors;
@@ -90,8 +90,8 @@ def _check_corpus(corpus: str) -> None:
 
 
 def scenario_corpus(data: PreparedData, k: int, corpus: str = "all") -> np.ndarray | None:
-  """The candidate items of scenario k: None for 'all' (every item of the corpus, SPEC section
-  5), or for 'scenario' int64 [N_k] (sorted) the items with at least one interaction of
+  """The candidate items of scenario k: None for 'all' (every item of the corpus,
+  docs/design.md §5), or for 'scenario' int64 [N_k] (sorted) the items with at least one interaction of
   scenario k in the training split -- the domain's catalogue when scenarios are domains with
   their own items (Douban book / music, Amazon sports / clothing), where ranking the other
   domain's items would only test whether a model can tell the domains apart. Only training
@@ -161,9 +161,9 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
   Masked items never count as retrieved, even where they fill the tail of a user's list.
   partitioner: a ``sass_jax.partition.Partitioner`` whose mesh holds ``params``: vectors are
   gathered replicated and the top-K is ``retrieval.sharded_topk_scores`` (items split over
-  every device of the mesh, exact merge; SPEC section 6) -- same metrics, and it runs with
+  every device of the mesh, exact merge; docs/design.md §6) -- same metrics, and it runs with
   several processes. None: the single-device ``retrieval.topk_scores``.
-  corpus: 'all' ranks every item in every scenario (SPEC section 5); 'scenario' ranks only the
+  corpus: 'all' ranks every item in every scenario (docs/design.md §5); 'scenario' ranks only the
   scenario's own items (:func:`scenario_corpus`), for the model and popularity alike.
   Raises ValueError for an unknown corpus.
   """

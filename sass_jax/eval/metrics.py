@@ -6,7 +6,7 @@ Contents
 * :func:`gauc` -- group AUC as defined in the DIN paper (Zhou et al., "Deep
   Interest Network for Click-Through Rate Prediction", KDD 2018, eq. 7).
 * :func:`retrieval_metrics` -- per-user Recall@K, HitRate@K and NDCG@K for
-  top-K retrieval against held-out positives (SPEC section 5).
+  top-K retrieval against held-out positives (docs/design.md §5).
 * :func:`summarize` -- averages of per-user metrics.
 * :func:`as_csr` -- normalise per-user item lists to a validated CSR pair
   (shared with :mod:`sass_jax.eval.retrieval`).
@@ -299,7 +299,7 @@ def _topk_hits(topk: np.ndarray, indptr: np.ndarray, indices: np.ndarray):
 
 def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int],
                       scores=None) -> dict[str, np.ndarray]:
-    """Per-user Recall@K, HitRate@K and NDCG@K (SPEC section 5).
+    """Per-user Recall@K, HitRate@K and NDCG@K (docs/design.md §5).
 
     With T_K = the first K items of a user's ranked list and P the user's set
     of held-out positives:
@@ -382,7 +382,7 @@ def retrieval_metrics(topk_items, test_positives: PerRowItems, ks: Sequence[int]
 
 
 def summarize(per_user: dict[str, np.ndarray]) -> dict[str, float]:
-    """Average per-user metrics (SPEC section 5: metrics are user-averaged).
+    """Average per-user metrics (docs/design.md §5: metrics are user-averaged).
 
     Args:
       per_user: dict of equal-length 1-D arrays [U], e.g. the output of

@@ -7,11 +7,11 @@ shape (the last one is padded), so the jitted kernel compiles once per call
 signature. Exclusions are shipped per chunk as padded (row, col) index lists
 and scattered on the device; no dense U x N mask is ever built on the host.
 
-:func:`popularity_topk` is the most-popular baseline (SPEC section 5) served
+:func:`popularity_topk` is the most-popular baseline (docs/design.md §5) served
 through the same kernel, so exclusion semantics are identical.
 
 :func:`sharded_topk_scores` is the same exact top-K for corpora spread over a device mesh
-(SPEC section 6): the item vectors are split into one contiguous block of rows per device,
+(docs/design.md §6): the item vectors are split into one contiguous block of rows per device,
 every device scores the user chunk against its block and keeps its own top-K
 (``jax.shard_map`` + ``lax.top_k``), and the ``K x devices`` candidates are merged by one more
 ``lax.top_k``. The full ``[users, items]`` score matrix exists nowhere, neither on a device nor

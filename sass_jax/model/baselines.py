@@ -1,4 +1,4 @@
-"""Baselines behind the same two-tower interface as SASS (SPEC section 3).
+"""Baselines behind the same two-tower interface as SASS (docs/design.md §3).
 
 Every model exposes ``encode_user(features, scenario=None, train=False)`` and
 ``encode_item(...)``: scenario int32 [B] -> float32 [B, D] L2-normalised; None -> [B, K, D]
@@ -10,7 +10,7 @@ user *and* item vector wherever its design allows (all but DSSM-M).
 - ``DSSMMixed`` (``dssm_mixed``, DSSM-M): one plain MLP tower per side trained on the mixed
   data of all scenarios; it ignores the scenario, so its K vectors of an entity are identical.
 - ``DSSMSingle`` (``dssm_single``, DSSM-S): K independent two-tower models, one per scenario
-  (SPEC: "one two-tower model per scenario"): K sets of MLP weights and, by default
+  (docs/design.md §3: "one tower pair per scenario"): K sets of MLP weights and, by default
   (``config.model.separate_embeddings=True``), K sets of embedding tables too.
 - ``SharedBottom`` (``shared_bottom``): a shared bottom MLP (``widths``) and one head MLP per
   scenario (``tower_widths`` then ``out_dim``).
@@ -194,7 +194,7 @@ class MLPTower(nn.Module):
 
 
 class DSSMMixed(nn.Module):
-  """DSSM-M: a user MLP tower and an item MLP tower shared by all scenarios (SPEC section 3)."""
+  """DSSM-M: a user MLP tower and an item MLP tower shared by all scenarios (docs/design.md §3)."""
   cfg: ModelConfig
 
   def setup(self):
@@ -286,7 +286,7 @@ class DSSMSingleTower(nn.Module):
 
 
 class DSSMSingle(_TwoTowerBase):
-  """DSSM-S: one independent two-tower model per scenario (SPEC section 3).
+  """DSSM-S: one independent two-tower model per scenario (docs/design.md §3).
 
   Parameters: ``user_tower`` / ``item_tower``, each with ``embed`` (K sets of tables when
   ``separate_embeddings``, else one shared set) and ``mlp`` (``dense_l_kernel [K, d_in, d_out]``
@@ -322,7 +322,7 @@ class SharedBottomTower(nn.Module):
 
 
 class SharedBottom(_TwoTowerBase):
-  """Shared-Bottom: a shared bottom MLP and one head per scenario in each tower (SPEC section 3)."""
+  """Shared-Bottom: a shared bottom MLP and one head per scenario in each tower (docs/design.md §3)."""
 
   def _make_tower(self, specs):
     return SharedBottomTower(self.cfg, specs)
@@ -371,7 +371,7 @@ class MMoETower(nn.Module):
 
 
 class MMoE(_TwoTowerBase):
-  """MMoE with scenarios as tasks: shared experts, per-scenario gates and heads (SPEC section 3)."""
+  """MMoE with scenarios as tasks: shared experts, per-scenario gates and heads (docs/design.md §3)."""
 
   def _make_tower(self, specs):
     return MMoETower(self.cfg, specs)
@@ -454,7 +454,7 @@ class PLETower(nn.Module):
 
 
 class PLE(_TwoTowerBase):
-  """PLE (CGC when ``widths`` has one entry) with scenarios as tasks (SPEC section 3)."""
+  """PLE (CGC when ``widths`` has one entry) with scenarios as tasks (docs/design.md §3)."""
 
   def _make_tower(self, specs):
     return PLETower(self.cfg, specs)
@@ -624,7 +624,7 @@ class StarTower(nn.Module):
 
 
 class STAR(nn.Module):
-  """STAR as scenario-aware towers (SPEC section 3; Sheng et al., CIKM 2021).
+  """STAR as scenario-aware towers (docs/design.md §3; Sheng et al., CIKM 2021).
 
   Parameters: ``scenario_embedding`` ``[K, d_s]`` (shared by both towers, input of the auxiliary
   network), ``user_tower``, ``item_tower`` (StarTower). Variables ``batch_stats``:

@@ -1,4 +1,4 @@
-"""Field embeddings shared by all scenarios (SPEC section 1, "a shared embedding layer")."""
+"""Field embeddings shared by all scenarios (docs/design.md §1, "a shared embedding layer")."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
-"""Multi-Layer Scenario Adaptive Transfer (ML-SAT), SPEC section 1.
+"""Multi-Layer Scenario Adaptive Transfer (ML-SAT), docs/design.md §1.
 
-One ML-SAT layer l, for a sample of scenario k (SPEC section 1, 'gated_sum' reading)::
+One ML-SAT layer l, for a sample of scenario k (docs/design.md §1, 'gated_sum' reading)::
 
     g_l = act(W_g g_{l-1} + b_g)                      global, shared by all scenarios
     s_l = act(W_{s,k} h_{l-1} + b_{s,k})              scenario k's own layer

@@ -1,4 +1,4 @@
-"""SASS: two symmetric scenario-aware towers over ML-SAT (SPEC section 1; Zhang et al., CIKM 2022).
+"""SASS: two symmetric scenario-aware towers over ML-SAT (docs/design.md §1; Zhang et al., CIKM 2022).
 
 User tower and item tower have the same structure and separate weights::
 
@@ -55,7 +55,7 @@ class ModelConfig:
   # 'grouped': per-scenario layers do each row's own scenario only; 'onehot': all K, one kept
   # (sass_jax/model/grouped.py, sass_jax/model/mlsat.py). Same function, same parameters.
   scenario_compute: str = "grouped"
-  # Baselines (SPEC section 3; sass_jax/model/baselines.py).
+  # Baselines (docs/design.md §3; sass_jax/model/baselines.py).
   tower_widths: tuple[int, ...] = (64,)   # per-scenario head of shared_bottom / mmoe / ple
   num_experts: int = 4                    # mmoe experts; ple shared experts per layer
   num_scenario_experts: int = 2           # ple experts per scenario per layer

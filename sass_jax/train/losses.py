@@ -1,4 +1,4 @@
-"""The two training losses of SASS (SPEC section 2). Pure functions of arrays.
+"""The two training losses of SASS (docs/design.md §2). Pure functions of arrays.
 
 - ``info_nce``: symmetric in-batch InfoNCE between two views (pre-training, stage 1).
 - ``sampled_softmax_logq``: in-batch sampled softmax over clicked (user, item, scenario)
@@ -50,7 +50,7 @@ def info_nce(view_a: jnp.ndarray, view_b: jnp.ndarray, ids: jnp.ndarray | tuple[
     tau: temperature (> 0).
   Returns:
     0.5 * (CE(a b^T / tau, diag) + CE(b a^T / tau, diag)), averaged over the batch.
-  Source: SPEC section 2 (stage 1, "positives are the two views of the same user, negatives are
+  Source: docs/design.md §2 (stage 1, "positives are the two views of the same user, negatives are
   the other users' views in the batch; symmetric in-batch InfoNCE with temperature tau_pre").
   """
   logits = (view_a.astype(jnp.float32) @ view_b.astype(jnp.float32).T) / tau
@@ -95,7 +95,7 @@ def sampled_softmax_logq(logits: jnp.ndarray, item_ids: jnp.ndarray, item_logq: 
     scenario: None, or int [B] each row's scenario: then a column of another scenario than row
       b's is masked too (negatives from the row's own scenario only).
   Returns: mean over b of CE(row b, target b).
-  Source: SPEC section 2 (stage 2); Yi et al., RecSys 2019, eq. (3).
+  Source: docs/design.md §2 (stage 2); Yi et al., RecSys 2019, eq. (3).
   """
   z = logits.astype(jnp.float32) / tau - logq_strength * item_logq.astype(jnp.float32)[None, :]
   mask = _duplicate_mask(item_ids)

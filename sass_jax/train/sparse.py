@@ -1,4 +1,4 @@
-"""Row-sparse updates of the embedding tables (issue 6; SPEC sections 1-2, 6).
+"""Row-sparse updates of the embedding tables (docs/design.md §1-2, 6).
 
 With the dense path (``config.train.embedding_optimizer='dense'``, the default and the
 reference) every step computes a gradient of the shape of every table and AdamW reads and writes

@@ -1,4 +1,4 @@
-"""The train state and the two pure step functions (SPEC section 2).
+"""The train state and the two pure step functions (docs/design.md §2).
 
 ``pretrain_step(state, batch) -> (state, metrics)`` and ``finetune_step(state, batch) ->
 (state, metrics)`` are built by ``make_pretrain_step`` / ``make_finetune_step`` from the model
@@ -119,7 +119,7 @@ def _apply_update(state: TrainState, tx, grads, loss, aux) -> tuple[TrainState, 
 
 def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs: str,
                   model_state: dict | None = None):
-  """Stage-1 loss (SPEC section 2). Returns (loss, ({'user_loss', 'item_loss'}, model_state)).
+  """Stage-1 loss (docs/design.md §2). Returns (loss, ({'user_loss', 'item_loss'}, model_state)).
 
   batch: 'user' / 'item' features [B, ...]; 'user_index' / 'item_index' int32 [B] (entity ids,
   to mask repeats); 'user_views' / 'item_views' int32 [B, 2] (two distinct scenarios per row);
@@ -170,7 +170,7 @@ def _encodes_views(model: nn.Module) -> bool:
 
 def finetune_loss(model: nn.Module, params, batch: dict, rng, tau: float, logq_strength: float,
                   model_state: dict | None = None, negatives: str = "all"):
-  """Stage-2 loss: in-batch sampled softmax with logQ correction (SPEC section 2).
+  """Stage-2 loss: in-batch sampled softmax with logQ correction (docs/design.md §2).
 
   batch: 'user' / 'item' features; 'scenario' int32 [B]; 'item_index' int32 [B];
   'item_logq' float32 [B]. negatives='all': negatives of row b are the batch's other items,

@@ -87,7 +87,9 @@ def main(argv):
     # tensorstore): one line naming the path and the cause. Then user errors: the message.
     if debug:
       raise
-    if (msg := workdir_lib.os_error_message(e, workdir)) is not None:
+    # A DataError already names the file and says what was (not) written; other errors
+    # caused by a disk-full / read-only OSError get the one line built from the OSError.
+    if not isinstance(e, DataError) and (msg := workdir_lib.os_error_message(e, workdir)):
       _exit_after_os_error(msg)
     if not isinstance(e, USER_ERRORS):
       raise

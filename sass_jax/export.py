@@ -164,6 +164,11 @@ def export_user_encoder(model, variables, user_specs: Sequence[FieldSpec], num_s
   is the current backend only. Raises ValueError if lowering for a platform fails.
   """
   (b,) = jax.export.symbolic_shape("b")
+  # The 'grouped' per-scenario compute sizes its row tiles from the batch size, which is
+  # symbolic here: serialise the 'onehot' formulation, the same function of the same parameters.
+  mc = getattr(model, "cfg", None)
+  if dataclasses.is_dataclass(mc) and getattr(mc, "scenario_compute", "onehot") != "onehot":
+    model = type(model)(dataclasses.replace(mc, scenario_compute="onehot"))
   feats = {}
   for name, d in input_signature(user_specs).items():
     shape = tuple(b if x == "b" else x for x in d["shape"])

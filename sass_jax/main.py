@@ -94,6 +94,9 @@ def main(argv):
     if not isinstance(e, USER_ERRORS):
       raise
     print(f"error: {e}", file=sys.stderr, flush=True)   # the message only, exit code 1
+    # Coroutines of a failed orbax read collected at shutdown would print 'Exception ignored
+    # in ...' tracebacks of the failure just reported: keep the report to its one line.
+    sys.unraisablehook = lambda unraisable: None
     raise SystemExit(1) from None
   if quiet is not None and quiet.seen:   # a background write failed: never exit 0 after that
     _exit_after_os_error(quiet.seen[0])

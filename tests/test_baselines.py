@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
@@ -117,25 +118,37 @@ def test_finetune_loss_decreases(prepared, batches, name):
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_logical_axes_shard_only_embedding_tables(prepared, name):
-  """Every param carries logical axes; with shard_min_rows=1 exactly the embedding tables map
-  to the 'model' mesh axis, everything else (per-scenario, expert, batch_stats) is replicated."""
+  """Every param carries logical axes; exactly the embedding tables have the 'vocab' axis, and
+  with shard_min_rows=1 they are placed as ``Partitioner.table_axes`` says (split over the
+  'model' axis when it has devices; replicated on a 1-device mesh), everything else
+  (per-scenario, expert, batch_stats) replicated."""
   data, _ = prepared
   cfg = _cfg(name)
   cfg.mesh.shard_min_rows = 1
+  cfg.mesh.table_layout = "model"       # tables split over 'model' only (not all devices)
   model = loop.build_model(cfg, data)
   tx = steps.make_optimizer(cfg.train, 10)
   part = Partitioner(cfg.mesh)
   abstract = jax.eval_shape(steps.make_init_fn(model, tx, loop.example_batch(data), 0))
   boxed = jax.tree.leaves(abstract.params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
+  logical = jax.tree_util.tree_flatten_with_path(
+      nn.get_partition_spec(abstract.params), is_leaf=lambda x: isinstance(x, P))[0]
+  vocab = {jax.tree_util.keystr(p) for p, spec in logical if len(spec) and spec[0] == "vocab"}
   _, shardings = part.abstract_state(steps.make_init_fn(model, tx, loop.example_batch(data), 0))
   flat = jax.tree_util.tree_flatten_with_path(shardings.params)[0]
   specs = {jax.tree_util.keystr(path): tuple(sh.spec) for path, sh in flat}
+  shapes = {jax.tree_util.keystr(p): s.shape
+            for p, s in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract.params))[0]}
   tables = {k for k in specs if "['embed']" in k}
   assert len(tables) == len(data.user_specs) + len(data.item_specs)
+  assert tables == vocab
   for k, spec in specs.items():
     if k in tables:
-      assert spec == ("model", None), (k, spec)
+      axes = part.table_axes(shapes[k][0])
+      assert axes == (("model",) if part.mesh.size > 1 else ())
+      assert spec[:1] in ((axes[0],) if axes else ((None,), ())), (k, spec)
+      assert all(a is None for a in spec[1:]), (k, spec)
     else:
       assert all(a is None for a in spec), (k, spec)
   for sh in jax.tree.leaves(shardings.model_state):

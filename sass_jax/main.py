@@ -93,10 +93,13 @@ def main(argv):
       _exit_after_os_error(msg)
     if not isinstance(e, USER_ERRORS):
       raise
-    print(f"error: {e}", file=sys.stderr, flush=True)   # the message only, exit code 1
-    # Coroutines of a failed orbax read collected at shutdown would print 'Exception ignored
-    # in ...' tracebacks of the failure just reported: keep the report to its one line.
-    sys.unraisablehook = lambda unraisable: None
+    # The message only, exit code 1. Without the interpreter's shutdown: the coroutines and
+    # threads of a failed orbax read would print 'Exception ignored in ...' / 'Event loop is
+    # closed' tracebacks of the failure just reported.
+    # (Several processes: a normal exit, so that jax.distributed shuts down in order.)
+    if jax.process_count() == 1:
+      _exit_after_os_error(str(e))
+    print(f"error: {e}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None
   if quiet is not None and quiet.seen:   # a background write failed: never exit 0 after that
     _exit_after_os_error(quiet.seen[0])
@@ -104,8 +107,8 @@ def main(argv):
 
 def _exit_after_os_error(msg: str) -> None:
   """Print ``error: <msg>`` and end the process with exit code 1, without running the exit
-  handlers of libraries whose background writers failed on the same full / read-only disk
-  (their reports would follow the one line)."""
+  handlers of libraries whose background readers / writers failed (on a full or read-only
+  disk, or an unreadable checkpoint): their reports would follow the one line."""
   print(f"error: {msg}", file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(1)

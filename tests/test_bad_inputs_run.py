@@ -400,8 +400,8 @@ def test_workdir_that_is_a_file(env, tmp_path):
 
 @contextlib.contextmanager
 def _read_only(path: Path):
-  """``path`` read-only: a read-only bind mount for root (skips where mounting is not
-  permitted), removed write permission for anyone else."""
+  """``path`` read-only: a read-only bind mount for root, removed write permission for anyone
+  else. A root that may not mount fails the test (it must not pass unchecked)."""
   if os.geteuid() != 0:
     modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
     for p in modes:
@@ -412,13 +412,11 @@ def _read_only(path: Path):
       for p, m in modes.items():
         p.chmod(m)
     return
-  ok = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode == 0
-  if not ok:
-    pytest.skip("a read-only workdir needs a bind mount (root without CAP_SYS_ADMIN here)")
+  r = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+  assert r.returncode == 0, f"a read-only workdir as root needs a bind mount: {r.stderr!r}"
   try:
     r = subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True)
-    if r.returncode:
-      pytest.skip(f"cannot remount read-only: {r.stderr!r}")
+    assert r.returncode == 0, f"cannot remount read-only: {r.stderr!r}"
     yield
   finally:
     subprocess.run(["umount", str(path)], check=True)

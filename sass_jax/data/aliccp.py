@@ -105,18 +105,6 @@ def detect_layout(d: Path, layout: str = "auto") -> str:
 
 # ----------------------------------------------------------------------------- csv layout
 
-def _exact_int(v: str) -> int | None:
-  """A decimal integer, or an integral float written exactly ('3.0'; at most 2**53 in size);
-  None otherwise (a float id above 2**53 could not be told apart from its neighbours)."""
-  i = store.parse_int(v)
-  if i is not None:
-    return i
-  try:
-    f = float(v)
-  except ValueError:
-    return None
-  return int(f) if f.is_integer() and abs(f) <= 2**53 else None
-
 
 def _csv_key(vals: dict, id_field: str, fields) -> int | str:
   """Entity key of a csv-layout row: the encoded id, or -- for id 0 (a rare user / item that
@@ -145,7 +133,7 @@ def _read_csv_layout(d: Path, data_cfg, rej: Rejects):
       vals = {}
       for f in ("click", SCENARIO_FIELD, *USER_FIELDS, *ITEM_FIELDS):
         v = row[f].strip()
-        x = _exact_int(v) if f != "click" else store.parse_int(v)
+        x = store.parse_exact_int(v) if f != "click" else store.parse_int(v)
         if x is None:
           rej.reject(path, lineno, f"bad_{f}", f"field {f!r}: expected an integer id, got {v!r}")
           break

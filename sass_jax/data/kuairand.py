@@ -73,21 +73,9 @@ def _norm(v: str) -> str | None:
   return v
 
 
-def _int(v: str) -> int | None:
-  """A decimal integer, or an integral float written exactly ('1.0'; at most 2**53 in size)."""
-  i = store.parse_int(v)
-  if i is not None:
-    return i
-  try:
-    f = float(v)
-  except ValueError:
-    return None
-  return int(f) if f.is_integer() and abs(f) <= 2**53 else None
-
-
 def _id(path, lineno, field, text, rej) -> int | None:
   """An id of ``field`` within int64, or None after rejecting the row ('bad_<field>')."""
-  k = _int(text)
+  k = store.parse_exact_int(text)
   if k is None:
     rej.reject(path, lineno, f"bad_{field}", f"field {field!r}: expected an integer id, got {text!r}")
   elif not store.INT64_MIN <= k <= store.INT64_MAX:
@@ -209,12 +197,12 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       vid = _id(path, lineno, "video_id", row["video_id"], rej)
       if vid is None:
         continue
-      click = _int(row["is_click"])
+      click = store.parse_exact_int(row["is_click"])
       if click not in (0, 1):
         rej.reject(path, lineno, "bad_is_click",
                    f"field 'is_click': expected 0 or 1, got {row['is_click']!r}")
         continue
-      tab = _int(row["tab"])
+      tab = store.parse_exact_int(row["tab"])
       if tab is None or not 0 <= tab < NUM_TABS:
         rej.reject(path, lineno, "unknown_scenario",
                    f"field 'tab': expected an integer in [0, {NUM_TABS - 1}], got {row['tab']!r}")

@@ -78,6 +78,19 @@ def parse_int(text) -> int | None:
     return int(text) if _INT_TEXT.fullmatch(text) else None
 
 
+def parse_exact_int(text) -> int | None:
+    """:func:`parse_int`, or an integral float written exactly ('3.0'; at most 2**53 in size,
+    beyond which a float id could not be told apart from its neighbours); None otherwise."""
+    i = parse_int(text)
+    if i is not None:
+        return i
+    try:
+        f = float(text)
+    except ValueError:
+        return None
+    return int(f) if f.is_integer() and abs(f) <= 2**53 else None
+
+
 class Rejects:
     """Row-rejection accounting under the ``config.data.on_error`` policy (docs/design.md §4).
 

@@ -190,7 +190,9 @@ class _Echoes(logging.Filter):
       if not self.seen:
         self.seen.append(_sentence(*found))
       return True
-    return bool(self.seen) and "Event loop is closed" in text
+    # A background orbax / tensorstore callback on a loop a failed step already closed: an
+    # echo of that failure (which the CLI reports itself), never news for the user.
+    return "Event loop is closed" in text
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name == "sass_jax" or record.name.startswith("jax"):

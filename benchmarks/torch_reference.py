@@ -228,7 +228,9 @@ class TorchSASS(nn.Module):
     bad = {k: v for k, (v, want) in unsupported.items() if v != want}
     if bad:
       raise ValueError(f"torch_reference implements the default SASS only; config.model has {bad}")
-    pad = lambda v: -(-int(v) // max(1, mc.vocab_pad_to)) * max(1, mc.vocab_pad_to)
+    from sass_jax.model.embedding import padded_rows   # the JAX tables' row counts
+
+    pad = lambda v: padded_rows(int(v), mc.vocab_pad_to)
     return cls(mc.user_specs, mc.item_specs, [pad(s.vocab_size) for s in mc.user_specs],
                [pad(s.vocab_size) for s in mc.item_specs], mc.num_scenarios, mc.embed_dim,
                mc.scenario_dim, tuple(mc.widths), mc.out_dim, mc.bias_hidden, mc.activation,

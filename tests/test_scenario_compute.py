@@ -276,3 +276,24 @@ def test_torch_reference_grouped_equals_onehot_and_jax(tiny_cfg, tiny_features):
       grads[compute] = [p.grad.detach().numpy().copy() if p.grad is not None else
                         np.zeros(tuple(p.shape), np.float32) for p in m.parameters()]
     assert _max_diff(grads["grouped"], grads["onehot"]) < TOL, case
+
+
+def test_torch_reference_tables_have_the_jax_row_counts(tiny_cfg, tiny_features):
+  """A table of at least 65,536 rows is padded further (model/embedding.py ``padded_rows``);
+  the reference's tables must have exactly the JAX tables' rows or ``load_flax_params`` fails
+  (it did for the Ali-CCP-scale benchmark: 290,168 vs 290,816 user-id rows)."""
+  pytest.importorskip("torch")
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+  import torch_reference as tr
+
+  big = dataclasses.replace(tiny_cfg().user_specs[0], vocab_size=70_001)
+  cfg = tiny_cfg(user_specs=(big,) + tuple(tiny_cfg().user_specs[1:]))
+  b = _batch(tiny_features)
+  shapes = jax.eval_shape(lambda: SASS(cfg).init(jax.random.key(0), b["user"], b["item"],
+                                                b["scenario"]))
+  jax_rows = nn.meta.unbox(shapes["params"])["user_tower"]["embed"][big.name].shape[0]
+  assert jax_rows > 70_001   # padded beyond vocab_pad_to
+  m = tr.TorchSASS.from_model_config(cfg)
+  assert tuple(m.user_tower.embed[big.name].shape) == (jax_rows, cfg.embed_dim)

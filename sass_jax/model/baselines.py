@@ -3,9 +3,9 @@
 Every model implements ``sass_jax.model.protocol.TwoTowerModel`` (``encode_user`` /
 ``encode_item`` in the selected and all-scenarios layouts, ``config_problems`` for its own
 settings) and is registered in ``sass_jax.model.registry``. The steps, the losses and the
-evaluation never branch on the model type. Every model
-puts the same structure in both towers (separate weights), so each yields a scenario-specific
-user *and* item vector wherever its design allows (all but DSSM-M).
+evaluation never branch on the model type. Every model puts the same structure in both towers
+(separate weights), so each yields a scenario-specific user *and* item vector wherever its
+design allows (all but DSSM-M).
 
 - ``DSSMMixed`` (``dssm_mixed``, DSSM-M): one plain MLP tower per side trained on the mixed
   data of all scenarios; it ignores the scenario, so its K vectors of an entity are identical.

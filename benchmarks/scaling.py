@@ -39,7 +39,6 @@ sys.path.insert(0, str(HERE))
 
 from compare import cpu_meter, load_config  # noqa: E402
 
-MODELS = ("sass", "dssm_single", "dssm_mixed", "shared_bottom", "mmoe", "ple", "star")
 FOREIGN_LIMIT = 0.10   # cores: a run where other processes used more is marked contended
 
 
@@ -97,7 +96,8 @@ def main(argv=None):
   ap.add_argument("--config", default="configs/synthetic.py")
   ap.add_argument("--workdir", default="/tmp/sass_jax_scaling")
   ap.add_argument("--ks", default="2,4,8,16,32", help="scenario counts; '' = the config's own")
-  ap.add_argument("--models", default=",".join(MODELS))
+  from sass_jax.model import registry
+  ap.add_argument("--models", default=",".join(registry.names()))
   ap.add_argument("--negatives", default="all,same_scenario")
   ap.add_argument("--compute", default="grouped", help="model.scenario_compute values")
   ap.add_argument("--stages", default="finetune")

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sass_jax.data.store import FieldSpec
+from sass_jax.schema import FieldSpec
 
 log = logging.getLogger("sass_jax")
 STAGES = ("pretrain", "finetune")
@@ -423,8 +423,7 @@ def compile_workdir(cfg, workdir, print_fn: Callable[[str], Any] | None = print)
   Raises ValueError for an invalid config, an unknown topology or missing field sizes.
   """
   from sass_jax import config_check
-  from sass_jax.train import loop
-  from sass_jax.model.towers import ModelConfig
+  from sass_jax.model import registry
   from sass_jax.train.sparse import EMBEDDING_OPTIMIZERS
   cc = cfg.compile
   stages = tuple(cc.stages)
@@ -437,8 +436,7 @@ def compile_workdir(cfg, workdir, print_fn: Callable[[str], Any] | None = print)
   part = build_partitioner(cfg, devices)
   config_check.validate(cfg, partitioner=part, stages=stages)
   user_specs, item_specs, k, source = resolve_specs(cfg, workdir)
-  model = loop.MODELS[cfg.model.name](ModelConfig.from_config(cfg.model, user_specs, item_specs,
-                                                              k))
+  model = registry.build(cfg.model, user_specs, item_specs, k)
   hbm = chip_memory(devices[0], int(cc.get("hbm_bytes", 0) or 0))
   from sass_jax.model.embedding import padded_rows
   rows = sum(padded_rows(s.vocab_size, cfg.model.vocab_pad_to) for s in user_specs + item_specs)

@@ -6,7 +6,7 @@ The table a multi-scenario retrieval paper prints (docs/design.md §3)::
         --workdir runs/compare_movielens --config.compare.seeds=5
 
 For each *variant* in ``config.compare.models`` (a model plus the settings that define it, see
-``VARIANTS``):
+``known_variants()``: every registered model, and the config variants of ``VARIANTS``):
 
 1. **Tuning** (fair: the same grid for every variant): one run per point of the grid
    ``learning_rates x taus x widths`` with seed 0, scored on the *validation* split by overall
@@ -36,30 +36,34 @@ from typing import Any
 
 import numpy as np
 
+from sass_jax.model import registry
 from sass_jax.train import loop
 
 log = logging.getLogger("sass_jax")
 
-# Variant name -> config overrides (dotted path -> value). Baselines have no pre-training stage
-# (docs/design.md §3); 'sass' is pre-training + fine-tuning with the config's pre-training settings.
+# Config variants beyond the registered models: variant name -> config overrides (dotted path ->
+# value). SASS-Base is SASS without pre-training (docs/design.md §2).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "dssm_single": {"model.name": "dssm_single", "pretrain.num_steps": 0},
-    "dssm_mixed": {"model.name": "dssm_mixed", "pretrain.num_steps": 0},
-    "shared_bottom": {"model.name": "shared_bottom", "pretrain.num_steps": 0},
-    "mmoe": {"model.name": "mmoe", "pretrain.num_steps": 0},
-    "ple": {"model.name": "ple", "pretrain.num_steps": 0},
-    "star": {"model.name": "star", "pretrain.num_steps": 0},
-    "sass_base": {"model.name": "sass_base", "pretrain.num_steps": 0},
-    "sass": {"model.name": "sass"},
+    "sass_base": {"model.name": "sass", "pretrain.num_steps": 0},
     # Ablations (docs/design.md §2 and 1): the two readings of the pre-training pairs, and the
     # gates off (plain sum of the global and scenario paths).
     "sass_user_item": {"model.name": "sass", "pretrain.pairs": "user_item"},
     "sass_scenario_views": {"model.name": "sass", "pretrain.pairs": "scenario_views"},
     "sass_no_gates": {"model.name": "sass", "model.gate_style": "none"},
-    "sass_base_no_gates": {"model.name": "sass_base", "pretrain.num_steps": 0,
+    "sass_base_no_gates": {"model.name": "sass", "pretrain.num_steps": 0,
                            "model.gate_style": "none"},
 }
 TABLE_METRICS = ("recall@50", "ndcg@50", "hitrate@50", "auc")
+
+
+def known_variants() -> dict[str, dict[str, Any]]:
+  """Every variant ``config.compare.models`` may name -> its config overrides: each registered
+  model under its own name (with ``pretrain.num_steps = 0`` unless its entry ``pretrains``:
+  the baselines have no pre-training stage, docs/design.md §3; 'sass' runs the config's
+  pre-training settings), then ``VARIANTS``."""
+  out = {name: {"model.name": name} if e.pretrains else
+         {"model.name": name, "pretrain.num_steps": 0} for name, e in registry.MODELS.items()}
+  return {**out, **VARIANTS}
 
 
 def _set(cfg, path: str, value):
@@ -93,11 +97,12 @@ def point_tag(point: dict[str, Any]) -> str:
 def run_config(cfg, variant: str, point: dict[str, Any], seed: int):
   """The full config of one run: ``cfg`` with the variant's, the grid point's and the seed's
   values set. Raises ValueError for an unknown variant."""
-  if variant not in VARIANTS:
+  known = known_variants()
+  if variant not in known:
     raise ValueError(f"config.compare.models has {variant!r}; expected names from "
-                     f"{sorted(VARIANTS)}")
+                     f"{sorted(known)}")
   c = copy.deepcopy(cfg)
-  for path, value in {**VARIANTS[variant], **point}.items():
+  for path, value in {**known[variant], **point}.items():
     _set(c, path, value)
   c.seed = int(seed)
   return c
@@ -155,9 +160,10 @@ def compare(cfg, workdir: str | Path, command: str = "") -> dict:
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   variants = list(ccfg.models)
+  known = known_variants()
   for v in variants:
-    if v not in VARIANTS:
-      raise ValueError(f"config.compare.models has {v!r}; expected names from {sorted(VARIANTS)}")
+    if v not in known:
+      raise ValueError(f"config.compare.models has {v!r}; expected names from {sorted(known)}")
   points = grid_points(cfg)
   if int(ccfg.seeds) < 1:
     raise ValueError(f"config.compare.seeds={ccfg.seeds}; need at least 1")

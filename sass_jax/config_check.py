@@ -25,12 +25,11 @@ PRETRAIN_PAIRS = ("scenario_views", "user_item")
 NEGATIVES = ("all", "same_scenario")             # config.train.negatives
 SCENARIO_COMPUTE = ("grouped", "onehot")         # config.model.scenario_compute
 NAN_POLICIES = ("raise", "skip")
-BIAS_MODES = ("add", "concat")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TABLE_LAYOUTS = ("auto", "all", "model")   # sass_jax.partition.TABLE_LAYOUTS
-# Model settings that change no parameter shape: a checkpoint can be resumed with other values.
-MODEL_NON_STRUCTURAL = ("tau", "dropout", "activation", "compute_dtype", "star_momentum",
-                        "scenario_compute")
+# Shared model settings that change no parameter shape: a checkpoint can be resumed with other
+# values (a model's own such keys: its registry entry, ``registry.Entry.non_structural``).
+MODEL_NON_STRUCTURAL = ("tau", "dropout", "activation", "compute_dtype", "scenario_compute")
 # Data settings that do not change the prepared data.
 DATA_NON_STRUCTURAL = ("dir", "download")
 
@@ -50,8 +49,7 @@ def _stage_block(stage: str) -> str:
 def _check_values(cfg, stages: Iterable[str], p) -> None:
   """Field-by-field checks of the config alone; ``p(message)`` records a problem."""
   from sass_jax.data import get_preparer
-  from sass_jax.model.mlsat import GATE_STYLES
-  from sass_jax.train import loop
+  from sass_jax.model import registry
 
   if not _is_int(cfg.seed):
     p(f"config.seed={cfg.seed!r}: expected an int")
@@ -82,9 +80,8 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
         "(0.8, 0.1, 0.1)")
   # -- model -----------------------------------------------------------------------------
   m = cfg.model
-  if m.name not in loop.MODELS:
-    p(f"config.model.name={m.name!r} is not a known model; expected one of "
-      f"{sorted(loop.MODELS)}")
+  for problem in registry.config_problems(m):   # the name, then the model's own settings
+    p(problem)
   if not (_is_num(m.dropout) and 0.0 <= m.dropout < 1.0):
     p(f"config.model.dropout={m.dropout!r}: expected a rate in [0, 1), e.g. 0.1 (0 = none)")
   if not (_is_num(m.tau) and m.tau > 0):
@@ -96,10 +93,6 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   widths = tuple(m.widths)
   if not all(_is_int(w) and w >= 1 for w in widths):
     p(f"config.model.widths={widths}: expected positive ints, e.g. (256, 128)")
-  if m.get("gate_style") is not None and m.gate_style not in GATE_STYLES:
-    p(f"config.model.gate_style={m.gate_style!r}: expected one of {GATE_STYLES}")
-  if m.get("bias_mode") is not None and m.bias_mode not in BIAS_MODES:
-    p(f"config.model.bias_mode={m.bias_mode!r}: expected one of {BIAS_MODES}")
   if m.get("compute_dtype") is not None and m.compute_dtype not in COMPUTE_DTYPES:
     p(f"config.model.compute_dtype={m.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
   if m.get("scenario_compute") is not None and m.scenario_compute not in SCENARIO_COMPUTE:
@@ -284,7 +277,13 @@ def _check_checkpoints(cfg, workdir, p) -> None:
   """The model and data blocks of every stage's latest checkpoint must match the config."""
   import json
   from sass_jax.checkpoint import Checkpointer
-  from sass_jax.train import loop
+  from sass_jax.model import registry
+
+  def model_class(name):
+    try:
+      return registry.get(name).model
+    except ValueError:
+      return None
 
   now = json.loads(json.dumps(cfg.to_dict()))
   for stage in STAGES:
@@ -304,10 +303,11 @@ def _check_checkpoints(cfg, workdir, p) -> None:
       continue
     problems = []
     sm, nm = dict(saved.get("model", {})), dict(now.get("model", {}))
-    same_class = loop.MODELS.get(sm.get("name")) is loop.MODELS.get(nm.get("name"))
+    same_class = model_class(sm.get("name")) is model_class(nm.get("name"))
     if same_class:
       sm.pop("name", None), nm.pop("name", None)
-    problems += [f"config.model.{x}" for x in _diff(sm, nm, MODEL_NON_STRUCTURAL)]
+    problems += [f"config.model.{x}" for x in _diff(
+        sm, nm, MODEL_NON_STRUCTURAL + registry.non_structural_keys())]
     problems += [f"config.data.{x}" for x in _diff(dict(saved.get("data", {})),
                                                     dict(now.get("data", {})),
                                                     DATA_NON_STRUCTURAL)]
@@ -330,7 +330,8 @@ def validate(cfg, data=None, partitioner=None, *, workdir: str | os.PathLike | N
       one, the axis is resolved from ``config.mesh`` and ``jax.device_count()``).
     workdir: the run directory; each stage's latest checkpoint must have been trained with
       the same model shape settings (all of ``config.model`` except
-      ``MODEL_NON_STRUCTURAL``; names of the same model class are equal) and the same
+      ``MODEL_NON_STRUCTURAL`` and the registered models' own non-structural keys; names of
+      the same model class are equal) and the same
       ``config.data`` (except ``dir``, ``download``).
     stages: the stages about to run ('pretrain', 'finetune'); their blocks are checked
       (``config.train.num_steps`` > 0 only when fine-tuning runs). () for evaluation / data

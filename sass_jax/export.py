@@ -54,7 +54,8 @@ import numpy as np
 
 from sass_jax import checkpoint as ckpt_lib
 from sass_jax.data import pipeline
-from sass_jax.data.store import SPLITS, FieldSpec, PreparedData
+from sass_jax.data.store import SPLITS, PreparedData
+from sass_jax.schema import FieldSpec
 from sass_jax.eval import evaluate as eval_lib
 from sass_jax.eval.retrieval import topk_scores
 from sass_jax.partition import Partitioner

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sass_jax.data.store import FieldSpec
+from sass_jax.schema import FieldSpec
 from sass_jax.model.towers import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

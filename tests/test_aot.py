@@ -184,7 +184,7 @@ EQUALITY = textwrap.dedent("""
     from jax.sharding import PartitionSpec as P
     from configs import test as test_config
     from sass_jax import aot
-    from sass_jax.data.store import FieldSpec
+    from sass_jax.schema import FieldSpec
     from sass_jax.model.towers import SASS, ModelConfig
     from sass_jax.partition import Partitioner
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,12 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from sass_jax import config_check
 from sass_jax.data import pipeline
+from sass_jax.model import registry
 from sass_jax.model.baselines import STAR, DSSMSingle
 from sass_jax.model.embedding import padded_rows
-from sass_jax.model.towers import MODEL_NAMES, ModelConfig
+from sass_jax.model.towers import ModelConfig
 from sass_jax.partition import Partitioner
 from sass_jax.train import loop, steps
 
@@ -64,7 +67,7 @@ def _init_state(name, data, num_steps=20, lr=None):
   return cfg, model, tx, state
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", registry.names())
 def test_layouts_shapes_and_finite_loss(prepared, batches, name):
   data, _ = prepared
   cfg, model, tx, state = _init_state(name, data)
@@ -93,7 +96,7 @@ def test_layouts_shapes_and_finite_loss(prepared, batches, name):
   assert np.isfinite(float(loss)) and float(loss) > 0
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", registry.names())
 def test_finetune_loss_decreases(prepared, batches, name):
   data, _ = prepared
   cfg, model, tx, state = _init_state(name, data, lr=3e-3)
@@ -116,7 +119,7 @@ def test_finetune_loss_decreases(prepared, batches, name):
     assert state.model_state == {}
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", registry.names())
 def test_logical_axes_shard_only_embedding_tables(prepared, name):
   """Every param carries logical axes; exactly the embedding tables have the 'vocab' axis, and
   with shard_min_rows=1 they are placed as ``Partitioner.table_axes`` says (split over the
@@ -318,30 +321,53 @@ def test_dssm_single_scenarios_are_independent(tiny_cfg, tiny_features, separate
 # config validation
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("name", "mmoe2", "config.model.name='mmoe2'"),
-    ("num_experts", 0, "config.model.num_experts=0"),
-    ("num_scenario_experts", 0, "config.model.num_scenario_experts=0"),
-    ("star_momentum", 1.0, "config.model.star_momentum=1.0"),
-    ("tower_widths", (16, 0), "config.model.tower_widths=(16, 0)"),
-])
-def test_config_validation(key, value, message):
-  mc = ml_collections.ConfigDict(_cfg("ple").model.to_dict())
+# (model, key, value, message): each model checks its own settings (config_problems).
+OWN_SETTINGS = [
+    ("ple", "name", "mmoe2", "config.model.name='mmoe2' is not a known model"),
+    ("mmoe", "num_experts", 0, "config.model.num_experts=0: expected an int >= 1"),
+    ("ple", "num_experts", 0, "config.model.num_experts=0: expected an int >= 1"),
+    ("ple", "num_scenario_experts", 0, "config.model.num_scenario_experts=0: expected an int"),
+    ("star", "star_momentum", 1.0, "config.model.star_momentum=1.0: expected 0 <= m < 1"),
+    ("shared_bottom", "tower_widths", (16, 0), "config.model.tower_widths=(16, 0): expected"),
+    ("ple", "widths", (), "config.model.widths=(); ple needs at least one"),
+    ("sass", "bias_mode", "mul", "config.model.bias_mode='mul': expected one of"),
+]
+
+
+@pytest.mark.parametrize("name,key,value,message", OWN_SETTINGS)
+def test_config_validation(name, key, value, message):
+  mc = ml_collections.ConfigDict(_cfg(name).model.to_dict())
   mc[key] = value
-  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    ModelConfig.from_config(mc, (), (), K)
+  assert message in "\n".join(registry.config_problems(mc))
+  with pytest.raises(ValueError, match=re.escape(message)):
+    registry.build(mc, (), (), K)
+  # what config_check reports before any work, among the other problems
+  cfg = _cfg(name)
+  cfg.model[key] = value
+  with pytest.raises(ValueError, match=r"invalid config:\n(.*\n)*  - " + re.escape(message)):
+    config_check.validate(cfg)
+
+
+@pytest.mark.parametrize("key,value,owners", [
+    ("num_experts", 0, {"mmoe", "ple"}), ("num_scenario_experts", 0, {"ple"}),
+    ("star_momentum", 1.0, {"star"}), ("tower_widths", (16, 0), {"shared_bottom", "mmoe", "ple"}),
+    ("widths", (), {"ple"}), ("gate_style", "lstm", {"sass"}), ("bias_mode", "mul", {"sass"})])
+def test_own_settings_belong_to_their_model(key, value, owners):
+  """A setting is checked by the models that read it; the others ignore its value."""
+  for name in registry.names():
+    mc = ml_collections.ConfigDict(_cfg(name).model.to_dict())
+    mc[key] = value
+    assert bool(registry.config_problems(mc)) == (name in owners), name
 
 
 def test_config_values_reach_model_config():
   mc = _cfg("ple").model
   mc.num_experts, mc.num_scenario_experts, mc.tower_widths = 5, 3, (12, 6)
   mc.separate_embeddings, mc.star_aux, mc.star_momentum = False, False, 0.5
-  got = ModelConfig.from_config(mc, (), (), K)
+  got = registry.build(mc, (), (), K).cfg
   assert (got.num_experts, got.num_scenario_experts, got.tower_widths) == (5, 3, (12, 6))
   assert (got.separate_embeddings, got.star_aux, got.star_momentum) == (False, False, 0.5)
-  mc.widths = ()
-  with pytest.raises(ValueError, match="ple needs at least one"):
-    ModelConfig.from_config(mc, (), (), K)
+  assert isinstance(got, ModelConfig)
 
 
 # ----------------------------------------------------------------------------------------------

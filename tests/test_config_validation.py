@@ -17,6 +17,7 @@ import pytest
 from configs import test as test_config
 from sass_jax import config_check
 from sass_jax.checkpoint import Checkpointer
+from sass_jax.model import registry
 from sass_jax.train import loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,11 +72,13 @@ CASES = [
     ("checkpoint.max_to_keep", 0, "config.checkpoint.max_to_keep=0: expected an int >= 1 (keep "
      "at least the latest checkpoint) or None (keep all)"),
     ("model.name", "sas", "config.model.name='sas' is not a known model; expected one of "
-     f"{sorted(loop.MODELS)}"),
+     f"{sorted(registry.names())}"),
     ("model.dropout", 1.0, "config.model.dropout=1.0: expected a rate in [0, 1), e.g. 0.1 "
      "(0 = none)"),
     ("model.widths", (32, 0), "config.model.widths=(32, 0): expected positive ints, e.g. "
      "(256, 128)"),
+    ("model.gate_style", "lstm", "config.model.gate_style='lstm': expected one of ('gated_sum', "
+     "'gru', 'none')"),
     ("train.nan_policy", "ignore", "config.train.nan_policy='ignore': expected one of "
      "('raise', 'skip')"),
     ("train.log_every", 0, "config.train.log_every=0: expected an int >= 1"),

@@ -14,6 +14,7 @@ import pytest
 
 from configs import test as test_config
 from sass_jax.data import movielens, pipeline, store
+from sass_jax.schema import FieldSpec
 
 AGE_SCENARIO = {1: 0, 18: 0, 25: 1, 35: 2, 45: 2, 50: 2, 56: 2}   # SOURCE.md / Scenario-Wise Rec
 SOURCE_ROWS = [21140, 39460, 39400]
@@ -349,7 +350,7 @@ def test_all_rows_rejected_raises(tmp_path):
 
 
 def _tiny_store_args(value=1):
-  spec = store.FieldSpec("f", 4)
+  spec = FieldSpec("f", 4)
   return dict(scenario_names=["a", "b"], user_specs=[spec], item_specs=[spec],
               users={"f": np.full(3, value, np.int32)}, items={"f": np.array([1, 2], np.int32)},
               user_masks={}, item_masks={},

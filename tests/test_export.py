@@ -15,7 +15,7 @@ import pytest
 
 from configs import test as test_config
 from sass_jax import export
-from sass_jax.data.store import FieldSpec
+from sass_jax.schema import FieldSpec
 from sass_jax.eval.evaluate import encode_all
 from sass_jax.eval.retrieval import topk_scores
 from sass_jax.model.towers import SASS, ModelConfig

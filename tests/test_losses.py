@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import log_loss
 
 from configs import test as test_config
-from sass_jax.data.store import FieldSpec
+from sass_jax.schema import FieldSpec
 from sass_jax.model.towers import SASS, ModelConfig
 from sass_jax.train import losses, steps
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from sass_jax.data.store import FieldSpec
+from sass_jax.model import registry
 from sass_jax.model.embedding import FieldEmbedder
 from sass_jax.model.mlsat import MLSATLayer, ScenarioDense
 from sass_jax.model.towers import SASS, ModelConfig
+from sass_jax.schema import FieldSpec
 
 K = 3
 NP_ACT = {"relu": lambda x: np.maximum(x, 0.0), "tanh": np.tanh}
@@ -289,7 +290,7 @@ def test_field_embedder_multi_hot_mean_pools_over_mask():
 
 
 # ----------------------------------------------------------------------------------------------
-# ModelConfig.from_config
+# ModelConfig.from_config (shared settings) and registry.build (the name, SASS's own settings)
 
 
 def _specs():
@@ -309,12 +310,15 @@ def test_from_config_copies_values():
 
 @pytest.mark.parametrize("key,value", [("name", "dssm"), ("bias_mode", "mul"),
                                        ("activation", "swish"), ("compute_dtype", "float16")])
-def test_from_config_rejects_bad_values(key, value):
+def test_build_rejects_bad_values(key, value):
   mc = test_config.get_config().model
   mc[key] = value
   u, i = _specs()
   with pytest.raises(ValueError, match=f"config.model.{key}={value!r}"):
-    ModelConfig.from_config(mc, u, i, 3)
+    registry.build(mc, u, i, 3)
+  if key in ("activation", "compute_dtype"):   # shared settings: checked for every model
+    with pytest.raises(ValueError, match=f"config.model.{key}={value!r}"):
+      ModelConfig.from_config(mc, u, i, 3)
 
 
 def test_from_config_rejects_zero_scenarios():
@@ -323,9 +327,11 @@ def test_from_config_rejects_zero_scenarios():
     ModelConfig.from_config(test_config.get_config().model, u, i, 0)
 
 
-def test_from_config_rejects_bad_gate_style():
+def test_build_rejects_bad_gate_style():
   mc = test_config.get_config().model
   mc.gate_style = "lstm"
   u, i = _specs()
+  assert SASS.config_problems(mc) == [
+      "config.model.gate_style='lstm': expected one of ('gated_sum', 'gru', 'none')"]
   with pytest.raises(ValueError, match="config.model.gate_style"):
-    ModelConfig.from_config(mc, u, i, 3)
+    registry.build(mc, u, i, 3)

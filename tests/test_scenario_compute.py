@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sass_jax.model import grouped
-from sass_jax.model.towers import MODEL_NAMES, SASS
-from sass_jax.train import loop, losses, steps
+from sass_jax.model import grouped, registry
+from sass_jax.model.towers import SASS
+from sass_jax.train import losses, steps
 
 TOL = 1e-5
 K = 3
@@ -37,7 +37,7 @@ def _batch(make_features, batch=B, seed=0, scenarios=(0, 1, 2)):
 
 
 def _models(name, cfg):
-  cls = loop.MODELS[name]
+  cls = registry.get(name).model
   return (cls(dataclasses.replace(cfg, scenario_compute="grouped")),
           cls(dataclasses.replace(cfg, scenario_compute="onehot")))
 
@@ -99,7 +99,7 @@ def test_scenario_logits_grouped_equals_onehot_and_loop():
 # every model: grouped == onehot
 
 
-MODEL_VARIANTS = [(n, {}) for n in MODEL_NAMES] + [
+MODEL_VARIANTS = [(n, {}) for n in registry.names()] + [
     ("sass", {"gate_style": "gru"}), ("sass", {"gate_style": "none"}),
     ("sass", {"gate_per_scenario": True}), ("sass", {"bias_mode": "concat", "layer_norm": True}),
     ("ple", {"widths": (8,)}), ("ple", {"widths": (8, 6, 4)}),

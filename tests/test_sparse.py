@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from sass_jax.data.store import FieldSpec
+from sass_jax.schema import FieldSpec
 from sass_jax.model.towers import SASS, ModelConfig
 from sass_jax.train import sparse, steps
 

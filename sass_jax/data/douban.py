@@ -22,6 +22,7 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.store import Rejects, random_split
+from sass_jax.schema import FieldSpec
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def vocab_column(name: str, train_values, entity_values, min_count: int, missing
   if missing is not None:
     train_values = train_values[train_values != missing]
   vocab = store.build_vocab(train_values, min_count)
-  return store.apply_vocab(np.asarray(entity_values), vocab), store.FieldSpec(name, len(vocab) + 1)
+  return store.apply_vocab(np.asarray(entity_values), vocab), FieldSpec(name, len(vocab) + 1)
 
 
 def options(data_cfg) -> dict:

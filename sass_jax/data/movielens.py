@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sass_jax.data import store
+from sass_jax.schema import FieldSpec
 
 ML1M_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
 # Published by GroupLens next to the archive (ml-1m.zip.md5).
@@ -210,12 +211,12 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
     for f in USER_FIELDS:
         vocab = store.build_vocab([per_user[f](u) for u in tr_users], mc)
         ucols[f] = store.apply_vocab(np.asarray([per_user[f](u) for u in user_raw]), vocab)
-        specs_u.append(store.FieldSpec(f, len(vocab) + 1))
+        specs_u.append(FieldSpec(f, len(vocab) + 1))
 
     icols, imasks, specs_i = {}, {}, []
     vocab = store.build_vocab(tr_items, mc)
     icols["movie_id"] = store.apply_vocab(item_raw, vocab)
-    specs_i.append(store.FieldSpec("movie_id", len(vocab) + 1))
+    specs_i.append(FieldSpec("movie_id", len(vocab) + 1))
     gvocab = store.build_vocab([g for m in tr_items for g in movies[m][1]], mc)
     L = data_cfg.max_genres
     genres = np.zeros((len(item_raw), L), np.int32)
@@ -224,10 +225,10 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
         genres[row, : len(ids)] = ids
     icols["genres"] = genres
     imasks["genres"] = np.asarray([[j < len(movies[m][1]) for j in range(L)] for m in item_raw])
-    specs_i.append(store.FieldSpec("genres", len(gvocab) + 1, multi_hot=L))
+    specs_i.append(FieldSpec("genres", len(gvocab) + 1, multi_hot=L))
     yvocab = store.build_vocab([movies[m][0] for m in tr_items], mc)
     icols["year"] = store.apply_vocab(np.asarray([movies[m][0] for m in item_raw]), yvocab)
-    specs_i.append(store.FieldSpec("year", len(yvocab) + 1))
+    specs_i.append(FieldSpec("year", len(yvocab) + 1))
 
     scen = np.asarray([AGE_TO_SCENARIO[users[u][1]] for u in r_user], np.int32)
     inter = {

@@ -37,6 +37,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from sass_jax.schema import FieldSpec
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -44,21 +46,6 @@ SPLITS = {"train": 0, "valid": 1, "test": 2}
 INTERACTION_COLUMNS = {
     "user": np.int32, "item": np.int32, "scenario": np.int32, "label": np.float32, "split": np.int8,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class FieldSpec:
-    """One categorical feature field of a tower.
-
-    Attributes:
-      name: field name, e.g. ``"user_id"`` or ``"genres"``.
-      vocab_size: number of ids including the unknown id 0 (ids lie in ``[0, vocab_size)``).
-      multi_hot: 0 for a single id per row (column ``int32 [N]``); otherwise the padded length L
-        of a multi-hot field (column ``int32 [N, L]`` with a ``bool [N, L]`` mask).
-    """
-    name: str
-    vocab_size: int
-    multi_hot: int = 0
 
 
 class DataError(ValueError):

@@ -47,6 +47,7 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.table import cfg_get, options_of, split_fractions
+from sass_jax.schema import FieldSpec
 
 log = logging.getLogger(__name__)
 
@@ -230,19 +231,19 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     ucols, specs_u = {}, []
     ids, size = _vocab_from_counts(u_train, mc)
     ucols["user_id"] = ids
-    specs_u.append(store.FieldSpec("user_id", size))
+    specs_u.append(FieldSpec("user_id", size))
     for j, v in enumerate(user_raw_f):
       vid, size = _vocab_from_counts(np.bincount(v, weights=u_train, minlength=o["field_cardinality"]), mc)
       ucols[f"user_f{j}"] = vid[v]
-      specs_u.append(store.FieldSpec(f"user_f{j}", size))
+      specs_u.append(FieldSpec(f"user_f{j}", size))
     icols, specs_i = {}, []
     ids, size = _vocab_from_counts(i_train, mc)
     icols["item_id"] = ids
-    specs_i.append(store.FieldSpec("item_id", size))
+    specs_i.append(FieldSpec("item_id", size))
     for j, v in enumerate(item_raw_f):
       vid, size = _vocab_from_counts(np.bincount(v, weights=i_train, minlength=o["field_cardinality"]), mc)
       icols[f"item_f{j}"] = vid[v]
-      specs_i.append(store.FieldSpec(f"item_f{j}", size))
+      specs_i.append(FieldSpec(f"item_f{j}", size))
 
     extra = {
         "dataset": "synthetic",

@@ -28,6 +28,7 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.store import Rejects, random_split
+from sass_jax.schema import FieldSpec
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +244,10 @@ def encode_entities(raw_values: dict, multi: dict, train_weight: np.ndarray, min
     if multi.get(name):
       ids, mask, size, L = encode_multi(vals, train_weight, min_count, max_len)
       cols[name], masks[name] = ids, mask
-      specs.append(store.FieldSpec(name, size, multi_hot=L))
+      specs.append(FieldSpec(name, size, multi_hot=L))
     else:
       cols[name], size = encode_scalar(vals, train_weight, min_count)
-      specs.append(store.FieldSpec(name, size))
+      specs.append(FieldSpec(name, size))
   return cols, masks, specs
 
 

@@ -1,11 +1,11 @@
 """Baselines behind the same two-tower interface as SASS (docs/design.md §3).
 
-Every model exposes ``encode_user(features, scenario=None, train=False)`` and
-``encode_item(...)``: scenario int32 [B] -> float32 [B, D] L2-normalised; None -> [B, K, D]
-(every scenario's vector), and ``__call__(user_features, item_features, scenario, train)`` for
-``init``. The steps, the losses and the evaluation never branch on the model type. Every model
-puts the same structure in both towers (separate weights), so each yields a scenario-specific
-user *and* item vector wherever its design allows (all but DSSM-M).
+Every model implements ``sass_jax.model.protocol.TwoTowerModel`` (``encode_user`` /
+``encode_item`` in the selected and all-scenarios layouts, ``config_problems`` for its own
+settings) and is registered in ``sass_jax.model.registry``. The steps, the losses and the
+evaluation never branch on the model type. Every model puts the same structure in both towers
+(separate weights), so each yields a scenario-specific user *and* item vector wherever its
+design allows (all but DSSM-M).
 
 - ``DSSMMixed`` (``dssm_mixed``, DSSM-M): one plain MLP tower per side trained on the mixed
   data of all scenarios; it ignores the scenario, so its K vectors of an entity are identical.
@@ -50,11 +50,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sass_jax.data.store import FieldSpec
 from sass_jax.model.embedding import FieldEmbedder, padded_rows
 from sass_jax.model.grouped import Groups, grouped_dense, make_groups
 from sass_jax.model.mlsat import _dense, activation
 from sass_jax.model.towers import ModelConfig, l2_normalize
+from sass_jax.schema import FieldSpec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +85,26 @@ def _select(out_all: jnp.ndarray, scenario) -> jnp.ndarray:
 def _check_scenario(scenario, batch: int):
   if scenario is not None and (jnp.ndim(scenario) != 1 or scenario.shape[0] != batch):
     raise ValueError(f"scenario must be int32 [B={batch}] or None, got shape {jnp.shape(scenario)}")
+
+
+def _int_at_least_1(model_cfg, key: str, what: str) -> list[str]:
+  """[one problem line] when ``config.model.<key>`` is set and is not an int >= 1, else []."""
+  v = model_cfg.get(key)
+  if v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+    return []
+  return [f"config.model.{key}={v!r}: expected an int >= 1 ({what})"]
+
+
+def _tower_widths_problems(model_cfg) -> list[str]:
+  """[one problem line] when ``config.model.tower_widths`` holds a value that is not an int >= 1."""
+  v = model_cfg.get("tower_widths")
+  if v is None:
+    return []
+  tw = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+  if all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in tw):
+    return []
+  return [f"config.model.tower_widths={tw}: expected positive ints (hidden widths of the "
+          "per-scenario heads), e.g. (64,)"]
 
 
 def _groups(cfg: ModelConfig, scenario) -> Groups | None:
@@ -150,6 +170,12 @@ class _TwoTowerBase(nn.Module):
   """
   cfg: ModelConfig
 
+  @classmethod
+  def config_problems(cls, model_cfg) -> list[str]:
+    """The model's own settings of ``config.model``: one line per bad value; [] here (a model
+    with settings of its own overrides it)."""
+    return []
+
   def _make_tower(self, specs: Sequence[FieldSpec]) -> nn.Module:
     raise NotImplementedError
 
@@ -196,6 +222,11 @@ class MLPTower(nn.Module):
 class DSSMMixed(nn.Module):
   """DSSM-M: a user MLP tower and an item MLP tower shared by all scenarios (docs/design.md §3)."""
   cfg: ModelConfig
+
+  @classmethod
+  def config_problems(cls, model_cfg) -> list[str]:
+    """DSSM-M has no settings of its own: []."""
+    return []
 
   def setup(self):
     self.user_tower = MLPTower(self.cfg, self.cfg.user_specs)
@@ -324,6 +355,11 @@ class SharedBottomTower(nn.Module):
 class SharedBottom(_TwoTowerBase):
   """Shared-Bottom: a shared bottom MLP and one head per scenario in each tower (docs/design.md §3)."""
 
+  @classmethod
+  def config_problems(cls, model_cfg) -> list[str]:
+    """Problems with ``tower_widths``, one line each."""
+    return _tower_widths_problems(model_cfg)
+
   def _make_tower(self, specs):
     return SharedBottomTower(self.cfg, specs)
 
@@ -372,6 +408,12 @@ class MMoETower(nn.Module):
 
 class MMoE(_TwoTowerBase):
   """MMoE with scenarios as tasks: shared experts, per-scenario gates and heads (docs/design.md §3)."""
+
+  @classmethod
+  def config_problems(cls, model_cfg) -> list[str]:
+    """Problems with ``tower_widths`` and ``num_experts``, one line each."""
+    return (_tower_widths_problems(model_cfg)
+            + _int_at_least_1(model_cfg, "num_experts", "MMoE's shared experts"))
 
   def _make_tower(self, specs):
     return MMoETower(self.cfg, specs)
@@ -455,6 +497,18 @@ class PLETower(nn.Module):
 
 class PLE(_TwoTowerBase):
   """PLE (CGC when ``widths`` has one entry) with scenarios as tasks (docs/design.md §3)."""
+
+  @classmethod
+  def config_problems(cls, model_cfg) -> list[str]:
+    """Problems with ``tower_widths``, ``num_experts``, ``num_scenario_experts`` and an empty
+    ``widths`` (no extraction layer), one line each."""
+    out = (_tower_widths_problems(model_cfg)
+           + _int_at_least_1(model_cfg, "num_experts", "PLE's shared experts per layer")
+           + _int_at_least_1(model_cfg, "num_scenario_experts",
+                             "PLE's experts per scenario per layer"))
+    if not tuple(model_cfg.widths):
+      out.append("config.model.widths=(); ple needs at least one extraction layer width")
+    return out
 
   def _make_tower(self, specs):
     return PLETower(self.cfg, specs)
@@ -632,6 +686,14 @@ class STAR(nn.Module):
   training vs evaluation and both layouts).
   """
   cfg: ModelConfig
+
+  @classmethod
+  def config_problems(cls, model_cfg) -> list[str]:
+    """A problem line when ``star_momentum`` is not a number in [0, 1); else []."""
+    m = model_cfg.get("star_momentum")
+    ok = m is None or (isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < 1)
+    return [] if ok else [f"config.model.star_momentum={m!r}: expected 0 <= m < 1 (the "
+                          "momentum of the running statistics), e.g. 0.99"]
 
   def setup(self):
     c = self.cfg

@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sass_jax.data.store import FieldSpec
+from sass_jax.schema import FieldSpec
 
 
 # Tables of at least LARGE_TABLE_ROWS rows are padded to a multiple of lcm(pad_to,

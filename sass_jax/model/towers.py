@@ -18,13 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sass_jax.data.store import FieldSpec
 from sass_jax.model.embedding import FieldEmbedder
 from sass_jax.model.grouped import SCENARIO_COMPUTE, Groups, make_groups
 from sass_jax.model.mlsat import GATE_STYLES, MLSATLayer, _dense, activation
+from sass_jax.schema import FieldSpec
 
-MODEL_NAMES = ("sass", "sass_base", "dssm_single", "dssm_mixed", "shared_bottom", "mmoe", "ple",
-               "star")
+BIAS_MODES = ("add", "concat")   # config.model.bias_mode: scenario bias added or concatenated
 
 
 def l2_normalize(r: jnp.ndarray) -> jnp.ndarray:
@@ -66,13 +65,13 @@ class ModelConfig:
   @classmethod
   def from_config(cls, model_cfg, user_specs: Sequence[FieldSpec], item_specs: Sequence[FieldSpec],
                   num_scenarios: int) -> "ModelConfig":
-    """Build from an ml_collections ``config.model``; raises ValueError on a bad value."""
-    if model_cfg.name not in MODEL_NAMES:
-      raise ValueError(f"config.model.name={model_cfg.name!r}; expected one of {MODEL_NAMES}")
-    if model_cfg.gate_style not in GATE_STYLES:
-      raise ValueError(f"config.model.gate_style={model_cfg.gate_style!r}; expected one of {GATE_STYLES}")
-    if model_cfg.bias_mode not in ("add", "concat"):
-      raise ValueError(f"config.model.bias_mode={model_cfg.bias_mode!r}; expected 'add' or 'concat'")
+    """Build from an ml_collections ``config.model`` of any registered model (the baselines'
+    fields take their defaults when the config lacks them).
+
+    Raises ValueError on a bad shared value (compute_dtype, scenario_compute, activation) or
+    fewer than 1 scenario. A model's own settings (e.g. SASS's gate_style, PLE's experts) are
+    checked by its ``config_problems``, which ``sass_jax.model.registry.build`` runs first.
+    """
     if model_cfg.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"config.model.compute_dtype={model_cfg.compute_dtype!r}; "
                        "expected 'float32' or 'bfloat16'")
@@ -91,15 +90,6 @@ class ModelConfig:
     for k, typ in (("num_experts", int), ("num_scenario_experts", int),
                    ("separate_embeddings", bool), ("star_aux", bool), ("star_momentum", float)):
       extra[k] = typ(extra[k])
-    if any(w < 1 for w in extra["tower_widths"]):
-      raise ValueError(f"config.model.tower_widths={extra['tower_widths']}; expected positive ints")
-    for k in ("num_experts", "num_scenario_experts"):
-      if int(extra[k]) < 1:
-        raise ValueError(f"config.model.{k}={extra[k]}; expected an int >= 1")
-    if not 0.0 <= float(extra["star_momentum"]) < 1.0:
-      raise ValueError(f"config.model.star_momentum={extra['star_momentum']}; expected 0 <= m < 1")
-    if model_cfg.name == "ple" and not tuple(model_cfg.widths):
-      raise ValueError("config.model.widths=(); ple needs at least one extraction layer width")
     return cls(**extra,
                user_specs=tuple(user_specs), item_specs=tuple(item_specs),
                num_scenarios=int(num_scenarios), embed_dim=model_cfg.embed_dim,
@@ -172,6 +162,19 @@ class SASS(nn.Module):
   """
   cfg: ModelConfig
   encodes_views = True   # accepts scenario [B, V] when cfg.scenario_compute == 'grouped'
+
+  @classmethod
+  def config_problems(cls, model_cfg) -> list[str]:
+    """SASS's own settings of ``config.model`` (``gate_style``, ``bias_mode``): one line per
+    bad value, naming the field and what to set; [] when they are fine."""
+    out = []
+    gate = model_cfg.get("gate_style")
+    if gate is not None and gate not in GATE_STYLES:
+      out.append(f"config.model.gate_style={gate!r}: expected one of {GATE_STYLES}")
+    bias = model_cfg.get("bias_mode")
+    if bias is not None and bias not in BIAS_MODES:
+      out.append(f"config.model.bias_mode={bias!r}: expected one of {BIAS_MODES}")
+    return out
 
   def setup(self):
     c = self.cfg

@@ -23,8 +23,8 @@ from sass_jax import checkpoint as ckpt_lib
 from sass_jax import config_check
 from sass_jax.data import get_preparer, pipeline, store
 from sass_jax.eval import evaluate as eval_lib
-from sass_jax.model.baselines import DSSMMixed, DSSMSingle, MMoE, PLE, STAR, SharedBottom
-from sass_jax.model.towers import SASS, ModelConfig
+from sass_jax.model import registry
+from sass_jax.model.protocol import TwoTowerModel
 from sass_jax.partition import Partitioner
 from sass_jax.train import monitor, sparse, steps
 
@@ -176,17 +176,10 @@ def _prepare_here(cfg, workdir: str | Path, force: bool = False) -> store.Prepar
   return data
 
 
-MODELS = {"sass": SASS, "sass_base": SASS, "dssm_single": DSSMSingle, "dssm_mixed": DSSMMixed,
-          "shared_bottom": SharedBottom, "mmoe": MMoE, "ple": PLE, "star": STAR}
-
-
-def build_model(cfg, data: store.PreparedData):
-  """The two-tower model named by ``config.model.name`` for the data's fields and scenarios.
-
-  Raises ValueError for an unknown name or option (ModelConfig.from_config).
-  """
-  mc = ModelConfig.from_config(cfg.model, data.user_specs, data.item_specs, data.num_scenarios)
-  return MODELS[cfg.model.name](mc)
+def build_model(cfg, data: store.PreparedData) -> TwoTowerModel:
+  """The two-tower model named by ``config.model.name`` for the data's fields and scenarios
+  (``registry.build``). Raises ValueError for an unknown name or option."""
+  return registry.build(cfg.model, data.user_specs, data.item_specs, data.num_scenarios)
 
 
 def example_batch(data: store.PreparedData) -> dict:
@@ -271,8 +264,9 @@ def _compiled_or_jitted(compiled, jitted):
   return step
 
 
-def train_stage(stage: str, cfg, data: store.PreparedData, model: SASS, part: Partitioner,
-                workdir: str | Path, init_params=None, show_progress: bool = True):
+def train_stage(stage: str, cfg, data: store.PreparedData, model: TwoTowerModel,
+                part: Partitioner, workdir: str | Path, init_params=None,
+                show_progress: bool = True):
   """Run one stage to ``num_steps``, resuming from its latest checkpoint if there is one.
 
   Writes checkpoints to ``WORKDIR/checkpoints/<stage>`` every ``config.checkpoint.every_steps``

@@ -193,7 +193,6 @@ def example_batch(data: store.PreparedData) -> dict:
           "scenario": np.zeros(2, np.int32)}
 
 
-
 def _checkpointer(cfg, workdir, stage) -> ckpt_lib.Checkpointer:
   return ckpt_lib.Checkpointer(Path(workdir).absolute() / "checkpoints" / stage,
                                max_to_keep=cfg.checkpoint.max_to_keep,

@@ -141,7 +141,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.compile.item_fields = ()
   c.compile.num_scenarios = 0
 
-  c.bench = ml_collections.ConfigDict()   # --mode bench (sass_jax/bench.py; BENCHMARKS.md)
+  c.bench = ml_collections.ConfigDict()   # --mode bench (sass_jax/bench/throughput.py)
   c.bench.steps = 20               # timed steps per repeat
   c.bench.warmup = 3               # untimed steps before each repeat
   c.bench.repeats = 5              # median / min / max over these

@@ -14,10 +14,10 @@
 #        - --mode bench on MovieLens (batch 4096), the Ali-CCP-scale synthetic config at
 #          batch 4096 and 65536, and synthetic:xlarge (1.1e7 embedding rows; its data takes
 #          about 1.5 minutes to generate), with the data resident on the device (no grain);
-#        - benchmarks/compare.py (sass_jax vs torch on cuda, eager and torch.compile'd,
+#        - sass_jax.bench.vs_pytorch (sass_jax vs torch on cuda, eager and torch.compile'd,
 #          alternating; grouped scenario compute on both sides) on MovieLens and Ali-CCP-scale
 #          at batch 4096, fine-tune and pre-train steps;
-#        - benchmarks/scaling.py: SASS fine-tune samples/s and flops per sample for K = 2, 8, 32
+#        - sass_jax.bench.scaling: SASS fine-tune samples/s and flops per sample for K = 2, 8, 32
 #          (synthetic data), negatives 'all' and 'same_scenario';
 #      and prints a short table last. JSON results go to $OUT (the run tool's output folder)
 #      or runs/gpu_bench_out.
@@ -121,18 +121,19 @@ run acs_big 75 -m sass_jax.main --config configs/aliccp_scale.py:sass,$BIG --wor
 [[ -f "$WORK/acs/bench.json" ]] && cp "$WORK/acs/bench.json" "$RES/bench_acs_big.json"
 bench xl 170 configs/synthetic.py:xlarge "${XL[@]}" "--config.bench.stages=('finetune',)" \
     --config.train.batch_size=$BS
-# compare.py in the bench workdirs: the data prepared there is reused.
-run cmp_ml 50 benchmarks/compare.py --config configs/movielens.py --workdir "$WORK/ml" \
+# vs_pytorch in the bench workdirs: the data prepared there is reused.
+run cmp_ml 50 -m sass_jax.bench.vs_pytorch --config configs/movielens.py --workdir "$WORK/ml" \
     --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" --override "data.dir=$ML_DIR"
 [[ -f "$WORK/ml/compare.json" ]] && cp "$WORK/ml/compare.json" "$RES/compare_ml.json"
-run cmp_acs 60 benchmarks/compare.py --config configs/aliccp_scale.py --workdir "$WORK/acs" \
+run cmp_acs 60 -m sass_jax.bench.vs_pytorch --config configs/aliccp_scale.py --workdir "$WORK/acs" \
     --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" "${ACS[@]/#--config./--override=}"
 [[ -f "$WORK/acs/compare.json" ]] && cp "$WORK/acs/compare.json" "$RES/compare_acs.json"
 rm -f "$WORK/acs/compare.json"
-run cmp_acs_pre 60 benchmarks/compare.py --config configs/aliccp_scale.py --workdir "$WORK/acs" \
-    --stage pretrain --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" "${ACS[@]/#--config./--override=}"
+run cmp_acs_pre 60 -m sass_jax.bench.vs_pytorch --config configs/aliccp_scale.py \
+    --workdir "$WORK/acs" --stage pretrain --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" \
+    "${ACS[@]/#--config./--override=}"
 [[ -f "$WORK/acs/compare.json" ]] && cp "$WORK/acs/compare.json" "$RES/compare_acs_pre.json"
-run scaling 60 benchmarks/scaling.py --workdir "$WORK/scaling" --models sass "${SCL[@]}"
+run scaling 60 -m sass_jax.bench.scaling --workdir "$WORK/scaling" --models sass "${SCL[@]}"
 [[ -f "$WORK/scaling/scaling.json" ]] && cp "$WORK/scaling/scaling.json" "$RES/scaling.json"
 # The JSON files, the logs in one archive, and the summary below come back.
 tar czf "$RES/logs.tgz" -C "$WORK" $(cd "$WORK" && ls *.log) 2>/dev/null

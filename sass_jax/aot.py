@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sass_jax.schema import FieldSpec
+from sass_jax.train.stages import STAGES, stage_config, stage_seed
 
 log = logging.getLogger("sass_jax")
-STAGES = ("pretrain", "finetune")
 GiB = 1 << 30
 # HBM per chip by device_kind (vendor figures); config.compile.hbm_bytes overrides.
 HBM_BYTES = {"TPU v2": 8 * GiB, "TPU v3": 16 * GiB, "TPU v4": 32 * GiB, "TPU v4 lite": 8 * GiB,
@@ -322,10 +322,10 @@ def lower_stage(cfg, stage: str, model, part, user_specs, item_specs, num_steps:
   ``config.train.embedding_optimizer``, the nan policy, ``Partitioner.compile_step``), with
   nothing allocated (``init_fn``, for ``Partitioner.init``, allocates the state when called)."""
   from sass_jax.train import sparse, steps
-  scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+  scfg = stage_config(cfg, stage)
   num_steps = int(scfg.num_steps) if num_steps is None else int(num_steps)
   tx = steps.make_optimizer(scfg, num_steps)
-  seed = cfg.seed + (0 if stage == "pretrain" else 1)
+  seed = stage_seed(cfg, stage)
   init_fn, step = sparse.build(cfg, stage, model, tx, example_batch(user_specs, item_specs), seed,
                                num_steps, init_params)
   step = steps.with_nan_policy(step, cfg.train.get("nan_policy", "raise"),
@@ -381,7 +381,7 @@ def compile_one(cfg, stage: str, optimizer: str | None, model, part, user_specs,
   coll = collectives(text)
   table_bytes = sum(t["per_chip_bytes"] for t in tables)
   r = {"stage": stage, "embedding_optimizer": c.train.embedding_optimizer,
-       "batch_size": int((c.pretrain if stage == "pretrain" else c.train).batch_size),
+       "batch_size": int(stage_config(c, stage).batch_size),
        "lower_seconds": round(t_lower, 2), "compile_seconds": round(t_compile, 2),
        "memory": mem, "cost": cost_report(compiled),
        "collectives": coll,

@@ -7,8 +7,12 @@ It collects every problem and raises one ValueError listing them, each naming th
 its value and what to change. Unknown keys are rejected earlier, by the locked config
 (``main.py``: ``config_flags.DEFINE_config_file(..., lock_config=True)``).
 
-Called by ``sass_jax.main`` (config only, before anything runs) and by ``loop.train`` (before
-preparing the data, then again with the data and the partitioner).
+Called by ``sass_jax.main`` (config only, before anything runs), by ``loop.train`` (before
+preparing the data, then again with the data and the partitioner), by ``aot.compile_workdir``
+and by ``sass_jax.bench.throughput.bench``. The allowed values come from the modules that own
+them (``eval.evaluate``, ``train.stages`` / ``steps`` / ``losses`` / ``sparse``,
+``model.grouped`` / ``mlsat``, ``partition``, ``data.store``); this module imports them and
+defines none that others import.
 """
 from __future__ import annotations
 
@@ -17,16 +21,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-STAGES = ("pretrain", "finetune")
-EVAL_SPLITS = ("valid", "test")
-EVAL_MASKS = ("train", "train_valid")
-EVAL_CORPORA = ("all", "scenario")   # config.eval.corpus (sass_jax.eval.evaluate.scenario_corpus)
-PRETRAIN_PAIRS = ("scenario_views", "user_item")
-NEGATIVES = ("all", "same_scenario")             # config.train.negatives
-SCENARIO_COMPUTE = ("grouped", "onehot")         # config.model.scenario_compute
-NAN_POLICIES = ("raise", "skip")
+from sass_jax.train.stages import STAGES, stage_block
+
 COMPUTE_DTYPES = ("float32", "bfloat16")
-TABLE_LAYOUTS = ("auto", "all", "model")   # sass_jax.partition.TABLE_LAYOUTS
 # Shared model settings that change no parameter shape: a checkpoint can be resumed with other
 # values (a model's own such keys: its registry entry, ``registry.Entry.non_structural``).
 MODEL_NON_STRUCTURAL = ("tau", "dropout", "activation", "compute_dtype", "scenario_compute")
@@ -42,14 +39,17 @@ def _is_num(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _stage_block(stage: str) -> str:
-  return "pretrain" if stage == "pretrain" else "train"
-
-
 def _check_values(cfg, stages: Iterable[str], p) -> None:
   """Field-by-field checks of the config alone; ``p(message)`` records a problem."""
   from sass_jax.data import get_preparer
+  from sass_jax.data.store import DUPLICATE_POLICIES
+  from sass_jax.eval.evaluate import EVAL_CORPORA, EVAL_MASKS, EVAL_SPLITS
+  from sass_jax.model.grouped import SCENARIO_COMPUTE
   from sass_jax.model import registry
+  from sass_jax.partition import TABLE_LAYOUTS
+  from sass_jax.train.losses import NEGATIVES
+  from sass_jax.train.sparse import EMBEDDING_OPTIMIZERS
+  from sass_jax.train.steps import NAN_POLICIES, PRETRAIN_PAIRS
 
   if not _is_int(cfg.seed):
     p(f"config.seed={cfg.seed!r}: expected an int")
@@ -58,7 +58,6 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     get_preparer(cfg.data.name)
   except ValueError as e:
     p(str(e))
-  from sass_jax.data.store import DUPLICATE_POLICIES
   dup = cfg.data.get("duplicates")
   if dup is not None and dup not in DUPLICATE_POLICIES:
     p(f"config.data.duplicates={dup!r}: expected one of {DUPLICATE_POLICIES}")
@@ -103,7 +102,7 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     p(f"config.pretrain.num_steps={cfg.pretrain.num_steps!r}: expected an int >= 0 "
       "(0 = no pre-training)")
   for stage in stages:
-    b = _stage_block(stage)
+    b = stage_block(stage)
     s = cfg[b]
     if stage == "pretrain" and not (_is_int(s.num_steps) and s.num_steps > 0):
       continue  # pre-training off (or already reported above)
@@ -209,6 +208,24 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     bad = [x for x in tuple(cc.get("stages", ())) if x not in STAGES]
     if bad:
       p(f"config.compile.stages={tuple(cc.stages)}: unknown {bad}; expected some of {STAGES}")
+  # -- bench (--mode bench, sass_jax.bench.throughput; unset keys take its defaults) -------
+  bc = cfg.get("bench")
+  if bc is not None:
+    for k in ("steps", "repeats", "batches", "loop_steps", "input_batches"):
+      v = bc.get(k)
+      if v is not None and not (_is_int(v) and v >= 1):
+        p(f"config.bench.{k}={v!r}: expected an int >= 1")
+    wu = bc.get("warmup")
+    if wu is not None and not (_is_int(wu) and wu >= 0):
+      p(f"config.bench.warmup={wu!r}: expected an int >= 0")
+    opts = bc.get("embedding_optimizers")
+    if opts is not None and (not tuple(opts)
+                             or any(o not in EMBEDDING_OPTIMIZERS for o in tuple(opts))):
+      p(f"config.bench.embedding_optimizers={tuple(opts)}: expected a non-empty subset of "
+        f"{EMBEDDING_OPTIMIZERS}")
+    bst = bc.get("stages")
+    if bst is not None and any(s not in STAGES for s in tuple(bst)):
+      p(f"config.bench.stages={tuple(bst)}: expected a subset of {STAGES}")
 
 
 def _data_axis(cfg, partitioner, p) -> int | None:
@@ -230,7 +247,7 @@ def _data_axis(cfg, partitioner, p) -> int | None:
 
 def _check_batches(cfg, stages, data_axis: int, p) -> None:
   for stage in stages:
-    b = _stage_block(stage)
+    b = stage_block(stage)
     s = cfg[b]
     if stage == "pretrain" and not (_is_int(s.num_steps) and s.num_steps > 0):
       continue
@@ -260,8 +277,12 @@ def _check_data(cfg, data, stages, p) -> None:
       f"values <= {data.num_items}")
 
 
-def _diff(saved: dict, now: dict, skip: Iterable[str]) -> list[str]:
-  """'field: saved -> now' for every differing key not in ``skip`` (tuples == lists)."""
+def diff_configs(saved: dict, now: dict, skip: Iterable[str]) -> list[str]:
+  """``["key: saved -> now", ...]`` for every top-level key of two config blocks (plain dicts,
+  e.g. ``json.loads(json.dumps(block.to_dict()))``) whose values differ, sorted by key; keys in
+  ``skip`` are ignored, a missing key reads '<unset>', tuples equal lists of the same items.
+  Used for the checkpoint check here and for the prepared data's options
+  (``loop.prepare``)."""
   norm = lambda v: tuple(map(norm, v)) if isinstance(v, (list, tuple)) else v
   out = []
   for k in sorted(set(saved) | set(now)):
@@ -306,11 +327,11 @@ def _check_checkpoints(cfg, workdir, p) -> None:
     same_class = model_class(sm.get("name")) is model_class(nm.get("name"))
     if same_class:
       sm.pop("name", None), nm.pop("name", None)
-    problems += [f"config.model.{x}" for x in _diff(
+    problems += [f"config.model.{x}" for x in diff_configs(
         sm, nm, MODEL_NON_STRUCTURAL + registry.non_structural_keys())]
-    problems += [f"config.data.{x}" for x in _diff(dict(saved.get("data", {})),
-                                                    dict(now.get("data", {})),
-                                                    DATA_NON_STRUCTURAL)]
+    problems += [f"config.data.{x}" for x in diff_configs(dict(saved.get("data", {})),
+                                                          dict(now.get("data", {})),
+                                                          DATA_NON_STRUCTURAL)]
     if problems:
       p(f"{d} holds a checkpoint (step {step}) of a different model or data: "
         + "; ".join(problems) + ". Set these back to the saved values to resume or evaluate "

@@ -1,8 +1,8 @@
 """Command line: ``python -m sass_jax.main --config configs/movielens.py --workdir DIR --mode M``.
 
 Modes: prepare, pretrain, finetune, train (pretrain + finetune + eval), eval, bench (step,
-input, loop and evaluation throughput, ``sass_jax.bench``), bench_input
-(input pipeline vs fine-tune step throughput, ``sass_jax.bench``), export (item vectors and
+input, loop and evaluation throughput, ``sass_jax.bench.throughput``), bench_input
+(input pipeline vs fine-tune step throughput, the same module), export (item vectors and
 the serialised user tower) and recommend (top-K of one user), both ``sass_jax.export``, and
 compile (per-chip memory, FLOPs and collectives of the steps compiled for a device topology
 that need not be present, ``sass_jax.aot``). Any
@@ -31,11 +31,13 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from sass_jax import bench, config_check, distributed, export
+from sass_jax import config_check, distributed, export
 from sass_jax import workdir as workdir_lib
+from sass_jax.bench import throughput
 from sass_jax.data.store import DataError
 from sass_jax.eval.evaluate import markdown_table
 from sass_jax.train import loop, monitor
+from sass_jax.train.stages import STAGES
 
 MODES = ("prepare", "pretrain", "finetune", "train", "eval", "bench", "bench_input", "compare",
          "export", "recommend", "compile")
@@ -163,7 +165,7 @@ def _dispatch(cfg, workdir: str, mode: str) -> None:
     print(f"\nwritten to {workdir}/compile.json")
     return
   stages = {"pretrain": ("pretrain",), "finetune": ("finetune",),
-            "train": loop.STAGES}.get(mode, ())
+            "train": STAGES}.get(mode, ())
   config_check.validate(cfg, stages=stages)      # every value checked before any work
   if mode in ("eval", "export"):
     loop.require_finetune_checkpoint(workdir)   # no checkpoint: nothing is created
@@ -177,16 +179,16 @@ def _dispatch(cfg, workdir: str, mode: str) -> None:
   if mode == "prepare":
     loop.prepare(cfg, workdir, force=True)
     return
-  if mode == "bench":   # step / input / loop / eval throughput (sass_jax.bench)
+  if mode == "bench":   # step / input / loop / eval throughput (sass_jax.bench.throughput)
     name = config_flags.get_config_filename(flags.FLAGS["config"])
-    res = bench.bench(cfg, workdir, config_name=name)
+    res = throughput.bench(cfg, workdir, config_name=name)
     print(json.dumps(res, indent=2))
-    print("\n" + bench.summary_table(res))
+    print("\n" + throughput.summary_table(res))
     print(f"\nwritten to {workdir}/bench.json")
     return
   if mode == "bench_input":
     name = config_flags.get_config_filename(flags.FLAGS["config"])
-    print(json.dumps(bench.bench_input(cfg, workdir, config_name=name), indent=2))
+    print(json.dumps(throughput.bench_input(cfg, workdir, config_name=name), indent=2))
     return
   if mode == "compare":
     from sass_jax import compare

@@ -20,8 +20,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from sass_jax.train.stages import STAGES
+
 log = logging.getLogger("sass_jax")
-STAGES = ("pretrain", "finetune")
 RETRIEVAL = ("recall", "ndcg", "hitrate")
 
 

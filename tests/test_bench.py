@@ -5,7 +5,7 @@ import math
 import pytest
 
 from configs import synthetic
-from sass_jax import bench
+from sass_jax.bench import throughput as bench
 
 
 def _tiny_cfg():
@@ -194,17 +194,13 @@ def test_torch_reference_same_losses_and_adamw_step():
   """Same params and batch: the torch reference's losses equal sass_jax's, and one AdamW step
   of each (weight decay on, mid-warm-up learning rate) moves the params to the same values."""
   torch = pytest.importorskip("torch")
-  import sys
-  from pathlib import Path
-
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
   import ml_collections
   import numpy as np
 
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-  import torch_reference as tr
+  from sass_jax.bench import torch_reference as tr
   from sass_jax.train import steps
   from test_sparse import _batch, _model   # tests/ is on sys.path (pytest rootdir-less import)
 

@@ -638,7 +638,7 @@ def test_config_loads_and_prepares(tmp_path, module):
   assert Path(cfg.data.dir).is_dir() and Path(cfg.data.dir).resolve().parent == SHARED.resolve()
   assert get_preparer(cfg.data.name) is not None
   data = loop.prepare(cfg, tmp_path)
-  assert data.manifest["options"] == loop._data_options(cfg.data)
+  assert data.manifest["options"] == store.data_options(cfg.data)
   n_pos = len(data.rows("train", labeled_positive=True))
   assert 0 < cfg.train.batch_size <= n_pos
   assert cfg.pretrain.batch_size <= len(data.rows("train"))

@@ -238,10 +238,7 @@ def test_config_validation_rejects_unknown_settings():
 
 def test_torch_reference_grouped_equals_onehot_and_jax(tiny_cfg, tiny_features):
   torch = pytest.importorskip("torch")
-  import sys
-  from pathlib import Path
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-  import torch_reference as tr
+  from sass_jax.bench import torch_reference as tr
 
   cfg = tiny_cfg()
   model = SASS(cfg)

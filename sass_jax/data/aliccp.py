@@ -56,9 +56,8 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.store import Rejects
-from sass_jax.data.table import (Interner, bad_utf8, build_and_write, cfg_get, options_of,
-                                 random_split, read_csv, check_file, rejected_dict, sources_of,
-                                 split_fractions)
+from sass_jax.data.table import (Interner, bad_utf8, build_and_write, cfg_get, random_split,
+                                 read_csv, check_file, rejected_dict, split_fractions)
 
 log = logging.getLogger(__name__)
 
@@ -404,11 +403,11 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       "dataset": "ali_ccp",
       "layout": layout,
       "source_dir": str(d.resolve()),
-      "sources": sources_of(sources),
+      "sources": store.source_records(sources),
       "rows_read": dict(read),
       "rows_rejected": rejected_dict(rej),
       **store.duplicates_manifest(dup_policy, dd),
-      "options": options_of(data_cfg),
+      "options": store.data_options(data_cfg),
       "label": "click",
       "scenario_rule": "field 301: " + ", ".join(f"{n} -> {k}" for k, n in enumerate(names)),
       "field_mapping": {"user": list(USER_FIELDS), "user_multi_hot": list(USER_MULTI),

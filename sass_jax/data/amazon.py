@@ -13,7 +13,7 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.store import Rejects
-from sass_jax.data.douban import options, read_int_table, sources, vocab_column
+from sass_jax.data.douban import read_int_table, vocab_column
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +138,14 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
       "pair": data_cfg.get("pair", "sport_cloth"),
       "shared_users": n_shared,
       "source_dir": str(data_dir.resolve()),
-      "sources": sources(paths, rej),
+      "sources": store.source_records(paths, rej.root),
       "rows_read": read,
       "rows_rejected": rejected,
       "duplicates": dup_policy, "rows_merged": merged, "rows_repeated": repeated,
       "rows_kept": {"rows": n, "users": len(user_keys), "items": len(item_keys),
                     "shared_users_seen": int((u_scope == 0).sum()),
                     **{f"rows_{nm}": int((r_dom == d).sum()) for d, nm in enumerate(domains)}},
-      "options": options(data_cfg),
+      "options": store.data_options(data_cfg),
       "label": "1 (implicit positives)",
       "scenario_rule": f"the folder: {f0} ({n0}) -> 0, {f1} ({n1}) -> 1",
   }

@@ -188,16 +188,6 @@ def vocab_column(name: str, train_values, entity_values, min_count: int, missing
   return store.apply_vocab(np.asarray(entity_values), vocab), FieldSpec(name, len(vocab) + 1)
 
 
-def options(data_cfg) -> dict:
-  """``data_cfg`` as plain JSON-able values (the manifest's ``options``)."""
-  return {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()}
-
-
-def sources(paths, rej: Rejects) -> dict:
-  """Manifest ``sources``: relative path -> ``store.source_info`` (sha256, size, mtime, path)."""
-  return {rej.key(p): store.source_info(p) for p in paths}
-
-
 # ----------------------------------------------------------------------------------------------
 # GA-DTCDR release: douban_{domain}_ratings.dat, user_id <TAB> item_id <TAB> rating.
 # ----------------------------------------------------------------------------------------------
@@ -291,13 +281,13 @@ def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
   extra = {
       "dataset": "douban_gadtcdr",
       "source_dir": str(data_dir.resolve()),
-      "sources": sources(paths, rej),
+      "sources": store.source_records(paths, rej.root),
       "rows_read": read,
       "rows_rejected": rejected,
       **store.duplicates_manifest(dup_policy, dd),
       "rows_kept": {"ratings": n, "users": len(user_raw), "items": len(item_keys),
                     **{f"ratings_{d}": int((r_dom == k).sum()) for k, d in enumerate(domains)}},
-      "options": options(data_cfg),
+      "options": store.data_options(data_cfg),
       "label": "rating >= 4",
       "scenario_rule": "the file's domain: " + ", ".join(f"{d} -> {k}"
                                                          for k, d in enumerate(domains)),
@@ -413,12 +403,12 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
   extra = {
       "dataset": "douban_sample",
       "source_dir": str(data_dir.resolve()),
-      "sources": sources([path], rej),
+      "sources": store.source_records([path], rej.root),
       "rows_read": {rej.key(path): n_read},
       "rows_rejected": rejected,
       **store.duplicates_manifest(dup_policy, dd),
       "rows_kept": {"rows": n, "users": len(user_raw), "items": len(item_keys)},
-      "options": options(data_cfg),
+      "options": store.data_options(data_cfg),
       "label": "rating (0/1 in the file)",
       "scenario_rule": "domain: " + ", ".join(f"{s} -> {k}" for k, s in enumerate(SAMPLE_SCENARIOS)),
   }

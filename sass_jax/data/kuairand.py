@@ -42,8 +42,8 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.store import Rejects
-from sass_jax.data.table import (Interner, build_and_write, cfg_get, options_of, random_split,
-                                 read_csv, rejected_dict, sources_of, split_fractions)
+from sass_jax.data.table import (Interner, build_and_write, cfg_get, random_split, read_csv,
+                                 rejected_dict, split_fractions)
 
 log = logging.getLogger(__name__)
 
@@ -260,13 +260,13 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       "layout": layout,
       "features": "joined tables" if not embedded else "the sample's own columns (first occurrence)",
       "source_dir": str(Path(data_cfg.dir).expanduser().resolve()),
-      "sources": sources_of([*logs, *([utab, vtab] if not embedded else [])]),
+      "sources": store.source_records([*logs, *([utab, vtab] if not embedded else [])]),
       "rows_read": dict(read),
       "rows_rejected": rejected_dict(rej),
       **store.duplicates_manifest(dup_policy, dd),
       "rows_by_tab": {int(t): int(counts[t]) for t in present},
       "kept_tabs": [int(t) for t in kept_tabs],
-      "options": options_of(data_cfg),
+      "options": store.data_options(data_cfg),
       "label": "is_click",
       "scenario_rule": "tab: " + ", ".join(f"{int(t)} -> {k}" for k, t in enumerate(kept_tabs)),
   }

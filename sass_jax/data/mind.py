@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from sass_jax.data import store
-from sass_jax.data.store import Rejects
-from sass_jax.data.douban import (options, random_split, read_csv_rows, sources,
-                                  vocab_column)
+from sass_jax.data.store import Rejects, random_split
+from sass_jax.data.douban import read_csv_rows, vocab_column
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +116,12 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
   extra = {
       "dataset": "mind",
       "source_dir": str(data_dir.resolve()),
-      "sources": sources([path], rej),
+      "sources": store.source_records([path], rej.root),
       "rows_read": {rej.key(path): n_read},
       "rows_rejected": rejected,
       **store.duplicates_manifest(dup_policy, dd),
       "rows_kept": {"rows": n, "users": len(user_raw), "items": len(item_raw)},
-      "options": options(data_cfg),
+      "options": store.data_options(data_cfg),
       "label": "label (click in the impression)",
       "scenario_rule": "Category: " + ", ".join(f"{s} -> {k}" for k, s in enumerate(SCENARIOS)),
   }

@@ -239,12 +239,12 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
     extra = {
         "dataset": "movielens_1m",
         "source_dir": str(data_dir.resolve()),
-        "sources": {p.name: store.source_info(p) for p in (users_path, movies_path, ratings_path)},
+        "sources": store.source_records((users_path, movies_path, ratings_path)),
         "rows_read": dict(read),
         "rows_rejected": rejected,
         **store.duplicates_manifest(dup_policy, dd),
         "rows_kept": {"ratings": n, "users": len(user_raw), "movies": len(item_raw)},
-        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data_cfg.items()},
+        "options": store.data_options(data_cfg),
         "label": "rating > 3",
         "scenario_rule": "age {1,18} -> 0, {25} -> 1, {35,45,50,56} -> 2",
     }

@@ -108,6 +108,22 @@ class BatchFn:
     return batch
 
 
+class BatchIterator:
+  """``fn(0), fn(1), ...`` of a ``BatchFn`` called inline, in this thread: the grain pipeline's
+  batches where grain is not installed (benchmarks; no ``get_state``, so not for training)."""
+
+  def __init__(self, fn: BatchFn):
+    self.fn, self.i = fn, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    b = self.fn(self.i)
+    self.i += 1
+    return b
+
+
 def _two_scenarios(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
   """int32 [n, 2]: per row two distinct scenarios drawn uniformly from the k(k-1) ordered pairs."""
   a = rng.integers(0, k, n)

@@ -20,16 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sass_jax.data.pipeline import item_logq
 from sass_jax.data.store import PreparedData
-
-
-def item_logq(data: PreparedData) -> np.ndarray:
-  """float32 [num_items]: log of each item's share of the training positives (unseen: 1 count);
-  the same values as ``pipeline.item_logq``."""
-  rows = data.rows("train", labeled_positive=True)
-  counts = np.bincount(np.asarray(data.inter["item"])[rows], minlength=data.num_items)
-  counts = np.maximum(counts, 1).astype(np.float64)
-  return np.log(counts / counts.sum()).astype(np.float32)
 
 
 def nbytes(tree) -> int:

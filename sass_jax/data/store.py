@@ -33,7 +33,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -96,13 +96,8 @@ class Rejects:
         self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
     def key(self, path) -> str:
-        """The manifest key of ``path``."""
-        if self.root is not None:
-            try:
-                return Path(path).relative_to(self.root).as_posix()
-            except ValueError:
-                pass
-        return Path(path).name
+        """The manifest key of ``path`` (``source_key`` under this object's root)."""
+        return source_key(path, self.root)
 
     def reject(self, path, lineno: int, reason: str, detail: str, count: int = 1,
                hint: str = "set config.data.on_error='skip' to count and drop such rows"):
@@ -293,6 +288,33 @@ def source_info(path: str | os.PathLike) -> dict:
     st = p.stat()
     return {"sha256": sha256_file(p), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
             "path": str(p.resolve())}
+
+
+def source_key(path: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """The manifest key of a source file: its path relative to ``root`` (POSIX separators)
+    when it lies under it -- so the files of one data set may both be called ``train.txt``
+    -- else its file name. ``changed_sources`` looks a key up under ``config.data.dir``."""
+    if root is not None:
+        try:
+            return Path(path).relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return Path(path).name
+
+
+def source_records(paths: Iterable[str | os.PathLike],
+                   root: str | os.PathLike | None = None) -> dict:
+    """The manifest's ``sources``: ``source_key(path, root)`` -> ``source_info(path)`` of
+    every file in ``paths``."""
+    return {source_key(p, root): source_info(p) for p in paths}
+
+
+def data_options(data_cfg) -> dict:
+    """``config.data`` (a ConfigDict or a mapping) as plain JSON values: the manifest's
+    ``options``, and what ``loop.prepare`` compares it with to decide whether a prepared store
+    can be reused (tuples become lists, as in the written JSON)."""
+    d = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
+    return json.loads(json.dumps(d))
 
 
 def changed_sources(manifest: Mapping, data_dir=None) -> list[tuple[str, Path]]:

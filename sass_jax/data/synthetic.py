@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from sass_jax.data import store
-from sass_jax.data.table import cfg_get, options_of, split_fractions
+from sass_jax.data.table import cfg_get, split_fractions
 from sass_jax.schema import FieldSpec
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
         "rows_rejected": {},
         "duplicates": "keep", "rows_merged": {}, "rows_repeated": {"generated": repeated},
         "rows_kept": {"interactions": n, "users": U, "items": I},
-        "options": options_of(data_cfg),
+        "options": store.data_options(data_cfg),
         "label": "Bernoulli(sigmoid(signal * standardised <u_k, v_k> + beta))",
         "scenario_rule": "planted: scenario ~ Dirichlet mix of the user's cluster",
         "generator": {

@@ -15,7 +15,6 @@ from __future__ import annotations
 import array
 import collections
 import csv
-import json
 import logging
 import math
 import os
@@ -44,13 +43,6 @@ def cfg_get(data_cfg, key: str, default=None):
   except AttributeError:
     v = getattr(data_cfg, key, default)
   return default if v is None and default is not None else v
-
-
-def options_of(data_cfg) -> dict:
-  """The config's data options as JSON values (the manifest's ``options``; the train loop compares
-  it with ``json.loads(json.dumps(cfg.data.to_dict()))`` to decide whether to prepare again)."""
-  d = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
-  return json.loads(json.dumps(d))
 
 
 def split_fractions(data_cfg) -> np.ndarray:
@@ -264,11 +256,6 @@ def entity_order(keys: Sequence) -> np.ndarray:
 
 def rejected_dict(rej: Rejects) -> dict:
   return {k: dict(v) for k, v in rej.counts.items()}
-
-
-def sources_of(paths: Iterable[Path]) -> dict:
-  """Manifest ``sources``: file name -> ``store.source_info`` (sha256, size, mtime, path)."""
-  return {p.name: store.source_info(p) for p in paths}
 
 
 def build_and_write(out_dir, *, scenario_names: list[str], r_user, r_item, scenario, label,
@@ -518,11 +505,11 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   extra = {
       "dataset": f"table:{path.name}",
       "source_dir": str(path.parent.resolve()),
-      "sources": sources_of([path]),
+      "sources": store.source_records([path]),
       "rows_read": dict(read),
       "rows_rejected": rejected_dict(rej),
       **store.duplicates_manifest(dup_policy, dd),
-      "options": options_of(data_cfg),
+      "options": store.data_options(data_cfg),
       "label": f"float({lcol}) >= {threshold}",
       "scenario_rule": f"column {scol!r}: " + ", ".join(f"{v} -> {k}" for k, v in enumerate(names)),
       "entity_features": "first occurrence of each user / item in file order",

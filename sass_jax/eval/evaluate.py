@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sass_jax.config_check import EVAL_CORPORA as CORPORA  # ('all', 'scenario')
 from sass_jax.data.pipeline import gather_features
 from sass_jax.data.store import SPLITS, PreparedData
 from sass_jax.eval import metrics as M
@@ -34,6 +33,9 @@ import flax.linen as nn
 from sass_jax.train.steps import as_variables
 
 log = logging.getLogger("sass_jax")
+EVAL_SPLITS = ("valid", "test")         # config.eval.split: the split evaluated
+EVAL_MASKS = ("train", "train_valid")   # config.eval.mask: the positives masked from rankings
+EVAL_CORPORA = ("all", "scenario")      # config.eval.corpus (scenario_corpus)
 
 
 def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int):
@@ -85,8 +87,8 @@ def _encoder(model, method, all_scenarios, out_sharding=None) -> Callable:
 
 
 def _check_corpus(corpus: str) -> None:
-  if corpus not in CORPORA:
-    raise ValueError(f"config.eval.corpus={corpus!r}; expected one of {CORPORA}")
+  if corpus not in EVAL_CORPORA:
+    raise ValueError(f"config.eval.corpus={corpus!r}; expected one of {EVAL_CORPORA}")
 
 
 def scenario_corpus(data: PreparedData, k: int, corpus: str = "all") -> np.ndarray | None:
@@ -168,9 +170,9 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
   Raises ValueError for an unknown corpus.
   """
   _check_corpus(corpus)
-  if mask not in ("train", "train_valid"):
+  if mask not in EVAL_MASKS:
     raise ValueError(f"config.eval.mask={mask!r}; expected 'train' or 'train_valid'")
-  if split not in SPLITS or split == "train":
+  if split not in EVAL_SPLITS:
     raise ValueError(f"config.eval.split={split!r}; expected 'valid' or 'test'")
   if split == "valid" and mask == "train_valid":
     raise ValueError("config.eval.split='valid' with config.eval.mask='train_valid' masks the "

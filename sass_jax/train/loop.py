@@ -27,13 +27,9 @@ from sass_jax.model import registry
 from sass_jax.model.protocol import TwoTowerModel
 from sass_jax.partition import Partitioner
 from sass_jax.train import monitor, sparse, steps
+from sass_jax.train.stages import STAGES, stage_block, stage_config, stage_seed
 
 log = logging.getLogger("sass_jax")
-STAGES = ("pretrain", "finetune")
-
-
-def _data_options(data_cfg) -> dict:
-  return json.loads(json.dumps(data_cfg.to_dict()))
 
 
 def saved_steps(workdir: str | Path, stage: str | None = None) -> dict[str, list[int]]:
@@ -97,9 +93,9 @@ def _refuse_to_replace_trained_data(cfg, workdir: str | Path, force: bool) -> No
     manifest = json.loads((out / "manifest.json").read_text())
   except (OSError, ValueError):
     return   # unreadable manifest: open_store reports it
-  now = _data_options(cfg.data)
+  now = store.data_options(cfg.data)
   saved = manifest.get("options")
-  diffs = [f"config.data.{d}" for d in config_check._diff(
+  diffs = [f"config.data.{d}" for d in config_check.diff_configs(
       saved if isinstance(saved, dict) else {}, now, ())]
   if force and not diffs:
     data_dir = cfg.data.get("dir")
@@ -161,7 +157,7 @@ def _prepare_here(cfg, workdir: str | Path, force: bool = False) -> store.Prepar
   store.remove_stale_temps(out)
   if not force and store.is_complete(out):
     data = store.open_store(out)
-    if data.manifest.get("options") == _data_options(cfg.data):
+    if data.manifest.get("options") == store.data_options(cfg.data):
       _check_sources_unchanged(data, cfg, workdir)
       log.info("using prepared data at %s", out)
       return data
@@ -190,10 +186,6 @@ def example_batch(data: store.PreparedData) -> dict:
           "scenario": np.zeros(2, np.int32)}
 
 
-def _stage_cfg(cfg, stage):
-  return cfg.pretrain if stage == "pretrain" else cfg.train
-
-
 def _checkpointer(cfg, workdir, stage) -> ckpt_lib.Checkpointer:
   return ckpt_lib.Checkpointer(Path(workdir).absolute() / "checkpoints" / stage,
                                max_to_keep=cfg.checkpoint.max_to_keep,
@@ -218,22 +210,31 @@ def _keep_log_until(path: Path, step: int) -> None:
 
 
 def batch_source(cfg, data: store.PreparedData, stage: str, batch_size: int, seed: int,
-                 num_batches: int, part: Partitioner):
+                 num_batches: int, part: Partitioner, kind: str | None = None):
   """``(iterator, place)``: the stage's batches and the function that puts one on the mesh.
 
-  ``config.train.resident_on_device=False`` (default): the grain pipeline
-  (``pipeline.make_iterator``, this process's rows of each global batch) and
-  ``part.shard_batch``. ``True``: ``data.resident.ResidentSampler`` (the stream's rows and the
-  entity tables copied to the device once, each batch gathered there; single process only),
-  whose batches are already placed, so ``place`` is the identity. The two samplers visit every
-  row once per epoch but in different orders. Raises ValueError as ``ResidentSampler`` does
-  (several processes, batch larger than the stream).
+  ``kind`` None: 'resident' if ``config.train.resident_on_device`` else 'grain'.
+  'grain': the grain pipeline (``pipeline.make_iterator``, this process's rows of each global
+  batch) and ``part.shard_batch``. 'resident': ``data.resident.ResidentSampler`` (the stream's
+  rows and the entity tables copied to the device once, each batch gathered there; single
+  process only), whose batches are already placed, so ``place`` is the identity. The two
+  samplers visit every row once per epoch but in different orders. 'numpy' (benchmarks where
+  grain is not installed): the grain pipeline's batches from ``pipeline.BatchIterator``, one
+  thread, without ``get_state``. Raises ValueError for another kind and as ``ResidentSampler``
+  does (several processes, batch larger than the stream).
   """
-  if cfg.train.get("resident_on_device", False):
+  if kind is None:
+    kind = "resident" if cfg.train.get("resident_on_device", False) else "grain"
+  if kind == "resident":
     from sass_jax.data.resident import ResidentSampler
     return ResidentSampler(data, stage, batch_size, seed, part.batch_sharding()), lambda b: b
-  return (pipeline.make_iterator(data, stage, batch_size, seed, num_batches, *part.data_shard()),
-          part.shard_batch)
+  if kind == "grain":
+    return (pipeline.make_iterator(data, stage, batch_size, seed, num_batches,
+                                   *part.data_shard()), part.shard_batch)
+  if kind == "numpy":
+    return (pipeline.BatchIterator(pipeline.BatchFn(data, stage, batch_size, seed,
+                                                    *part.data_shard())), part.shard_batch)
+  raise ValueError(f"unknown input source {kind!r}; expected 'grain', 'resident' or 'numpy'")
 
 
 def _resume_iterator(it, data_state, cfg, step: int) -> None:
@@ -290,13 +291,13 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: TwoTowerModel,
   """
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-  scfg = _stage_cfg(cfg, stage)
-  where = f"config.{'pretrain' if stage == 'pretrain' else 'train'}"
+  scfg = stage_config(cfg, stage)
+  where = f"config.{stage_block(stage)}"
   num_steps, bs = int(scfg.num_steps), int(scfg.batch_size)
   part.check_batch_size(bs, f"{where}.batch_size")
   tx = steps.make_optimizer(scfg, num_steps)
   lr_at = steps.make_schedule(scfg, num_steps)
-  seed = cfg.seed + (0 if stage == "pretrain" else 1)
+  seed = stage_seed(cfg, stage)
   # config.train.embedding_optimizer: 'dense' -> steps.make_init_fn / make_*_step as before;
   # 'lazy_adam' / 'rowwise_adagrad' -> row-sparse table updates (sparse.py).
   init_fn, stage_step = sparse.build(cfg, stage, model, tx, example_batch(data), seed, num_steps,
@@ -433,7 +434,7 @@ def restore_variables_and_step(cfg, workdir, stage, model, part, data, step: int
   Raises FileNotFoundError if the stage has no checkpoint (at ``step``) in ``workdir``,
   UnreadableCheckpointError as above or when the requested ``step`` cannot be read.
   """
-  scfg = _stage_cfg(cfg, stage)
+  scfg = stage_config(cfg, stage)
   tx = steps.make_optimizer(scfg, int(scfg.num_steps))
   abstract, _ = part.abstract_state(steps.make_init_fn(model, tx, example_batch(data), cfg.seed))
   fields = {"params": abstract.params, "model_state": abstract.model_state}

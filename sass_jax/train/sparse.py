@@ -63,6 +63,7 @@ from flax import traverse_util
 
 from sass_jax.model.embedding import padded_rows
 from sass_jax.train import steps
+from sass_jax.train.stages import stage_config
 
 EMBEDDING_OPTIMIZERS = ("dense", "rowwise_adagrad", "lazy_adam")
 SIDES = (("user", "user_tower"), ("item", "item_tower"))
@@ -351,7 +352,7 @@ def make_pretrain_step(model: nn.Module, tx: optax.GradientTransformation, opts:
                        tau: float, pairs: str = "scenario_views") -> Callable:
   """``steps.make_pretrain_step`` with row-sparse table updates. Raises ValueError for an
   unknown ``pairs``."""
-  if pairs not in ("scenario_views", "user_item"):
+  if pairs not in steps.PRETRAIN_PAIRS:
     raise ValueError(f"config.pretrain.pairs={pairs!r}; expected 'scenario_views' or 'user_item'")
   return _make_step(model, tx, opts, lambda m, p, b, r, ms: steps.pretrain_loss(
       m, p, b, r, tau, pairs, ms))
@@ -370,9 +371,7 @@ def build(cfg, stage: str, model: nn.Module, tx: optax.GradientTransformation, d
   ``steps`` functions for 'dense', the row-sparse ones otherwise. ``stage``: 'pretrain' or
   'finetune'. Raises ValueError for an unknown stage or optimiser, or a model whose tables the
   sparse path cannot address (``find_tables``)."""
-  if stage not in ("pretrain", "finetune"):
-    raise ValueError(f"unknown stage {stage!r}")
-  scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+  scfg = stage_config(cfg, stage)
   opts = options_from_config(cfg.train, scfg, num_steps, masked=masked)
   if opts is None:
     init_fn = steps.make_init_fn(model, tx, dummy, seed, init_params)

@@ -117,6 +117,9 @@ def _apply_update(state: TrainState, tx, grads, loss, aux) -> tuple[TrainState, 
                        model_state=model_state), metrics
 
 
+PRETRAIN_PAIRS = ("scenario_views", "user_item")   # config.pretrain.pairs (pretrain_loss)
+
+
 def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs: str,
                   model_state: dict | None = None):
   """Stage-1 loss (docs/design.md §2). Returns (loss, ({'user_loss', 'item_loss'}, model_state)).
@@ -205,7 +208,7 @@ def make_pretrain_step(model: nn.Module, tx: optax.GradientTransformation, tau: 
 
   Raises ValueError for an unknown ``pairs`` reading.
   """
-  if pairs not in ("scenario_views", "user_item"):
+  if pairs not in PRETRAIN_PAIRS:
     raise ValueError(f"config.pretrain.pairs={pairs!r}; expected 'scenario_views' or 'user_item'")
 
   def pretrain_step(state: TrainState, batch: dict):

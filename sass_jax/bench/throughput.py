@@ -55,9 +55,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sass_jax import config_check
 from sass_jax.data import pipeline
 from sass_jax.partition import Partitioner
 from sass_jax.train import loop, sparse, steps
+from sass_jax.train.stages import STAGES, stage_block, stage_config, stage_seed
 
 log = logging.getLogger("sass_jax")
 
@@ -102,22 +104,10 @@ def _machine() -> dict:
 
 
 def _bench_cfg(cfg) -> ml_collections.ConfigDict:
+  """``config.bench`` over ``BENCH_DEFAULTS`` (values checked by ``config_check.validate``)."""
   b = dict(BENCH_DEFAULTS)
   if "bench" in cfg:
     b.update(cfg.bench.to_dict())
-  for k in ("steps", "repeats", "batches", "loop_steps", "input_batches"):
-    if int(b[k]) < 1:
-      raise ValueError(f"config.bench.{k}={b[k]!r}: expected an int >= 1")
-  if int(b["warmup"]) < 0:
-    raise ValueError(f"config.bench.warmup={b['warmup']!r}: expected an int >= 0")
-  bad = [o for o in b["embedding_optimizers"] if o not in sparse.EMBEDDING_OPTIMIZERS]
-  if bad or not b["embedding_optimizers"]:
-    raise ValueError(f"config.bench.embedding_optimizers={tuple(b['embedding_optimizers'])}: "
-                     f"expected a non-empty subset of {sparse.EMBEDDING_OPTIMIZERS}")
-  bad = [s for s in b["stages"] if s not in loop.STAGES]
-  if bad:
-    raise ValueError(f"config.bench.stages={tuple(b['stages'])}: expected a subset of "
-                     f"{loop.STAGES}")
   return ml_collections.ConfigDict(b)
 
 
@@ -240,6 +230,8 @@ def _floor(cost: dict, state_bytes: int | None, pr: dict | None,
 
 # ---- batches --------------------------------------------------------------------------------
 def _input_kind(cfg) -> str:
+  """The input source timed (``loop.batch_source``): 'resident' with
+  ``config.train.resident_on_device``, else 'grain', or 'numpy' where grain is not installed."""
   if cfg.train.get("resident_on_device", False):
     return "resident"
   try:
@@ -247,40 +239,6 @@ def _input_kind(cfg) -> str:
     return "grain"
   except ImportError:
     return "numpy"
-
-
-class _NumpyIterator:
-  """``BatchFn`` called inline: the grain pipeline's batches without grain (single thread)."""
-
-  def __init__(self, fn):
-    self.fn, self.i = fn, 0
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    b = self.fn(self.i)
-    self.i += 1
-    return b
-
-
-def _source(kind: str, data, stage: str, bs: int, seed: int, n: int, part: Partitioner):
-  """(iterator, place): batches of the stage's stream and the function putting one on the
-  mesh (identity for the device-resident sampler)."""
-  if kind == "resident":
-    from sass_jax.data.resident import ResidentSampler
-    return ResidentSampler(data, stage, bs, seed, part.batch_sharding()), lambda b: b
-  if kind == "grain":
-    it = pipeline.make_iterator(data, stage, bs, seed, n, *_data_shard(part))
-  else:
-    it = _NumpyIterator(pipeline.BatchFn(data, stage, bs, seed, *_data_shard(part)))
-  return it, part.shard_batch
-
-
-def _data_shard(part: Partitioner) -> tuple[int, int]:
-  if hasattr(part, "data_shard"):
-    return part.data_shard()
-  return jax.process_index(), jax.process_count()
 
 
 # ---- timed steps ----------------------------------------------------------------------------
@@ -304,10 +262,10 @@ def _time_steps(fn, state, batches: list, n_steps: int, warmup: int, repeats: in
 def _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr):
   """Compile and time one (stage, embedding optimiser) step on the placed ``batches``.
   Returns (result dict, the compiled step, the state after the timed steps)."""
-  scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+  scfg = stage_config(cfg, stage)
   c = _with(cfg, embedding_optimizer=opt)
   tx = steps.make_optimizer(scfg, int(scfg.num_steps))
-  seed = cfg.seed + (0 if stage == "pretrain" else 1)
+  seed = stage_seed(cfg, stage)
   init_fn, step = sparse.build(c, stage, model, tx, loop.example_batch(data), seed,
                                int(scfg.num_steps))
   state, shardings = part.init(init_fn)
@@ -339,7 +297,8 @@ def _sparse_check(cfg, kind, model, data, part, batch, compiled_sparse, state) -
   n = int(scfg.num_steps)
   tx = steps.make_optimizer(scfg, n)
   init_fn, ref_step = sparse.build(_with(cfg, embedding_optimizer=kind), "finetune", model, tx,
-                                   loop.example_batch(data), cfg.seed + 1, n, masked=True)
+                                   loop.example_batch(data), stage_seed(cfg, "finetune"), n,
+                                   masked=True)
   shardings = part.state_shardings(jax.eval_shape(init_fn))
   copy = lambda st: jax.tree.map(jnp.copy, st)
   s_sparse, _ = compiled_sparse(copy(state), batch)
@@ -442,10 +401,10 @@ def _bench_table_update(cfg, model, params, batch, b) -> dict:
 
 
 # ---- input and loop -------------------------------------------------------------------------
-def _bench_input(kind, data, bs, seed, part, b) -> dict:
+def _bench_input(cfg, kind, data, bs, seed, part, b) -> dict:
   n = int(b.input_batches)
   total = (2 * n + 1) * int(b.repeats) + 1
-  it, place = _source(kind, data, "finetune", bs, seed, total, part)
+  it, place = loop.batch_source(cfg, data, "finetune", bs, seed, total, part, kind)
   out = {"source": kind}
   host_runs, placed_runs = [], []
   for _ in range(int(b.repeats)):
@@ -469,11 +428,11 @@ def _bench_input(kind, data, bs, seed, part, b) -> dict:
   return out
 
 
-def _bench_loop(kind, compiled, state, data, bs, seed, part, b):
+def _bench_loop(cfg, kind, compiled, state, data, bs, seed, part, b):
   """The fine-tune loop from ``state``: next batch, placement, step (no metric fetch per
   step). Returns (result, state)."""
   n, w, r = int(b.loop_steps), int(b.warmup), int(b.repeats)
-  it, place = _source(kind, data, "finetune", bs, seed, (n + w) * r + 1, part)
+  it, place = loop.batch_source(cfg, data, "finetune", bs, seed, (n + w) * r + 1, part, kind)
   runs = []
   for _ in range(r):
     for _ in range(w):
@@ -543,9 +502,11 @@ def _bench_eval(cfg, model, variables, data, b) -> dict:
 def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
   """Run the benchmark of the module docstring; write ``WORKDIR/bench.json``; return it.
 
-  Raises ValueError for a bad ``config.bench`` value, a batch size the mesh cannot split, or
-  an embedding optimiser the model's tables do not support (``sparse.find_tables``).
+  Raises ValueError for an invalid config (``config_check.validate``, ``config.bench`` included),
+  a batch size the mesh cannot split, or an embedding optimiser the model's tables do not
+  support (``sparse.find_tables``).
   """
+  config_check.validate(cfg, stages=())   # as --mode bench: config values only
   b = _bench_cfg(cfg)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -560,14 +521,14 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
   kind = _input_kind(cfg)
   config_opt = str(cfg.train.get("embedding_optimizer", "dense"))
   results, keep, checks = {}, {}, {}
-  for stage in loop.STAGES:
+  for stage in STAGES:
     if stage not in b.stages or (stage == "pretrain" and data.num_scenarios < 2):
       continue
-    scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+    scfg = stage_config(cfg, stage)
     bs = int(scfg.batch_size)
-    part.check_batch_size(bs, f"config.{'pretrain' if stage == 'pretrain' else 'train'}.batch_size")
-    seed = cfg.seed + (0 if stage == "pretrain" else 1)
-    it, place = _source(kind, data, stage, bs, seed, int(b.batches), part)
+    part.check_batch_size(bs, f"config.{stage_block(stage)}.batch_size")
+    seed = stage_seed(cfg, stage)
+    it, place = loop.batch_source(cfg, data, stage, bs, seed, int(b.batches), part, kind)
     batches = [place(next(it)) for _ in range(int(b.batches))]
     del it
     opts = list(b.embedding_optimizers) if stage == "finetune" else [config_opt]
@@ -625,13 +586,13 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
       out["table_update_speedup"] = {o: du / out["table_update"][o]["update_ms"]["median"]
                                      for o in b.embedding_optimizers if o != "dense"}
     log.info("bench: input (%s)", kind)
-    out["input"] = _bench_input(kind, data, fin["bs"], fin["seed"], part, b)
+    out["input"] = _bench_input(cfg, kind, data, fin["bs"], fin["seed"], part, b)
     step_sps = results[f"finetune/{config_opt}"]["samples_per_s"]["median"]
     host = out["input"].get("host", out["input"]["placed"])["median"]
     out["input_over_step"] = host / step_sps
     out["input_placed_over_step"] = out["input"]["placed"]["median"] / step_sps
     log.info("bench: whole fine-tune loop (%s input, %s)", kind, config_opt)
-    out["loop"], fin["state"] = _bench_loop(kind, fin.pop("compiled"), fin["state"], data,
+    out["loop"], fin["state"] = _bench_loop(cfg, kind, fin.pop("compiled"), fin["state"], data,
                                             fin["bs"], fin["seed"], part, b)
     out["loop"]["embedding_optimizer"] = config_opt
     out["loop_over_step"] = out["loop"]["samples_per_s"]["median"] / step_sps
@@ -741,11 +702,11 @@ def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 
   part.check_batch_size(bs, "config.train.batch_size")
   total = warmup + num_batches
   streams = ["finetune"] + (["pretrain"] if data.num_scenarios >= 2 else [])
-  seeds = {"pretrain": cfg.seed, "finetune": cfg.seed + 1}   # as loop.train_stage
+  seeds = {s: stage_seed(cfg, s) for s in STAGES}   # as loop.train_stage
 
   def make(stream):
     return lambda: pipeline.make_iterator(data, stream, bs, seeds[stream], total,
-                                          *_data_shard(part))
+                                          *part.data_shard())
 
   place = lambda x: jax.block_until_ready(part.shard_batch(x))
   result_input, result_placed = {}, {}
@@ -760,7 +721,8 @@ def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 
   log.info("bench_input: fine-tune step, %d x %d steps", repeats, num_batches)
   model = loop.build_model(cfg, data)
   tx = steps.make_optimizer(cfg.train, int(cfg.train.num_steps))
-  init_fn = steps.make_init_fn(model, tx, loop.example_batch(data), cfg.seed + 1)
+  init_fn = steps.make_init_fn(model, tx, loop.example_batch(data),
+                               stage_seed(cfg, "finetune"))
   state, shardings = part.init(init_fn)
   step_fn = part.compile_step(
       steps.make_finetune_step(model, tx, cfg.model.tau, cfg.train.get("logq_strength", 1.0),

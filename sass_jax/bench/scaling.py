@@ -17,9 +17,9 @@ Writes ``WORKDIR/scaling.json`` and prints a table (samples/s, GFLOP per step, k
 
 Usage (repository root)::
 
-  .venv/bin/python benchmarks/scaling.py --workdir /tmp/scaling --flops_only
-  .venv/bin/python benchmarks/scaling.py --workdir /tmp/scaling            # flops + timings
-  .venv/bin/python benchmarks/scaling.py --config configs/aliccp_scale.py --ks "" \\
+  .venv/bin/python -m sass_jax.bench.scaling --workdir /tmp/scaling --flops_only
+  .venv/bin/python -m sass_jax.bench.scaling --workdir /tmp/scaling            # flops + timings
+  .venv/bin/python -m sass_jax.bench.scaling --config configs/aliccp_scale.py --ks "" \\
       --models sass --batch_size 4096 --stages finetune,pretrain --compute grouped,onehot \\
       --workdir /tmp/acs --flops_only
 """
@@ -33,11 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from compare import cpu_meter, load_config  # noqa: E402
+from sass_jax.bench.vs_pytorch import cpu_meter, load_config
 
 FOREIGN_LIMIT = 0.10   # cores: a run where other processes used more is marked contended
 
@@ -49,7 +45,8 @@ def _one(cfg, data, stage, args) -> dict:
   from sass_jax.data import pipeline
   from sass_jax.partition import Partitioner
   from sass_jax.train import loop, sparse, steps
-  scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+  from sass_jax.train.stages import stage_config
+  scfg = stage_config(cfg, stage)
   bs = int(scfg.batch_size)
   model = loop.build_model(cfg, data)
   tx = steps.make_optimizer(scfg, int(scfg.num_steps))

@@ -34,10 +34,10 @@ the clean rounds of the per-round ratios, and the ratio of the medians), writes
 
 Usage (from the repository root; torch from ``pip install .[bench]``)::
 
-  .venv/bin/python benchmarks/compare.py --config configs/movielens.py --workdir /tmp/cmp_ml \
-      --batch_size 4096 --rounds 3
-  .venv/bin/python benchmarks/compare.py --config configs/aliccp_scale.py --workdir /tmp/cmp_acs \
-      --batch_size 4096 --jax_embedding_optimizer dense,lazy_adam
+  .venv/bin/python -m sass_jax.bench.vs_pytorch --config configs/movielens.py \
+      --workdir /tmp/cmp_ml --batch_size 4096 --rounds 3
+  .venv/bin/python -m sass_jax.bench.vs_pytorch --config configs/aliccp_scale.py \
+      --workdir /tmp/cmp_acs --batch_size 4096 --jax_embedding_optimizer dense,lazy_adam
 """
 from __future__ import annotations
 
@@ -52,8 +52,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parents[2]   # the repository root: configs/ lives there
 
 
 def _parse_value(text: str):
@@ -150,9 +149,10 @@ def _jax_params(cfg, data, model, stage):
   import jax
 
   from sass_jax.train import loop, steps
-  scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+  from sass_jax.train.stages import stage_config, stage_seed
+  scfg = stage_config(cfg, stage)
   tx = steps.make_optimizer(scfg, int(scfg.num_steps))
-  seed = cfg.seed + (0 if stage == "pretrain" else 1)
+  seed = stage_seed(cfg, stage)
   init = steps.make_init_fn(model, tx, loop.example_batch(data), seed)
   return jax.device_get(jax.jit(lambda: nn.meta.unbox(init()).params)())
 
@@ -162,20 +162,20 @@ def child(args) -> dict:
   import numpy as np
 
   from sass_jax.train import loop
+  from sass_jax.train.stages import stage_config, stage_seed
   cfg = load_config(args.config, args.batch_size, args.override)
   data = loop.prepare(cfg, args.workdir)
   model = loop.build_model(cfg, data)
   stage = args.stage
-  scfg = cfg.pretrain if stage == "pretrain" else cfg.train
+  scfg = stage_config(cfg, stage)
   bs = int(scfg.batch_size)
-  seed = cfg.seed + (0 if stage == "pretrain" else 1)
+  seed = stage_seed(cfg, stage)
   host_batches = _batches(data, stage, bs, seed, args.batches)
   params0 = _jax_params(cfg, data, model, stage)
   runs, first_loss, extra = [], None, {}
   if args.child in ("torch", "torch_compile"):
     import torch
-    sys.path.insert(0, str(HERE))
-    import torch_reference as tr
+    from sass_jax.bench import torch_reference as tr
     if args.threads:
       torch.set_num_threads(args.threads)
     tm = tr.TorchSASS.from_model_config(model.cfg)
@@ -256,7 +256,6 @@ def child(args) -> dict:
 
 
 def parent(args) -> dict:
-  sys.path.insert(0, str(ROOT))
   from sass_jax.train import loop
   cfg = load_config(args.config, args.batch_size, args.override)
   loop.prepare(cfg, args.workdir)        # once, before the children
@@ -278,8 +277,9 @@ def parent(args) -> dict:
     for impl in order:
       print(f"round {r + 1}/{args.rounds}: {impl} ...", file=sys.stderr, flush=True)
       load0, meter = os.getloadavg()[0], cpu_meter()
-      p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", impl] + common,
-                         env=env, capture_output=True, text=True, timeout=args.child_timeout)
+      p = subprocess.run([sys.executable, "-m", "sass_jax.bench.vs_pytorch", "--child", impl]
+                         + common, env=env, capture_output=True, text=True,
+                         timeout=args.child_timeout)
       foreign = meter()
       lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
       if p.returncode or not lines:

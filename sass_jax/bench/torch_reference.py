@@ -21,9 +21,10 @@ only the two views. 'onehot' is the earlier formulation (every row times all K k
 one-hot keeps one; logits through a one-hot einsum; all K views encoded). ``negatives=
 'same_scenario'`` encodes each item once in its row's scenario and masks other scenarios.
 
-Torch is an optional extra (``pip install .[bench]``); nothing in ``sass_jax`` imports this file.
+Torch is an optional extra (``pip install .[bench]``); only ``sass_jax.bench.vs_pytorch`` (its
+torch child) and the tests import this module, so ``sass_jax`` imports without torch.
 
-Usage (``benchmarks/compare.py`` drives it)::
+Usage (``sass_jax.bench.vs_pytorch`` drives it)::
 
   model = TorchSASS.from_model_config(mc)              # mc: sass_jax.model.towers.ModelConfig
   step = make_step(model, "finetune", tau=0.2, lr=1e-3, num_steps=1000, warmup=100)

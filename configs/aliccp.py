@@ -14,16 +14,16 @@ import os
 
 import ml_collections
 
-from configs import movielens
+from configs import base
 
 
 def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   args = [a.strip() for a in (arg or "sass").split(",") if a.strip()]
   model = "sass_base" if "sass_base" in args else "sass"
-  c = movielens.get_config(model)
+  c = base.get_config()
   c.data = ml_collections.ConfigDict()
   c.data.name = "aliccp"
-  c.data.dir = os.path.join(movielens.SHARED_DATA, "ali_ccp_sample",
+  c.data.dir = os.path.join(base.SHARED_DATA, "ali_ccp_sample",
                             *(["scenario_wise_rec_variant"] if "variant" in args else []))
   c.data.layout = "auto"           # 'raw' (Tianchi sample_skeleton/common_features), 'csv' (preprocessed)
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
@@ -37,12 +37,16 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.max_multi_hot = 0         # 0: keep every value of 109_14 / 110_14 / 127_14 / 150_14
   c.data.scenarios = None          # raw layout: allowed 301 feature ids (None: every value seen)
 
-  # The sample is tiny (100 training rows): small batches and few steps.
-  c.pretrain.num_steps = 0 if model == "sass_base" else 20
+  # Size of this data set: the sample is tiny (100 training rows): small batches and few
+  # steps. Not tuned.
+  c.pretrain.num_steps = 20
   c.pretrain.batch_size = 32
   c.train.num_steps = 50
   c.train.batch_size = 8
   c.train.warmup_steps = 5
   c.train.log_every = 10
   c.checkpoint.every_steps = 25
-  return c
+  # Everything else (model.tau 0.2, train.logq_strength 1.5, pretrain.pairs 'user_item',
+  # pretrain.tau 0.2, learning rates, widths): inherited defaults of configs/base.py (chosen
+  # on MovieLens), not tuned on this data set.
+  return base.apply_model_arg(c, model)

@@ -17,7 +17,7 @@ Usage:
 """
 import ml_collections
 
-from configs import synthetic
+from configs import base, synthetic
 
 
 def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
@@ -28,7 +28,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   if unknown or len(sizes) > 1:
     raise ValueError(f"configs/aliccp_scale.py: bad argument(s) {args}; use 'sass' | "
                      "'sass_base' and optionally one batch size, e.g. 'sass,16384'")
-  c = synthetic.get_config("sass_base" if "sass_base" in names else "sass")
+  c = synthetic.get_config()
   c.data.num_rows = 5_000_000
   c.data.num_users = 300_000
   c.data.num_items = 1_100_000
@@ -38,9 +38,10 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.num_item_fields = 8          # + item_id: 9 item fields
   c.data.field_cardinality = 6_000    # values per side field: 16 x 6,000 = 96k rows
   bs = sizes[0] if sizes else 4096
+  # Size of this (Ali-CCP-scale) setting: batch and step counts; not tuned.
   c.pretrain.batch_size = bs
   c.train.batch_size = bs
   c.train.num_steps = 20_000
-  c.pretrain.num_steps = 0 if "sass_base" in names else 5_000
+  c.pretrain.num_steps = 5_000
   c.eval.user_chunk = 4096
-  return c
+  return base.apply_model_arg(c, "sass_base" if "sass_base" in names else "sass")

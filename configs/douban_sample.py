@@ -10,14 +10,14 @@ import os
 
 import ml_collections
 
-from configs import movielens
+from configs import base
 
 
 def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
-  c = movielens.get_config(arg)
+  c = base.get_config()
   c.data = ml_collections.ConfigDict()
   c.data.name = "douban_sample"
-  c.data.dir = os.path.join(movielens.SHARED_DATA, "douban_sample")
+  c.data.dir = os.path.join(base.SHARED_DATA, "douban_sample")
   c.data.file = "douban_sample.csv"
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
   # A (user, item, domain) on two rows: one rating per pair in the sample, so 'error' (a bad
@@ -27,14 +27,18 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.split_seed = 42
   c.data.min_count = 1             # values seen fewer times in the training split map to id 0
 
-  # ~1.5k training positives, 2.4k training exposures.
+  # Size of this data set (~1.5k training positives, 2.4k training exposures): a smaller
+  # model, small batches and few steps. Not tuned on its validation split.
   c.model.widths = (64, 32)
   c.model.out_dim = 32
-  c.pretrain.num_steps = 0 if arg == "sass_base" else 100
+  c.pretrain.num_steps = 100
   c.pretrain.batch_size = 128
   c.train.num_steps = 300
   c.train.batch_size = 128
   c.train.warmup_steps = 20
   c.train.log_every = 25
   c.checkpoint.every_steps = 100
-  return c
+  # Everything else (model.tau 0.2, train.logq_strength 1.5, pretrain.pairs 'user_item',
+  # pretrain.tau 0.2, learning rates): inherited defaults of configs/base.py (chosen on
+  # MovieLens), not tuned on this data set.
+  return base.apply_model_arg(c, arg)

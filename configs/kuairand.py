@@ -12,15 +12,15 @@ import os
 
 import ml_collections
 
-from configs import movielens
+from configs import base
 
 
 def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
-  c = movielens.get_config(arg)
+  c = base.get_config()
   c.data = ml_collections.ConfigDict()
   c.data.name = "kuairand"
-  c.data.dir = os.path.join(movielens.SHARED_DATA, "kuairand_sample")
-  c.data.features_dir = os.path.join(movielens.SHARED_DATA, "kuairand_pure_features")
+  c.data.dir = os.path.join(base.SHARED_DATA, "kuairand_sample")
+  c.data.features_dir = os.path.join(base.SHARED_DATA, "kuairand_pure_features")
   c.data.layout = "auto"           # 'release' (log_standard_*.csv) or 'sample' (joined CSV)
   c.data.include_random = False    # also read log_random_*.csv (randomly exposed videos)
   c.data.top_tabs = 4              # keep the N tabs with the most rows (0: all)
@@ -34,9 +34,9 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.min_count = 1             # values seen fewer times in the training split map to id 0
   c.data.max_multi_hot = 0         # 0: keep every tag of a video
 
-  # The sample is tiny (160 training rows) and has a single tab, and scenario-view pre-training
-  # needs >= 2 scenarios: no pre-training on it. Set e.g. --config.pretrain.num_steps=600 for the
-  # release data (4 tabs).
+  # Size of this data set: the sample is tiny (160 training rows) and has a single tab, and
+  # scenario-view pre-training needs >= 2 scenarios: no pre-training on it. Set e.g.
+  # --config.pretrain.num_steps=600 for the release data (4 tabs). Not tuned.
   c.pretrain.num_steps = 0
   c.pretrain.batch_size = 32
   c.train.num_steps = 50
@@ -44,5 +44,9 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.train.warmup_steps = 5
   c.train.log_every = 10
   c.checkpoint.every_steps = 25
-  c.eval.ks = (5, 10, 20)          # the sample has 29 videos; the papers use (50, 100) on the release
-  return c
+  # Size of this data set: the sample has 29 videos (the papers use K = 50, 100 on the release).
+  c.eval.ks = (5, 10, 20)
+  # Everything else (model.tau 0.2, train.logq_strength 1.5, pretrain.pairs 'user_item',
+  # pretrain.tau 0.2, learning rates): inherited defaults of configs/base.py (chosen on
+  # MovieLens), not tuned on this data set.
+  return base.apply_model_arg(c, arg)

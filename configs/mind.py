@@ -10,14 +10,14 @@ import os
 
 import ml_collections
 
-from configs import movielens
+from configs import base
 
 
 def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
-  c = movielens.get_config(arg)
+  c = base.get_config()
   c.data = ml_collections.ConfigDict()
   c.data.name = "mind"
-  c.data.dir = os.path.join(movielens.SHARED_DATA, "mind_multidomain_sample")
+  c.data.dir = os.path.join(base.SHARED_DATA, "mind_multidomain_sample")
   c.data.file = "mind_sample.csv"
   c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
   # A (user, news) shown in several impressions is legitimate: 'max' keeps one exposure (the
@@ -29,14 +29,18 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.split_seed = 42
   c.data.min_count = 1             # values seen fewer times in the training split map to id 0
 
-  # ~290 training clicks (fine-tuning), 6.4k training exposures (pre-training).
+  # Size of this data set (~290 training clicks for fine-tuning, 6.4k training exposures for
+  # pre-training): a smaller model, small batches and few steps. Not tuned.
   c.model.widths = (64, 32)
   c.model.out_dim = 32
-  c.pretrain.num_steps = 0 if arg == "sass_base" else 200
+  c.pretrain.num_steps = 200
   c.pretrain.batch_size = 256
   c.train.num_steps = 200
   c.train.batch_size = 64
   c.train.warmup_steps = 20
   c.train.log_every = 25
   c.checkpoint.every_steps = 100
-  return c
+  # Everything else (model.tau 0.2, train.logq_strength 1.5, pretrain.pairs 'user_item',
+  # pretrain.tau 0.2, learning rates): inherited defaults of configs/base.py (chosen on
+  # MovieLens), not tuned on this data set.
+  return base.apply_model_arg(c, arg)

@@ -30,7 +30,7 @@ Usage:
 """
 import ml_collections
 
-from configs import synthetic
+from configs import base, synthetic
 
 M = 1_000_000
 USER_FIELDS = (("user_id", 400 * M, 0), ("micro_group", 100, 0), ("cms_group", 16, 0),
@@ -50,25 +50,23 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
     raise ValueError(f"configs/pod_scale.py: bad argument(s) {args}; use 'sass' | 'sass_base' "
                      "and optionally one global batch size, e.g. 'sass,131072'")
   model = "sass_base" if "sass_base" in names else "sass"
-  c = synthetic.get_config(model)
+  c = synthetic.get_config()
   c.data.num_users = 400 * M
   c.data.num_items = 300 * M
   c.data.num_rows = 1_000 * M
   c.data.num_scenarios = 4
-  c.model.embed_dim = 16
+  # Size of this (production-scale) setting: the global batch and step counts. Everything else
+  # is configs/base.py's, including the mesh (batch over every chip, tables split over every
+  # chip: mesh.data=-1, model=1, table_layout='auto').
   bs = sizes[0] if sizes else 65_536
   c.pretrain.batch_size = bs
   c.train.batch_size = bs
-  c.pretrain.num_steps = 0 if model == "sass_base" else 20_000
+  c.pretrain.num_steps = 20_000
   c.train.num_steps = 100_000
   c.train.embedding_optimizer = "lazy_adam"
   c.eval.user_chunk = 8192
-  c.mesh.data = -1
-  c.mesh.model = 1
-  c.mesh.shard_min_rows = 100_000
-  c.mesh.table_layout = "auto"
   c.compile.topology = "v5e:16x16"
   c.compile.user_fields = USER_FIELDS
   c.compile.item_fields = ITEM_FIELDS
   c.compile.num_scenarios = 4
-  return c
+  return base.apply_model_arg(c, model)

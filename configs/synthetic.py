@@ -1,7 +1,7 @@
 """SASS on the synthetic planted multi-scenario data (docs/design.md §4, "synthetic").
 
 Default: 1e5 rows, 10k users, 5k items, 3 scenarios (prepares in about a second).
-Arguments (comma-separated, any order): 'sass' | 'sass_base' (the model, as configs/movielens.py)
+Arguments (comma-separated, any order): 'sass' | 'sass_base' (the model; configs/base.py)
 and 'large' for 1e7 rows with 1e6 users and 1e6 items (about a minute to prepare, < 1 GB memory),
 or 'xlarge' for 1.2e7 rows over 2e7 users and 1e7 items (flatter item popularity, Zipf 0.5): the
 training split's vocabularies give about 1.1e7 embedding rows (the row-sparse update benchmark in
@@ -13,7 +13,7 @@ Usage:
 """
 import ml_collections
 
-from configs import movielens
+from configs import base
 
 
 def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
@@ -25,7 +25,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   model = "sass_base" if "sass_base" in args else "sass"
   xlarge = "xlarge" in args
   large = "large" in args or xlarge
-  c = movielens.get_config(model)
+  c = base.get_config()
   c.data = ml_collections.ConfigDict()
   c.data.name = "synthetic"
   c.data.num_rows = (12_000_000 if xlarge else 10_000_000) if large else 100_000
@@ -44,12 +44,12 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.signal = 2.5             # logit scale of the standardised latent score
   c.data.split = (0.8, 0.1, 0.1)
   c.data.min_count = 1
-  if large:
-    c.model.vocab_pad_to = 8
-    c.mesh.shard_min_rows = 100_000
+  if large:  # size of this data set: larger batches and more steps
     c.pretrain.batch_size = 4096
     c.train.batch_size = 4096
     c.train.num_steps = 20_000
-    c.pretrain.num_steps = 0 if model == "sass_base" else 5_000
+    c.pretrain.num_steps = 5_000
     c.eval.user_chunk = 4096
-  return c
+  # Everything else: inherited defaults of configs/base.py (chosen on MovieLens), not tuned on
+  # the planted data.
+  return base.apply_model_arg(c, model)

@@ -11,14 +11,14 @@ import os
 
 import ml_collections
 
-from configs import movielens
+from configs import base
 
 
 def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
-  c = movielens.get_config(arg)
+  c = base.get_config()
   c.data = ml_collections.ConfigDict()
   c.data.name = "table"
-  c.data.path = os.path.join(movielens.SHARED_DATA, "douban_sample", "douban_sample.csv")
+  c.data.path = os.path.join(base.SHARED_DATA, "douban_sample", "douban_sample.csv")
   c.data.format = "auto"           # 'csv' | 'parquet' | 'auto' (by the file suffix)
   c.data.delimiter = ","
   c.data.user_id_col = "user_id"
@@ -42,13 +42,18 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.split_seed = 42
   c.data.min_count = 1
 
+  # Size of the example table (the Douban sample, 2.4k training rows): a smaller model, small
+  # batches and few steps. Not tuned.
   c.model.widths = (64, 32)
   c.model.out_dim = 32
-  c.pretrain.num_steps = 0 if arg == "sass_base" else 100
+  c.pretrain.num_steps = 100
   c.pretrain.batch_size = 128
   c.train.num_steps = 300
   c.train.batch_size = 128
   c.train.warmup_steps = 20
   c.train.log_every = 25
   c.checkpoint.every_steps = 100
-  return c
+  # Everything else (model.tau 0.2, train.logq_strength 1.5, pretrain.pairs 'user_item',
+  # pretrain.tau 0.2, learning rates): inherited defaults of configs/base.py (chosen on
+  # MovieLens), not tuned on this data set.
+  return base.apply_model_arg(c, arg)

@@ -68,7 +68,7 @@ def specs_from_config(compile_cfg) -> tuple[tuple[FieldSpec, ...], tuple[FieldSp
   out = []
   for side in ("user", "item"):
     specs = []
-    for i, f in enumerate(tuple(compile_cfg.get(f"{side}_fields", ()) or ())):
+    for i, f in enumerate(tuple(compile_cfg[f"{side}_fields"] or ())):
       f = tuple(f)
       ok = (len(f) in (2, 3) and isinstance(f[0], str) and all(
           isinstance(v, int) and not isinstance(v, bool) for v in f[1:])
@@ -78,7 +78,7 @@ def specs_from_config(compile_cfg) -> tuple[tuple[FieldSpec, ...], tuple[FieldSp
                          "vocab_size >= 1, multi_hot length or 0)")
       specs.append(FieldSpec(f[0], int(f[1]), int(f[2]) if len(f) == 3 else 0))
     out.append(tuple(specs))
-  return out[0], out[1], int(compile_cfg.get("num_scenarios", 0) or 0)
+  return out[0], out[1], int(compile_cfg.num_scenarios or 0)
 
 
 def resolve_specs(cfg, workdir) -> tuple[tuple[FieldSpec, ...], tuple[FieldSpec, ...], int, str]:
@@ -86,7 +86,7 @@ def resolve_specs(cfg, workdir) -> tuple[tuple[FieldSpec, ...], tuple[FieldSpec,
   from the prepared store ``WORKDIR/data`` (its manifest only). Raises ValueError when neither
   gives them."""
   from sass_jax.data import store
-  user, item, k = specs_from_config(cfg.get("compile", {}))
+  user, item, k = specs_from_config(cfg.compile)
   if user or item:
     if not (user and item and k >= 1):
       raise ValueError("config.compile.user_fields, item_fields and num_scenarios must all be "
@@ -328,8 +328,8 @@ def lower_stage(cfg, stage: str, model, part, user_specs, item_specs, num_steps:
   seed = stage_seed(cfg, stage)
   init_fn, step = sparse.build(cfg, stage, model, tx, example_batch(user_specs, item_specs), seed,
                                num_steps, init_params)
-  step = steps.with_nan_policy(step, cfg.train.get("nan_policy", "raise"),
-                               int(cfg.train.get("debug_nan_at_step", 0)))
+  step = steps.with_nan_policy(step, cfg.train.nan_policy,
+                               int(cfg.train.debug_nan_at_step))
   abstract, shardings = part.abstract_state(init_fn)
   batch = abstract_batch(user_specs, item_specs, stage, int(scfg.batch_size),
                          part.batch_sharding())
@@ -403,7 +403,7 @@ def build_partitioner(cfg, devices):
   import ml_collections
   from sass_jax.partition import Partitioner
   mesh = cfg.mesh.to_dict()
-  shape = tuple(cfg.get("compile", {}).get("mesh", ()) or ())
+  shape = tuple(cfg.compile.mesh or ())
   if shape:
     if len(shape) != 2:
       raise ValueError(f"config.compile.mesh={shape}: expected (data, model), e.g. (16, 16)")
@@ -437,7 +437,7 @@ def compile_workdir(cfg, workdir, print_fn: Callable[[str], Any] | None = print)
   config_check.validate(cfg, partitioner=part, stages=stages)
   user_specs, item_specs, k, source = resolve_specs(cfg, workdir)
   model = registry.build(cfg.model, user_specs, item_specs, k)
-  hbm = chip_memory(devices[0], int(cc.get("hbm_bytes", 0) or 0))
+  hbm = chip_memory(devices[0], int(cc.hbm_bytes or 0))
   from sass_jax.model.embedding import padded_rows
   rows = sum(padded_rows(s.vocab_size, cfg.model.vocab_pad_to) for s in user_specs + item_specs)
   report = {"topology": str(cc.topology), "platform": devices[0].platform,
@@ -511,7 +511,7 @@ def memory_limit(cfg, part) -> int | None:
   """The per-device byte limit a run's steps are checked against: ``config.mesh.
   memory_limit_bytes`` when > 0, else the smallest ``bytes_limit`` the mesh's local devices
   report, else None (e.g. CPU: no check)."""
-  given = int(cfg.mesh.get("memory_limit_bytes", 0) or 0)
+  given = int(cfg.mesh.memory_limit_bytes or 0)
   if given > 0:
     return given
   limits = []

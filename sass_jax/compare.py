@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from sass_jax.config_migrate import migrate
 from sass_jax.model import registry
 from sass_jax.train import loop
 
@@ -140,7 +141,7 @@ def _same_protocol(metrics: dict, cfg) -> bool:
   is evaluated again (its training is reused)."""
   e = cfg.eval
   ks_saved = {int(m.split("@")[1]) for m in metrics.get("overall", {}) if m.startswith("recall@")}
-  return (metrics.get("corpus", "all") == e.get("corpus", "all")
+  return (metrics.get("corpus", "all") == e.corpus
           and metrics.get("mask", "train") == e.mask and set(map(int, e.ks)) <= ks_saved)
 
 
@@ -257,7 +258,7 @@ def markdown(results: dict) -> str:
            f"model on the validation split by overall {results['select_metric']} "
            "(tuning table below). Best mean per column in **bold**. Popularity: most-clicked "
            "training items of the scenario (no seeds). "
-           + _corpus_sentence(results.get("config", {}).get("eval", {}).get("corpus", "all")), ""]
+           + _corpus_sentence(migrate(results.get("config", {}))["eval"]["corpus"]), ""]
   if results.get("command"):
     lines += ["Made by:", "", "```bash", results["command"], "```", ""]
   models = list(summ)

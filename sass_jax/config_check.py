@@ -1,7 +1,7 @@
 """Config validation before any work (docs/design.md §6: the config drives every run).
 
 ``validate(cfg, data=None, partitioner=None, workdir=None, stages=...)`` checks the values of a
-config (``configs/movielens.py`` and every config derived from it) and, when given, their
+config (``configs/base.py`` and every config derived from it) and, when given, their
 consistency with the prepared data, the device mesh and the checkpoints already in ``workdir``.
 It collects every problem and raises one ValueError listing them, each naming the config field,
 its value and what to change. Unknown keys are rejected earlier, by the locked config
@@ -73,7 +73,7 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     elif frac[0] == 0:
       p(f"config.data.split={frac}: the train fraction is 0, so there is nothing to train on; "
         "give it most of the rows, e.g. (0.8, 0.1, 0.1)")
-    elif cfg.eval.get("split") in EVAL_SPLITS and frac[EVAL_SPLITS.index(cfg.eval.split) + 1] == 0:
+    elif cfg.eval.split in EVAL_SPLITS and frac[EVAL_SPLITS.index(cfg.eval.split) + 1] == 0:
       p(f"config.data.split={frac}: the {cfg.eval.split} fraction is 0, so the evaluation "
         f"(config.eval.split={cfg.eval.split!r}) would have no rows; give it a share, e.g. "
         "(0.8, 0.1, 0.1)")
@@ -86,15 +86,15 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   if not (_is_num(m.tau) and m.tau > 0):
     p(f"config.model.tau={m.tau!r}: the score temperature must be > 0, e.g. 0.05")
   for k in ("embed_dim", "scenario_dim", "out_dim", "bias_hidden", "vocab_pad_to"):
-    v = m.get(k)
-    if v is not None and not (_is_int(v) and v >= 1):
+    v = m[k]
+    if not (_is_int(v) and v >= 1):
       p(f"config.model.{k}={v!r}: expected an int >= 1")
   widths = tuple(m.widths)
   if not all(_is_int(w) and w >= 1 for w in widths):
     p(f"config.model.widths={widths}: expected positive ints, e.g. (256, 128)")
-  if m.get("compute_dtype") is not None and m.compute_dtype not in COMPUTE_DTYPES:
+  if m.compute_dtype not in COMPUTE_DTYPES:
     p(f"config.model.compute_dtype={m.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
-  if m.get("scenario_compute") is not None and m.scenario_compute not in SCENARIO_COMPUTE:
+  if m.scenario_compute not in SCENARIO_COMPUTE:
     p(f"config.model.scenario_compute={m.scenario_compute!r}: expected one of "
       f"{SCENARIO_COMPUTE} ('grouped': each row's own scenario only)")
   # -- stages ----------------------------------------------------------------------------
@@ -113,10 +113,10 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
       p(f"config.{b}.batch_size={s.batch_size!r}: expected an int >= 1")
     if not (_is_num(s.learning_rate) and s.learning_rate > 0):
       p(f"config.{b}.learning_rate={s.learning_rate!r}: expected a finite value > 0, e.g. 1e-3")
-    wu = s.get("warmup_steps", 0)
+    wu = s.warmup_steps
     if not (_is_int(wu) and wu >= 0):
       p(f"config.{b}.warmup_steps={wu!r}: expected an int >= 0")
-    wd = s.get("weight_decay", 0.0)
+    wd = s.weight_decay
     if not (_is_num(wd) and wd >= 0):
       p(f"config.{b}.weight_decay={wd!r}: expected a value >= 0")
     if stage == "pretrain":
@@ -125,23 +125,23 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
       if s.pairs not in PRETRAIN_PAIRS:
         p(f"config.pretrain.pairs={s.pairs!r}: expected one of {PRETRAIN_PAIRS}")
     else:
-      a = s.get("logq_strength", 1.0)
+      a = s.logq_strength
       if not (_is_num(a) and a >= 0):
         p(f"config.train.logq_strength={a!r}: expected a value >= 0 (0 turns logQ off)")
-      neg = s.get("negatives", "all")
+      neg = s.negatives
       if neg not in NEGATIVES:
         p(f"config.train.negatives={neg!r}: expected one of {NEGATIVES} ('all': every item "
           "of the batch, scored in the row's scenario; 'same_scenario': rows of its scenario)")
   t = cfg.train
   if not (_is_int(t.log_every) and t.log_every >= 1):
     p(f"config.train.log_every={t.log_every!r}: expected an int >= 1")
-  policy = t.get("nan_policy", "raise")
+  policy = t.nan_policy
   if policy not in NAN_POLICIES:
     p(f"config.train.nan_policy={policy!r}: expected one of {NAN_POLICIES}")
-  ms = t.get("max_skips", 10)
+  ms = t.max_skips
   if not (_is_int(ms) and ms >= 1):
     p(f"config.train.max_skips={ms!r}: expected an int >= 1")
-  dn = t.get("debug_nan_at_step", 0)
+  dn = t.debug_nan_at_step
   if not (_is_int(dn) and dn >= 0):
     p(f"config.train.debug_nan_at_step={dn!r}: expected an int >= 0 (0 = off)")
   # -- checkpoint ------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     p(f"config.eval.split={e.split!r}: expected one of {EVAL_SPLITS}")
   if e.mask not in EVAL_MASKS:
     p(f"config.eval.mask={e.mask!r}: expected one of {EVAL_MASKS}")
-  if e.get("corpus", "all") not in EVAL_CORPORA:
+  if e.corpus not in EVAL_CORPORA:
     p(f"config.eval.corpus={e.corpus!r}: expected one of {EVAL_CORPORA} ('scenario' ranks only "
       "the items seen in the scenario, for scenarios with their own items)")
   ks = tuple(e.ks) if isinstance(e.ks, (tuple, list)) else (e.ks,)
@@ -170,10 +170,10 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     p("config.eval.split='valid' with config.eval.mask='train_valid' masks the very validation "
       "positives being scored (every metric would be 0); use config.eval.mask='train' to "
       "evaluate the valid split, or config.eval.split='test'")
-  step = e.get("step", 0)
+  step = e.step
   if not (_is_int(step) and step >= 0):
     p(f"config.eval.step={step!r}: expected a fine-tuning step (int >= 1), or 0 for the latest")
-  fb = e.get("fallback", False)
+  fb = e.fallback
   if not isinstance(fb, bool):
     p(f"config.eval.fallback={fb!r}: expected True or False")
   # -- mesh ------------------------------------------------------------------------------
@@ -186,46 +186,41 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   if mesh.data == -1 and mesh.model == -1:
     p("config.mesh.data=-1 and config.mesh.model=-1: at most one axis can be -1; set the other "
       "to a device count")
-  smr = mesh.get("shard_min_rows", 0)
+  smr = mesh.shard_min_rows
   if not (_is_int(smr) and smr >= 0):
     p(f"config.mesh.shard_min_rows={smr!r}: expected an int >= 0")
-  layout = mesh.get("table_layout", "auto")
+  layout = mesh.table_layout
   if layout not in TABLE_LAYOUTS:
     p(f"config.mesh.table_layout={layout!r}: expected one of {TABLE_LAYOUTS} ('all': tables "
       "split over every device, 'model': over the model axis, 'auto': 'all' where it divides)")
-  mlb = mesh.get("memory_limit_bytes", 0)
+  mlb = mesh.memory_limit_bytes
   if not (_is_int(mlb) and mlb >= 0):
     p(f"config.mesh.memory_limit_bytes={mlb!r}: expected an int >= 0 (0 = the device's own)")
   # -- compile (--mode compile, sass_jax.aot) ---------------------------------------------
-  cc = cfg.get("compile")
-  if cc is not None:
-    shape = tuple(cc.get("mesh", ()) or ())
-    if shape and not (len(shape) == 2 and all(_is_int(v) and (v >= 1 or v == -1) for v in shape)):
-      p(f"config.compile.mesh={shape}: expected () or (data, model) device counts, e.g. (16, 16)")
-    hbm = cc.get("hbm_bytes", 0)
-    if not (_is_num(hbm) and hbm >= 0):
-      p(f"config.compile.hbm_bytes={hbm!r}: expected a byte count >= 0 (0 = the chip's own)")
-    bad = [x for x in tuple(cc.get("stages", ())) if x not in STAGES]
-    if bad:
-      p(f"config.compile.stages={tuple(cc.stages)}: unknown {bad}; expected some of {STAGES}")
-  # -- bench (--mode bench, sass_jax.bench.throughput; unset keys take its defaults) -------
-  bc = cfg.get("bench")
-  if bc is not None:
-    for k in ("steps", "repeats", "batches", "loop_steps", "input_batches"):
-      v = bc.get(k)
-      if v is not None and not (_is_int(v) and v >= 1):
-        p(f"config.bench.{k}={v!r}: expected an int >= 1")
-    wu = bc.get("warmup")
-    if wu is not None and not (_is_int(wu) and wu >= 0):
-      p(f"config.bench.warmup={wu!r}: expected an int >= 0")
-    opts = bc.get("embedding_optimizers")
-    if opts is not None and (not tuple(opts)
-                             or any(o not in EMBEDDING_OPTIMIZERS for o in tuple(opts))):
-      p(f"config.bench.embedding_optimizers={tuple(opts)}: expected a non-empty subset of "
-        f"{EMBEDDING_OPTIMIZERS}")
-    bst = bc.get("stages")
-    if bst is not None and any(s not in STAGES for s in tuple(bst)):
-      p(f"config.bench.stages={tuple(bst)}: expected a subset of {STAGES}")
+  cc = cfg.compile
+  shape = tuple(cc.mesh or ())
+  if shape and not (len(shape) == 2 and all(_is_int(v) and (v >= 1 or v == -1) for v in shape)):
+    p(f"config.compile.mesh={shape}: expected () or (data, model) device counts, e.g. (16, 16)")
+  hbm = cc.hbm_bytes
+  if not (_is_num(hbm) and hbm >= 0):
+    p(f"config.compile.hbm_bytes={hbm!r}: expected a byte count >= 0 (0 = the chip's own)")
+  bad = [x for x in tuple(cc.stages) if x not in STAGES]
+  if bad:
+    p(f"config.compile.stages={tuple(cc.stages)}: unknown {bad}; expected some of {STAGES}")
+  # -- bench (--mode bench, sass_jax.bench.throughput) ----------------------------------
+  bc = cfg.bench
+  for k in ("steps", "repeats", "batches", "loop_steps", "input_batches"):
+    v = bc[k]
+    if not (_is_int(v) and v >= 1):
+      p(f"config.bench.{k}={v!r}: expected an int >= 1")
+  if not (_is_int(bc.warmup) and bc.warmup >= 0):
+    p(f"config.bench.warmup={bc.warmup!r}: expected an int >= 0")
+  opts = tuple(bc.embedding_optimizers)
+  if not opts or any(o not in EMBEDDING_OPTIMIZERS for o in opts):
+    p(f"config.bench.embedding_optimizers={opts}: expected a non-empty subset of "
+      f"{EMBEDDING_OPTIMIZERS}")
+  if any(s not in STAGES for s in tuple(bc.stages)):
+    p(f"config.bench.stages={tuple(bc.stages)}: expected a subset of {STAGES}")
 
 
 def _data_axis(cfg, partitioner, p) -> int | None:
@@ -260,12 +255,11 @@ def _check_batches(cfg, stages, data_axis: int, p) -> None:
 
 def _check_data(cfg, data, stages, p) -> None:
   k = int(data.num_scenarios)
-  for where in ("model", "data"):
-    stated = cfg[where].get("num_scenarios")
-    if stated is not None and int(stated) != k:
-      p(f"config.{where}.num_scenarios={stated} but the prepared data has {k} scenarios "
-        f"({', '.join(map(str, data.scenario_names))}); set config.{where}.num_scenarios={k} "
-        "or prepare the data again (--mode prepare)")
+  stated = cfg.data.get("num_scenarios")   # data-specific (configs/synthetic.py)
+  if stated is not None and int(stated) != k:
+    p(f"config.data.num_scenarios={stated} but the prepared data has {k} scenarios "
+      f"({', '.join(map(str, data.scenario_names))}); set config.data.num_scenarios={k} "
+      "or prepare the data again (--mode prepare)")
   if ("pretrain" in stages and _is_int(cfg.pretrain.num_steps) and cfg.pretrain.num_steps > 0
       and k < 2):
     p(f"config.pretrain.num_steps={cfg.pretrain.num_steps}: pre-training contrasts scenarios "
@@ -298,6 +292,7 @@ def _check_checkpoints(cfg, workdir, p) -> None:
   """The model and data blocks of every stage's latest checkpoint must match the config."""
   import json
   from sass_jax.checkpoint import Checkpointer
+  from sass_jax.config_migrate import migrate
   from sass_jax.model import registry
 
   def model_class(name):
@@ -322,6 +317,7 @@ def _check_checkpoints(cfg, workdir, p) -> None:
     saved = meta.get("config")
     if not isinstance(saved, dict):
       continue
+    saved = migrate(saved)   # written by an older version: keys it lacked, renamed models
     problems = []
     sm, nm = dict(saved.get("model", {})), dict(now.get("model", {}))
     same_class = model_class(sm.get("name")) is model_class(nm.get("name"))
@@ -345,8 +341,8 @@ def validate(cfg, data=None, partitioner=None, *, workdir: str | os.PathLike | N
   Args:
     cfg: the run's ``ml_collections.ConfigDict``.
     data: the prepared data (``store.PreparedData``), to check the number of scenarios K
-      (``config.model.num_scenarios`` / ``config.data.num_scenarios`` where a config states
-      it), that pre-training has K >= 2 scenarios and ``eval.ks`` <= the number of items.
+      (``config.data.num_scenarios`` where a data set's config states it), that pre-training
+      has K >= 2 scenarios and ``eval.ks`` <= the number of items.
     partitioner: the ``Partitioner``; its 'data' axis must divide the batch sizes (without
       one, the axis is resolved from ``config.mesh`` and ``jax.device_count()``).
     workdir: the run directory; each stage's latest checkpoint must have been trained with

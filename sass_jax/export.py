@@ -350,9 +350,9 @@ def export_workdir(cfg, workdir: str | Path, out_dir: str | Path | None = None, 
   for a ``config.export.platforms`` entry outside PLATFORMS (both before any work).
   """
   workdir = Path(workdir)
-  ecfg = cfg.get("export", {})
-  out = Path(out_dir or ecfg.get("dir", "") or workdir / "export")
-  platforms = check_platforms(ecfg.get("platforms", ()))
+  ecfg = cfg.export
+  out = Path(out_dir or ecfg.dir or workdir / "export")
+  platforms = check_platforms(ecfg.platforms)
   data, model, variables, step = _restore(cfg, workdir, data, model, part)
   item_all = eval_lib.encode_all(model, variables, data.items, data.item_masks,
                                  "encode_item", None)                    # [N, K, D]
@@ -477,11 +477,11 @@ def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str |
   Raises UnknownIdError for an empty or unknown user / scenario, ValueError for k < 1,
   FileNotFoundError if the workdir has no fine-tuning checkpoint (before preparing data).
   """
-  rc = cfg.get("recommend", {})
-  user = str(rc.get("user", "") if user is None else user)
-  scenario = str(rc.get("scenario", "") if scenario is None else scenario)
-  k = int(rc.get("k", 10) if k is None else k)
-  exclude_seen = bool(rc.get("exclude_seen", True) if exclude_seen is None else exclude_seen)
+  rc = cfg.recommend
+  user = str(rc.user if user is None else user)
+  scenario = str(rc.scenario if scenario is None else scenario)
+  k = int(rc.k if k is None else k)
+  exclude_seen = bool(rc.exclude_seen if exclude_seen is None else exclude_seen)
   if k < 1:
     raise ValueError(f"config.recommend.k={k}; expected >= 1")
   if data is None:
@@ -501,7 +501,7 @@ def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str |
   uvec = eval_lib.encode_all(model, variables, {f: c[[row]] for f, c in data.users.items()},
                              {f: c[[row]] for f, c in data.user_masks.items()}, "encode_user", s)
   seen = seen_items(data, row, s, cfg.eval.mask) if exclude_seen else np.zeros(0, np.int64)
-  cand = eval_lib.scenario_corpus(data, s, cfg.eval.get("corpus", "all"))
+  cand = eval_lib.scenario_corpus(data, s, cfg.eval.corpus)
   if cand is not None:            # config.eval.corpus='scenario': the scenario's items only
     seen = np.searchsorted(cand, seen[np.isin(seen, cand)])
     items = items[cand]

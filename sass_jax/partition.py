@@ -57,8 +57,8 @@ class Partitioner:
   """Owns the ('data', 'model') mesh and every sharding decision.
 
   Args:
-    mesh_cfg: ``config.mesh`` (data, model, shard_min_rows, optional table_layout: one of
-      ``TABLE_LAYOUTS``, default 'auto').
+    mesh_cfg: ``config.mesh`` (data, model, shard_min_rows, table_layout: one of
+      ``TABLE_LAYOUTS``).
     devices: devices to use (default ``jax.devices()``, all processes); also the devices of a
       TPU topology description (``sass_jax.aot``: compiled, never run).
 
@@ -70,7 +70,7 @@ class Partitioner:
     shape = mesh_shape(int(mesh_cfg.data), int(mesh_cfg.model), len(devices))
     self.mesh: Mesh = jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
     self.shard_min_rows = int(mesh_cfg.shard_min_rows)
-    self.table_layout = str(mesh_cfg.get("table_layout", "auto"))
+    self.table_layout = str(mesh_cfg.table_layout)
     if self.table_layout not in TABLE_LAYOUTS:
       raise ValueError(f"config.mesh.table_layout={self.table_layout!r}; expected one of "
                        f"{TABLE_LAYOUTS}")

@@ -97,7 +97,8 @@ def test_invalid_value_is_rejected_with_its_message(path, value, message):
 
 
 def test_shipped_configs_are_valid():
-  names = [p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_")]
+  names = [p.stem for p in (REPO / "configs").glob("*.py")
+           if not p.stem.startswith("_") and p.stem != "base"]   # base: no data set
   assert {"movielens", "test"} <= set(names)
   for name in names:
     mod = importlib.import_module(f"configs.{name}")
@@ -146,13 +147,13 @@ def _fake_data(k=3, items=3312):
                          num_items=items)
 
 
-def test_scenario_count_of_data_and_model_must_agree():
+def test_scenario_count_of_data_and_config_must_agree():
   cfg = _cfg()
   config_check.validate(cfg, data=_fake_data(3))
-  cfg.model.num_scenarios = 4   # a model setting that states K
+  cfg.data.num_scenarios = 4    # a data setting that states K (configs/synthetic.py)
   with pytest.raises(ValueError, match=re.escape(
-      "config.model.num_scenarios=4 but the prepared data has 3 scenarios (s0, s1, s2); set "
-      "config.model.num_scenarios=3 or prepare the data again (--mode prepare)")):
+      "config.data.num_scenarios=4 but the prepared data has 3 scenarios (s0, s1, s2); set "
+      "config.data.num_scenarios=3 or prepare the data again (--mode prepare)")):
     config_check.validate(cfg, data=_fake_data(3))
 
 

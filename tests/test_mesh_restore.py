@@ -37,7 +37,8 @@ SCRIPT = textwrap.dedent("""
     m24 = loop.train(cfg, wd, show_progress=False)          # trains and evaluates on 2 x 4
     data = loop.prepare(cfg, wd)
     model = loop.build_model(cfg, data)
-    mesh_cfg = lambda d, m: ml_collections.ConfigDict({"data": d, "model": m, "shard_min_rows": 0})
+    mesh_cfg = lambda d, m: ml_collections.ConfigDict(
+        {"data": d, "model": m, "shard_min_rows": 0, "table_layout": "auto"})
     p24 = Partitioner(mesh_cfg(2, 4))
     p14 = Partitioner(mesh_cfg(1, 4), devices=jax.devices()[4:])
     p1 = Partitioner(mesh_cfg(1, 1), devices=jax.devices()[3:4])

@@ -69,7 +69,8 @@ def _cos(a, b):
 
 def test_bf16_losses_and_gradients_agree_with_fp32():
   m32, m16 = _models()
-  tx = steps.make_optimizer(ml_collections.ConfigDict({"learning_rate": 1e-3}), 10)
+  tx = steps.make_optimizer(ml_collections.ConfigDict(
+      {"learning_rate": 1e-3, "warmup_steps": 0, "weight_decay": 0.0}), 10)
   state = _init(m32, tx)
   batch = _batch(1)
   l32, l16 = _losses(m32, state.params, batch, state.rng), _losses(m16, state.params, batch,
@@ -94,7 +95,8 @@ def test_bf16_training_tracks_fp32():
   """10 fine-tune steps each from the same init: float32 params and optimiser state in both,
   and the losses stay within TRAIN_RTOL."""
   m32, m16 = _models()
-  tx = steps.make_optimizer(ml_collections.ConfigDict({"learning_rate": 3e-3}), 10)
+  tx = steps.make_optimizer(ml_collections.ConfigDict(
+      {"learning_rate": 3e-3, "warmup_steps": 0, "weight_decay": 0.0}), 10)
   s32, s16 = _init(m32, tx), _init(m16, tx)
   jax.tree.map(np.testing.assert_array_equal, s32.params, s16.params)
   f32 = jax.jit(steps.make_finetune_step(m32, tx, 0.2, 1.0))

@@ -168,11 +168,13 @@ def test_unknown_name_is_one_line_naming_the_field():
   assert str(ei.value) == want
 
 
-def test_sass_base_name_is_only_an_alias_of_sass():
-  """Old configs say model.name='sass_base' (the variant SASS without pre-training); the alias
-  (registry.canonical_name) maps it to the one 'sass' entry. Remove with the alias."""
+def test_sass_base_is_a_config_variant_not_a_model():
+  """'sass_base' (SASS without pre-training) is the config variant model 'sass' with
+  pretrain.num_steps=0 (configs/base.py apply_model_arg); the registry does not know the name
+  (old saved configs are renamed by sass_jax.config_migrate.migrate)."""
   assert "sass_base" not in registry.names()
-  assert registry.get("sass_base") is registry.get("sass")
+  with pytest.raises(ValueError, match="config.model.name='sass_base' is not a known model"):
+    registry.get("sass_base")
 
 
 def test_a_model_checks_its_own_settings(toy):

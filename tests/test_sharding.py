@@ -44,7 +44,8 @@ SCRIPT = textwrap.dedent("""
             losses.append(float(m["loss"]))
         return state, losses
 
-    one = Partitioner(cfg.mesh.__class__({"data": 1, "model": 1, "shard_min_rows": 0}),
+    one = Partitioner(cfg.mesh.__class__({"data": 1, "model": 1, "shard_min_rows": 0,
+                                           "table_layout": "auto"}),
                       devices=jax.devices()[:1])
     eight = Partitioner(cfg.mesh.__class__({"data": 2, "model": 4, "shard_min_rows": 0,
                                              "table_layout": "model"}))
@@ -79,7 +80,8 @@ SCRIPT = textwrap.dedent("""
     moments = [x for x in jax.tree.leaves(s8.opt_state) if x.shape == table.shape]
     assert len(moments) == 2 and all(x.sharding.spec == P("model", None) for x in moments)
     # The threshold: with shard_min_rows above every vocabulary the tables are replicated.
-    big = Partitioner(cfg.mesh.__class__({"data": 2, "model": 4, "shard_min_rows": 10**9}))
+    big = Partitioner(cfg.mesh.__class__({"data": 2, "model": 4, "shard_min_rows": 10**9,
+                                           "table_layout": "auto"}))
     tx = steps.make_optimizer(cfg.train, 100)
     _, sh = big.abstract_state(steps.make_init_fn(model, tx, loop.example_batch(data), 0))
     assert sh.params["user_tower"]["embed"]["user_id"].spec == P(None, None)

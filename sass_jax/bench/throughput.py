@@ -63,13 +63,6 @@ from sass_jax.train.stages import STAGES, stage_block, stage_config, stage_seed
 
 log = logging.getLogger("sass_jax")
 
-BENCH_DEFAULTS = dict(steps=20, warmup=3, repeats=5, batches=8,
-                      embedding_optimizers=("dense", "lazy_adam", "rowwise_adagrad"),
-                      stages=("pretrain", "finetune"), check_sparse=True, eval_items=65536,
-                      eval_users=4096, eval_topk_scores=2e9, full_eval_max_pairs=1e9, loop_steps=20, input_batches=50,
-                      probe=True, probe_matmul_n=0, probe_bytes=0)
-
-
 def _stats(values: list[float]) -> dict:
   """{'median', 'min', 'max', 'runs'} of a list of numbers."""
   return {"median": float(statistics.median(values)), "min": float(min(values)),
@@ -104,10 +97,8 @@ def _machine() -> dict:
 
 
 def _bench_cfg(cfg) -> ml_collections.ConfigDict:
-  """``config.bench`` over ``BENCH_DEFAULTS`` (values checked by ``config_check.validate``)."""
-  b = dict(BENCH_DEFAULTS)
-  if "bench" in cfg:
-    b.update(cfg.bench.to_dict())
+  """``config.bench`` (values checked by ``config_check.validate``)."""
+  b = cfg.bench.to_dict()
   return ml_collections.ConfigDict(b)
 
 
@@ -232,7 +223,7 @@ def _floor(cost: dict, state_bytes: int | None, pr: dict | None,
 def _input_kind(cfg) -> str:
   """The input source timed (``loop.batch_source``): 'resident' with
   ``config.train.resident_on_device``, else 'grain', or 'numpy' where grain is not installed."""
-  if cfg.train.get("resident_on_device", False):
+  if cfg.train.resident_on_device:
     return "resident"
   try:
     import grain  # noqa: F401
@@ -487,7 +478,7 @@ def _bench_eval(cfg, model, variables, data, b) -> dict:
   pairs = float(data.num_users) * float(data.num_items)
   if pairs <= float(b.full_eval_max_pairs):
     ev = lambda: eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
-                                   cfg.eval.mask, uc, corpus=cfg.eval.get("corpus", "all"))
+                                   cfg.eval.mask, uc, corpus=cfg.eval.corpus)
     ev()
     t = time.perf_counter()
     ev()
@@ -519,7 +510,7 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
   if pr:
     log.info("bench: probe %s", {k: f"{v:.3g}" for k, v in pr.items()})
   kind = _input_kind(cfg)
-  config_opt = str(cfg.train.get("embedding_optimizer", "dense"))
+  config_opt = str(cfg.train.embedding_optimizer)
   results, keep, checks = {}, {}, {}
   for stage in STAGES:
     if stage not in b.stages or (stage == "pretrain" and data.num_scenarios < 2):
@@ -725,8 +716,8 @@ def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 
                                stage_seed(cfg, "finetune"))
   state, shardings = part.init(init_fn)
   step_fn = part.compile_step(
-      steps.make_finetune_step(model, tx, cfg.model.tau, cfg.train.get("logq_strength", 1.0),
-                               cfg.train.get("negatives", "all")),
+      steps.make_finetune_step(model, tx, cfg.model.tau, cfg.train.logq_strength,
+                               cfg.train.negatives),
       shardings)
   it = make("finetune")()
   batches = [place(next(it)) for _ in range(total)]

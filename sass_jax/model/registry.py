@@ -50,15 +50,6 @@ MODELS: dict[str, Entry] = {
 }
 
 
-def canonical_name(name: str) -> str:
-  """TEMPORARY ALIAS, old configs; configs/ map the variant. 'sass_base' is not a model: it is
-  the config variant model 'sass' with ``pretrain.num_steps = 0``. Configs (and the configs
-  saved in checkpoints) written before that still say ``config.model.name='sass_base'``; this
-  maps the name for them. Called in one place only, ``get``; remove once configs/ are
-  migrated."""
-  return "sass" if name == "sass_base" else name
-
-
 def names() -> tuple[str, ...]:
   """The registered model names, in registration order."""
   return tuple(MODELS)
@@ -67,7 +58,7 @@ def names() -> tuple[str, ...]:
 def get(name: str) -> Entry:
   """The entry of model ``name``. Raises ValueError (one line naming config.model.name and the
   known names) for an unknown one."""
-  entry = MODELS.get(canonical_name(name)) if isinstance(name, str) else None
+  entry = MODELS.get(name) if isinstance(name, str) else None
   if entry is None:
     raise ValueError(f"config.model.name={name!r} is not a known model; expected one of "
                      f"{sorted(MODELS)}")

@@ -75,15 +75,14 @@ class ModelConfig:
     if model_cfg.compute_dtype not in ("float32", "bfloat16"):
       raise ValueError(f"config.model.compute_dtype={model_cfg.compute_dtype!r}; "
                        "expected 'float32' or 'bfloat16'")
-    compute = model_cfg.get("scenario_compute", "grouped")
+    compute = model_cfg.scenario_compute
     if compute not in SCENARIO_COMPUTE:
       raise ValueError(f"config.model.scenario_compute={compute!r}; expected one of "
                        f"{SCENARIO_COMPUTE}")
     if num_scenarios < 1:
       raise ValueError(f"the data has {num_scenarios} scenarios; need at least 1")
     activation(model_cfg.activation)
-    base = {f.name: f.default for f in dataclasses.fields(cls)}
-    extra = {k: model_cfg.get(k, base[k]) for k in (
+    extra = {k: model_cfg[k] for k in (
         "tower_widths", "num_experts", "num_scenario_experts", "separate_embeddings", "star_aux",
         "star_momentum")}
     extra["tower_widths"] = tuple(int(w) for w in extra["tower_widths"])

@@ -224,7 +224,7 @@ def batch_source(cfg, data: store.PreparedData, stage: str, batch_size: int, see
   does (several processes, batch larger than the stream).
   """
   if kind is None:
-    kind = "resident" if cfg.train.get("resident_on_device", False) else "grain"
+    kind = "resident" if cfg.train.resident_on_device else "grain"
   if kind == "resident":
     from sass_jax.data.resident import ResidentSampler
     return ResidentSampler(data, stage, batch_size, seed, part.batch_sharding()), lambda b: b
@@ -239,7 +239,7 @@ def batch_source(cfg, data: store.PreparedData, stage: str, batch_size: int, see
 
 def _resume_iterator(it, data_state, cfg, step: int) -> None:
   """Restore the data position; a checkpoint written by the other sampler is a clear error."""
-  resident = bool(cfg.train.get("resident_on_device", False))
+  resident = bool(cfg.train.resident_on_device)
   saved_resident = isinstance(data_state, dict) and data_state.get("sampler") == "resident"
   if resident != saved_resident:
     raise ValueError(
@@ -303,12 +303,12 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: TwoTowerModel,
   init_fn, stage_step = sparse.build(cfg, stage, model, tx, example_batch(data), seed, num_steps,
                                      init_params)
   abstract, shardings = part.abstract_state(init_fn)
-  policy = cfg.train.get("nan_policy", "raise")
-  step_fn = steps.with_nan_policy(stage_step, policy, int(cfg.train.get("debug_nan_at_step", 0)))
+  policy = cfg.train.nan_policy
+  step_fn = steps.with_nan_policy(stage_step, policy, int(cfg.train.debug_nan_at_step))
   step_fn = part.compile_step(step_fn, shardings)
   limit = aot.memory_limit(cfg, part)
   if limit:   # compile first; stop before allocating anything if the step cannot fit
-    given = int(cfg.mesh.get("memory_limit_bytes", 0) or 0) > 0
+    given = int(cfg.mesh.memory_limit_bytes) > 0
     compiled = aot.preflight(
         stage, step_fn, abstract, aot.abstract_batch(data.user_specs, data.item_specs, stage, bs,
                                                      part.batch_sharding()), limit,
@@ -333,7 +333,7 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: TwoTowerModel,
     it, place = batch_source(cfg, data, stage, bs, seed, num_steps, part)
     if data_state:
       _resume_iterator(it, data_state, cfg, int(state.step))
-    max_skips = int(cfg.train.get("max_skips", 10))
+    max_skips = int(cfg.train.max_skips)
     log_every = max(1, int(cfg.train.log_every))
     every = int(cfg.checkpoint.every_steps)
     log_path = Path(workdir) / f"{stage}_log.jsonl"
@@ -537,8 +537,8 @@ def evaluate_workdir(cfg, workdir: str | Path, data=None, model=None, part=None)
   """
   workdir = Path(workdir)
   require_finetune_checkpoint(workdir)
-  want = int(cfg.eval.get("step", 0) or 0) or None
-  fallback = bool(cfg.eval.get("fallback", False))
+  want = int(cfg.eval.step) or None
+  fallback = bool(cfg.eval.fallback)
   saved = saved_steps(workdir, "finetune")["finetune"]
   if want is not None and want not in saved:
     raise FileNotFoundError(f"config.eval.step={want}: no such fine-tuning checkpoint in "
@@ -557,7 +557,7 @@ def evaluate_workdir(cfg, workdir: str | Path, data=None, model=None, part=None)
   t = time.time()
   metrics = eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
                               cfg.eval.mask, cfg.eval.user_chunk, partitioner=part,
-                              corpus=cfg.eval.get("corpus", "all"))
+                              corpus=cfg.eval.corpus)
   metrics = {"model": cfg.model.name, "dataset": data.manifest.get("dataset", cfg.data.name),
              "checkpoint_step": ft_step, **metrics}
   log.info("evaluated fine-tuning step %d on %s in %.1fs", ft_step, cfg.eval.split,

@@ -101,14 +101,14 @@ def options_from_config(train_cfg, stage_cfg, num_steps: int,
   ``config.train.embedding_learning_rate`` when that is > 0. Raises ValueError for an unknown
   optimiser name or a negative learning rate.
   """
-  kind = str(train_cfg.get("embedding_optimizer", "dense"))
+  kind = str(train_cfg.embedding_optimizer)
   if kind not in EMBEDDING_OPTIMIZERS:
     raise ValueError(f"config.train.embedding_optimizer={kind!r}; expected one of "
                      f"{EMBEDDING_OPTIMIZERS}")
   if kind == "dense":
     return None
   sched = steps.make_schedule(stage_cfg, num_steps)
-  emb_lr = float(train_cfg.get("embedding_learning_rate", 0.0) or 0.0)
+  emb_lr = float(train_cfg.embedding_learning_rate or 0.0)
   if emb_lr < 0:
     raise ValueError(f"config.train.embedding_learning_rate={emb_lr}; expected >= 0 "
                      "(0: the stage's learning_rate)")
@@ -116,7 +116,7 @@ def options_from_config(train_cfg, stage_cfg, num_steps: int,
     base, scale = sched, emb_lr / float(stage_cfg.learning_rate)
     sched = lambda count: base(count) * scale
   return SparseOptions(kind=kind, learning_rate=sched,
-                       weight_decay=float(stage_cfg.get("weight_decay", 0.0)), masked=masked)
+                       weight_decay=float(stage_cfg.weight_decay), masked=masked)
 
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -378,10 +378,10 @@ def build(cfg, stage: str, model: nn.Module, tx: optax.GradientTransformation, d
     if stage == "pretrain":
       return init_fn, steps.make_pretrain_step(model, tx, scfg.tau, scfg.pairs)
     return init_fn, steps.make_finetune_step(model, tx, cfg.model.tau,
-                                             scfg.get("logq_strength", 1.0),
-                                             scfg.get("negatives", "all"))
+                                             scfg.logq_strength,
+                                             scfg.negatives)
   init_fn = make_init_fn(model, tx, opts, dummy, seed, init_params)
   if stage == "pretrain":
     return init_fn, make_pretrain_step(model, tx, opts, scfg.tau, scfg.pairs)
   return init_fn, make_finetune_step(model, tx, opts, cfg.model.tau,
-                                     scfg.get("logq_strength", 1.0), scfg.get("negatives", "all"))
+                                     scfg.logq_strength, scfg.negatives)

@@ -61,7 +61,7 @@ def apply_model(model: nn.Module, params, model_state: dict, *args, method: str,
 def make_schedule(stage_cfg, num_steps: int) -> optax.Schedule:
   """Learning rate of the update number ``count`` (0-based; the update of step s uses count
   s - 1): linear warm-up over ``warmup_steps`` then cosine decay to 10% at ``num_steps``."""
-  warmup = int(stage_cfg.get("warmup_steps", 0))
+  warmup = int(stage_cfg.warmup_steps)
   warmup = min(warmup, max(num_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       0.0 if warmup else stage_cfg.learning_rate, stage_cfg.learning_rate, warmup,
@@ -71,11 +71,11 @@ def make_schedule(stage_cfg, num_steps: int) -> optax.Schedule:
 def make_optimizer(stage_cfg, num_steps: int) -> optax.GradientTransformation:
   """AdamW over ``make_schedule`` (optax).
 
-  stage_cfg: ``config.pretrain`` or ``config.train`` (learning_rate, optional warmup_steps,
+  stage_cfg: ``config.pretrain`` or ``config.train`` (learning_rate, warmup_steps,
   weight_decay).
   """
   return optax.adamw(make_schedule(stage_cfg, num_steps),
-                     weight_decay=float(stage_cfg.get("weight_decay", 0.0)))
+                     weight_decay=float(stage_cfg.weight_decay))
 
 
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, dummy: dict, seed: int,

@@ -280,10 +280,7 @@ def test_torch_reference_tables_have_the_jax_row_counts(tiny_cfg, tiny_features)
   the reference's tables must have exactly the JAX tables' rows or ``load_flax_params`` fails
   (it did for the Ali-CCP-scale benchmark: 290,168 vs 290,816 user-id rows)."""
   pytest.importorskip("torch")
-  import sys
-  from pathlib import Path
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-  import torch_reference as tr
+  from sass_jax.bench import torch_reference as tr
 
   big = dataclasses.replace(tiny_cfg().user_specs[0], vocab_size=70_001)
   cfg = tiny_cfg(user_specs=(big,) + tuple(tiny_cfg().user_specs[1:]))

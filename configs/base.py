@@ -192,7 +192,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
 
   c.compare = ml_collections.ConfigDict()  # --mode compare (sass_jax/compare.py)
   c.compare.models = ("dssm_single", "dssm_mixed", "shared_bottom", "mmoe", "ple", "star",
-                      "sass_base", "sass")   # names from sass_jax.compare.VARIANTS
+                      "sass_base", "sass")   # names from sass_jax.compare.known_variants()
   c.compare.seeds = 5              # int >= 1: test runs per model: seeds seed .. seed + seeds - 1
   # The tuning grid, the same for every model: learning_rates x taus x widths, each () = the
   # config's own value. A grid of one point means no tuning runs.

@@ -10,7 +10,7 @@ from sass_jax.train import loop
 def _cfg(model_name):
   c = synthetic.get_config("sass_base")
   c.model = test_config.get_config("sass_base").model
-  c.model.name = model_name
+  c.model.name = "sass" if model_name == "sass_base" else model_name   # SASS-Base: no stage 1
   c.model.tau = 0.2
   c.data.num_rows, c.data.num_users, c.data.num_items = 50_000, 2_000, 1_000
   c.train.num_steps, c.train.batch_size, c.train.warmup_steps = 300, 256, 20

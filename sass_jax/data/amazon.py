@@ -13,7 +13,7 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.store import Rejects
-from sass_jax.data.douban import read_int_table, vocab_column
+from sass_jax.data.readers import read_int_table, vocab_column
 
 log = logging.getLogger(__name__)
 

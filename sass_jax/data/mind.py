@@ -13,7 +13,7 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.store import Rejects, random_split
-from sass_jax.data.douban import read_csv_rows, vocab_column
+from sass_jax.data.readers import read_csv_rows, vocab_column
 
 log = logging.getLogger(__name__)
 

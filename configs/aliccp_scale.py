@@ -15,6 +15,7 @@ Usage:
   python -m sass_jax.main --config configs/aliccp_scale.py --workdir runs/aliccp_scale --mode bench
   python -m sass_jax.main --config configs/aliccp_scale.py:sass,16384 --workdir runs/acs --mode bench
 """
+
 import ml_collections
 
 from configs import base, synthetic
@@ -26,17 +27,19 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   names = [a for a in args if not a.isdigit()]
   unknown = [a for a in names if a not in ("sass", "sass_base")]
   if unknown or len(sizes) > 1:
-    raise ValueError(f"configs/aliccp_scale.py: bad argument(s) {args}; use 'sass' | "
-                     "'sass_base' and optionally one batch size, e.g. 'sass,16384'")
+    raise ValueError(
+      f"configs/aliccp_scale.py: bad argument(s) {args}; use 'sass' | "
+      "'sass_base' and optionally one batch size, e.g. 'sass,16384'"
+    )
   c = synthetic.get_config()
   c.data.num_rows = 5_000_000
   c.data.num_users = 300_000
   c.data.num_items = 1_100_000
-  c.data.zipf_alpha = 0.6             # flatter popularity: about 1.0M items seen in training
+  c.data.zipf_alpha = 0.6  # flatter popularity: about 1.0M items seen in training
   c.data.num_scenarios = 3
-  c.data.num_user_fields = 8          # + user_id: 9 user fields
-  c.data.num_item_fields = 8          # + item_id: 9 item fields
-  c.data.field_cardinality = 6_000    # values per side field: 16 x 6,000 = 96k rows
+  c.data.num_user_fields = 8  # + user_id: 9 user fields
+  c.data.num_item_fields = 8  # + item_id: 9 item fields
+  c.data.field_cardinality = 6_000  # values per side field: 16 x 6,000 = 96k rows
   bs = sizes[0] if sizes else 4096
   # Size of this (Ali-CCP-scale) setting: batch and step counts; not tuned.
   c.pretrain.batch_size = bs

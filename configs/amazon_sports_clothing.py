@@ -7,6 +7,7 @@ the Game / Video pair instead (2,179 shared users).
 Usage:
   python -m sass_jax.main --config configs/amazon_sports_clothing.py --workdir runs/amz --mode train
 """
+
 import os
 
 import ml_collections
@@ -19,14 +20,14 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "amazon_cdrib"
   c.data.dir = os.path.join(base.SHARED_DATA, "amazon_cdrib_pairs")
-  c.data.pair = "sport_cloth"      # or 'game_video' (also 'cloth_sport' / 'video_game': swapped)
-  c.data.shared_users = 0          # 0: the pair's known count (9,828 / 2,179); needed for others
-  c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  c.data.pair = "sport_cloth"  # or 'game_video' (also 'cloth_sport' / 'video_game': swapped)
+  c.data.shared_users = 0  # 0: the pair's known count (9,828 / 2,179); needed for others
+  c.data.on_error = "strict"  # 'strict': bad rows raise; 'skip': count and drop them
   # A (user, item) on two lines of one folder (in any of train / valid / test): CDRIB lists a
   # purchase once, and a repeat across splits would be a training positive in the test set, so
   # 'error' (a bad row naming both lines); 'first' keeps the earliest split's (counted).
   c.data.duplicates = "error"
-  c.data.min_count = 1             # values seen fewer times in the training split map to id 0
+  c.data.min_count = 1  # values seen fewer times in the training split map to id 0
   # The two domains have disjoint items: rank each domain's own catalogue (sports and clothing items
   # are never recommended in the other domain), as the cross-domain papers evaluate.
   c.eval.corpus = "scenario"

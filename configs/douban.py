@@ -8,6 +8,7 @@ Usage:
   python -m sass_jax.main --config configs/douban.py --workdir runs/douban --mode train
   # SASS-Base (no pre-training):  --config configs/douban.py:sass_base
 """
+
 import os
 
 import ml_collections
@@ -21,13 +22,13 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.name = "douban_gadtcdr"
   c.data.dir = os.path.join(base.SHARED_DATA, "douban_gadtcdr_book_music")
   c.data.domains = ("book", "music")  # douban_<domain>_ratings.dat; scenario k = domains[k]
-  c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  c.data.on_error = "strict"  # 'strict': bad rows raise; 'skip': count and drop them
   # A (user, item) rated twice within a domain: the release has one rating per pair, so
   # 'error' (a bad row naming both lines); or 'first' | 'last' | 'max' | 'keep' (counted).
   c.data.duplicates = "error"
-  c.data.split = (0.8, 0.1, 0.1)   # random train / valid / test split of the rating rows
+  c.data.split = (0.8, 0.1, 0.1)  # random train / valid / test split of the rating rows
   c.data.split_seed = 42
-  c.data.min_count = 1             # values seen fewer times in the training split map to id 0
+  c.data.min_count = 1  # values seen fewer times in the training split map to id 0
   # The two domains have disjoint items: rank each domain's own catalogue (book and music items
   # are never recommended in the other domain), as the cross-domain papers evaluate.
   c.eval.corpus = "scenario"

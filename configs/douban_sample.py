@@ -6,6 +6,7 @@ smoke-size run.
 Usage:
   python -m sass_jax.main --config configs/douban_sample.py --workdir runs/douban_s --mode train
 """
+
 import os
 
 import ml_collections
@@ -19,13 +20,13 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.name = "douban_sample"
   c.data.dir = os.path.join(base.SHARED_DATA, "douban_sample")
   c.data.file = "douban_sample.csv"
-  c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  c.data.on_error = "strict"  # 'strict': bad rows raise; 'skip': count and drop them
   # A (user, item, domain) on two rows: one rating per pair in the sample, so 'error' (a bad
   # row naming both lines); or 'first' | 'last' | 'max' | 'keep' (counted in the manifest).
   c.data.duplicates = "error"
-  c.data.split = (0.8, 0.1, 0.1)   # random train / valid / test split of the rows
+  c.data.split = (0.8, 0.1, 0.1)  # random train / valid / test split of the rows
   c.data.split_seed = 42
-  c.data.min_count = 1             # values seen fewer times in the training split map to id 0
+  c.data.min_count = 1  # values seen fewer times in the training split map to id 0
 
   # Size of this data set (~1.5k training positives, 2.4k training exposures): a smaller
   # model, small batches and few steps. Not tuned on its validation split.

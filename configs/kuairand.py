@@ -8,6 +8,7 @@ kept (the multi-scenario papers' setting), rows of other tabs are counted as 'ta
 Usage:
   python -m sass_jax.main --config configs/kuairand.py --workdir runs/kuairand --mode train
 """
+
 import os
 
 import ml_collections
@@ -21,18 +22,18 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.name = "kuairand"
   c.data.dir = os.path.join(base.SHARED_DATA, "kuairand_sample")
   c.data.features_dir = os.path.join(base.SHARED_DATA, "kuairand_pure_features")
-  c.data.layout = "auto"           # 'release' (log_standard_*.csv) or 'sample' (joined CSV)
-  c.data.include_random = False    # also read log_random_*.csv (randomly exposed videos)
-  c.data.top_tabs = 4              # keep the N tabs with the most rows (0: all)
-  c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  c.data.layout = "auto"  # 'release' (log_standard_*.csv) or 'sample' (joined CSV)
+  c.data.include_random = False  # also read log_random_*.csv (randomly exposed videos)
+  c.data.top_tabs = 4  # keep the N tabs with the most rows (0: all)
+  c.data.on_error = "strict"  # 'strict': bad rows raise; 'skip': count and drop them
   # A video shown again to a user in the same tab is legitimate in the logs: 'max' keeps one
   # exposure (the first row), clicked if any showing was, and counts the others in the
   # manifest's rows_merged. Or 'error' | 'first' | 'last' | 'keep' (counted in rows_repeated).
   c.data.duplicates = "max"
-  c.data.split = (0.8, 0.1, 0.1)   # random train / valid / test split of the kept rows
+  c.data.split = (0.8, 0.1, 0.1)  # random train / valid / test split of the kept rows
   c.data.split_seed = 42
-  c.data.min_count = 1             # values seen fewer times in the training split map to id 0
-  c.data.max_multi_hot = 0         # 0: keep every tag of a video
+  c.data.min_count = 1  # values seen fewer times in the training split map to id 0
+  c.data.max_multi_hot = 0  # 0: keep every tag of a video
 
   # Size of this data set: the sample is tiny (160 training rows) and has a single tab, and
   # scenario-view pre-training needs >= 2 scenarios: no pre-training on it. Set e.g.

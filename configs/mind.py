@@ -6,6 +6,7 @@ split. Small and sparse: a smoke-size run; most test users are unseen in trainin
 Usage:
   python -m sass_jax.main --config configs/mind.py --workdir runs/mind --mode train
 """
+
 import os
 
 import ml_collections
@@ -19,15 +20,15 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.name = "mind"
   c.data.dir = os.path.join(base.SHARED_DATA, "mind_multidomain_sample")
   c.data.file = "mind_sample.csv"
-  c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  c.data.on_error = "strict"  # 'strict': bad rows raise; 'skip': count and drop them
   # A (user, news) shown in several impressions is legitimate: 'max' keeps one exposure (the
   # first row), clicked if any impression was, and counts the others in the manifest's
   # rows_merged -- so a pair never lands in both train and test. Or 'error' | 'first' |
   # 'last' | 'keep' (every impression a row, counted in rows_repeated).
   c.data.duplicates = "max"
-  c.data.split = (0.8, 0.1, 0.1)   # random train / valid / test split of the impressions
+  c.data.split = (0.8, 0.1, 0.1)  # random train / valid / test split of the impressions
   c.data.split_seed = 42
-  c.data.min_count = 1             # values seen fewer times in the training split map to id 0
+  c.data.min_count = 1  # values seen fewer times in the training split map to id 0
 
   # Size of this data set (~290 training clicks for fine-tuning, 6.4k training exposures for
   # pre-training): a smaller model, small batches and few steps. Not tuned.

@@ -28,18 +28,34 @@ Usage:
       --config configs/pod_scale.py --workdir runs/pod_cpu64 --mode compile \
       --config.compile.topology=cpu --config.compile.hbm_bytes=80000000000
 """
+
 import ml_collections
 
 from configs import base, synthetic
 
 M = 1_000_000
-USER_FIELDS = (("user_id", 400 * M, 0), ("micro_group", 100, 0), ("cms_group", 16, 0),
-               ("gender", 3, 0), ("age", 8, 0), ("consumption", 4, 0), ("pvalue", 4, 0),
-               ("occupation", 3, 0), ("city", 5_000, 0), ("hist_categories", 20_000, 8),
-               ("hist_shops", 100 * M, 8), ("hist_brands", 50 * M, 8),
-               ("hist_intentions", 200_000, 8))
-ITEM_FIELDS = (("item_id", 300 * M, 0), ("category", 20_000, 0), ("shop", 100 * M, 0),
-               ("intention", 200_000, 0), ("brand", 50 * M, 0))
+USER_FIELDS = (
+  ("user_id", 400 * M, 0),
+  ("micro_group", 100, 0),
+  ("cms_group", 16, 0),
+  ("gender", 3, 0),
+  ("age", 8, 0),
+  ("consumption", 4, 0),
+  ("pvalue", 4, 0),
+  ("occupation", 3, 0),
+  ("city", 5_000, 0),
+  ("hist_categories", 20_000, 8),
+  ("hist_shops", 100 * M, 8),
+  ("hist_brands", 50 * M, 8),
+  ("hist_intentions", 200_000, 8),
+)
+ITEM_FIELDS = (
+  ("item_id", 300 * M, 0),
+  ("category", 20_000, 0),
+  ("shop", 100 * M, 0),
+  ("intention", 200_000, 0),
+  ("brand", 50 * M, 0),
+)
 
 
 def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
@@ -47,8 +63,10 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   sizes = [int(a) for a in args if a.isdigit()]
   names = [a for a in args if not a.isdigit()]
   if [a for a in names if a not in ("sass", "sass_base")] or len(sizes) > 1:
-    raise ValueError(f"configs/pod_scale.py: bad argument(s) {args}; use 'sass' | 'sass_base' "
-                     "and optionally one global batch size, e.g. 'sass,131072'")
+    raise ValueError(
+      f"configs/pod_scale.py: bad argument(s) {args}; use 'sass' | 'sass_base' "
+      "and optionally one global batch size, e.g. 'sass,131072'"
+    )
   model = "sass_base" if "sass_base" in names else "sass"
   c = synthetic.get_config()
   c.data.num_users = 400 * M

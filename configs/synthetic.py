@@ -11,6 +11,7 @@ Usage:
   python -m sass_jax.main --config configs/synthetic.py --workdir runs/syn --mode train
   python -m sass_jax.main --config configs/synthetic.py:sass_base,large --workdir runs/syn_l --mode train
 """
+
 import ml_collections
 
 from configs import base
@@ -20,8 +21,10 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   args = [a.strip() for a in (arg or "sass").split(",") if a.strip()]
   unknown = [a for a in args if a not in ("sass", "sass_base", "large", "xlarge")]
   if unknown:
-    raise ValueError(f"configs/synthetic.py: unknown argument(s) {unknown}; "
-                     "use 'sass' | 'sass_base' and optionally 'large' or 'xlarge'")
+    raise ValueError(
+      f"configs/synthetic.py: unknown argument(s) {unknown}; "
+      "use 'sass' | 'sass_base' and optionally 'large' or 'xlarge'"
+    )
   model = "sass_base" if "sass_base" in args else "sass"
   xlarge = "xlarge" in args
   large = "large" in args or xlarge
@@ -32,7 +35,7 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.num_users = (20_000_000 if xlarge else 1_000_000) if large else 10_000
   c.data.num_items = (10_000_000 if xlarge else 1_000_000) if large else 5_000
   c.data.num_scenarios = 3
-  c.data.num_user_fields = 2      # extra categorical fields derived from the latent clusters
+  c.data.num_user_fields = 2  # extra categorical fields derived from the latent clusters
   c.data.num_item_fields = 2
   c.data.seed = 0
   c.data.latent_dim = 16
@@ -40,8 +43,8 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.scenario_strength = 1.0  # weight of the scenario-specific part of the latent vectors
   c.data.popularity_shared = 0.3  # correlation of item popularity across scenarios
   c.data.zipf_alpha = 0.5 if xlarge else 1.0
-  c.data.ctr = 0.1                # target click rate
-  c.data.signal = 2.5             # logit scale of the standardised latent score
+  c.data.ctr = 0.1  # target click rate
+  c.data.signal = 2.5  # logit scale of the standardised latent score
   c.data.split = (0.8, 0.1, 0.1)
   c.data.min_count = 1
   if large:  # size of this data set: larger batches and more steps

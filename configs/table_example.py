@@ -7,6 +7,7 @@ label = rating >= 1 (its rating is binary). Point ``data.path`` and the column n
     --config.data.path=/data/log.parquet --config.data.scenario_col=page ...
 User / item feature columns are taken per entity from its first row in the file.
 """
+
 import os
 
 import ml_collections
@@ -19,21 +20,21 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "table"
   c.data.path = os.path.join(base.SHARED_DATA, "douban_sample", "douban_sample.csv")
-  c.data.format = "auto"           # 'csv' | 'parquet' | 'auto' (by the file suffix)
+  c.data.format = "auto"  # 'csv' | 'parquet' | 'auto' (by the file suffix)
   c.data.delimiter = ","
   c.data.user_id_col = "user_id"
   c.data.item_id_col = "item_id"
   c.data.scenario_col = "domain"
   c.data.label_col = "rating"
-  c.data.label_threshold = 1.0     # label = float(label_col) >= label_threshold
+  c.data.label_threshold = 1.0  # label = float(label_col) >= label_threshold
   c.data.user_cols = ("living_place", "time_bin")
   c.data.item_cols = ()
-  c.data.multi_hot_cols = ()       # columns of user_cols / item_cols holding lists
-  c.data.separator = "|"           # list separator of multi_hot_cols
-  c.data.max_multi_hot = 0         # 0: keep whole lists
-  c.data.scenarios = None          # allowed scenario values in order (None: all seen, sorted)
+  c.data.multi_hot_cols = ()  # columns of user_cols / item_cols holding lists
+  c.data.separator = "|"  # list separator of multi_hot_cols
+  c.data.max_multi_hot = 0  # 0: keep whole lists
+  c.data.scenarios = None  # allowed scenario values in order (None: all seen, sorted)
   c.data.numeric_ids = False
-  c.data.on_error = "strict"       # 'strict': bad rows raise; 'skip': count and drop them
+  c.data.on_error = "strict"  # 'strict': bad rows raise; 'skip': count and drop them
   # A row repeating the (user, item, scenario) of an earlier row: 'error' (a bad row naming both
   # lines), 'first' | 'last' (one row; the others counted in rows_merged), 'max' (one row with
   # the highest label) or 'keep' (all rows, counted in rows_repeated).

@@ -2,6 +2,7 @@
 
 Size only: a small model and few steps so that a test run takes seconds; not tuned.
 """
+
 from configs import base, movielens
 
 

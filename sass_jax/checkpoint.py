@@ -71,446 +71,448 @@ _PARAMS = "params"
 
 
 def _abstractify(tree: Any) -> Any:
-    """Normalise a restore target to ShapeDtypeStructs with shardings.
+  """Normalise a restore target to ShapeDtypeStructs with shardings.
 
-    * concrete ``jax.Array`` -> ShapeDtypeStruct with the array's sharding;
-    * ``jax.ShapeDtypeStruct`` with ``.sharding`` -> unchanged;
-    * ``jax.ShapeDtypeStruct`` without sharding (e.g. from a plain
-      ``jax.eval_shape``) -> placed on ``jax.local_devices()[0]``
-      (``SingleDeviceSharding``);
-    * ``np.ndarray`` / scalars -> unchanged (restored as that type).
-    """
-    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  * concrete ``jax.Array`` -> ShapeDtypeStruct with the array's sharding;
+  * ``jax.ShapeDtypeStruct`` with ``.sharding`` -> unchanged;
+  * ``jax.ShapeDtypeStruct`` without sharding (e.g. from a plain
+    ``jax.eval_shape``) -> placed on ``jax.local_devices()[0]``
+    (``SingleDeviceSharding``);
+  * ``np.ndarray`` / scalars -> unchanged (restored as that type).
+  """
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-    def one(x):
-        if isinstance(x, jax.Array):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
-        return x
+  def one(x):
+    if isinstance(x, jax.Array):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=default)
+    return x
 
-    return jax.tree.map(one, tree)
+  return jax.tree.map(one, tree)
 
 
 def _restore_args_for(target: Any) -> Any:
-    """``ocp.ArrayRestoreArgs``/``RestoreArgs`` pytree matching `target`.
+  """``ocp.ArrayRestoreArgs``/``RestoreArgs`` pytree matching `target`.
 
-    Each sharded ShapeDtypeStruct leaf is restored as a ``jax.Array`` laid out
-    with its sharding (any mesh: orbax/tensorstore reads only the slices each
-    device needs, so the mesh used at save time is irrelevant); numpy / scalar
-    leaves are restored as their own type.
-    """
-    return ocp.checkpoint_utils.construct_restore_args(target)
+  Each sharded ShapeDtypeStruct leaf is restored as a ``jax.Array`` laid out
+  with its sharding (any mesh: orbax/tensorstore reads only the slices each
+  device needs, so the mesh used at save time is irrelevant); numpy / scalar
+  leaves are restored as their own type.
+  """
+  return ocp.checkpoint_utils.construct_restore_args(target)
 
 
 def _jsonable(obj: Any) -> Any:
-    """Make `obj` acceptable to ``json.dumps``: numpy scalars/arrays ->
-    Python scalars/lists, tuples -> lists, paths -> str, dict keys -> str.
-    Anything else is passed through (``json`` raises TypeError on it)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, jax.Array)):
-        return np.asarray(obj).tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    return obj
+  """Make `obj` acceptable to ``json.dumps``: numpy scalars/arrays ->
+  Python scalars/lists, tuples -> lists, paths -> str, dict keys -> str.
+  Anything else is passed through (``json`` raises TypeError on it)."""
+  if isinstance(obj, dict):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if isinstance(obj, (np.ndarray, jax.Array)):
+    return np.asarray(obj).tolist()
+  if isinstance(obj, os.PathLike):
+    return os.fspath(obj)
+  return obj
 
 
 class Checkpointer:
-    """Orbax CheckpointManager wrapper for one training stage directory.
+  """Orbax CheckpointManager wrapper for one training stage directory.
+
+  Args:
+    directory: Stage directory; created if missing.  Step ``s`` lives in
+      ``<directory>/<s>/{state,metadata,data_state}``.
+    max_to_keep: Keep at most this many most-recent steps; older ones are
+      deleted after each successful save.  ``None`` keeps all.
+    save_interval_steps: :meth:`save` only writes when
+      ``step % save_interval_steps == 0`` (unless ``force=True``).
+    async_save: If True, array data is written in a background thread and
+      :meth:`save` returns once device buffers are copied to host; call
+      :meth:`wait_until_finished` (or :meth:`close`) before relying on the
+      files.  :meth:`restore` / :meth:`restore_params` wait for pending
+      saves first.
+
+  Usable as a context manager (``with Checkpointer(d) as ckpt: ...``),
+  which calls :meth:`close` on exit.
+  """
+
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    max_to_keep: int | None = 3,
+    save_interval_steps: int = 1,
+    async_save: bool = False,
+  ):
+    self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    # Steps skipped by the last restore with step=None because they could not be read.
+    self.unreadable_steps: list[int] = []
+    # The step the last successful restore read (None before any).
+    self.restored_step: int | None = None
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      save_interval_steps=save_interval_steps,
+      enable_async_checkpointing=async_save,
+      create=True,
+      # Remove tmp dirs left behind by interrupted saves.
+      cleanup_tmp_directories=True,
+    )
+    self._mngr = ocp.CheckpointManager(
+      self.directory,
+      options=options,
+      item_handlers={
+        _STATE: ocp.PyTreeCheckpointHandler(),
+        _METADATA: ocp.JsonCheckpointHandler(),
+        _DATA_STATE: ocp.JsonCheckpointHandler(),
+      },
+    )
+
+  # ------------------------------------------------------------------ save
+  def save(
+    self,
+    step: int,
+    state: Any,
+    *,
+    metadata: dict | None = None,
+    data_state: dict | None = None,
+    force: bool = False,
+  ) -> bool:
+    """Save `state` plus JSON `metadata` / `data_state` as step `step`.
 
     Args:
-      directory: Stage directory; created if missing.  Step ``s`` lives in
-        ``<directory>/<s>/{state,metadata,data_state}``.
-      max_to_keep: Keep at most this many most-recent steps; older ones are
-        deleted after each successful save.  ``None`` keeps all.
-      save_interval_steps: :meth:`save` only writes when
-        ``step % save_interval_steps == 0`` (unless ``force=True``).
-      async_save: If True, array data is written in a background thread and
-        :meth:`save` returns once device buffers are copied to host; call
-        :meth:`wait_until_finished` (or :meth:`close`) before relying on the
-        files.  :meth:`restore` / :meth:`restore_params` wait for pending
-        saves first.
+      step: Integer step number (directory name).  Must be greater than
+        :meth:`latest_step` (orbax skips non-increasing steps unless
+        ``force``; forcing an existing step raises).
+      state: Pytree of ``jax.Array`` (possibly sharded over a Mesh),
+        ``np.ndarray``, numpy or Python scalars -- typically a
+        ``flax.struct.PyTreeNode`` with ``step``/``params``/``opt_state``/
+        ``rng``.  Its top level must expose ``params`` (attribute or dict
+        key) for :meth:`restore_params`.
+      metadata: JSON-like dict (config, stage name, ...); ``{}`` is
+        stored if None.  numpy scalars/arrays, tuples and paths are
+        converted to JSON types first (so they come back as Python
+        scalars / lists / str).
+      data_state: Optional JSON-like input-iterator state (same
+        conversion); not written if None.
+      force: Save even if ``save_interval_steps`` says not to.
 
-    Usable as a context manager (``with Checkpointer(d) as ckpt: ...``),
-    which calls :meth:`close` on exit.
+    Returns:
+      True if a checkpoint was written (or, with ``async_save``, started).
+
+    Raises:
+      orbax ``StepAlreadyExistsError`` (a ValueError) if ``force`` and the
+      step already exists; TypeError from ``json`` for non-serialisable
+      metadata; whatever the write raised (e.g. a full disk), after the
+      step's temporary directory has been removed (:meth:`discard_partial`).
+    """
+    items = {
+      _STATE: ocp.args.PyTreeSave(state),
+      _METADATA: ocp.args.JsonSave(_jsonable(dict(metadata or {}))),
+    }
+    if data_state is not None:
+      items[_DATA_STATE] = ocp.args.JsonSave(_jsonable(data_state))
+    try:
+      return bool(self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force))
+    except BaseException:
+      self.discard_partial(step)
+      raise
+
+  def discard_partial(self, step: int) -> list[str]:
+    """Remove the temporary directories of an interrupted save of ``step``
+    (``<dir>/<step>.orbax-checkpoint-tmp*``; process 0), so that a failed
+    save (disk full, ...) leaves nothing half-written. Returns their names."""
+    if jax.process_index() != 0:
+      return []
+    gone = []
+    for p in self.directory.glob(f"{int(step)}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(os.fspath(p), ignore_errors=True)
+      gone.append(p.name)
+    return gone
+
+  # ----------------------------------------------------------------- query
+  def _refresh(self) -> None:
+    """Re-read the step list from disk (sees steps written by other
+    processes), unless an async save of ours is in flight -- reloading
+    then would drop that step from orbax's bookkeeping."""
+    if not self._mngr.is_saving_in_progress():
+      self._mngr.reload()
+
+  def latest_step(self) -> int | None:
+    """Largest saved step in the directory, or None if there is none.
+
+    With ``async_save`` this includes a step whose write is still in
+    flight; :meth:`restore` waits for it.  Interrupted saves never count.
+    """
+    self._refresh()
+    step = self._mngr.latest_step()
+    return None if step is None else int(step)
+
+  def all_steps(self) -> list[int]:
+    """Sorted list of saved steps (same caveat as :meth:`latest_step`)."""
+    self._refresh()
+    return sorted(int(s) for s in self._mngr.all_steps())
+
+  def _candidates(self, step: int | None) -> list[int]:
+    """Wait for pending saves, then the steps to try: ``[step]`` if given
+    (FileNotFoundError naming the directory if it does not exist), else
+    every saved step, newest first (FileNotFoundError if none)."""
+    self._mngr.wait_until_finished()
+    self._mngr.reload()
+    steps = sorted(int(s) for s in self._mngr.all_steps())
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"No checkpoint found in directory {self.directory}")
+      return steps[::-1]
+    step = int(step)
+    if step not in steps:
+      raise FileNotFoundError(
+        f"No checkpoint for step {step} in directory {self.directory} (available steps: {steps})"
+      )
+    return [step]
+
+  def _restore_with_fallback(
+    self,
+    step: int | None,
+    restore_one: Callable[[int], Any],
+    metadata_only: bool = False,
+  ) -> Any:
+    """``restore_one(s)`` for the requested step; with ``step=None`` for
+    the newest step that restores, warning about each newer one that fails.
+    Sets :attr:`restored_step` to the step that restored.
+
+    ``metadata_only``: ``restore_one`` reads only the JSON metadata; a
+    failure is then reported as unreadable metadata (the step's state may
+    be fine) and does not count in :attr:`unreadable_steps`.
+
+    Raises the newest step's error if no step restores (an explicit
+    ``step`` is never replaced by another).
+    """
+    candidates = self._candidates(step)
+    failed: list[tuple[int, Exception]] = []
+    for i, s in enumerate(candidates):
+      try:
+        out = restore_one(s)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        if step is not None:
+          raise
+        failed.append((s, e))
+        more = i + 1 < len(candidates)
+        why = (type(e).__name__, (str(e).splitlines() or [""])[0][:300])
+        if metadata_only:
+          log.warning(
+            "the metadata of checkpoint step %d in %s is unreadable (%s: %s); %s",
+            s,
+            self.directory,
+            *why,
+            f"reading that of step {candidates[i + 1]} instead" if more else "no older step left",
+          )
+        else:
+          log.warning(
+            "checkpoint step %d in %s could not be restored (%s: %s); %s",
+            s,
+            self.directory,
+            *why,
+            f"falling back to step {candidates[i + 1]}" if more else "no older step left",
+          )
+        continue
+      if not metadata_only:
+        self.unreadable_steps = [f for f, _ in failed]
+      self.restored_step = s
+      return out
+    raise failed[0][1]
+
+  def set_aside_unreadable(self) -> list[int]:
+    """Rename the steps the last restore skipped (:attr:`unreadable_steps`)
+    to ``<dir>/<step>.unreadable`` (kept for inspection, invisible to
+    orbax), so that those step numbers can be saved again.  Process 0
+    renames; every process must call this.  Returns the steps moved."""
+    moved = sorted(self.unreadable_steps)
+    if moved and jax.process_index() == 0:
+      for s in moved:
+        src = self._step_dir(s)
+        dst = self.directory / f"{s}.unreadable"
+        n = 1
+        while dst.exists():
+          dst = self.directory / f"{s}.unreadable.{n}"
+          n += 1
+        if src.exists():
+          src.rename(dst)
+          log.warning("moved unreadable checkpoint %s to %s", src, dst)
+    if moved and jax.process_count() > 1:
+      ocp.multihost.sync_global_processes("sass_jax_set_aside_unreadable")
+    self.unreadable_steps = []
+    self._mngr.reload()
+    return moved
+
+  def reached_preemption(self, step: int) -> bool:
+    """True when JAX's preemption service (multi-process runs started with
+    ``jax.distributed.initialize``) has been notified of a preemption and
+    ``step`` is the sync point every process agrees to stop at; False
+    otherwise (always False in a single process)."""
+    return bool(self._mngr.reached_preemption(int(step)))
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
+  # --------------------------------------------------------------- restore
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict | None]:
+    """Restore the full state, metadata and data-iterator state.
+
+    Args:
+      abstract_state: Pytree with the structure of the saved state (e.g.
+        the same ``flax.struct`` dataclass) whose leaves are
+        ``jax.ShapeDtypeStruct`` -- each with ``.sharding`` (e.g. a
+        ``NamedSharding`` on the *current* mesh, which may differ from the
+        mesh used at save time; without sharding the leaf goes to the
+        first local device) -- or concrete arrays whose shardings are
+        used (their values are ignored).
+        Typical: ``jax.eval_shape(init_fn)`` with shardings attached.
+      step: Step to restore; None -> :meth:`latest_step`, falling back
+        to older steps (with a warning) if it cannot be read.
+
+    Returns:
+      ``(state, metadata, data_state)``: ``state`` has the pytree
+      structure (dataclass type included) of ``abstract_state`` with
+      arrays of the saved values, shapes and dtypes laid out as
+      requested; ``metadata`` is the saved dict; ``data_state`` is the
+      saved dict or None if none was saved.
+
+    Raises:
+      FileNotFoundError: no checkpoint (at `step`) in the directory; the
+        message names the directory.
+      ValueError: `abstract_state` structure does not match the saved tree.
+    """
+    abstract_state = _abstractify(abstract_state)
+
+    def restore_one(step):
+      items = {
+        _STATE: ocp.args.PyTreeRestore(
+          item=abstract_state,
+          restore_args=_restore_args_for(abstract_state),
+        ),
+        _METADATA: ocp.args.JsonRestore(),
+      }
+      has_data_state = (self._step_dir(step) / _DATA_STATE).exists()
+      if has_data_state:
+        items[_DATA_STATE] = ocp.args.JsonRestore()
+      try:
+        restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        metadata = restored[_METADATA]
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        # Only the metadata unreadable? Then restore the step without it.
+        del items[_METADATA]
+        restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        log.warning(
+          "the metadata of checkpoint step %d in %s is unreadable (%s: %s); "
+          "restored the step's state without it",
+          step,
+          self.directory,
+          type(e).__name__,
+          (str(e).splitlines() or [""])[0][:300],
+        )
+        metadata = {}
+      data_state = restored[_DATA_STATE] if has_data_state else None
+      return restored[_STATE], dict(metadata or {}), data_state
+
+    return self._restore_with_fallback(step, restore_one)
+
+  def restore_metadata(self, step: int | None = None) -> dict:
+    """The JSON ``metadata`` dict saved with a step (None -> latest, with
+    the same fallback as :meth:`restore`); nothing else is read.
+
+    Raises:
+      FileNotFoundError: no checkpoint (at `step`) in the directory.
     """
 
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        *,
-        max_to_keep: int | None = 3,
-        save_interval_steps: int = 1,
-        async_save: bool = False,
-    ):
-        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
-        # Steps skipped by the last restore with step=None because they could not be read.
-        self.unreadable_steps: list[int] = []
-        # The step the last successful restore read (None before any).
-        self.restored_step: int | None = None
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=async_save,
-            create=True,
-            # Remove tmp dirs left behind by interrupted saves.
-            cleanup_tmp_directories=True,
-        )
-        self._mngr = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            item_handlers={
-                _STATE: ocp.PyTreeCheckpointHandler(),
-                _METADATA: ocp.JsonCheckpointHandler(),
-                _DATA_STATE: ocp.JsonCheckpointHandler(),
-            },
-        )
+    def restore_one(step):
+      restored = self._mngr.restore(
+        step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
+      )
+      return dict(restored[_METADATA] or {})
 
-    # ------------------------------------------------------------------ save
-    def save(
-        self,
-        step: int,
-        state: Any,
-        *,
-        metadata: dict | None = None,
-        data_state: dict | None = None,
-        force: bool = False,
-    ) -> bool:
-        """Save `state` plus JSON `metadata` / `data_state` as step `step`.
+    return self._restore_with_fallback(step, restore_one, metadata_only=True)
 
-        Args:
-          step: Integer step number (directory name).  Must be greater than
-            :meth:`latest_step` (orbax skips non-increasing steps unless
-            ``force``; forcing an existing step raises).
-          state: Pytree of ``jax.Array`` (possibly sharded over a Mesh),
-            ``np.ndarray``, numpy or Python scalars -- typically a
-            ``flax.struct.PyTreeNode`` with ``step``/``params``/``opt_state``/
-            ``rng``.  Its top level must expose ``params`` (attribute or dict
-            key) for :meth:`restore_params`.
-          metadata: JSON-like dict (config, stage name, ...); ``{}`` is
-            stored if None.  numpy scalars/arrays, tuples and paths are
-            converted to JSON types first (so they come back as Python
-            scalars / lists / str).
-          data_state: Optional JSON-like input-iterator state (same
-            conversion); not written if None.
-          force: Save even if ``save_interval_steps`` says not to.
+  def restore_fields(self, abstract_fields: dict, step: int | None = None) -> dict:
+    """Restore only the named top-level fields of the saved state.
 
-        Returns:
-          True if a checkpoint was written (or, with ``async_save``, started).
+    ``abstract_fields`` maps field names (e.g. ``'params'``, ``'model_state'``) to
+    pytrees of abstract leaves as in :meth:`restore`. Uses orbax partial restore, so
+    nothing else is read from disk. Returns a dict with the same keys. Empty fields
+    (e.g. ``model_state={}``) are returned as given without reading.
 
-        Raises:
-          orbax ``StepAlreadyExistsError`` (a ValueError) if ``force`` and the
-          step already exists; TypeError from ``json`` for non-serialisable
-          metadata; whatever the write raised (e.g. a full disk), after the
-          step's temporary directory has been removed (:meth:`discard_partial`).
-        """
-        items = {
-            _STATE: ocp.args.PyTreeSave(state),
-            _METADATA: ocp.args.JsonSave(_jsonable(dict(metadata or {}))),
-        }
-        if data_state is not None:
-            items[_DATA_STATE] = ocp.args.JsonSave(_jsonable(data_state))
-        try:
-            return bool(
-                self._mngr.save(int(step), args=ocp.args.Composite(**items), force=force)
+    Raises:
+      FileNotFoundError: no checkpoint (at `step`) in the directory.
+      ValueError: structure mismatch with the saved state.
+    """
+    wanted = {k: v for k, v in abstract_fields.items() if jax.tree.leaves(v)}
+    out = {k: v for k, v in abstract_fields.items() if k not in wanted}
+    if not wanted:
+      # FileNotFoundError if there is no such step
+      self.restored_step = self._candidates(step)[0]
+      return out
+    item = {k: _abstractify(v) for k, v in wanted.items()}
+
+    def restore_one(step):
+      restored = self._mngr.restore(
+        step,
+        args=ocp.args.Composite(
+          **{
+            _STATE: ocp.args.PyTreeRestore(
+              item=item,
+              restore_args=_restore_args_for(item),
+              partial_restore=True,
             )
-        except BaseException:
-            self.discard_partial(step)
-            raise
+          }
+        ),
+      )
+      st = restored[_STATE]
+      return {k: st[k] if isinstance(st, dict) else getattr(st, k) for k in wanted}
 
-    def discard_partial(self, step: int) -> list[str]:
-        """Remove the temporary directories of an interrupted save of ``step``
-        (``<dir>/<step>.orbax-checkpoint-tmp*``; process 0), so that a failed
-        save (disk full, ...) leaves nothing half-written. Returns their names."""
-        if jax.process_index() != 0:
-            return []
-        gone = []
-        for p in self.directory.glob(f"{int(step)}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(os.fspath(p), ignore_errors=True)
-            gone.append(p.name)
-        return gone
+    return {**out, **self._restore_with_fallback(step, restore_one)}
 
-    # ----------------------------------------------------------------- query
-    def _refresh(self) -> None:
-        """Re-read the step list from disk (sees steps written by other
-        processes), unless an async save of ours is in flight -- reloading
-        then would drop that step from orbax's bookkeeping."""
-        if not self._mngr.is_saving_in_progress():
-            self._mngr.reload()
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+    """Restore only ``state.params`` (for evaluation).
 
-    def latest_step(self) -> int | None:
-        """Largest saved step in the directory, or None if there is none.
+    Uses orbax partial restore (``ocp.args.PyTreeRestore(item=
+    {'params': abstract_params}, partial_restore=True)``): only the
+    ``params`` leaves are read from disk; optimiser state, step and rng
+    are never read.
 
-        With ``async_save`` this includes a step whose write is still in
-        flight; :meth:`restore` waits for it.  Interrupted saves never count.
-        """
-        self._refresh()
-        step = self._mngr.latest_step()
-        return None if step is None else int(step)
+    Args:
+      abstract_params: Pytree with the structure of the saved
+        ``state.params`` (nested dict), leaves as in :meth:`restore`
+        (ShapeDtypeStruct with/without sharding or concrete arrays).
+      step: Step to restore; None -> latest (falling back to older steps
+        with a warning if it cannot be read).
 
-    def all_steps(self) -> list[int]:
-        """Sorted list of saved steps (same caveat as :meth:`latest_step`)."""
-        self._refresh()
-        return sorted(int(s) for s in self._mngr.all_steps())
+    Returns:
+      The params pytree (structure of `abstract_params`).
 
-    def _candidates(self, step: int | None) -> list[int]:
-        """Wait for pending saves, then the steps to try: ``[step]`` if given
-        (FileNotFoundError naming the directory if it does not exist), else
-        every saved step, newest first (FileNotFoundError if none)."""
-        self._mngr.wait_until_finished()
-        self._mngr.reload()
-        steps = sorted(int(s) for s in self._mngr.all_steps())
-        if step is None:
-            if not steps:
-                raise FileNotFoundError(
-                    f"No checkpoint found in directory {self.directory}"
-                )
-            return steps[::-1]
-        step = int(step)
-        if step not in steps:
-            raise FileNotFoundError(
-                f"No checkpoint for step {step} in directory {self.directory} "
-                f"(available steps: {steps})"
-            )
-        return [step]
+    Raises:
+      FileNotFoundError: no checkpoint (at `step`) in the directory.
+      ValueError: structure mismatch with the saved ``params``.
+    """
+    return self.restore_fields({_PARAMS: abstract_params}, step)[_PARAMS]
 
-    def _restore_with_fallback(
-        self, step: int | None, restore_one: Callable[[int], Any],
-        metadata_only: bool = False,
-    ) -> Any:
-        """``restore_one(s)`` for the requested step; with ``step=None`` for
-        the newest step that restores, warning about each newer one that fails.
-        Sets :attr:`restored_step` to the step that restored.
+  # ------------------------------------------------------------- lifecycle
+  def wait_until_finished(self) -> None:
+    """Block until any in-flight (async) save is finalised."""
+    self._mngr.wait_until_finished()
 
-        ``metadata_only``: ``restore_one`` reads only the JSON metadata; a
-        failure is then reported as unreadable metadata (the step's state may
-        be fine) and does not count in :attr:`unreadable_steps`.
+  def close(self) -> None:
+    """Wait for pending saves and release orbax resources."""
+    self._mngr.wait_until_finished()
+    self._mngr.close()
 
-        Raises the newest step's error if no step restores (an explicit
-        ``step`` is never replaced by another).
-        """
-        candidates = self._candidates(step)
-        failed: list[tuple[int, Exception]] = []
-        for i, s in enumerate(candidates):
-            try:
-                out = restore_one(s)
-            except Exception as e:  # pylint: disable=broad-exception-caught
-                if step is not None:
-                    raise
-                failed.append((s, e))
-                more = i + 1 < len(candidates)
-                why = (type(e).__name__, (str(e).splitlines() or [''])[0][:300])
-                if metadata_only:
-                    log.warning(
-                        "the metadata of checkpoint step %d in %s is unreadable (%s: %s); %s",
-                        s, self.directory, *why,
-                        f"reading that of step {candidates[i + 1]} instead" if more
-                        else "no older step left",
-                    )
-                else:
-                    log.warning(
-                        "checkpoint step %d in %s could not be restored (%s: %s); %s",
-                        s, self.directory, *why,
-                        f"falling back to step {candidates[i + 1]}" if more
-                        else "no older step left",
-                    )
-                continue
-            if not metadata_only:
-                self.unreadable_steps = [f for f, _ in failed]
-            self.restored_step = s
-            return out
-        raise failed[0][1]
+  def __enter__(self) -> "Checkpointer":
+    return self
 
-    def set_aside_unreadable(self) -> list[int]:
-        """Rename the steps the last restore skipped (:attr:`unreadable_steps`)
-        to ``<dir>/<step>.unreadable`` (kept for inspection, invisible to
-        orbax), so that those step numbers can be saved again.  Process 0
-        renames; every process must call this.  Returns the steps moved."""
-        moved = sorted(self.unreadable_steps)
-        if moved and jax.process_index() == 0:
-            for s in moved:
-                src = self._step_dir(s)
-                dst = self.directory / f"{s}.unreadable"
-                n = 1
-                while dst.exists():
-                    dst = self.directory / f"{s}.unreadable.{n}"
-                    n += 1
-                if src.exists():
-                    src.rename(dst)
-                    log.warning("moved unreadable checkpoint %s to %s", src, dst)
-        if moved and jax.process_count() > 1:
-            ocp.multihost.sync_global_processes("sass_jax_set_aside_unreadable")
-        self.unreadable_steps = []
-        self._mngr.reload()
-        return moved
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self.close()
 
-    def reached_preemption(self, step: int) -> bool:
-        """True when JAX's preemption service (multi-process runs started with
-        ``jax.distributed.initialize``) has been notified of a preemption and
-        ``step`` is the sync point every process agrees to stop at; False
-        otherwise (always False in a single process)."""
-        return bool(self._mngr.reached_preemption(int(step)))
-
-    def _step_dir(self, step: int) -> epath.Path:
-        return self.directory / str(step)
-
-    # --------------------------------------------------------------- restore
-    def restore(
-        self, abstract_state: Any, step: int | None = None
-    ) -> tuple[Any, dict, dict | None]:
-        """Restore the full state, metadata and data-iterator state.
-
-        Args:
-          abstract_state: Pytree with the structure of the saved state (e.g.
-            the same ``flax.struct`` dataclass) whose leaves are
-            ``jax.ShapeDtypeStruct`` -- each with ``.sharding`` (e.g. a
-            ``NamedSharding`` on the *current* mesh, which may differ from the
-            mesh used at save time; without sharding the leaf goes to the
-            first local device) -- or concrete arrays whose shardings are
-            used (their values are ignored).
-            Typical: ``jax.eval_shape(init_fn)`` with shardings attached.
-          step: Step to restore; None -> :meth:`latest_step`, falling back
-            to older steps (with a warning) if it cannot be read.
-
-        Returns:
-          ``(state, metadata, data_state)``: ``state`` has the pytree
-          structure (dataclass type included) of ``abstract_state`` with
-          arrays of the saved values, shapes and dtypes laid out as
-          requested; ``metadata`` is the saved dict; ``data_state`` is the
-          saved dict or None if none was saved.
-
-        Raises:
-          FileNotFoundError: no checkpoint (at `step`) in the directory; the
-            message names the directory.
-          ValueError: `abstract_state` structure does not match the saved tree.
-        """
-        abstract_state = _abstractify(abstract_state)
-
-        def restore_one(step):
-            items = {
-                _STATE: ocp.args.PyTreeRestore(
-                    item=abstract_state,
-                    restore_args=_restore_args_for(abstract_state),
-                ),
-                _METADATA: ocp.args.JsonRestore(),
-            }
-            has_data_state = (self._step_dir(step) / _DATA_STATE).exists()
-            if has_data_state:
-                items[_DATA_STATE] = ocp.args.JsonRestore()
-            try:
-                restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-                metadata = restored[_METADATA]
-            except Exception as e:  # pylint: disable=broad-exception-caught
-                # Only the metadata unreadable? Then restore the step without it.
-                del items[_METADATA]
-                restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
-                log.warning(
-                    "the metadata of checkpoint step %d in %s is unreadable (%s: %s); "
-                    "restored the step's state without it", step, self.directory,
-                    type(e).__name__, (str(e).splitlines() or [''])[0][:300])
-                metadata = {}
-            data_state = restored[_DATA_STATE] if has_data_state else None
-            return restored[_STATE], dict(metadata or {}), data_state
-
-        return self._restore_with_fallback(step, restore_one)
-
-    def restore_metadata(self, step: int | None = None) -> dict:
-        """The JSON ``metadata`` dict saved with a step (None -> latest, with
-        the same fallback as :meth:`restore`); nothing else is read.
-
-        Raises:
-          FileNotFoundError: no checkpoint (at `step`) in the directory.
-        """
-        def restore_one(step):
-            restored = self._mngr.restore(
-                step, args=ocp.args.Composite(**{_METADATA: ocp.args.JsonRestore()})
-            )
-            return dict(restored[_METADATA] or {})
-
-        return self._restore_with_fallback(step, restore_one, metadata_only=True)
-
-    def restore_fields(self, abstract_fields: dict, step: int | None = None) -> dict:
-        """Restore only the named top-level fields of the saved state.
-
-        ``abstract_fields`` maps field names (e.g. ``'params'``, ``'model_state'``) to
-        pytrees of abstract leaves as in :meth:`restore`. Uses orbax partial restore, so
-        nothing else is read from disk. Returns a dict with the same keys. Empty fields
-        (e.g. ``model_state={}``) are returned as given without reading.
-
-        Raises:
-          FileNotFoundError: no checkpoint (at `step`) in the directory.
-          ValueError: structure mismatch with the saved state.
-        """
-        wanted = {k: v for k, v in abstract_fields.items() if jax.tree.leaves(v)}
-        out = {k: v for k, v in abstract_fields.items() if k not in wanted}
-        if not wanted:
-            # FileNotFoundError if there is no such step
-            self.restored_step = self._candidates(step)[0]
-            return out
-        item = {k: _abstractify(v) for k, v in wanted.items()}
-
-        def restore_one(step):
-            restored = self._mngr.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        _STATE: ocp.args.PyTreeRestore(
-                            item=item,
-                            restore_args=_restore_args_for(item),
-                            partial_restore=True,
-                        )
-                    }
-                ),
-            )
-            st = restored[_STATE]
-            return {k: st[k] if isinstance(st, dict) else getattr(st, k) for k in wanted}
-
-        return {**out, **self._restore_with_fallback(step, restore_one)}
-
-    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
-        """Restore only ``state.params`` (for evaluation).
-
-        Uses orbax partial restore (``ocp.args.PyTreeRestore(item=
-        {'params': abstract_params}, partial_restore=True)``): only the
-        ``params`` leaves are read from disk; optimiser state, step and rng
-        are never read.
-
-        Args:
-          abstract_params: Pytree with the structure of the saved
-            ``state.params`` (nested dict), leaves as in :meth:`restore`
-            (ShapeDtypeStruct with/without sharding or concrete arrays).
-          step: Step to restore; None -> latest (falling back to older steps
-            with a warning if it cannot be read).
-
-        Returns:
-          The params pytree (structure of `abstract_params`).
-
-        Raises:
-          FileNotFoundError: no checkpoint (at `step`) in the directory.
-          ValueError: structure mismatch with the saved ``params``.
-        """
-        return self.restore_fields({_PARAMS: abstract_params}, step)[_PARAMS]
-
-    # ------------------------------------------------------------- lifecycle
-    def wait_until_finished(self) -> None:
-        """Block until any in-flight (async) save is finalised."""
-        self._mngr.wait_until_finished()
-
-    def close(self) -> None:
-        """Wait for pending saves and release orbax resources."""
-        self._mngr.wait_until_finished()
-        self._mngr.close()
-
-    def __enter__(self) -> "Checkpointer":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"Checkpointer({str(self.directory)!r})"
+  def __repr__(self) -> str:
+    return f"Checkpointer({str(self.directory)!r})"

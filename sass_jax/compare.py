@@ -23,6 +23,7 @@ Runs live in ``WORKDIR/runs/<variant>/<grid point>/seed<s>``; every run shares t
 once in ``WORKDIR/data`` and is skipped when its metrics already exist, so an interrupted
 comparison resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import copy
@@ -45,14 +46,13 @@ log = logging.getLogger("sass_jax")
 # Config variants beyond the registered models: variant name -> config overrides (dotted path ->
 # value). SASS-Base is SASS without pre-training (docs/design.md §2).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "sass_base": {"model.name": "sass", "pretrain.num_steps": 0},
-    # Ablations (docs/design.md §2 and 1): the two readings of the pre-training pairs, and the
-    # gates off (plain sum of the global and scenario paths).
-    "sass_user_item": {"model.name": "sass", "pretrain.pairs": "user_item"},
-    "sass_scenario_views": {"model.name": "sass", "pretrain.pairs": "scenario_views"},
-    "sass_no_gates": {"model.name": "sass", "model.gate_style": "none"},
-    "sass_base_no_gates": {"model.name": "sass", "pretrain.num_steps": 0,
-                           "model.gate_style": "none"},
+  "sass_base": {"model.name": "sass", "pretrain.num_steps": 0},
+  # Ablations (docs/design.md §2 and 1): the two readings of the pre-training pairs, and the
+  # gates off (plain sum of the global and scenario paths).
+  "sass_user_item": {"model.name": "sass", "pretrain.pairs": "user_item"},
+  "sass_scenario_views": {"model.name": "sass", "pretrain.pairs": "scenario_views"},
+  "sass_no_gates": {"model.name": "sass", "model.gate_style": "none"},
+  "sass_base_no_gates": {"model.name": "sass", "pretrain.num_steps": 0, "model.gate_style": "none"},
 }
 TABLE_METRICS = ("recall@50", "ndcg@50", "hitrate@50", "auc")
 
@@ -62,8 +62,10 @@ def known_variants() -> dict[str, dict[str, Any]]:
   model under its own name (with ``pretrain.num_steps = 0`` unless its entry ``pretrains``:
   the baselines have no pre-training stage, docs/design.md §3; 'sass' runs the config's
   pre-training settings), then ``VARIANTS``."""
-  out = {name: {"model.name": name} if e.pretrains else
-         {"model.name": name, "pretrain.num_steps": 0} for name, e in registry.MODELS.items()}
+  out = {
+    name: {"model.name": name} if e.pretrains else {"model.name": name, "pretrain.num_steps": 0}
+    for name, e in registry.MODELS.items()
+  }
   return {**out, **VARIANTS}
 
 
@@ -72,8 +74,11 @@ def _set(cfg, path: str, value):
   *parents, leaf = path.split(".")
   for p in parents:
     node = node[p]
-  node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and not \
-      isinstance(node[leaf], bool) else value
+  node[leaf] = (
+    type(node[leaf])(value)
+    if isinstance(node[leaf], (int, float)) and not isinstance(node[leaf], bool)
+    else value
+  )
 
 
 def grid_points(cfg) -> list[dict[str, Any]]:
@@ -84,15 +89,22 @@ def grid_points(cfg) -> list[dict[str, Any]]:
   lrs = tuple(cc.learning_rates) or (cfg.train.learning_rate,)
   taus = tuple(cc.taus) or (cfg.model.tau,)
   widths = tuple(cc.widths) or (tuple(cfg.model.widths),)
-  return [{"train.learning_rate": float(lr), "model.tau": float(tau),
-           "model.widths": tuple(int(w) for w in ws)}
-          for lr, tau, ws in itertools.product(lrs, taus, widths)]
+  return [
+    {
+      "train.learning_rate": float(lr),
+      "model.tau": float(tau),
+      "model.widths": tuple(int(w) for w in ws),
+    }
+    for lr, tau, ws in itertools.product(lrs, taus, widths)
+  ]
 
 
 def point_tag(point: dict[str, Any]) -> str:
   """A directory-safe name of a grid point, e.g. 'lr0.001_tau0.2_w256-128'."""
-  return (f"lr{point['train.learning_rate']:g}_tau{point['model.tau']:g}_"
-          f"w{'-'.join(str(w) for w in point['model.widths'])}")
+  return (
+    f"lr{point['train.learning_rate']:g}_tau{point['model.tau']:g}_"
+    f"w{'-'.join(str(w) for w in point['model.widths'])}"
+  )
 
 
 def run_config(cfg, variant: str, point: dict[str, Any], seed: int):
@@ -100,8 +112,7 @@ def run_config(cfg, variant: str, point: dict[str, Any], seed: int):
   values set. Raises ValueError for an unknown variant."""
   known = known_variants()
   if variant not in known:
-    raise ValueError(f"config.compare.models has {variant!r}; expected names from "
-                     f"{sorted(known)}")
+    raise ValueError(f"config.compare.models has {variant!r}; expected names from {sorted(known)}")
   c = copy.deepcopy(cfg)
   for path, value in {**known[variant], **point}.items():
     _set(c, path, value)
@@ -141,8 +152,11 @@ def _same_protocol(metrics: dict, cfg) -> bool:
   is evaluated again (its training is reused)."""
   e = cfg.eval
   ks_saved = {int(m.split("@")[1]) for m in metrics.get("overall", {}) if m.startswith("recall@")}
-  return (metrics.get("corpus", "all") == e.corpus
-          and metrics.get("mask", "train") == e.mask and set(map(int, e.ks)) <= ks_saved)
+  return (
+    metrics.get("corpus", "all") == e.corpus
+    and metrics.get("mask", "train") == e.mask
+    and set(map(int, e.ks)) <= ks_saved
+  )
 
 
 def _select_value(metrics: dict, metric: str) -> float:
@@ -183,10 +197,15 @@ def compare(cfg, workdir: str | Path, command: str = "") -> dict:
       res = _run(run_config(cfg, v, point, seeds[0]), workdir, rd, splits) if splits else {}
       if splits:
         val = _select_value(res["valid"], ccfg.select_metric)
-        tuning.append({"model": v, "point": point_tag(point), **point,
-                       ccfg.select_metric: val})
-        log.info("compare %s %s: valid %s %.4f (%.0fs)", v, point_tag(point),
-                 ccfg.select_metric, val, time.time() - t)
+        tuning.append({"model": v, "point": point_tag(point), **point, ccfg.select_metric: val})
+        log.info(
+          "compare %s %s: valid %s %.4f (%.0fs)",
+          v,
+          point_tag(point),
+          ccfg.select_metric,
+          val,
+          time.time() - t,
+        )
         if val > best_val:
           best, best_val = point, val
     best = best or points[0]
@@ -195,24 +214,49 @@ def compare(cfg, workdir: str | Path, command: str = "") -> dict:
       rd = workdir / "runs" / v / point_tag(best) / f"seed{s}"
       t = time.time()
       res = _run(run_config(cfg, v, best, s), workdir, rd, ("test",))
-      runs.append({"model": v, "point": point_tag(best), "seed": s, "split": "test",
-                   "metrics": res["test"]})
-      log.info("compare %s seed %d: test overall recall@50 %.4f (%.0fs)", v, s,
-               res["test"]["overall"].get("recall@50", float("nan")), time.time() - t)
+      runs.append(
+        {"model": v, "point": point_tag(best), "seed": s, "split": "test", "metrics": res["test"]}
+      )
+      log.info(
+        "compare %s seed %d: test overall recall@50 %.4f (%.0fs)",
+        v,
+        s,
+        res["test"]["overall"].get("recall@50", float("nan")),
+        time.time() - t,
+      )
     # Written after every model, so a long comparison has a partial table to look at.
-    results = _results(cfg, data, name, seeds, variants[: variants.index(v) + 1], points,
-                       chosen, tuning, runs, time.time() - t_all)
+    results = _results(
+      cfg,
+      data,
+      name,
+      seeds,
+      variants[: variants.index(v) + 1],
+      points,
+      chosen,
+      tuning,
+      runs,
+      time.time() - t_all,
+    )
     results["command"] = command
     write_results(results, Path(ccfg.results_dir))
   return results
 
 
 def _results(cfg, data, name, seeds, variants, points, chosen, tuning, runs, wall_s) -> dict:
-  return {"name": name, "dataset": data.manifest.get("dataset", cfg.data.name),
-          "scenarios": list(data.scenario_names), "seeds": seeds, "models": list(variants),
-          "grid": [dict(p, tag=point_tag(p)) for p in points], "chosen": dict(chosen),
-          "select_metric": cfg.compare.select_metric, "tuning": list(tuning), "runs": list(runs),
-          "wall_s": wall_s, "config": json.loads(json.dumps(cfg.to_dict(), default=str))}
+  return {
+    "name": name,
+    "dataset": data.manifest.get("dataset", cfg.data.name),
+    "scenarios": list(data.scenario_names),
+    "seeds": seeds,
+    "models": list(variants),
+    "grid": [dict(p, tag=point_tag(p)) for p in points],
+    "chosen": dict(chosen),
+    "select_metric": cfg.compare.select_metric,
+    "tuning": list(tuning),
+    "runs": list(runs),
+    "wall_s": wall_s,
+    "config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+  }
 
 
 def summarize_runs(results: dict) -> dict:
@@ -236,16 +280,26 @@ def summarize_runs(results: dict) -> dict:
         std = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
         out[model][g][met] = (float(np.mean(vals)), std, len(vals))
   if pop is not None:
-    out["popularity"] = {g: {met: (float((pop["overall"] if g == "overall" else
-                                          pop["scenarios"][g]).get(met, np.nan)), 0.0, 1)
-                             for met in TABLE_METRICS} for g in groups}
+    out["popularity"] = {
+      g: {
+        met: (
+          float((pop["overall"] if g == "overall" else pop["scenarios"][g]).get(met, np.nan)),
+          0.0,
+          1,
+        )
+        for met in TABLE_METRICS
+      }
+      for g in groups
+    }
   return out
 
 
 def _corpus_sentence(corpus: str) -> str:
   if corpus == "scenario":
-    return ("Items ranked in each scenario: only that scenario's own items "
-            "(`config.eval.corpus='scenario'`), training positives masked.")
+    return (
+      "Items ranked in each scenario: only that scenario's own items "
+      "(`config.eval.corpus='scenario'`), training positives masked."
+    )
   return "Items ranked in each scenario: the whole item corpus, training positives masked."
 
 
@@ -253,18 +307,26 @@ def markdown(results: dict) -> str:
   """The results file's Markdown: one table per scenario and overall, then the tuning grid."""
   summ = summarize_runs(results)
   n = len(results["seeds"])
-  lines = [f"# {results['name']}: multi-scenario retrieval, test split",
-           "", f"Mean ± sample std over {n} seed(s) {results['seeds']}; settings chosen per "
-           f"model on the validation split by overall {results['select_metric']} "
-           "(tuning table below). Best mean per column in **bold**. Popularity: most-clicked "
-           "training items of the scenario (no seeds). "
-           + _corpus_sentence(migrate(results.get("config", {}))["eval"]["corpus"]), ""]
+  lines = [
+    f"# {results['name']}: multi-scenario retrieval, test split",
+    "",
+    f"Mean ± sample std over {n} seed(s) {results['seeds']}; settings chosen per "
+    f"model on the validation split by overall {results['select_metric']} "
+    "(tuning table below). Best mean per column in **bold**. Popularity: most-clicked "
+    "training items of the scenario (no seeds). "
+    + _corpus_sentence(migrate(results.get("config", {}))["eval"]["corpus"]),
+    "",
+  ]
   if results.get("command"):
     lines += ["Made by:", "", "```bash", results["command"], "```", ""]
   models = list(summ)
   for g in results["scenarios"] + ["overall"]:
-    lines += [f"## {g}", "", "| model | " + " | ".join(TABLE_METRICS) + " |",
-              "|---|" + "---|" * len(TABLE_METRICS)]
+    lines += [
+      f"## {g}",
+      "",
+      "| model | " + " | ".join(TABLE_METRICS) + " |",
+      "|---|" + "---|" * len(TABLE_METRICS),
+    ]
     best = {}
     for met in TABLE_METRICS:
       means = [summ[m][g][met][0] for m in models if summ[m][g][met][0] == summ[m][g][met][0]]
@@ -281,15 +343,22 @@ def markdown(results: dict) -> str:
       lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
   if results["tuning"]:
-    lines += ["## Tuning (validation split, seed 0)", "",
-              f"| model | setting | valid {results['select_metric']} | chosen |", "|---|---|---|---|"]
+    lines += [
+      "## Tuning (validation split, seed 0)",
+      "",
+      f"| model | setting | valid {results['select_metric']} | chosen |",
+      "|---|---|---|---|",
+    ]
     for t in results["tuning"]:
       mark = "yes" if results["chosen"].get(t["model"]) == t["point"] else ""
       lines.append(f"| {t['model']} | {t['point']} | {t[results['select_metric']]:.4f} | {mark} |")
     lines.append("")
   else:
-    lines += ["No tuning grid (one setting per model): "
-              + ", ".join(f"{m}: {p}" for m, p in results["chosen"].items()), ""]
+    lines += [
+      "No tuning grid (one setting per model): "
+      + ", ".join(f"{m}: {p}" for m, p in results["chosen"].items()),
+      "",
+    ]
   return "\n".join(lines)
 
 
@@ -308,8 +377,14 @@ def write_results(results: dict, results_dir: Path) -> None:
     return
   summ = summarize_runs(results)
   groups = results["scenarios"] + ["overall"]
-  series = {m: ([summ[m][g]["recall@50"][0] for g in groups],
-                [summ[m][g]["recall@50"][1] for g in groups]) for m in summ}
-  plots.bar_chart_with_errors(str(base.with_suffix(".png")), groups, series,
-                              f"{results['name']}: test Recall@50 (mean ± std over "
-                              f"{len(results['seeds'])} seeds)", "Recall@50")
+  series = {
+    m: ([summ[m][g]["recall@50"][0] for g in groups], [summ[m][g]["recall@50"][1] for g in groups])
+    for m in summ
+  }
+  plots.bar_chart_with_errors(
+    str(base.with_suffix(".png")),
+    groups,
+    series,
+    f"{results['name']}: test Recall@50 (mean ± std over {len(results['seeds'])} seeds)",
+    "Recall@50",
+  )

@@ -14,6 +14,7 @@ them (``eval.evaluate``, ``train.stages`` / ``steps`` / ``losses`` / ``sparse``,
 ``model.grouped`` / ``mlsat``, ``partition``, ``data.store``); this module imports them and
 defines none that others import.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,21 +66,29 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   if split is not None:
     frac = tuple(split)
     if len(frac) != 3 or not all(_is_num(f) and f >= 0 for f in frac):
-      p(f"config.data.split={frac}: expected 3 non-negative fractions (train, valid, test), "
-        "e.g. (0.8, 0.1, 0.1)")
+      p(
+        f"config.data.split={frac}: expected 3 non-negative fractions (train, valid, test), "
+        "e.g. (0.8, 0.1, 0.1)"
+      )
     elif abs(sum(frac) - 1.0) > 1e-6:
-      p(f"config.data.split={frac} sums to {sum(frac):.6g}: the train / valid / test fractions "
-        "must sum to 1, e.g. (0.8, 0.1, 0.1)")
+      p(
+        f"config.data.split={frac} sums to {sum(frac):.6g}: the train / valid / test fractions "
+        "must sum to 1, e.g. (0.8, 0.1, 0.1)"
+      )
     elif frac[0] == 0:
-      p(f"config.data.split={frac}: the train fraction is 0, so there is nothing to train on; "
-        "give it most of the rows, e.g. (0.8, 0.1, 0.1)")
+      p(
+        f"config.data.split={frac}: the train fraction is 0, so there is nothing to train on; "
+        "give it most of the rows, e.g. (0.8, 0.1, 0.1)"
+      )
     elif cfg.eval.split in EVAL_SPLITS and frac[EVAL_SPLITS.index(cfg.eval.split) + 1] == 0:
-      p(f"config.data.split={frac}: the {cfg.eval.split} fraction is 0, so the evaluation "
+      p(
+        f"config.data.split={frac}: the {cfg.eval.split} fraction is 0, so the evaluation "
         f"(config.eval.split={cfg.eval.split!r}) would have no rows; give it a share, e.g. "
-        "(0.8, 0.1, 0.1)")
+        "(0.8, 0.1, 0.1)"
+      )
   # -- model -----------------------------------------------------------------------------
   m = cfg.model
-  for problem in registry.config_problems(m):   # the name, then the model's own settings
+  for problem in registry.config_problems(m):  # the name, then the model's own settings
     p(problem)
   if not (_is_num(m.dropout) and 0.0 <= m.dropout < 1.0):
     p(f"config.model.dropout={m.dropout!r}: expected a rate in [0, 1), e.g. 0.1 (0 = none)")
@@ -95,20 +104,26 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   if m.compute_dtype not in COMPUTE_DTYPES:
     p(f"config.model.compute_dtype={m.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
   if m.scenario_compute not in SCENARIO_COMPUTE:
-    p(f"config.model.scenario_compute={m.scenario_compute!r}: expected one of "
-      f"{SCENARIO_COMPUTE} ('grouped': each row's own scenario only)")
+    p(
+      f"config.model.scenario_compute={m.scenario_compute!r}: expected one of "
+      f"{SCENARIO_COMPUTE} ('grouped': each row's own scenario only)"
+    )
   # -- stages ----------------------------------------------------------------------------
   if not (_is_int(cfg.pretrain.num_steps) and cfg.pretrain.num_steps >= 0):
-    p(f"config.pretrain.num_steps={cfg.pretrain.num_steps!r}: expected an int >= 0 "
-      "(0 = no pre-training)")
+    p(
+      f"config.pretrain.num_steps={cfg.pretrain.num_steps!r}: expected an int >= 0 "
+      "(0 = no pre-training)"
+    )
   for stage in stages:
     b = stage_block(stage)
     s = cfg[b]
     if stage == "pretrain" and not (_is_int(s.num_steps) and s.num_steps > 0):
       continue  # pre-training off (or already reported above)
     if stage == "finetune" and not (_is_int(s.num_steps) and s.num_steps > 0):
-      p(f"config.train.num_steps={s.num_steps!r}: fine-tuning needs at least 1 step; set "
-        "config.train.num_steps > 0 (or use --mode pretrain to pre-train only)")
+      p(
+        f"config.train.num_steps={s.num_steps!r}: fine-tuning needs at least 1 step; set "
+        "config.train.num_steps > 0 (or use --mode pretrain to pre-train only)"
+      )
     if not (_is_int(s.batch_size) and s.batch_size >= 1):
       p(f"config.{b}.batch_size={s.batch_size!r}: expected an int >= 1")
     if not (_is_num(s.learning_rate) and s.learning_rate > 0):
@@ -130,8 +145,10 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
         p(f"config.train.logq_strength={a!r}: expected a value >= 0 (0 turns logQ off)")
       neg = s.negatives
       if neg not in NEGATIVES:
-        p(f"config.train.negatives={neg!r}: expected one of {NEGATIVES} ('all': every item "
-          "of the batch, scored in the row's scenario; 'same_scenario': rows of its scenario)")
+        p(
+          f"config.train.negatives={neg!r}: expected one of {NEGATIVES} ('all': every item "
+          "of the batch, scored in the row's scenario; 'same_scenario': rows of its scenario)"
+        )
   t = cfg.train
   if not (_is_int(t.log_every) and t.log_every >= 1):
     p(f"config.train.log_every={t.log_every!r}: expected an int >= 1")
@@ -147,11 +164,15 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   # -- checkpoint ------------------------------------------------------------------------
   ck = cfg.checkpoint
   if not (_is_int(ck.every_steps) and ck.every_steps >= 1):
-    p(f"config.checkpoint.every_steps={ck.every_steps!r}: expected an int >= 1 (a checkpoint "
-      "is also written at the last step)")
+    p(
+      f"config.checkpoint.every_steps={ck.every_steps!r}: expected an int >= 1 (a checkpoint "
+      "is also written at the last step)"
+    )
   if ck.max_to_keep is not None and not (_is_int(ck.max_to_keep) and ck.max_to_keep >= 1):
-    p(f"config.checkpoint.max_to_keep={ck.max_to_keep!r}: expected an int >= 1 "
-      "(keep at least the latest checkpoint) or None (keep all)")
+    p(
+      f"config.checkpoint.max_to_keep={ck.max_to_keep!r}: expected an int >= 1 "
+      "(keep at least the latest checkpoint) or None (keep all)"
+    )
   # -- eval ------------------------------------------------------------------------------
   e = cfg.eval
   if e.split not in EVAL_SPLITS:
@@ -159,17 +180,21 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   if e.mask not in EVAL_MASKS:
     p(f"config.eval.mask={e.mask!r}: expected one of {EVAL_MASKS}")
   if e.corpus not in EVAL_CORPORA:
-    p(f"config.eval.corpus={e.corpus!r}: expected one of {EVAL_CORPORA} ('scenario' ranks only "
-      "the items seen in the scenario, for scenarios with their own items)")
+    p(
+      f"config.eval.corpus={e.corpus!r}: expected one of {EVAL_CORPORA} ('scenario' ranks only "
+      "the items seen in the scenario, for scenarios with their own items)"
+    )
   ks = tuple(e.ks) if isinstance(e.ks, (tuple, list)) else (e.ks,)
   if not ks or not all(_is_int(k) and k >= 1 for k in ks):
     p(f"config.eval.ks={ks}: expected a non-empty tuple of positive ints, e.g. (20, 50, 100)")
   if not (_is_int(e.user_chunk) and e.user_chunk >= 1):
     p(f"config.eval.user_chunk={e.user_chunk!r}: expected an int >= 1")
   if e.split == "valid" and e.mask == "train_valid":
-    p("config.eval.split='valid' with config.eval.mask='train_valid' masks the very validation "
+    p(
+      "config.eval.split='valid' with config.eval.mask='train_valid' masks the very validation "
       "positives being scored (every metric would be 0); use config.eval.mask='train' to "
-      "evaluate the valid split, or config.eval.split='test'")
+      "evaluate the valid split, or config.eval.split='test'"
+    )
   step = e.step
   if not (_is_int(step) and step >= 0):
     p(f"config.eval.step={step!r}: expected a fine-tuning step (int >= 1), or 0 for the latest")
@@ -181,18 +206,24 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   for k in ("data", "model"):
     v = mesh[k]
     if not (_is_int(v) and (v == -1 or v >= 1)):
-      p(f"config.mesh.{k}={v!r}: expected a positive int or -1 (= all devices the other axis "
-        "leaves)")
+      p(
+        f"config.mesh.{k}={v!r}: expected a positive int or -1 (= all devices the other axis "
+        "leaves)"
+      )
   if mesh.data == -1 and mesh.model == -1:
-    p("config.mesh.data=-1 and config.mesh.model=-1: at most one axis can be -1; set the other "
-      "to a device count")
+    p(
+      "config.mesh.data=-1 and config.mesh.model=-1: at most one axis can be -1; set the other "
+      "to a device count"
+    )
   smr = mesh.shard_min_rows
   if not (_is_int(smr) and smr >= 0):
     p(f"config.mesh.shard_min_rows={smr!r}: expected an int >= 0")
   layout = mesh.table_layout
   if layout not in TABLE_LAYOUTS:
-    p(f"config.mesh.table_layout={layout!r}: expected one of {TABLE_LAYOUTS} ('all': tables "
-      "split over every device, 'model': over the model axis, 'auto': 'all' where it divides)")
+    p(
+      f"config.mesh.table_layout={layout!r}: expected one of {TABLE_LAYOUTS} ('all': tables "
+      "split over every device, 'model': over the model axis, 'auto': 'all' where it divides)"
+    )
   mlb = mesh.memory_limit_bytes
   if not (_is_int(mlb) and mlb >= 0):
     p(f"config.mesh.memory_limit_bytes={mlb!r}: expected an int >= 0 (0 = the device's own)")
@@ -217,8 +248,10 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     p(f"config.bench.warmup={bc.warmup!r}: expected an int >= 0")
   opts = tuple(bc.embedding_optimizers)
   if not opts or any(o not in EMBEDDING_OPTIMIZERS for o in opts):
-    p(f"config.bench.embedding_optimizers={opts}: expected a non-empty subset of "
-      f"{EMBEDDING_OPTIMIZERS}")
+    p(
+      f"config.bench.embedding_optimizers={opts}: expected a non-empty subset of "
+      f"{EMBEDDING_OPTIMIZERS}"
+    )
   if any(s not in STAGES for s in tuple(bc.stages)):
     p(f"config.bench.stages={tuple(bc.stages)}: expected a subset of {STAGES}")
 
@@ -233,6 +266,7 @@ def _data_axis(cfg, partitioner, p) -> int | None:
     return None  # reported by _check_values
   import jax
   from sass_jax.partition import mesh_shape
+
   try:
     return mesh_shape(d, m, jax.device_count())[0]
   except ValueError as e:
@@ -249,26 +283,38 @@ def _check_batches(cfg, stages, data_axis: int, p) -> None:
     bs = s.batch_size
     if _is_int(bs) and bs >= 1 and bs % data_axis:
       up = (bs // data_axis + 1) * data_axis
-      p(f"config.{b}.batch_size={bs} is not divisible by the mesh's data axis ({data_axis} "
-        f"devices); set it to a multiple of {data_axis}, e.g. {up}")
+      p(
+        f"config.{b}.batch_size={bs} is not divisible by the mesh's data axis ({data_axis} "
+        f"devices); set it to a multiple of {data_axis}, e.g. {up}"
+      )
 
 
 def _check_data(cfg, data, stages, p) -> None:
   k = int(data.num_scenarios)
-  stated = cfg.data.get("num_scenarios")   # data-specific (configs/synthetic.py)
+  stated = cfg.data.get("num_scenarios")  # data-specific (configs/synthetic.py)
   if stated is not None and int(stated) != k:
-    p(f"config.data.num_scenarios={stated} but the prepared data has {k} scenarios "
+    p(
+      f"config.data.num_scenarios={stated} but the prepared data has {k} scenarios "
       f"({', '.join(map(str, data.scenario_names))}); set config.data.num_scenarios={k} "
-      "or prepare the data again (--mode prepare)")
-  if ("pretrain" in stages and _is_int(cfg.pretrain.num_steps) and cfg.pretrain.num_steps > 0
-      and k < 2):
-    p(f"config.pretrain.num_steps={cfg.pretrain.num_steps}: pre-training contrasts scenarios "
-      f"and needs at least 2, but the data has {k}; set config.pretrain.num_steps=0")
+      "or prepare the data again (--mode prepare)"
+    )
+  if (
+    "pretrain" in stages
+    and _is_int(cfg.pretrain.num_steps)
+    and cfg.pretrain.num_steps > 0
+    and k < 2
+  ):
+    p(
+      f"config.pretrain.num_steps={cfg.pretrain.num_steps}: pre-training contrasts scenarios "
+      f"and needs at least 2, but the data has {k}; set config.pretrain.num_steps=0"
+    )
   ks = tuple(cfg.eval.ks) if isinstance(cfg.eval.ks, (tuple, list)) else (cfg.eval.ks,)
   too_big = [kk for kk in ks if _is_int(kk) and kk > data.num_items]
   if too_big:
-    p(f"config.eval.ks={ks}: {too_big} exceed the {data.num_items} items of the data; use "
-      f"values <= {data.num_items}")
+    p(
+      f"config.eval.ks={ks}: {too_big} exceed the {data.num_items} items of the data; use "
+      f"values <= {data.num_items}"
+    )
 
 
 def diff_configs(saved: dict, now: dict, skip: Iterable[str]) -> list[str]:
@@ -317,25 +363,39 @@ def _check_checkpoints(cfg, workdir, p) -> None:
     saved = meta.get("config")
     if not isinstance(saved, dict):
       continue
-    saved = migrate(saved)   # written by an older version: keys it lacked, renamed models
+    saved = migrate(saved)  # written by an older version: keys it lacked, renamed models
     problems = []
     sm, nm = dict(saved.get("model", {})), dict(now.get("model", {}))
     same_class = model_class(sm.get("name")) is model_class(nm.get("name"))
     if same_class:
       sm.pop("name", None), nm.pop("name", None)
-    problems += [f"config.model.{x}" for x in diff_configs(
-        sm, nm, MODEL_NON_STRUCTURAL + registry.non_structural_keys())]
-    problems += [f"config.data.{x}" for x in diff_configs(dict(saved.get("data", {})),
-                                                          dict(now.get("data", {})),
-                                                          DATA_NON_STRUCTURAL)]
+    problems += [
+      f"config.model.{x}"
+      for x in diff_configs(sm, nm, MODEL_NON_STRUCTURAL + registry.non_structural_keys())
+    ]
+    problems += [
+      f"config.data.{x}"
+      for x in diff_configs(
+        dict(saved.get("data", {})), dict(now.get("data", {})), DATA_NON_STRUCTURAL
+      )
+    ]
     if problems:
-      p(f"{d} holds a checkpoint (step {step}) of a different model or data: "
-        + "; ".join(problems) + ". Set these back to the saved values to resume or evaluate "
-        "it, or use a new --workdir")
+      p(
+        f"{d} holds a checkpoint (step {step}) of a different model or data: "
+        + "; ".join(problems)
+        + ". Set these back to the saved values to resume or evaluate "
+        "it, or use a new --workdir"
+      )
 
 
-def validate(cfg, data=None, partitioner=None, *, workdir: str | os.PathLike | None = None,
-             stages: Iterable[str] = STAGES) -> None:
+def validate(
+  cfg,
+  data=None,
+  partitioner=None,
+  *,
+  workdir: str | os.PathLike | None = None,
+  stages: Iterable[str] = STAGES,
+) -> None:
   """Check ``cfg`` before any work; raise one ValueError listing every problem.
 
   Args:

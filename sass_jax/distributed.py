@@ -25,6 +25,7 @@ How the decision is made, first match wins:
    package installed).
 6. Otherwise: a single process, nothing to do.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,12 @@ def _hosts(value: str | None) -> int:
   return len([h for h in (value or "").split(",") if h.strip()])
 
 
-def detect(coordinator_address: str | None = None, num_processes: int | None = None,
-           process_id: int | None = None, env: Mapping[str, str] | None = None) -> str | None:
+def detect(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  env: Mapping[str, str] | None = None,
+) -> str | None:
   """Which kind of multi-process start-up the arguments and environment ask for.
 
   Returns 'explicit', 'slurm', 'tpu', 'cluster' (``SASS_DISTRIBUTED=1``) or None (a single
@@ -68,8 +73,10 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
   env = os.environ if env is None else env
   switch = str(env.get("SASS_DISTRIBUTED", "")).strip().lower()
   if switch and switch not in _OFF + _ON:
-    raise ValueError(f"SASS_DISTRIBUTED={env['SASS_DISTRIBUTED']!r}; expected 0 (never "
-                     "initialise jax.distributed) or 1 (always, with JAX's cluster detection)")
+    raise ValueError(
+      f"SASS_DISTRIBUTED={env['SASS_DISTRIBUTED']!r}; expected 0 (never "
+      "initialise jax.distributed) or 1 (always, with JAX's cluster detection)"
+    )
   if switch in _OFF:
     return None
   address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
@@ -81,18 +88,22 @@ def detect(coordinator_address: str | None = None, num_processes: int | None = N
     tasks = _int_env(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
     if tasks is not None and tasks > 1:
       return "slurm"
-  if (max(_hosts(env.get("TPU_WORKER_HOSTNAMES")), _hosts(env.get("TPU_PROCESS_ADDRESSES"))) > 1
-      or env.get("MEGASCALE_COORDINATOR_ADDRESS")):
+  if max(
+    _hosts(env.get("TPU_WORKER_HOSTNAMES")), _hosts(env.get("TPU_PROCESS_ADDRESSES"))
+  ) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "tpu"
   if switch in _ON:
     return "cluster"
   return None
 
 
-def maybe_initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None,
-                     local_device_ids: Sequence[int] | None = None,
-                     env: Mapping[str, str] | None = None) -> str | None:
+def maybe_initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
+  env: Mapping[str, str] | None = None,
+) -> str | None:
   """Call ``jax.distributed.initialize`` if :func:`detect` finds a multi-process run.
 
   Args:
@@ -129,18 +140,28 @@ def maybe_initialize(coordinator_address: str | None = None, num_processes: int 
     kwargs = {"coordinator_address": address, "num_processes": count, "process_id": pid}
   if local_device_ids is not None:
     kwargs["local_device_ids"] = list(local_device_ids)
-  log.info("jax.distributed.initialize (%s%s)", kind,
-           "".join(f", {k}={v}" for k, v in kwargs.items() if v is not None))
+  log.info(
+    "jax.distributed.initialize (%s%s)",
+    kind,
+    "".join(f", {k}={v}" for k, v in kwargs.items() if v is not None),
+  )
   try:
     jax.distributed.initialize(**kwargs)
   except ValueError as e:
     if kind == "explicit":
       raise
-    raise ValueError(f"a multi-process run was detected ({kind}) but JAX could not find its "
-                     f"parameters: {e}. Pass --coordinator_address/--num_processes/--process_id, "
-                     "or set SASS_DISTRIBUTED=0 for a single process") from e
-  log.info("process %d of %d: %d local / %d global devices", jax.process_index(),
-           jax.process_count(), jax.local_device_count(), jax.device_count())
+    raise ValueError(
+      f"a multi-process run was detected ({kind}) but JAX could not find its "
+      f"parameters: {e}. Pass --coordinator_address/--num_processes/--process_id, "
+      "or set SASS_DISTRIBUTED=0 for a single process"
+    ) from e
+  log.info(
+    "process %d of %d: %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return kind
 
 

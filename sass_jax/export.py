@@ -36,6 +36,7 @@ one, never a mix; the directory is replaced as a whole.
 scenario, scored exactly like the evaluation (docs/design.md §5), with the user's positives of
 the masked splits (``config.eval.mask``) in that scenario removed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,7 +65,7 @@ from sass_jax.train.steps import as_variables
 
 log = logging.getLogger("sass_jax")
 FORMAT_VERSION = 1
-PLATFORMS = ("cpu", "cuda", "rocm", "tpu")   # jax.export lowering targets
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # jax.export lowering targets
 USER_ENCODER_FILE = "user_encoder.jax"
 MANIFEST_FILE = "manifest.json"
 ITEM_IDS_FILE = "item_ids.npy"
@@ -76,6 +77,7 @@ class UnknownIdError(ValueError):
 
 
 # --------------------------------------------------------------------------- raw ids -> features
+
 
 def user_rows(data: PreparedData, raw_ids: Sequence[Any] | np.ndarray) -> np.ndarray:
   """int64 [B]: the user-table rows of raw user ids (compared as strings, e.g. ``'42'``).
@@ -91,8 +93,10 @@ def user_rows(data: PreparedData, raw_ids: Sequence[Any] | np.ndarray) -> np.nda
   if not found.all():
     bad = str(q[np.flatnonzero(~found)[0]])
     examples = ", ".join(repr(str(x)) for x in known[:5])
-    raise UnknownIdError(f"user {bad!r} is not in the prepared data at {data.path} "
-                         f"({len(known)} users, e.g. {examples})")
+    raise UnknownIdError(
+      f"user {bad!r} is not in the prepared data at {data.path} "
+      f"({len(known)} users, e.g. {examples})"
+    )
   return order[pos_c].astype(np.int64)
 
 
@@ -108,12 +112,15 @@ def user_features(data: PreparedData, raw_ids: Sequence[Any] | np.ndarray) -> di
 def scenario_index(data: PreparedData, name: str) -> int:
   """Index of scenario ``name``; raises UnknownIdError listing the valid names."""
   if name not in data.scenario_names:
-    raise UnknownIdError(f"config.recommend.scenario={name!r} is not a scenario of the data; "
-                         f"expected one of {list(data.scenario_names)}")
+    raise UnknownIdError(
+      f"config.recommend.scenario={name!r} is not a scenario of the data; "
+      f"expected one of {list(data.scenario_names)}"
+    )
   return data.scenario_names.index(name)
 
 
 # --------------------------------------------------------------------------- user encoder
+
 
 def input_signature(user_specs: Sequence[FieldSpec]) -> dict:
   """The user encoder's feature inputs: name -> {'shape': ['b'] or ['b', L], 'dtype',
@@ -127,8 +134,9 @@ def input_signature(user_specs: Sequence[FieldSpec]) -> dict:
   return sig
 
 
-def user_encoder_fn(model, variables, user_specs: Sequence[FieldSpec],
-                    num_scenarios: int) -> Callable:
+def user_encoder_fn(
+  model, variables, user_specs: Sequence[FieldSpec], num_scenarios: int
+) -> Callable:
   """``f(features, scenario) -> float32 [B, D]`` with the variables closed over (host copies).
 
   Same values as ``model.apply(variables, features, scenario, method='encode_user')`` for ids
@@ -156,8 +164,13 @@ def user_encoder_fn(model, variables, user_specs: Sequence[FieldSpec],
   return fn
 
 
-def export_user_encoder(model, variables, user_specs: Sequence[FieldSpec], num_scenarios: int,
-                        platforms: Sequence[str] | None = None) -> bytes:
+def export_user_encoder(
+  model,
+  variables,
+  user_specs: Sequence[FieldSpec],
+  num_scenarios: int,
+  platforms: Sequence[str] | None = None,
+) -> bytes:
   """Serialise the user tower with ``jax.export`` and a symbolic batch dimension 'b'.
 
   Returns the bytes of ``jax.export.export(jax.jit(fn))(...).serialize()`` (see the module
@@ -176,7 +189,8 @@ def export_user_encoder(model, variables, user_specs: Sequence[FieldSpec], num_s
     feats[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(d["dtype"]))
   fn = user_encoder_fn(model, variables, user_specs, num_scenarios)
   exp = jax.export.export(jax.jit(fn), platforms=tuple(platforms) if platforms else None)(
-      feats, jax.ShapeDtypeStruct((b,), jnp.int32))
+    feats, jax.ShapeDtypeStruct((b,), jnp.int32)
+  )
   return bytes(exp.serialize())
 
 
@@ -188,6 +202,7 @@ class UserEncoder:
   ``feature_names`` are ignored. Raises KeyError naming a missing feature, ValueError for
   mismatched batch sizes or (when the manifest is known) a scenario outside [0, K).
   """
+
   exported: Any
   feature_names: tuple[str, ...]
   manifest: dict | None = None
@@ -197,8 +212,10 @@ class UserEncoder:
     if missing:
       raise KeyError(f"user encoder inputs missing {missing}; expected {list(self.feature_names)}")
     avals = self.exported.in_avals
-    args = {n: np.asarray(features[n], dtype=a.dtype)
-            for n, a in zip(self.feature_names, avals[:len(self.feature_names)])}
+    args = {
+      n: np.asarray(features[n], dtype=a.dtype)
+      for n, a in zip(self.feature_names, avals[: len(self.feature_names)])
+    }
     sc = np.atleast_1d(np.asarray(scenario, dtype=np.int32))
     sizes = {len(v) for v in args.values()} | {len(sc)}
     if len(sizes) != 1:
@@ -211,11 +228,13 @@ class UserEncoder:
 def valid_ranges(user_specs: Sequence[FieldSpec], scenario_names: Sequence[str]) -> dict:
   """The user encoder's valid input ranges as written to the manifest: ``{'features': {field:
   [0, vocab_size]}, 'scenario': [0, K], 'note': ...}`` (half-open intervals)."""
-  return {"features": {s.name: [0, int(s.vocab_size)] for s in user_specs},
-          "scenario": [0, len(scenario_names)],
-          "note": "half-open [lo, hi); a row with an id or scenario outside its range comes "
-                  "back as NaN (a multi-hot entry is checked only where its mask is True); "
-                  "sass_jax.export.load_user_encoder(...) raises ValueError instead"}
+  return {
+    "features": {s.name: [0, int(s.vocab_size)] for s in user_specs},
+    "scenario": [0, len(scenario_names)],
+    "note": "half-open [lo, hi); a row with an id or scenario outside its range comes "
+    "back as NaN (a multi-hot entry is checked only where its mask is True); "
+    "sass_jax.export.load_user_encoder(...) raises ValueError instead",
+  }
 
 
 def check_inputs(manifest: dict, features: dict, scenario) -> None:
@@ -225,9 +244,13 @@ def check_inputs(manifest: dict, features: dict, scenario) -> None:
   ``'<field>_mask'`` bool [B, L] for multi-hot fields, ``scenario`` int [B]."""
   ue = manifest.get("user_encoder", {})
   ranges = ue.get("valid_ranges") or {
-      "features": {n: [0, d["vocab_size"]] for n, d in ue.get("inputs", {}).get(
-          "features", {}).items() if "vocab_size" in d},
-      "scenario": [0, len(manifest["scenario_names"])]}
+    "features": {
+      n: [0, d["vocab_size"]]
+      for n, d in ue.get("inputs", {}).get("features", {}).items()
+      if "vocab_size" in d
+    },
+    "scenario": [0, len(manifest["scenario_names"])],
+  }
   for name, (lo, hi) in ranges["features"].items():
     if name not in features:
       continue
@@ -237,13 +260,16 @@ def check_inputs(manifest: dict, features: dict, scenario) -> None:
       bad &= np.asarray(features[f"{name}_mask"], bool)
     if bad.any():
       row = int(np.argwhere(bad)[0][0])
-      raise ValueError(f"user feature {name!r} must lie in [{lo}, {hi}) (its vocabulary; 0 is "
-                       f"the unknown value), got {ids[row].tolist()} in row {row}")
+      raise ValueError(
+        f"user feature {name!r} must lie in [{lo}, {hi}) (its vocabulary; 0 is "
+        f"the unknown value), got {ids[row].tolist()} in row {row}"
+      )
   sc = np.atleast_1d(np.asarray(scenario))
   lo, hi = ranges["scenario"]
   if len(sc) and (sc.min() < lo or sc.max() >= hi):
-    raise ValueError(f"scenario ids must lie in [{lo}, {hi}) "
-                     f"({manifest.get('scenario_names')}), got {sc.tolist()}")
+    raise ValueError(
+      f"scenario ids must lie in [{lo}, {hi}) ({manifest.get('scenario_names')}), got {sc.tolist()}"
+    )
 
 
 def load_user_encoder(path: str | Path) -> UserEncoder:
@@ -257,7 +283,7 @@ def load_user_encoder(path: str | Path) -> UserEncoder:
   if not path.is_file():
     raise FileNotFoundError(f"no user encoder at {path}; run --mode export first")
   exp = jax.export.deserialize(bytearray(path.read_bytes()))
-  feats_tree = exp.in_tree.children()[0].children()[0]   # ((features, scenario), {})
+  feats_tree = exp.in_tree.children()[0].children()[0]  # ((features, scenario), {})
   names = tuple(jax.tree_util.tree_unflatten(feats_tree, range(feats_tree.num_leaves)).keys())
   man_path = path.parent / MANIFEST_FILE
   manifest = json.loads(man_path.read_text()) if man_path.is_file() else None
@@ -265,6 +291,7 @@ def load_user_encoder(path: str | Path) -> UserEncoder:
 
 
 # --------------------------------------------------------------------------- items
+
 
 def _slug(name: str, used: set) -> str:
   s = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "scenario"
@@ -279,28 +306,36 @@ def write_items_parquet(path: str | Path, raw_ids: np.ndarray, emb: np.ndarray):
   fixed_size_list<float32>[D] (``emb`` float32 [N, D])."""
   import pyarrow as pa
   import pyarrow.parquet as pq
+
   emb = np.ascontiguousarray(emb, np.float32)
   n, d = emb.shape
-  table = pa.table({
+  table = pa.table(
+    {
       "item_index": pa.array(np.arange(n, dtype=np.int32)),
       "item_id": pa.array(np.asarray(raw_ids).astype(str).tolist(), pa.string()),
       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d),
-  })
+    }
+  )
   pq.write_table(table, path)
 
 
 def read_items_parquet(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(item_index int32 [N], item_id str [N], embedding float32 [N, D]) of a scenario's Parquet."""
   import pyarrow.parquet as pq
+
   t = pq.read_table(path)
   col = t.column("embedding").combine_chunks()
   d = col.type.list_size
   emb = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
-  return (t.column("item_index").to_numpy().astype(np.int32),
-          np.asarray(t.column("item_id").to_pylist(), dtype=str), emb)
+  return (
+    t.column("item_index").to_numpy().astype(np.int32),
+    np.asarray(t.column("item_id").to_pylist(), dtype=str),
+    emb,
+  )
 
 
 # --------------------------------------------------------------------------- run-level entry points
+
 
 def check_platforms(platforms) -> tuple[str, ...] | None:
   """``config.export.platforms`` as a tuple (None when empty: the current backend only).
@@ -312,8 +347,10 @@ def check_platforms(platforms) -> tuple[str, ...] | None:
   got = tuple(platforms or ())
   bad = [p for p in got if p not in PLATFORMS]
   if bad:
-    raise ValueError(f"config.export.platforms={got}: unknown platform(s) {bad}; expected "
-                     f"names from {PLATFORMS} (empty = the current backend only)")
+    raise ValueError(
+      f"config.export.platforms={got}: unknown platform(s) {bad}; expected "
+      f"names from {PLATFORMS} (empty = the current backend only)"
+    )
   return got or None
 
 
@@ -322,12 +359,13 @@ def _restore(cfg, workdir, data=None, model=None, part=None, variables=None):
   ``variables`` are given)."""
   step = None
   if variables is None:
-    loop.require_finetune_checkpoint(workdir)   # before preparing anything
+    loop.require_finetune_checkpoint(workdir)  # before preparing anything
   data = data or loop.prepare(cfg, workdir)
   model = model or loop.build_model(cfg, data)
   if variables is None:
-    variables, step = loop.restore_variables_and_step(cfg, workdir, "finetune", model,
-                                                      part or Partitioner(cfg.mesh), data)
+    variables, step = loop.restore_variables_and_step(
+      cfg, workdir, "finetune", model, part or Partitioner(cfg.mesh), data
+    )
   return data, model, variables, step
 
 
@@ -339,8 +377,9 @@ def _finetune_step(workdir) -> int | None:
     return ck.latest_step()
 
 
-def export_workdir(cfg, workdir: str | Path, out_dir: str | Path | None = None, *, data=None,
-                   model=None, part=None) -> Path:
+def export_workdir(
+  cfg, workdir: str | Path, out_dir: str | Path | None = None, *, data=None, model=None, part=None
+) -> Path:
   """Write the export of ``workdir``'s latest fine-tuned parameters (module docstring layout).
 
   ``out_dir``: default ``config.export.dir`` or, if empty, ``WORKDIR/export``; written into a
@@ -354,8 +393,9 @@ def export_workdir(cfg, workdir: str | Path, out_dir: str | Path | None = None, 
   out = Path(out_dir or ecfg.dir or workdir / "export")
   platforms = check_platforms(ecfg.platforms)
   data, model, variables, step = _restore(cfg, workdir, data, model, part)
-  item_all = eval_lib.encode_all(model, variables, data.items, data.item_masks,
-                                 "encode_item", None)                    # [N, K, D]
+  item_all = eval_lib.encode_all(
+    model, variables, data.items, data.item_masks, "encode_item", None
+  )  # [N, K, D]
   dim = int(item_all.shape[-1])
   if jax.process_index() != 0:
     return out
@@ -369,8 +409,13 @@ def export_workdir(cfg, workdir: str | Path, out_dir: str | Path | None = None, 
   except BaseException:
     shutil.rmtree(out, ignore_errors=True)
     raise
-  log.info("exported %d items x %d scenarios (D=%d) and the user encoder to %s",
-           data.num_items, data.num_scenarios, dim, final)
+  log.info(
+    "exported %d items x %d scenarios (D=%d) and the user encoder to %s",
+    data.num_items,
+    data.num_scenarios,
+    dim,
+    final,
+  )
   return final
 
 
@@ -412,38 +457,48 @@ def _write_export(cfg, workdir: Path, data, item_all, blob: bytes, platforms, st
     emb = np.ascontiguousarray(item_all[:, k], np.float32)
     np.save(out / "items" / f"{slug}.npy", emb)
     write_items_parquet(out / "items" / f"{slug}.parquet", raw, emb)
-    scenarios.append({"index": k, "name": name, "item_embeddings": f"items/{slug}.npy",
-                      "item_parquet": f"items/{slug}.parquet"})
+    scenarios.append(
+      {
+        "index": k,
+        "name": name,
+        "item_embeddings": f"items/{slug}.npy",
+        "item_parquet": f"items/{slug}.parquet",
+      }
+    )
   (out / USER_ENCODER_FILE).write_bytes(blob)
   manifest = {
-      "format_version": FORMAT_VERSION,
-      "model": cfg.model.name,
-      "dataset": data.manifest.get("dataset", cfg.data.name),
-      "checkpoint": {"stage": "finetune", "step": step,
-                     "dir": str((workdir / "checkpoints" / "finetune").absolute())},
-      "prepared_data": str(Path(data.path).absolute()),
-      "embedding_dim": dim,
-      "num_items": data.num_items,
-      "num_users": data.num_users,
-      "num_scenarios": data.num_scenarios,
-      "scenario_names": list(data.scenario_names),
-      "scenarios": scenarios,
-      "item_ids": ITEM_IDS_FILE,
-      "score": "inner product of the L2-normalised user and item vectors; logit = score / tau",
-      "tau": float(cfg.model.tau),
-      "user_encoder": {
-          "file": USER_ENCODER_FILE,
-          "format": "jax.export serialized Exported; sass_jax.export.load_user_encoder(path)",
-          "platforms": list(platforms) if platforms else [jax.default_backend()],
-          "batch": "symbolic dimension 'b' (any batch size >= 1)",
-          "inputs": {"features": input_signature(data.user_specs),
-                     "scenario": {"shape": ["b"], "dtype": "int32",
-                                  "range": [0, data.num_scenarios]}},
-          "output": {"shape": ["b", dim], "dtype": "float32"},
-          "valid_ranges": valid_ranges(data.user_specs, data.scenario_names),
-          "raw_ids_to_features": "sass_jax.export.user_features(store.open_store("
-                                 "manifest['prepared_data']), raw_user_ids)",
+    "format_version": FORMAT_VERSION,
+    "model": cfg.model.name,
+    "dataset": data.manifest.get("dataset", cfg.data.name),
+    "checkpoint": {
+      "stage": "finetune",
+      "step": step,
+      "dir": str((workdir / "checkpoints" / "finetune").absolute()),
+    },
+    "prepared_data": str(Path(data.path).absolute()),
+    "embedding_dim": dim,
+    "num_items": data.num_items,
+    "num_users": data.num_users,
+    "num_scenarios": data.num_scenarios,
+    "scenario_names": list(data.scenario_names),
+    "scenarios": scenarios,
+    "item_ids": ITEM_IDS_FILE,
+    "score": "inner product of the L2-normalised user and item vectors; logit = score / tau",
+    "tau": float(cfg.model.tau),
+    "user_encoder": {
+      "file": USER_ENCODER_FILE,
+      "format": "jax.export serialized Exported; sass_jax.export.load_user_encoder(path)",
+      "platforms": list(platforms) if platforms else [jax.default_backend()],
+      "batch": "symbolic dimension 'b' (any batch size >= 1)",
+      "inputs": {
+        "features": input_signature(data.user_specs),
+        "scenario": {"shape": ["b"], "dtype": "int32", "range": [0, data.num_scenarios]},
       },
+      "output": {"shape": ["b", dim], "dtype": "float32"},
+      "valid_ranges": valid_ranges(data.user_specs, data.scenario_names),
+      "raw_ids_to_features": "sass_jax.export.user_features(store.open_store("
+      "manifest['prepared_data']), raw_user_ids)",
+    },
   }
   (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
 
@@ -458,14 +513,28 @@ def seen_items(data: PreparedData, user_row: int, scenario: int, mask: str) -> n
     raise ValueError(f"config.eval.mask={mask!r}; expected 'train' or 'train_valid'")
   splits = [SPLITS["train"]] + ([SPLITS["valid"]] if mask == "train_valid" else [])
   inter = data.inter
-  sel = ((np.asarray(inter["user"]) == user_row) & (np.asarray(inter["scenario"]) == scenario)
-         & (np.asarray(inter["label"]) > 0.5) & np.isin(np.asarray(inter["split"]), splits))
+  sel = (
+    (np.asarray(inter["user"]) == user_row)
+    & (np.asarray(inter["scenario"]) == scenario)
+    & (np.asarray(inter["label"]) > 0.5)
+    & np.isin(np.asarray(inter["split"]), splits)
+  )
   return np.unique(np.asarray(inter["item"])[sel]).astype(np.int64)
 
 
-def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str | None = None,
-              k: int | None = None, exclude_seen: bool | None = None, *, data=None, model=None,
-              part=None, variables=None) -> dict:
+def recommend(
+  cfg,
+  workdir: str | Path,
+  user: str | None = None,
+  scenario: str | None = None,
+  k: int | None = None,
+  exclude_seen: bool | None = None,
+  *,
+  data=None,
+  model=None,
+  part=None,
+  variables=None,
+) -> dict:
   """Top-K items for one raw user id in one scenario from the latest fine-tuned parameters.
 
   Arguments default to ``config.recommend.{user, scenario, k, exclude_seen}``. Scores are the
@@ -486,23 +555,32 @@ def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str |
     raise ValueError(f"config.recommend.k={k}; expected >= 1")
   if data is None:
     if variables is None:
-      loop.require_finetune_checkpoint(workdir)   # before preparing anything
+      loop.require_finetune_checkpoint(workdir)  # before preparing anything
     data = loop.prepare(cfg, workdir)
   if not user:
     raise UnknownIdError("set the raw user id with --config.recommend.user=<id>")
   if not scenario:
-    raise UnknownIdError("set the scenario with --config.recommend.scenario=<name>, one of "
-                         f"{list(data.scenario_names)}")
+    raise UnknownIdError(
+      "set the scenario with --config.recommend.scenario=<name>, one of "
+      f"{list(data.scenario_names)}"
+    )
   s = scenario_index(data, scenario)
   row = int(user_rows(data, [user])[0])
   data, model, variables, step = _restore(cfg, workdir, data, model, part, variables)
-  items = eval_lib.encode_all(model, variables, data.items, data.item_masks, "encode_item",
-                              None)[:, s]
-  uvec = eval_lib.encode_all(model, variables, {f: c[[row]] for f, c in data.users.items()},
-                             {f: c[[row]] for f, c in data.user_masks.items()}, "encode_user", s)
+  items = eval_lib.encode_all(model, variables, data.items, data.item_masks, "encode_item", None)[
+    :, s
+  ]
+  uvec = eval_lib.encode_all(
+    model,
+    variables,
+    {f: c[[row]] for f, c in data.users.items()},
+    {f: c[[row]] for f, c in data.user_masks.items()},
+    "encode_user",
+    s,
+  )
   seen = seen_items(data, row, s, cfg.eval.mask) if exclude_seen else np.zeros(0, np.int64)
   cand = eval_lib.scenario_corpus(data, s, cfg.eval.corpus)
-  if cand is not None:            # config.eval.corpus='scenario': the scenario's items only
+  if cand is not None:  # config.eval.corpus='scenario': the scenario's items only
     seen = np.searchsorted(cand, seen[np.isin(seen, cand)])
     items = items[cand]
   scores, idx = topk_scores(uvec, items, k, exclude=(np.array([0, len(seen)]), seen))
@@ -510,17 +588,29 @@ def recommend(cfg, workdir: str | Path, user: str | None = None, scenario: str |
     idx = cand[idx]
   keep = np.isfinite(scores[0])
   raw = np.asarray(data.item_raw_ids).astype(str)
-  recs = [{"rank": r + 1, "item_id": str(raw[i]), "item_index": int(i), "score": float(v)}
-          for r, (i, v) in enumerate(zip(idx[0][keep], scores[0][keep]))]
-  return {"user": user, "scenario": scenario, "model": cfg.model.name,
-          "step": step if step is not None else _finetune_step(workdir), "num_excluded": int(len(seen)), "items": recs}
+  recs = [
+    {"rank": r + 1, "item_id": str(raw[i]), "item_index": int(i), "score": float(v)}
+    for r, (i, v) in enumerate(zip(idx[0][keep], scores[0][keep]))
+  ]
+  return {
+    "user": user,
+    "scenario": scenario,
+    "model": cfg.model.name,
+    "step": step if step is not None else _finetune_step(workdir),
+    "num_excluded": int(len(seen)),
+    "items": recs,
+  }
 
 
 def format_recommendations(rec: dict) -> str:
   """A Markdown table (rank, item_id, score) under a one-line heading for :func:`recommend`."""
-  lines = [f"Top {len(rec['items'])} items for user {rec['user']!r} in scenario "
-           f"{rec['scenario']!r} ({rec['model']}, fine-tuning step {rec['step']}; "
-           f"{rec['num_excluded']} already-seen items excluded)", "",
-           "| rank | item_id | score |", "|---|---|---|"]
+  lines = [
+    f"Top {len(rec['items'])} items for user {rec['user']!r} in scenario "
+    f"{rec['scenario']!r} ({rec['model']}, fine-tuning step {rec['step']}; "
+    f"{rec['num_excluded']} already-seen items excluded)",
+    "",
+    "| rank | item_id | score |",
+    "|---|---|---|",
+  ]
   lines += [f"| {r['rank']} | {r['item_id']} | {r['score']:.4f} |" for r in rec["items"]]
   return "\n".join(lines)

@@ -19,6 +19,7 @@ traceback. Every mode that writes to the workdir (all but recommend) first takes
 ``error: WORKDIR is in use by pid N``. SIGTERM or Ctrl-C during training finishes the
 step, saves a checkpoint and exits 0 (rerun the same command to resume).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,21 +40,42 @@ from sass_jax.eval.evaluate import markdown_table
 from sass_jax.train import loop, monitor
 from sass_jax.train.stages import STAGES
 
-MODES = ("prepare", "pretrain", "finetune", "train", "eval", "bench", "bench_input", "compare",
-         "export", "recommend", "compile")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory: data, checkpoints, logs, metrics.")
+MODES = (
+  "prepare",
+  "pretrain",
+  "finetune",
+  "train",
+  "eval",
+  "bench",
+  "bench_input",
+  "compare",
+  "export",
+  "recommend",
+  "compile",
+)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "ml_collections config file.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "runs/default", "Run directory: data, checkpoints, logs, metrics."
+)
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 # Multi-process runs (sass_jax.distributed; SLURM / Cloud TPU are detected without these).
-_COORD = flags.DEFINE_string("coordinator_address", None,
-                             "host:port of process 0's jax.distributed coordinator.")
+_COORD = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0's jax.distributed coordinator."
+)
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 # User errors: printed as one 'error: <message>' line, exit code 1 (full traceback with
 # SASS_JAX_DEBUG=1). DataError and UnknownIdError are ValueErrors; listed for the reader.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, DataError,
-               export.UnknownIdError, workdir_lib.WorkdirError)
+USER_ERRORS = (
+  ValueError,
+  FileNotFoundError,
+  NotADirectoryError,
+  DataError,
+  export.UnknownIdError,
+  workdir_lib.WorkdirError,
+)
 # Modes that write to the workdir, and so take its lock (recommend only reads).
 WRITING_MODES = tuple(m for m in MODES if m != "recommend")
 
@@ -64,8 +86,12 @@ def main(argv):
   # Before any other JAX call: jax.distributed.initialize() when the run has several processes.
   multi = distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value)
   tag = f" [process {jax.process_index()}/{jax.process_count()}]" if multi else ""
-  logging.basicConfig(level=logging.INFO, format=f"%(asctime)s{tag} %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S", force=True)
+  logging.basicConfig(
+    level=logging.INFO,
+    format=f"%(asctime)s{tag} %(levelname)s %(message)s",
+    datefmt="%H:%M:%S",
+    force=True,
+  )
   for noisy in ("absl", "orbax", "jax._src"):  # orbax logs every save/restore at INFO
     logging.getLogger(noisy).setLevel(logging.WARNING)
   cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
@@ -77,14 +103,14 @@ def main(argv):
   quiet = None if debug else workdir_lib.quiet_os_error_echoes()
   try:
     _dispatch(cfg, workdir, mode)
-  except monitor.Preempted as e:   # SIGTERM / Ctrl-C: the step reached was checkpointed; exit 0
+  except monitor.Preempted as e:  # SIGTERM / Ctrl-C: the step reached was checkpointed; exit 0
     logging.warning("%s", e)
-  except KeyboardInterrupt:        # Ctrl-C outside a training loop (or pressed twice)
+  except KeyboardInterrupt:  # Ctrl-C outside a training loop (or pressed twice)
     if debug:
       raise
     print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
     raise SystemExit(130) from None
-  except Exception as e:           # pylint: disable=broad-exception-caught
+  except Exception as e:  # pylint: disable=broad-exception-caught
     # Disk full, file too large, read-only, no permission (possibly wrapped by orbax /
     # tensorstore): one line naming the path and the cause. Then user errors: the message.
     if debug:
@@ -103,7 +129,7 @@ def main(argv):
       _exit_after_os_error(str(e))
     print(f"error: {e}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None
-  if quiet is not None and quiet.seen:   # a background write failed: never exit 0 after that
+  if quiet is not None and quiet.seen:  # a background write failed: never exit 0 after that
     _exit_after_os_error(quiet.seen[0])
 
 
@@ -121,8 +147,9 @@ def _unknown_key_message(error: BaseException, argv) -> str | None:
   config (a KeyError, raised as an AttributeError, whose text holds a 'Did you mean' hint);
   None for any other error."""
   e = error
-  while isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0],
-                                                                            BaseException):
+  while (
+    isinstance(e, (AttributeError, KeyError)) and e.args and isinstance(e.args[0], BaseException)
+  ):
     e = e.args[0]
   if not isinstance(e, (AttributeError, KeyError)) or not e.args:
     return None
@@ -132,9 +159,14 @@ def _unknown_key_message(error: BaseException, argv) -> str | None:
     return None
   key = lines[0].strip("'\"")
   hint = next((l for l in lines[1:] if l.lower().startswith("did you mean")), "")
-  given = next((a.split("=", 1)[0] for a in argv[1:]
-                if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")[1:]),
-               None)
+  given = next(
+    (
+      a.split("=", 1)[0]
+      for a in argv[1:]
+      if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")[1:]
+    ),
+    None,
+  )
   if given is None:
     return None
   hint = hint[0].lower() + hint[1:] if hint else "see the config file for the keys it has"
@@ -156,30 +188,30 @@ def parse_flags(argv):
 
 def _dispatch(cfg, workdir: str, mode: str) -> None:
   """Validate the config, then run ``mode`` (the module docstring lists them)."""
-  if mode == "compile":   # validated inside, against the mesh of config.compile.topology
+  if mode == "compile":  # validated inside, against the mesh of config.compile.topology
     from sass_jax import aot
+
     if jax.process_index() == 0:
-      workdir_lib.lock(workdir)                  # compile.json is written there
+      workdir_lib.lock(workdir)  # compile.json is written there
     res = aot.compile_workdir(cfg, workdir)
     print("\n" + aot.summary_table(res))
     print(f"\nwritten to {workdir}/compile.json")
     return
-  stages = {"pretrain": ("pretrain",), "finetune": ("finetune",),
-            "train": STAGES}.get(mode, ())
-  config_check.validate(cfg, stages=stages)      # every value checked before any work
+  stages = {"pretrain": ("pretrain",), "finetune": ("finetune",), "train": STAGES}.get(mode, ())
+  config_check.validate(cfg, stages=stages)  # every value checked before any work
   if mode in ("eval", "export"):
-    loop.require_finetune_checkpoint(workdir)   # no checkpoint: nothing is created
+    loop.require_finetune_checkpoint(workdir)  # no checkpoint: nothing is created
   if mode == "finetune":
-    loop.require_pretrained(cfg, workdir, ("finetune",))   # nothing to start from: the same
+    loop.require_pretrained(cfg, workdir, ("finetune",))  # nothing to start from: the same
   # One run per workdir (writable, checked now), before anything opens its checkpoints: even
   # opening them removes what looks like an interrupted save, i.e. another run's save.
   if mode in WRITING_MODES and jax.process_index() == 0:
     workdir_lib.lock(workdir)
-  config_check.validate(cfg, workdir=workdir, stages=stages)   # against the saved checkpoints
+  config_check.validate(cfg, workdir=workdir, stages=stages)  # against the saved checkpoints
   if mode == "prepare":
     loop.prepare(cfg, workdir, force=True)
     return
-  if mode == "bench":   # step / input / loop / eval throughput (sass_jax.bench.throughput)
+  if mode == "bench":  # step / input / loop / eval throughput (sass_jax.bench.throughput)
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     res = throughput.bench(cfg, workdir, config_name=name)
     print(json.dumps(res, indent=2))
@@ -192,6 +224,7 @@ def _dispatch(cfg, workdir: str, mode: str) -> None:
     return
   if mode == "compare":
     from sass_jax import compare
+
     cmd = "python -m sass_jax.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     res = compare.compare(cfg, workdir, command=cmd)
     print(compare.markdown(res))
@@ -207,8 +240,10 @@ def _dispatch(cfg, workdir: str, mode: str) -> None:
     loop.train(cfg, workdir, stages=(mode,), evaluate=False)
     return
   metrics = loop.train(cfg, workdir) if mode == "train" else loop.evaluate_workdir(cfg, workdir)
-  print(f"\n## {metrics['model']} on {metrics['dataset']} ({metrics['split']} split, "
-        f"fine-tuning step {metrics['checkpoint_step']})\n")
+  print(
+    f"\n## {metrics['model']} on {metrics['dataset']} ({metrics['split']} split, "
+    f"fine-tuning step {metrics['checkpoint_step']})\n"
+  )
   print(markdown_table(metrics))
   print(f"\nmetrics written to {workdir}/metrics.json")
 

@@ -17,6 +17,7 @@ This is the only module that builds ``NamedSharding``s. Model code names logical
 
 ``jax.jit(..., in_shardings=, out_shardings=, donate_argnums=)`` is what ``pjit`` became.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -28,8 +29,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "model")
 TABLE_LAYOUTS = ("auto", "all", "model")
-RULES = (("vocab", "model"), ("embed", None), ("scenario", None), ("mlp_in", None),
-         ("mlp_out", None), ("batch", "data"))
+RULES = (
+  ("vocab", "model"),
+  ("embed", None),
+  ("scenario", None),
+  ("mlp_in", None),
+  ("mlp_out", None),
+  ("batch", "data"),
+)
 
 
 def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
@@ -48,8 +55,10 @@ def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
       raise ValueError(f"config.mesh.data={data} does not divide the {num_devices} devices")
     model = num_devices // data
   if data * model != num_devices:
-    raise ValueError(f"mesh data={data} x model={model} = {data * model} devices, but "
-                     f"{num_devices} are available; set config.mesh.data / model (-1 = the rest)")
+    raise ValueError(
+      f"mesh data={data} x model={model} = {data * model} devices, but "
+      f"{num_devices} are available; set config.mesh.data / model (-1 = the rest)"
+    )
   return data, model
 
 
@@ -72,8 +81,9 @@ class Partitioner:
     self.shard_min_rows = int(mesh_cfg.shard_min_rows)
     self.table_layout = str(mesh_cfg.table_layout)
     if self.table_layout not in TABLE_LAYOUTS:
-      raise ValueError(f"config.mesh.table_layout={self.table_layout!r}; expected one of "
-                       f"{TABLE_LAYOUTS}")
+      raise ValueError(
+        f"config.mesh.table_layout={self.table_layout!r}; expected one of {TABLE_LAYOUTS}"
+      )
 
   @property
   def data_size(self) -> int:
@@ -116,16 +126,19 @@ class Partitioner:
       coords.setdefault(d.process_index, set()).add(idx[axis])
     mine = sorted(coords.get(jax.process_index(), ()))
     if not mine:
-      raise ValueError(f"process {jax.process_index()} owns no device of the mesh "
-                       f"{dict(self.mesh.shape)}")
+      raise ValueError(
+        f"process {jax.process_index()} owns no device of the mesh {dict(self.mesh.shape)}"
+      )
     n = len(mine)
     for p, c in coords.items():
       c = sorted(c)
       if len(c) != n or c != list(range(c[0], c[0] + n)) or c[0] % n:
-        raise ValueError(f"mesh {dict(self.mesh.shape)}: process {p} holds data coordinates "
-                         f"{c}, process {jax.process_index()} holds {mine}; every process must "
-                         "hold an aligned contiguous block of the same size (change "
-                         "config.mesh.data / config.mesh.model)")
+        raise ValueError(
+          f"mesh {dict(self.mesh.shape)}: process {p} holds data coordinates "
+          f"{c}, process {jax.process_index()} holds {mine}; every process must "
+          "hold an aligned contiguous block of the same size (change "
+          "config.mesh.data / config.mesh.model)"
+        )
     self._data_shard = (mine[0] // n, self.data_size // n)
     return self._data_shard
 
@@ -153,18 +166,20 @@ class Partitioner:
     if rows < self.shard_min_rows or self.mesh.size == 1:
       return ()
     n_all, n_model = self.mesh.size, self.model_size
-    if self.data_size > 1 and (self.table_layout == "all" or (self.table_layout == "auto"
-                                                              and rows % n_all == 0)):
+    if self.data_size > 1 and (
+      self.table_layout == "all" or (self.table_layout == "auto" and rows % n_all == 0)
+    ):
       axes, n = ("data", "model"), n_all
     else:
       axes, n = ("model",), n_model
     if rows % n:
       raise ValueError(
-          f"{name} has {rows} rows, which do not split evenly over the {n} devices of "
-          f"config.mesh.table_layout={self.table_layout!r} (mesh {dict(self.mesh.shape)}), and "
-          f"a table of >= config.mesh.shard_min_rows={self.shard_min_rows} rows is never "
-          f"replicated; set config.model.vocab_pad_to to a multiple of {n} (rows are padded to "
-          "it), or config.mesh.shard_min_rows above the table's rows to replicate it")
+        f"{name} has {rows} rows, which do not split evenly over the {n} devices of "
+        f"config.mesh.table_layout={self.table_layout!r} (mesh {dict(self.mesh.shape)}), and "
+        f"a table of >= config.mesh.shard_min_rows={self.shard_min_rows} rows is never "
+        f"replicated; set config.model.vocab_pad_to to a multiple of {n} (rows are padded to "
+        "it), or config.mesh.shard_min_rows above the table's rows to replicate it"
+      )
     return axes
 
   def table_shards(self, rows: int) -> int:
@@ -186,15 +201,15 @@ class Partitioner:
       mesh_spec = nn.logical_to_mesh_axes(spec, RULES) if spec is not None else P()
       mesh_spec = P(*mesh_spec) if mesh_spec is not None else P()
       if len(mesh_spec) and mesh_spec[0] == "model":
-        name = "the table " + "/".join(str(getattr(k, "key", getattr(k, "name", k)))
-                                       for k in path)
+        name = "the table " + "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
         axes = self.table_axes(leaf.shape[0], name)
         first = None if not axes else axes[0] if len(axes) == 1 else axes
         mesh_spec = P(first, *mesh_spec[1:])
       return NamedSharding(self.mesh, mesh_spec)
 
-    return jax.tree_util.tree_map_with_path(to_sharding, specs, shapes,
-                                            is_leaf=lambda x: isinstance(x, P) or x is None)
+    return jax.tree_util.tree_map_with_path(
+      to_sharding, specs, shapes, is_leaf=lambda x: isinstance(x, P) or x is None
+    )
 
   def init(self, init_fn: Callable[[], Any]) -> tuple[Any, Any]:
     """Run ``init_fn`` (no args; returns a state with boxed params) directly into its shardings.
@@ -211,11 +226,16 @@ class Partitioner:
     abstract = jax.eval_shape(init_fn)
     shardings = self.state_shardings(abstract)
     shapes = nn.meta.unbox(abstract)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings), shardings
+    return jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    ), shardings
 
   def compile_step(self, step_fn: Callable, state_shardings: Any) -> Callable:
     """``jax.jit`` a ``step(state, batch) -> (state, metrics)`` with the state donated, the
     state kept in ``state_shardings``, the batch split over 'data' and metrics replicated."""
-    return jax.jit(step_fn, in_shardings=(state_shardings, self.batch_sharding()),
-                   out_shardings=(state_shardings, self.replicated()), donate_argnums=(0,))
+    return jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, self.batch_sharding()),
+      out_shardings=(state_shardings, self.replicated()),
+      donate_argnums=(0,),
+    )

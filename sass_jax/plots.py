@@ -11,6 +11,7 @@
 for figures that compare several models. Figures are drawn on matplotlib's Agg canvas without
 pyplot, so no global backend is switched.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ RETRIEVAL = ("recall", "ndcg", "hitrate")
 def _figure(width: float, height: float):
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
+
   fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
   FigureCanvasAgg(fig)
   return fig
@@ -50,26 +52,32 @@ def _grouped_bars(ax, groups: Sequence[str], series: Mapping[str, tuple], legend
   for j, (name, (means, stds)) in enumerate(series.items()):
     means = np.asarray(means, np.float64)
     if means.shape != (len(groups),):
-      raise ValueError(f"series {name!r}: {means.shape[0] if means.ndim else 0} values for "
-                       f"{len(groups)} groups")
+      raise ValueError(
+        f"series {name!r}: {means.shape[0] if means.ndim else 0} values for {len(groups)} groups"
+      )
     err = None
     if stds is not None:
       err = np.asarray(stds, np.float64)
       if err.shape != means.shape:
         raise ValueError(f"series {name!r}: stds shape {err.shape}, expected {means.shape}")
       err = np.nan_to_num(err)
-    ax.bar(x + (j - (n - 1) / 2) * width, np.nan_to_num(means), width, yerr=err, capsize=3,
-           label=name)
+    ax.bar(
+      x + (j - (n - 1) / 2) * width, np.nan_to_num(means), width, yerr=err, capsize=3, label=name
+    )
   ax.set_xticks(x)
-  ax.set_xticklabels(groups, rotation=20 if max(map(len, groups), default=0) > 10 else 0,
-                     ha="right" if max(map(len, groups), default=0) > 10 else "center")
+  ax.set_xticklabels(
+    groups,
+    rotation=20 if max(map(len, groups), default=0) > 10 else 0,
+    ha="right" if max(map(len, groups), default=0) > 10 else "center",
+  )
   ax.grid(axis="y", alpha=0.3)
   if legend:
     ax.legend(fontsize="small")
 
 
-def bar_chart_with_errors(path: str | Path, groups: list[str],
-                          series: dict[str, tuple], title: str, ylabel: str) -> Path:
+def bar_chart_with_errors(
+  path: str | Path, groups: list[str], series: dict[str, tuple], title: str, ylabel: str
+) -> Path:
   """Grouped bar chart as PNG: one group per entry of ``groups``, one bar per series.
 
   ``series``: name -> (means float [G], stds float [G] or None); std bars are drawn when

@@ -4,6 +4,7 @@ A prepared store's manifest lists each tower's fields as ``FieldSpec`` dicts
 (``sass_jax.data.store``); the model builds one embedding table per field
 (``sass_jax.model.embedding``). Plain Python: importing it pulls in neither JAX nor Flax.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ class FieldSpec:
     multi_hot: 0 for a single id per row (column ``int32 [N]``); otherwise the padded length L
       of a multi-hot field (column ``int32 [N, L]`` with a ``bool [N, L]`` mask).
   """
+
   name: str
   vocab_size: int
   multi_hot: int = 0

@@ -11,6 +11,7 @@ ends, however it ends, so a crashed run never leaves a stale lock; the file itse
 ``__cause__`` / ``__context__`` chain -- or in the text of a wrapped tensorstore / orbax error --
 into one sentence naming the path and the cause.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,27 +27,32 @@ from pathlib import Path
 LOCK_FILE = ".lock"
 # errno -> the cause, as a user reads it.
 CAUSES = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large (the file-size limit or the file system's maximum was reached)",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
+  errno.ENOSPC: "no space left on device",
+  errno.EDQUOT: "disk quota exceeded",
+  errno.EFBIG: "file too large (the file-size limit or the file system's maximum was reached)",
+  errno.EROFS: "read-only file system",
+  errno.EACCES: "permission denied",
+  errno.EPERM: "operation not permitted",
 }
 # The same causes as C libraries spell them inside wrapped messages (tensorstore, absl status).
-_TEXT = [(re.compile(p, re.I), e) for p, e in (
+_TEXT = [
+  (re.compile(p, re.I), e)
+  for p, e in (
     (r"no space left on device|\bENOSPC\b|os_error_code='?28\b|errno 28\b", errno.ENOSPC),
     (r"disk quota exceeded|\bEDQUOT\b", errno.EDQUOT),
     (r"file too large|\bEFBIG\b|os_error_code='?27\b|errno 27\b", errno.EFBIG),
     (r"read-only file system|\bEROFS\b|os_error_code='?30\b|errno 30\b", errno.EROFS),
     (r"permission denied|\bEACCES\b|os_error_code='?13\b|errno 13\b", errno.EACCES),
-)]
-_PATHS_IN_TEXT = (re.compile(r'Failed writing: "([^"]+)"'),
-                  re.compile(r"(?:file|path|directory)\s*[\"'`]?(/[^\s\"'`,;\]]+)", re.I))
+  )
+]
+_PATHS_IN_TEXT = (
+  re.compile(r'Failed writing: "([^"]+)"'),
+  re.compile(r"(?:file|path|directory)\s*[\"'`]?(/[^\s\"'`,;\]]+)", re.I),
+)
 _ORBAX_TMP = re.compile(r"\.orbax-checkpoint-tmp[^/\"']*")
-_WRITE_CAUSES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # '... while writing PATH'
+_WRITE_CAUSES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # '... while writing PATH'
 
-_HELD: dict[str, int] = {}   # absolute workdir -> fd of its lock file, held until the process ends
+_HELD: dict[str, int] = {}  # absolute workdir -> fd of its lock file, held until the process ends
 
 
 class WorkdirError(OSError):
@@ -72,8 +78,10 @@ def lock(workdir: str | os.PathLike) -> Path:
   if key in _HELD:
     return path / LOCK_FILE
   if path.exists() and not path.is_dir():
-    raise WorkdirError(f"--workdir {given} is not a directory (a file is in the way); give a "
-                       "new directory or remove the file")
+    raise WorkdirError(
+      f"--workdir {given} is not a directory (a file is in the way); give a "
+      "new directory or remove the file"
+    )
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -106,7 +114,7 @@ def release(workdir: str | os.PathLike) -> None:
   """Release this process's lock on ``workdir`` (if held); the lock file stays."""
   fd = _HELD.pop(os.path.abspath(os.fspath(workdir)), None)
   if fd is not None:
-    os.close(fd)   # closing the only descriptor releases the flock
+    os.close(fd)  # closing the only descriptor releases the flock
 
 
 def _read_only_fs(path: Path) -> bool:
@@ -151,7 +159,7 @@ def os_error_message(exc: BaseException, workdir: str | os.PathLike | None = Non
   :class:`WorkdirError`, whose message says it already.
   """
   if isinstance(exc, WorkdirError):
-    return None   # already one line naming the workdir and the cause
+    return None  # already one line naming the workdir and the cause
   found = None
   for e in _chain(exc):
     if isinstance(e, OSError) and e.errno in CAUSES and not isinstance(e, WorkdirError):
@@ -172,8 +180,9 @@ def _sentence(code: int, where, workdir=None) -> str:
     where = _ORBAX_TMP.sub("", where).rstrip("/") or where
   if not where:
     return CAUSES[code]
-  return f"{CAUSES[code]} while writing {where}" if code in _WRITE_CAUSES else \
-      f"{CAUSES[code]}: {where}"
+  return (
+    f"{CAUSES[code]} while writing {where}" if code in _WRITE_CAUSES else f"{CAUSES[code]}: {where}"
+  )
 
 
 class _Echoes(logging.Filter):
@@ -196,11 +205,11 @@ class _Echoes(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.name == "sass_jax" or record.name.startswith("jax"):
-      return True   # ours, and JAX's (a compilation-cache write that fails is harmless)
+      return True  # ours, and JAX's (a compilation-cache write that fails is harmless)
     try:
       text = record.getMessage()
     except Exception:  # pylint: disable=broad-exception-caught
-      return True       # the handler reports a malformed record itself
+      return True  # the handler reports a malformed record itself
     if record.exc_info and record.exc_info[1] is not None:
       text += "\n" + "".join(traceback.format_exception_only(record.exc_info[1]))
     return not self._echo(text)
@@ -227,6 +236,9 @@ def quiet_os_error_echoes() -> _Echoes:
     if not echoes._echo("".join(traceback.format_exception_only(value))):
       old_except(tp, value, tb)
 
-  threading.excepthook, sys.unraisablehook, sys.excepthook = (thread_hook, unraisable_hook,
-                                                              except_hook)
+  threading.excepthook, sys.unraisablehook, sys.excepthook = (
+    thread_hook,
+    unraisable_hook,
+    except_hook,
+  )
   return echoes

@@ -10,6 +10,7 @@ layout (sass_jax/partition.py) and the mesh-independent padding of large tables.
 
 The multi-device parts run in subprocesses (the device count is fixed when JAX starts).
 """
+
 import json
 import os
 import subprocess
@@ -49,31 +50,35 @@ def _env(**kw):
 
 def test_padding_is_mesh_independent_and_splits_large_tables():
   from sass_jax.model.embedding import padded_rows
-  assert padded_rows(1_000_001, 8) == 1_000_448        # 1,000,001-row table: a multiple of 1024
+
+  assert padded_rows(1_000_001, 8) == 1_000_448  # 1,000,001-row table: a multiple of 1024
   assert all(padded_rows(1_000_001, 8) % n == 0 for n in (16, 256, 512, 1024))
-  assert padded_rows(6041, 8) == 6048 and padded_rows(5, 8) == 8   # small tables as before
+  assert padded_rows(6041, 8) == 6048 and padded_rows(5, 8) == 8  # small tables as before
   assert padded_rows(65_536 * 3 + 1, 6) % 6 == 0 and padded_rows(65_536 * 3 + 1, 6) % 1024 == 0
-  assert padded_rows(70_001, 1) == 70_001              # pad_to=1: exact (the row-sparse view)
+  assert padded_rows(70_001, 1) == 70_001  # pad_to=1: exact (the row-sparse view)
 
 
 def test_large_table_is_never_replicated():
   import jax
   from sass_jax.partition import Partitioner
+
   cfg = lambda layout, smr=10: ml_collections.ConfigDict(
-      {"data": 1, "model": 1, "shard_min_rows": smr, "table_layout": layout})
+    {"data": 1, "model": 1, "shard_min_rows": smr, "table_layout": layout}
+  )
   p = Partitioner(cfg("auto"), devices=jax.devices()[:1])
-  assert p.table_axes(12) == ()                       # one device: nothing to split
+  assert p.table_axes(12) == ()  # one device: nothing to split
   with pytest.raises(ValueError, match="table_layout"):
     Partitioner(cfg("rows"), devices=jax.devices()[:1])
 
-  class Fake(Partitioner):                            # the shape logic of a (4 x 4) mesh
+  class Fake(Partitioner):  # the shape logic of a (4 x 4) mesh
     def __init__(self, layout, smr=100):
       self.shard_min_rows, self.table_layout = smr, layout
       self.mesh = type("M", (), {"shape": {"data": 4, "model": 4}, "size": 16})()
+
   assert Fake("auto").table_axes(1024) == ("data", "model")
   assert Fake("model").table_axes(1024) == ("model",)
   assert Fake("auto").table_axes(1020) == ("model",)  # 16 does not divide, 4 does
-  assert Fake("auto").table_axes(99) == ()            # below shard_min_rows: replicated
+  assert Fake("auto").table_axes(99) == ()  # below shard_min_rows: replicated
   with pytest.raises(ValueError, match="never replicated.*vocab_pad_to to a multiple of 16"):
     Fake("all").table_axes(1_000_008, "the table user_tower/embed/user_id")
   with pytest.raises(ValueError, match="user_id has 1000002 rows"):
@@ -84,10 +89,24 @@ def test_compile_mode_for_a_tpu_topology(tmp_path):
   pytest.importorskip("libtpu")
   (tmp_path / "tiny_compile.py").write_text(TINY_CONFIG)
   wd = tmp_path / "wd"
-  r = subprocess.run([sys.executable, "-m", "sass_jax.main", "--config",
-                      str(tmp_path / "tiny_compile.py"), "--workdir", str(wd), "--mode", "compile"],
-                     cwd=REPO, env=_env(PYTHONPATH=f"{REPO}:{tmp_path}"), capture_output=True,
-                     text=True, timeout=600)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sass_jax.main",
+      "--config",
+      str(tmp_path / "tiny_compile.py"),
+      "--workdir",
+      str(wd),
+      "--mode",
+      "compile",
+    ],
+    cwd=REPO,
+    env=_env(PYTHONPATH=f"{REPO}:{tmp_path}"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
   assert "| finetune | lazy_adam |" in r.stdout and "compile.json" in r.stdout
   rep = json.loads((wd / "compile.json").read_text())
@@ -95,31 +114,41 @@ def test_compile_mode_for_a_tpu_topology(tmp_path):
   assert rep["mesh"] == {"data": 4, "model": 1} and rep["hbm_bytes"] == 16 << 30
   assert rep["fields"]["source"] == "config.compile" and rep["fields"]["num_scenarios"] == 3
   assert [(s["stage"], s["embedding_optimizer"]) for s in rep["steps"]] == [
-      ("finetune", "dense"), ("finetune", "lazy_adam")]
+    ("finetune", "dense"),
+    ("finetune", "lazy_adam"),
+  ]
   for s in rep["steps"]:
     m = s["memory"]
-    assert m["total_bytes"] == (m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"]
-                                - m["alias_bytes"]) > 0
+    assert (
+      m["total_bytes"]
+      == (m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"] - m["alias_bytes"])
+      > 0
+    )
     assert s["fits"] and 0 < s["headroom"] < 1 and s["cost"]["flops"] > 0
     assert s["compile_seconds"] > 0 and s["biggest_arrays"]
-    assert s["collectives"]["all-reduce"]["count"] > 0          # the masked-gather reductions
+    assert s["collectives"]["all-reduce"]["count"] > 0  # the masked-gather reductions
     assert s["collective_bytes"] == sum(v["bytes"] for v in s["collectives"].values())
-    assert s["table_all_gathers"] == []                        # no table is ever all-gathered
+    assert s["table_all_gathers"] == []  # no table is ever all-gathered
     tables = {t["table"]: t for t in s["tables"]}
-    assert set(tables) == {"user_tower/embed/user_id", "user_tower/embed/gender",
-                           "item_tower/embed/movie_id", "item_tower/embed/genres"}
+    assert set(tables) == {
+      "user_tower/embed/user_id",
+      "user_tower/embed/gender",
+      "item_tower/embed/movie_id",
+      "item_tower/embed/genres",
+    }
     for name in ("user_tower/embed/user_id", "item_tower/embed/movie_id"):
-      t = tables[name]                                         # split over all 4 chips
+      t = tables[name]  # split over all 4 chips
       assert t["shards"] == 4 and t["per_chip_bytes"] * 4 == t["bytes"], t
       # the compiled program takes the table and its two Adam moments as [rows / 4, 8]
       assert t["hlo_parameters_of_shard_shape"] >= 3, t
-    assert tables["user_tower/embed/gender"]["shards"] == 1     # below shard_min_rows
+    assert tables["user_tower/embed/gender"]["shards"] == 1  # below shard_min_rows
     assert s["table_bytes_per_chip"] == sum(t["per_chip_bytes"] for t in tables.values())
     assert m["argument_bytes"] >= 3 * s["table_bytes_per_chip"]
 
 
 def _tiny_ml_config(tmp_path, **mesh):
   from configs import test as test_config
+
   cfg = test_config.get_config()
   cfg.data.dir = str(DATA)
   cfg.pretrain.num_steps = 0
@@ -131,11 +160,27 @@ def _tiny_ml_config(tmp_path, **mesh):
 
 def test_preflight_refuses_a_step_over_the_memory_limit(tmp_path):
   wd = tmp_path / "wd"
-  r = subprocess.run([sys.executable, "-m", "sass_jax.main", "--config", "configs/test.py",
-                      "--workdir", str(wd), "--mode", "finetune", f"--config.data.dir={DATA}",
-                      "--config.pretrain.num_steps=0", "--config.mesh.memory_limit_bytes=100000"],
-                     cwd=REPO, env=_env(JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                     timeout=600)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sass_jax.main",
+      "--config",
+      "configs/test.py",
+      "--workdir",
+      str(wd),
+      "--mode",
+      "finetune",
+      f"--config.data.dir={DATA}",
+      "--config.pretrain.num_steps=0",
+      "--config.mesh.memory_limit_bytes=100000",
+    ],
+    cwd=REPO,
+    env=_env(JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-5000:]
   err = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(err) == 1, r.stderr[-3000:]
@@ -143,11 +188,12 @@ def test_preflight_refuses_a_step_over_the_memory_limit(tmp_path):
   assert "the finetune step needs" in msg and "GB per device" in msg and "0.00 GB" in msg
   assert "config.mesh.memory_limit_bytes" in msg and "biggest arrays: " in msg
   assert "lazy_adam" in msg and "config.train.batch_size" in msg
-  assert not (wd / "checkpoints").exists()                   # refused before anything ran
+  assert not (wd / "checkpoints").exists()  # refused before anything ran
 
   # Under the limit the same run trains, on the preflight's compiled step.
   from sass_jax import aot
   from sass_jax.train import loop
+
   cfg = _tiny_ml_config(tmp_path, memory_limit_bytes=1 << 34)
   data = loop.prepare(cfg, wd)
   model = loop.build_model(cfg, data)
@@ -164,6 +210,7 @@ def test_abstract_batch_matches_the_pipeline(tmp_path):
   from sass_jax import aot
   from sass_jax.data import pipeline
   from sass_jax.train import loop
+
   cfg = _tiny_ml_config(tmp_path)
   data = loop.prepare(cfg, tmp_path / "wd")
   for stage in ("pretrain", "finetune"):
@@ -257,9 +304,13 @@ EQUALITY = textwrap.dedent("""
 
 @pytest.mark.parametrize("optimizer", ["dense", "lazy_adam", "rowwise_adagrad"])
 def test_all_device_tables_match_one_device(optimizer):
-  r = subprocess.run([sys.executable, "-c", EQUALITY, optimizer], cwd=REPO,
-                     env=_env(JAX_PLATFORMS="cpu",
-                              XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-                     capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [sys.executable, "-c", EQUALITY, optimizer],
+    cwd=REPO,
+    env=_env(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
   assert r.stdout.strip().endswith("OK")

@@ -1,6 +1,7 @@
 """Tests for the multi-scenario baselines (docs/design.md §3): every model name behind the SASS
 two-tower interface on the real MovieLens sample, STAR's partitioned normalisation against NumPy,
 DSSM-S independence, config validation and the CLI end to end."""
+
 from __future__ import annotations
 
 import json
@@ -74,7 +75,7 @@ def test_layouts_shapes_and_finite_loss(prepared, batches, name):
   b = batches[0]
   B, D = len(b["scenario"]), cfg.model.out_dim
   sc = jnp.asarray(b["scenario"])
-  assert len(np.unique(b["scenario"])) == K      # a mixed-scenario batch
+  assert len(np.unique(b["scenario"])) == K  # a mixed-scenario batch
   for method, feats in (("encode_user", b["user"]), ("encode_item", b["item"])):
     enc = lambda f, s, m=method: np.asarray(model.apply(state.variables, f, s, method=m))
     sel, allk = enc(feats, sc), enc(feats, None)
@@ -91,8 +92,15 @@ def test_layouts_shapes_and_finite_loss(prepared, batches, name):
       assert np.all(gap == 0.0)
     else:  # scenario-aware on both sides: each scenario has its own user and item vectors
       assert np.all(gap > 1e-4), (method, gap.min())
-  loss, _ = steps.finetune_loss(model, state.params, jax.tree.map(jnp.asarray, b), state.rng,
-                                cfg.model.tau, 1.0, state.model_state)
+  loss, _ = steps.finetune_loss(
+    model,
+    state.params,
+    jax.tree.map(jnp.asarray, b),
+    state.rng,
+    cfg.model.tau,
+    1.0,
+    state.model_state,
+  )
   assert np.isfinite(float(loss)) and float(loss) > 0
 
 
@@ -128,7 +136,7 @@ def test_logical_axes_shard_only_embedding_tables(prepared, name):
   data, _ = prepared
   cfg = _cfg(name)
   cfg.mesh.shard_min_rows = 1
-  cfg.mesh.table_layout = "model"       # tables split over 'model' only (not all devices)
+  cfg.mesh.table_layout = "model"  # tables split over 'model' only (not all devices)
   model = loop.build_model(cfg, data)
   tx = steps.make_optimizer(cfg.train, 10)
   part = Partitioner(cfg.mesh)
@@ -136,13 +144,16 @@ def test_logical_axes_shard_only_embedding_tables(prepared, name):
   boxed = jax.tree.leaves(abstract.params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   assert all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
   logical = jax.tree_util.tree_flatten_with_path(
-      nn.get_partition_spec(abstract.params), is_leaf=lambda x: isinstance(x, P))[0]
+    nn.get_partition_spec(abstract.params), is_leaf=lambda x: isinstance(x, P)
+  )[0]
   vocab = {jax.tree_util.keystr(p) for p, spec in logical if len(spec) and spec[0] == "vocab"}
   _, shardings = part.abstract_state(steps.make_init_fn(model, tx, loop.example_batch(data), 0))
   flat = jax.tree_util.tree_flatten_with_path(shardings.params)[0]
   specs = {jax.tree_util.keystr(path): tuple(sh.spec) for path, sh in flat}
-  shapes = {jax.tree_util.keystr(p): s.shape
-            for p, s in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract.params))[0]}
+  shapes = {
+    jax.tree_util.keystr(p): s.shape
+    for p, s in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract.params))[0]
+  }
   tables = {k for k in specs if "['embed']" in k}
   assert len(tables) == len(data.user_specs) + len(data.item_specs)
   assert tables == vocab
@@ -167,10 +178,14 @@ def _random_variables(model, seed, *init_args):
   STAR included, so nothing is trivially 1 or 0); batch_stats keep their init."""
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), *init_args))
   rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda s: (0.5 * rng.standard_normal(s.shape)).astype(np.float32),
-                        shapes["params"])
-  rest = {k: jax.tree.map(lambda s: np.zeros(s.shape, np.float32), v)
-          for k, v in shapes.items() if k != "params"}
+  params = jax.tree.map(
+    lambda s: (0.5 * rng.standard_normal(s.shape)).astype(np.float32), shapes["params"]
+  )
+  rest = {
+    k: jax.tree.map(lambda s: np.zeros(s.shape, np.float32), v)
+    for k, v in shapes.items()
+    if k != "params"
+  }
   return {"params": params, **rest}
 
 
@@ -178,19 +193,24 @@ def _star_user_numpy(p, z, user, scenario, mean, var, all_layout=False):
   """STAR user tower in NumPy. mean / var ``[K, d]`` are the statistics slice k is normalised
   with; scenario int [B] (selected) or ignored with all_layout (returns [B, K, D])."""
   relu = lambda x: np.maximum(x, 0.0)
-  e = np.concatenate([p["embed"]["user_id"][user["user_id"]],
-                      p["embed"]["gender"][user["gender"]]], -1)            # [B, 8]
+  e = np.concatenate(
+    [p["embed"]["user_id"][user["user_id"]], p["embed"]["gender"][user["gender"]]], -1
+  )  # [B, 8]
 
   def tower(k_rows):
     pn = p["pn"]
-    x = ((e - mean[k_rows]) / np.sqrt(var[k_rows] + EPS)
-         * (pn["scale"] * pn["scenario_scale"][k_rows]) + pn["bias"] + pn["scenario_bias"][k_rows])
+    x = (
+      (e - mean[k_rows]) / np.sqrt(var[k_rows] + EPS) * (pn["scale"] * pn["scenario_scale"][k_rows])
+      + pn["bias"]
+      + pn["scenario_bias"][k_rows]
+    )
     for name, act in (("star_0", relu), ("star_1", relu), ("out", lambda v: v)):
       q = p[name]
-      w = q["kernel"][None] * q["scenario_kernel"][k_rows]                 # [B, din, dout]
+      w = q["kernel"][None] * q["scenario_kernel"][k_rows]  # [B, din, dout]
       x = act(np.einsum("bi,bio->bo", x, w) + q["bias"] + q["scenario_bias"][k_rows])
-    a = relu(np.concatenate([z[k_rows], e], -1) @ p["aux_hidden"]["kernel"]
-             + p["aux_hidden"]["bias"])
+    a = relu(
+      np.concatenate([z[k_rows], e], -1) @ p["aux_hidden"]["kernel"] + p["aux_hidden"]["bias"]
+    )
     x = x + a @ p["aux_out"]["kernel"] + p["aux_out"]["bias"]
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
@@ -211,7 +231,7 @@ def star_setup(tiny_cfg, tiny_features):
 
 def test_star_eval_uses_each_scenarios_running_statistics(star_setup):
   cfg, model, v, user, _ = star_setup
-  B, d = len(user["user_id"]), 2 * cfg.embed_dim
+  d = 2 * cfg.embed_dim
   rng = np.random.default_rng(11)
   mean = rng.normal(0, 0.3, (K, d)).astype(np.float32)
   var = rng.uniform(0.01, 0.5, (K, d)).astype(np.float32)
@@ -238,17 +258,20 @@ def test_star_training_uses_batch_moments_per_scenario_and_updates_present_only(
   old_mean = rng.normal(0, 0.3, (K, d)).astype(np.float32)
   old_var = rng.uniform(0.5, 2.0, (K, d)).astype(np.float32)
   v["batch_stats"]["user_tower"]["pn"] = {"mean": old_mean, "var": old_var}
-  sc = np.array([0, 2, 2, 0, 0, 2, 2, 0], np.int32)        # scenario 1 absent
+  sc = np.array([0, 2, 2, 0, 0, 2, 2, 0], np.int32)  # scenario 1 absent
   p, z = v["params"]["user_tower"], v["params"]["scenario_embedding"]
-  e = np.concatenate([p["embed"]["user_id"][user["user_id"]],
-                      p["embed"]["gender"][user["gender"]]], -1)
-  bmean, bvar = old_mean.copy(), old_var.copy()          # row k: scenario k's batch moments
+  e = np.concatenate(
+    [p["embed"]["user_id"][user["user_id"]], p["embed"]["gender"][user["gender"]]], -1
+  )
+  bmean, bvar = old_mean.copy(), old_var.copy()  # row k: scenario k's batch moments
   for k in (0, 2):
     bmean[k], bvar[k] = e[sc == k].mean(0), e[sc == k].var(0)
-  out, new = model.apply(v, user, jnp.asarray(sc), True, method="encode_user",
-                         mutable=["batch_stats"])
-  np.testing.assert_allclose(np.asarray(out), _star_user_numpy(p, z, user, sc, bmean, bvar),
-                             atol=2e-5)
+  out, new = model.apply(
+    v, user, jnp.asarray(sc), True, method="encode_user", mutable=["batch_stats"]
+  )
+  np.testing.assert_allclose(
+    np.asarray(out), _star_user_numpy(p, z, user, sc, bmean, bvar), atol=2e-5
+  )
   pn = jax.tree.map(np.asarray, new["batch_stats"]["user_tower"]["pn"])
   np.testing.assert_array_equal(pn["mean"][1], old_mean[1])
   np.testing.assert_array_equal(pn["var"][1], old_var[1])
@@ -256,14 +279,17 @@ def test_star_training_uses_batch_moments_per_scenario_and_updates_present_only(
     np.testing.assert_allclose(pn["mean"][k], m * old_mean[k] + (1 - m) * bmean[k], atol=1e-6)
     np.testing.assert_allclose(pn["var"][k], m * old_var[k] + (1 - m) * bvar[k], atol=1e-6)
   # the item tower's statistics are untouched by a user-tower call
-  np.testing.assert_array_equal(np.asarray(new["batch_stats"]["item_tower"]["pn"]["mean"]),
-                                v["batch_stats"]["item_tower"]["pn"]["mean"])
+  np.testing.assert_array_equal(
+    np.asarray(new["batch_stats"]["item_tower"]["pn"]["mean"]),
+    v["batch_stats"]["item_tower"]["pn"]["mean"],
+  )
   # all-scenarios layout in training: every slice uses (and updates with) the whole batch's moments
   out, new = model.apply(v, user, None, True, method="encode_user", mutable=["batch_stats"])
   full_m = np.broadcast_to(e.mean(0), (K, d))
   full_v = np.broadcast_to(e.var(0), (K, d))
-  np.testing.assert_allclose(np.asarray(out),
-                             _star_user_numpy(p, z, user, sc, full_m, full_v, True), atol=2e-5)
+  np.testing.assert_allclose(
+    np.asarray(out), _star_user_numpy(p, z, user, sc, full_m, full_v, True), atol=2e-5
+  )
   pn = jax.tree.map(np.asarray, new["batch_stats"]["user_tower"]["pn"])
   np.testing.assert_allclose(pn["mean"], m * old_mean + (1 - m) * full_m, atol=1e-6)
   np.testing.assert_allclose(pn["var"], m * old_var + (1 - m) * full_v, atol=1e-6)
@@ -294,7 +320,7 @@ def test_dssm_single_scenarios_are_independent(tiny_cfg, tiny_features, separate
     if separate:
       for s in specs:
         rows = padded_rows(s.vocab_size, cfg.vocab_pad_to)
-        changed["params"][tower]["embed"][s.name][rows:2 * rows] += 1.0
+        changed["params"][tower]["embed"][s.name][rows : 2 * rows] += 1.0
   for method, feats in (("encode_user", user), ("encode_item", item)):
     before = np.asarray(model.apply(v, feats, None, method=method))
     after = np.asarray(model.apply(changed, feats, None, method=method))
@@ -310,7 +336,7 @@ def test_dssm_single_scenarios_are_independent(tiny_cfg, tiny_features, separate
   if separate:  # the embedding rows of scenario 1 alone also move only scenario 1
     only_emb = jax.tree.map(np.copy, v)
     rows = padded_rows(cfg.user_specs[0].vocab_size, cfg.vocab_pad_to)
-    only_emb["params"]["user_tower"]["embed"]["user_id"][rows:2 * rows] += 1.0
+    only_emb["params"]["user_tower"]["embed"]["user_id"][rows : 2 * rows] += 1.0
     before = np.asarray(model.apply(v, user, None, method="encode_user"))
     after = np.asarray(model.apply(only_emb, user, None, method="encode_user"))
     np.testing.assert_array_equal(after[:, [0, 2]], before[:, [0, 2]])
@@ -323,14 +349,14 @@ def test_dssm_single_scenarios_are_independent(tiny_cfg, tiny_features, separate
 
 # (model, key, value, message): each model checks its own settings (config_problems).
 OWN_SETTINGS = [
-    ("ple", "name", "mmoe2", "config.model.name='mmoe2' is not a known model"),
-    ("mmoe", "num_experts", 0, "config.model.num_experts=0: expected an int >= 1"),
-    ("ple", "num_experts", 0, "config.model.num_experts=0: expected an int >= 1"),
-    ("ple", "num_scenario_experts", 0, "config.model.num_scenario_experts=0: expected an int"),
-    ("star", "star_momentum", 1.0, "config.model.star_momentum=1.0: expected 0 <= m < 1"),
-    ("shared_bottom", "tower_widths", (16, 0), "config.model.tower_widths=(16, 0): expected"),
-    ("ple", "widths", (), "config.model.widths=(); ple needs at least one"),
-    ("sass", "bias_mode", "mul", "config.model.bias_mode='mul': expected one of"),
+  ("ple", "name", "mmoe2", "config.model.name='mmoe2' is not a known model"),
+  ("mmoe", "num_experts", 0, "config.model.num_experts=0: expected an int >= 1"),
+  ("ple", "num_experts", 0, "config.model.num_experts=0: expected an int >= 1"),
+  ("ple", "num_scenario_experts", 0, "config.model.num_scenario_experts=0: expected an int"),
+  ("star", "star_momentum", 1.0, "config.model.star_momentum=1.0: expected 0 <= m < 1"),
+  ("shared_bottom", "tower_widths", (16, 0), "config.model.tower_widths=(16, 0): expected"),
+  ("ple", "widths", (), "config.model.widths=(); ple needs at least one"),
+  ("sass", "bias_mode", "mul", "config.model.bias_mode='mul': expected one of"),
 ]
 
 
@@ -348,10 +374,18 @@ def test_config_validation(name, key, value, message):
     config_check.validate(cfg)
 
 
-@pytest.mark.parametrize("key,value,owners", [
-    ("num_experts", 0, {"mmoe", "ple"}), ("num_scenario_experts", 0, {"ple"}),
-    ("star_momentum", 1.0, {"star"}), ("tower_widths", (16, 0), {"shared_bottom", "mmoe", "ple"}),
-    ("widths", (), {"ple"}), ("gate_style", "lstm", {"sass"}), ("bias_mode", "mul", {"sass"})])
+@pytest.mark.parametrize(
+  "key,value,owners",
+  [
+    ("num_experts", 0, {"mmoe", "ple"}),
+    ("num_scenario_experts", 0, {"ple"}),
+    ("star_momentum", 1.0, {"star"}),
+    ("tower_widths", (16, 0), {"shared_bottom", "mmoe", "ple"}),
+    ("widths", (), {"ple"}),
+    ("gate_style", "lstm", {"sass"}),
+    ("bias_mode", "mul", {"sass"}),
+  ],
+)
 def test_own_settings_belong_to_their_model(key, value, owners):
   """A setting is checked by the models that read it; the others ignore its value."""
   for name in registry.names():
@@ -384,13 +418,29 @@ CLI_MODELS = ("dssm_single", "mmoe", "star")
 @pytest.mark.parametrize("name", CLI_MODELS)
 def test_cli_train_end_to_end(prepared, tmp_path, name):
   _, data_dir = prepared
-  (tmp_path / "data").symlink_to(data_dir)            # reuse the prepared sample
+  (tmp_path / "data").symlink_to(data_dir)  # reuse the prepared sample
   r = subprocess.run(
-      [sys.executable, "-m", "sass_jax.main", "--config", "configs/test.py",
-       f"--config.model.name={name}", f"--config.data.dir={DATA}", "--workdir", str(tmp_path),
-       "--mode", "train", "--config.train.num_steps=10", "--config.pretrain.num_steps=4"],
-      cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
-      timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "sass_jax.main",
+      "--config",
+      "configs/test.py",
+      f"--config.model.name={name}",
+      f"--config.data.dir={DATA}",
+      "--workdir",
+      str(tmp_path),
+      "--mode",
+      "train",
+      "--config.train.num_steps=10",
+      "--config.pretrain.num_steps=4",
+    ],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.loads((tmp_path / "metrics.json").read_text())
   assert m["model"] == name

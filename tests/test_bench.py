@@ -1,4 +1,5 @@
 """``bench_input`` (--mode bench_input) on a tiny synthetic config: the JSON's shape, not speed."""
+
 import json
 import math
 
@@ -24,8 +25,7 @@ def _positive(x):
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
   wd = tmp_path_factory.mktemp("bench")
-  out = bench.bench_input(_tiny_cfg(), wd, num_batches=5, warmup=2, repeats=2,
-                          config_name="tiny")
+  out = bench.bench_input(_tiny_cfg(), wd, num_batches=5, warmup=2, repeats=2, config_name="tiny")
   return wd, out
 
 
@@ -42,8 +42,14 @@ def test_every_field_present_and_positive(result):
   for k in ("platform", "device_kind", "jax_version"):
     assert isinstance(m[k], str) and m[k]
   assert m["cpu_count"] >= 1 and m["num_devices"] >= 1
-  for k in ("input_samples_per_s", "input_placed_samples_per_s", "step_samples_per_s",
-            "input_over_step", "input_placed_over_step", "step_compile_s"):
+  for k in (
+    "input_samples_per_s",
+    "input_placed_samples_per_s",
+    "step_samples_per_s",
+    "input_over_step",
+    "input_placed_over_step",
+    "step_compile_s",
+  ):
     assert _positive(out[k]), k
   assert math.isfinite(out["step_final_loss"])
   assert isinstance(out["input_ge_2x_step"], bool)
@@ -69,7 +75,8 @@ def test_stats_consistent(result):
   assert out["input_samples_per_s"] == out["input"]["finetune"]["samples_per_s"]["median"]
   assert out["step_samples_per_s"] == out["step"]["finetune"]["samples_per_s"]["median"]
   assert out["input_over_step"] == pytest.approx(
-      out["input_samples_per_s"] / out["step_samples_per_s"])
+    out["input_samples_per_s"] / out["step_samples_per_s"]
+  )
 
 
 def test_rejects_bad_counts(tmp_path):
@@ -78,12 +85,20 @@ def test_rejects_bad_counts(tmp_path):
 
 
 # ---- --mode bench ------------------------------------------------------------------
-BENCH_FLAGS = ["--config.bench.steps=2", "--config.bench.repeats=2", "--config.bench.warmup=1",
-               "--config.bench.batches=2", "--config.bench.loop_steps=2",
-               "--config.bench.input_batches=2", "--config.bench.eval_items=256",
-               "--config.bench.eval_users=128", "--config.bench.full_eval_max_pairs=0",
-               "--config.bench.probe_matmul_n=128", "--config.bench.probe_bytes=1000000",
-               "--config.bench.embedding_optimizers=('dense','lazy_adam')"]
+BENCH_FLAGS = [
+  "--config.bench.steps=2",
+  "--config.bench.repeats=2",
+  "--config.bench.warmup=1",
+  "--config.bench.batches=2",
+  "--config.bench.loop_steps=2",
+  "--config.bench.input_batches=2",
+  "--config.bench.eval_items=256",
+  "--config.bench.eval_users=128",
+  "--config.bench.full_eval_max_pairs=0",
+  "--config.bench.probe_matmul_n=128",
+  "--config.bench.probe_bytes=1000000",
+  "--config.bench.embedding_optimizers=('dense','lazy_adam')",
+]
 
 
 def _stat(s, lo=0.0):
@@ -99,13 +114,29 @@ def bench_cli(tmp_path_factory, ml_sample_dir):
   import subprocess
   import sys
   from pathlib import Path
+
   root = Path(__file__).resolve().parents[1]
   wd = tmp_path_factory.mktemp("bench_cli")
-  p = subprocess.run([sys.executable, "-m", "sass_jax.main", "--config", "configs/test.py",
-                      "--workdir", str(wd), "--mode", "bench",
-                      f"--config.data.dir={ml_sample_dir}"] + BENCH_FLAGS,
-                     cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True,
-                     text=True, timeout=600)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sass_jax.main",
+      "--config",
+      "configs/test.py",
+      "--workdir",
+      str(wd),
+      "--mode",
+      "bench",
+      f"--config.data.dir={ml_sample_dir}",
+    ]
+    + BENCH_FLAGS,
+    cwd=root,
+    env={**os.environ, "PYTHONPATH": str(root)},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert p.returncode == 0, p.stderr[-3000:]
   return json.loads((wd / "bench.json").read_text()), p.stdout
 
@@ -141,7 +172,9 @@ def test_bench_cli_json_every_field(bench_cli):
     else:
       assert 0 < f["state_bytes"] < full
   assert out["steps"]["finetune/lazy_adam"]["touched_rows"] > 0
-  assert set(out["sparse_speedup"]) == {"lazy_adam"} and _positive(out["sparse_speedup"]["lazy_adam"])
+  assert set(out["sparse_speedup"]) == {"lazy_adam"} and _positive(
+    out["sparse_speedup"]["lazy_adam"]
+  )
   chk = out["sparse_check"]["lazy_adam"]
   assert chk["untouched_rows_unchanged"] is True and chk["untouched_rows_changed"] == 0
   assert chk["max_abs_diff_touched_rows"] <= 1e-5 and chk["max_abs_diff_other_params"] <= 1e-5
@@ -154,16 +187,16 @@ def test_bench_cli_json_every_field(bench_cli):
   sps = out["steps"]["finetune/dense"]["samples_per_s"]["median"]
   assert out["input_over_step"] == pytest.approx(out["input"]["host"]["median"] / sps)
   assert out["loop"]["embedding_optimizer"] == "dense" and out["loop"]["steps"] == 2
-  assert out["loop_over_step"] == pytest.approx(
-      _stat(out["loop"]["samples_per_s"]) / sps)
+  assert out["loop_over_step"] == pytest.approx(_stat(out["loop"]["samples_per_s"]) / sps)
   assert set(out["table_update"]) == {"rows", "ids", "dense", "lazy_adam"}
   assert out["table_update"]["rows"] == out["model"]["embedding_rows"]
-  assert out["table_update"]["ids"] == 64 * 13     # 5 user fields + movie_id + 6 genres + year
+  assert out["table_update"]["ids"] == 64 * 13  # 5 user fields + movie_id + 6 genres + year
   for o in ("dense", "lazy_adam"):
     _stat(out["table_update"][o]["update_ms"])
   assert out["table_update_speedup"]["lazy_adam"] == pytest.approx(
-      out["table_update"]["dense"]["update_ms"]["median"]
-      / out["table_update"]["lazy_adam"]["update_ms"]["median"])
+    out["table_update"]["dense"]["update_ms"]["median"]
+    / out["table_update"]["lazy_adam"]["update_ms"]["median"]
+  )
   ev = out["eval"]
   assert 1 <= ev["user_chunk"] <= 1024
   assert ev["encode_items"]["items"] == 256 and ev["encode_items"]["scenarios"] == 3
@@ -179,6 +212,7 @@ def test_bench_cli_json_every_field(bench_cli):
 
 def test_bench_rejects_bad_settings(tmp_path):
   from configs import test as test_cfg
+
   c = test_cfg.get_config()
   c.bench.embedding_optimizers = ("dense", "sgd")
   with pytest.raises(ValueError, match="config.bench.embedding_optimizers"):
@@ -193,16 +227,15 @@ def test_bench_rejects_bad_settings(tmp_path):
 def test_torch_reference_same_losses_and_adamw_step():
   """Same params and batch: the torch reference's losses equal sass_jax's, and one AdamW step
   of each (weight decay on, mid-warm-up learning rate) moves the params to the same values."""
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   import flax.linen as nn
   import jax
-  import jax.numpy as jnp
   import ml_collections
   import numpy as np
 
   from sass_jax.bench import torch_reference as tr
   from sass_jax.train import steps
-  from test_sparse import _batch, _model   # tests/ is on sys.path (pytest rootdir-less import)
+  from test_sparse import _batch, _model  # tests/ is on sys.path (pytest rootdir-less import)
 
   model = _model()
   sc = ml_collections.ConfigDict({"learning_rate": 0.05, "warmup_steps": 4, "weight_decay": 0.1})
@@ -212,7 +245,7 @@ def test_torch_reference_same_losses_and_adamw_step():
   params = jax.device_get(state.params)
   tm = tr.TorchSASS.from_model_config(model.cfg)
   tm.load_flax_params(params)
-  fb, pb = _batch(1), _batch(2, "pretrain")
+  pb = _batch(2, "pretrain")
   for pairs in ("scenario_views", "user_item"):
     lj = steps.pretrain_loss(model, state.params, pb, state.rng, 0.1, pairs)[0]
     lt = tr.pretrain_loss(tm, tr.to_torch(jax.device_get(pb)), 0.1, pairs)
@@ -226,11 +259,13 @@ def test_torch_reference_same_losses_and_adamw_step():
     lt = tstep(tr.to_torch(jax.device_get(b)))
     np.testing.assert_allclose(float(lt), float(m["loss"]), rtol=1e-5)
   moved = jax.device_get(state.params)
-  got = {"scenario_embedding": tm.scenario_embedding,
-         "user_tower/embed/user_id": tm.user_tower.embed["user_id"],
-         "item_tower/mlsat_1/update_gate/kernel": tm.item_tower.layers[1].update_gate.kernel,
-         "user_tower/mlsat_0/scenario/kernel": tm.user_tower.layers[0].scenario.kernel,
-         "item_tower/bias_out/bias": tm.item_tower.bias_out.bias}
+  got = {
+    "scenario_embedding": tm.scenario_embedding,
+    "user_tower/embed/user_id": tm.user_tower.embed["user_id"],
+    "item_tower/mlsat_1/update_gate/kernel": tm.item_tower.layers[1].update_gate.kernel,
+    "user_tower/mlsat_0/scenario/kernel": tm.user_tower.layers[0].scenario.kernel,
+    "item_tower/bias_out/bias": tm.item_tower.bias_out.bias,
+  }
   for path, t in got.items():
     want = moved
     for k in path.split("/"):
@@ -238,7 +273,7 @@ def test_torch_reference_same_losses_and_adamw_step():
     before = params
     for k in path.split("/"):
       before = before[k]
-    assert np.abs(np.asarray(want) - np.asarray(before)).max() > 1e-3, path   # it moved
+    assert np.abs(np.asarray(want) - np.asarray(before)).max() > 1e-3, path  # it moved
     np.testing.assert_allclose(t.detach().numpy(), want, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
@@ -275,8 +310,10 @@ def test_resident_sampler_batches_match_the_data(tmp_path, ml_sample_dir):
     else:
       v = b["user_views"]
       assert ((v >= 0) & (v < data.num_scenarios)).all() and (v[:, 0] != v[:, 1]).all()
-    np.testing.assert_array_equal(jax.device_get(ResidentSampler(data, stream, 512, 3)(5))
-                                  ["item_index"], jax.device_get(s(5))["item_index"])
+    np.testing.assert_array_equal(
+      jax.device_get(ResidentSampler(data, stream, 512, 3)(5))["item_index"],
+      jax.device_get(s(5))["item_index"],
+    )
   # One epoch of the fine-tune stream: every (user, item, scenario) row exactly once.
   rows = data.rows("train", labeled_positive=True)
   inter = {k: np.asarray(v)[rows] for k, v in data.inter.items()}
@@ -285,8 +322,10 @@ def test_resident_sampler_batches_match_the_data(tmp_path, ml_sample_dir):
   n_batches = -(-len(rows) // bs)
   got = [jax.device_get(next(s)) for _ in range(n_batches)]
   assert s.get_state() == {"sampler": "resident", "next_index": n_batches}
-  key = lambda u, i, k: (np.asarray(u, np.int64) * 10**7 + np.asarray(i) * 10 + np.asarray(k))
-  first_epoch = np.concatenate([key(g["user_index"], g["item_index"], g["scenario"])
-                                for g in got])[:len(rows)]
-  np.testing.assert_array_equal(np.sort(first_epoch),
-                                np.sort(key(inter["user"], inter["item"], inter["scenario"])))
+  key = lambda u, i, k: np.asarray(u, np.int64) * 10**7 + np.asarray(i) * 10 + np.asarray(k)
+  first_epoch = np.concatenate([key(g["user_index"], g["item_index"], g["scenario"]) for g in got])[
+    : len(rows)
+  ]
+  np.testing.assert_array_equal(
+    np.sort(first_epoch), np.sort(key(inter["user"], inter["item"], inter["scenario"]))
+  )

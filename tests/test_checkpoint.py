@@ -25,189 +25,189 @@ logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 class TrainState(flax.struct.PyTreeNode):
-    step: jax.Array  # int32 []
-    params: dict  # nested dict of arrays
-    opt_state: optax.OptState  # (ScaleByAdamState, EmptyState)
-    rng: jax.Array  # uint32 [2]
+  step: jax.Array  # int32 []
+  params: dict  # nested dict of arrays
+  opt_state: optax.OptState  # (ScaleByAdamState, EmptyState)
+  rng: jax.Array  # uint32 [2]
 
 
 def _make_state(seed: int = 0, step: int = 1) -> TrainState:
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    params = {
-        "dense": {
-            "kernel": jax.random.normal(k1, (3, 5), jnp.float32),
-            "bias": jnp.arange(5, dtype=jnp.float32) + seed,
-        },
-        "scale": jax.random.normal(k2, (4,), jnp.float32),
-    }
-    tx = optax.adam(1e-3)
-    opt_state = tx.init(params)
-    grads = jax.tree.map(lambda p: 0.5 * p + 1.0, params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return TrainState(
-        step=jnp.asarray(step, jnp.int32),
-        params=params,
-        opt_state=opt_state,
-        rng=jax.random.key_data(jax.random.key(seed)),
-    )
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  params = {
+    "dense": {
+      "kernel": jax.random.normal(k1, (3, 5), jnp.float32),
+      "bias": jnp.arange(5, dtype=jnp.float32) + seed,
+    },
+    "scale": jax.random.normal(k2, (4,), jnp.float32),
+  }
+  tx = optax.adam(1e-3)
+  opt_state = tx.init(params)
+  grads = jax.tree.map(lambda p: 0.5 * p + 1.0, params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return TrainState(
+    step=jnp.asarray(step, jnp.int32),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.random.key_data(jax.random.key(seed)),
+  )
 
 
 def _assert_tree_equal(actual, expected):
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        a, e = np.asarray(a), np.asarray(e)
-        assert a.dtype == e.dtype
-        np.testing.assert_array_equal(a, e)
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    a, e = np.asarray(a), np.asarray(e)
+    assert a.dtype == e.dtype
+    np.testing.assert_array_equal(a, e)
 
 
 METADATA = {"stage": "finetune", "config": {"lr": 0.001, "layers": [2, 4], "name": "x"}}
 
 
 def test_state_is_nontrivial():
-    s = _make_state()
-    adam = s.opt_state[0]
-    assert int(adam.count) == 1
-    assert all(np.abs(np.asarray(x)).min() > 0 for x in jax.tree.leaves(adam.mu))
-    assert all(np.asarray(x).min() > 0 for x in jax.tree.leaves(adam.nu))
+  s = _make_state()
+  adam = s.opt_state[0]
+  assert int(adam.count) == 1
+  assert all(np.abs(np.asarray(x)).min() > 0 for x in jax.tree.leaves(adam.mu))
+  assert all(np.asarray(x).min() > 0 for x in jax.tree.leaves(adam.nu))
 
 
 def test_save_restore_roundtrip(tmp_path):
-    s1 = _make_state(seed=0, step=1)
-    s2 = _make_state(seed=1, step=2)
-    with Checkpointer(tmp_path / "ft", max_to_keep=3) as ckpt:
-        assert ckpt.latest_step() is None
-        assert ckpt.save(1, s1, metadata=METADATA, data_state={"step": 7})
-        assert ckpt.save(2, s2, metadata={**METADATA, "stage": "s2"}, data_state={"step": 14})
-        assert ckpt.latest_step() == 2
-        assert ckpt.all_steps() == [1, 2]
+  s1 = _make_state(seed=0, step=1)
+  s2 = _make_state(seed=1, step=2)
+  with Checkpointer(tmp_path / "ft", max_to_keep=3) as ckpt:
+    assert ckpt.latest_step() is None
+    assert ckpt.save(1, s1, metadata=METADATA, data_state={"step": 7})
+    assert ckpt.save(2, s2, metadata={**METADATA, "stage": "s2"}, data_state={"step": 14})
+    assert ckpt.latest_step() == 2
+    assert ckpt.all_steps() == [1, 2]
 
-        abstract = jax.eval_shape(lambda: s1)
-        restored, meta, data_state = ckpt.restore(abstract)
-        assert isinstance(restored, TrainState)
-        assert isinstance(restored.opt_state[0], optax.ScaleByAdamState)
-        assert isinstance(restored.opt_state[1], optax.EmptyState)
-        _assert_tree_equal(restored, s2)
-        assert int(restored.step) == 2
-        assert meta == {**METADATA, "stage": "s2"}
-        assert data_state == {"step": 14}
-        assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))
+    abstract = jax.eval_shape(lambda: s1)
+    restored, meta, data_state = ckpt.restore(abstract)
+    assert isinstance(restored, TrainState)
+    assert isinstance(restored.opt_state[0], optax.ScaleByAdamState)
+    assert isinstance(restored.opt_state[1], optax.EmptyState)
+    _assert_tree_equal(restored, s2)
+    assert int(restored.step) == 2
+    assert meta == {**METADATA, "stage": "s2"}
+    assert data_state == {"step": 14}
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(restored))
 
-        # Explicit older step; concrete target (its values must be ignored).
-        target = jax.tree.map(jnp.zeros_like, s2)
-        restored1, meta1, data_state1 = ckpt.restore(target, step=1)
-        _assert_tree_equal(restored1, s1)
-        assert int(restored1.step) == 1
-        assert meta1 == METADATA
-        assert data_state1 == {"step": 7}
-        # s1 and s2 really differ, so the above is not vacuous.
-        assert not np.array_equal(
-            np.asarray(restored1.params["dense"]["kernel"]),
-            np.asarray(s2.params["dense"]["kernel"]),
-        )
+    # Explicit older step; concrete target (its values must be ignored).
+    target = jax.tree.map(jnp.zeros_like, s2)
+    restored1, meta1, data_state1 = ckpt.restore(target, step=1)
+    _assert_tree_equal(restored1, s1)
+    assert int(restored1.step) == 1
+    assert meta1 == METADATA
+    assert data_state1 == {"step": 7}
+    # s1 and s2 really differ, so the above is not vacuous.
+    assert not np.array_equal(
+      np.asarray(restored1.params["dense"]["kernel"]),
+      np.asarray(s2.params["dense"]["kernel"]),
+    )
 
-        params = ckpt.restore_params(abstract.params)
-        _assert_tree_equal(params, s2.params)
-        params1 = ckpt.restore_params(abstract.params, step=1)
-        _assert_tree_equal(params1, s1.params)
+    params = ckpt.restore_params(abstract.params)
+    _assert_tree_equal(params, s2.params)
+    params1 = ckpt.restore_params(abstract.params, step=1)
+    _assert_tree_equal(params1, s1.params)
 
-        with pytest.raises(FileNotFoundError, match="step 5"):
-            ckpt.restore(abstract, step=5)
+    with pytest.raises(FileNotFoundError, match="step 5"):
+      ckpt.restore(abstract, step=5)
 
 
 def test_reopen_and_no_data_state(tmp_path):
-    s = _make_state(seed=3, step=10)
-    d = tmp_path / "pre"
-    with Checkpointer(d) as ckpt:
-        ckpt.save(10, s, metadata={"stage": "pretrain"})
-    # Fresh manager (as in a new process) sees the checkpoint.
-    with Checkpointer(d) as ckpt:
-        assert ckpt.latest_step() == 10
-        restored, meta, data_state = ckpt.restore(jax.eval_shape(lambda: s))
-        _assert_tree_equal(restored, s)
-        assert meta == {"stage": "pretrain"}
-        assert data_state is None
+  s = _make_state(seed=3, step=10)
+  d = tmp_path / "pre"
+  with Checkpointer(d) as ckpt:
+    ckpt.save(10, s, metadata={"stage": "pretrain"})
+  # Fresh manager (as in a new process) sees the checkpoint.
+  with Checkpointer(d) as ckpt:
+    assert ckpt.latest_step() == 10
+    restored, meta, data_state = ckpt.restore(jax.eval_shape(lambda: s))
+    _assert_tree_equal(restored, s)
+    assert meta == {"stage": "pretrain"}
+    assert data_state is None
 
 
 def test_metadata_numpy_values_are_converted(tmp_path):
-    with Checkpointer(tmp_path / "m") as ckpt:
-        ckpt.save(
-            1,
-            _make_state(),
-            metadata={"lr": np.float32(0.5), "shape": (2, 3), "n": np.int64(7)},
-            data_state={"pos": np.arange(3)},
-        )
-        _, meta, data_state = ckpt.restore(jax.eval_shape(_make_state))
-    assert meta == {"lr": 0.5, "shape": [2, 3], "n": 7}
-    assert data_state == {"pos": [0, 1, 2]}
+  with Checkpointer(tmp_path / "m") as ckpt:
+    ckpt.save(
+      1,
+      _make_state(),
+      metadata={"lr": np.float32(0.5), "shape": (2, 3), "n": np.int64(7)},
+      data_state={"pos": np.arange(3)},
+    )
+    _, meta, data_state = ckpt.restore(jax.eval_shape(_make_state))
+  assert meta == {"lr": 0.5, "shape": [2, 3], "n": 7}
+  assert data_state == {"pos": [0, 1, 2]}
 
 
 def test_max_to_keep(tmp_path):
-    with Checkpointer(tmp_path / "k", max_to_keep=2) as ckpt:
-        for step in (1, 2, 3):
-            assert ckpt.save(step, _make_state(seed=step, step=step), metadata={})
-        assert ckpt.all_steps() == [2, 3]
-        assert ckpt.latest_step() == 3
-    assert sorted(p.name for p in (tmp_path / "k").iterdir() if p.name.isdigit()) == ["2", "3"]
-    restored, _, _ = Checkpointer(tmp_path / "k").restore(
-        jax.eval_shape(lambda: _make_state()), step=2
-    )
-    _assert_tree_equal(restored, _make_state(seed=2, step=2))
+  with Checkpointer(tmp_path / "k", max_to_keep=2) as ckpt:
+    for step in (1, 2, 3):
+      assert ckpt.save(step, _make_state(seed=step, step=step), metadata={})
+    assert ckpt.all_steps() == [2, 3]
+    assert ckpt.latest_step() == 3
+  assert sorted(p.name for p in (tmp_path / "k").iterdir() if p.name.isdigit()) == ["2", "3"]
+  restored, _, _ = Checkpointer(tmp_path / "k").restore(
+    jax.eval_shape(lambda: _make_state()), step=2
+  )
+  _assert_tree_equal(restored, _make_state(seed=2, step=2))
 
 
 def test_save_interval_and_force(tmp_path):
-    with Checkpointer(tmp_path / "i", save_interval_steps=5) as ckpt:
-        s = _make_state()
-        assert ckpt.save(0, s) is True
-        assert ckpt.save(3, s) is False
-        assert ckpt.save(5, s) is True
-        assert ckpt.save(7, s, force=True) is True
-        assert ckpt.all_steps() == [0, 5, 7]
+  with Checkpointer(tmp_path / "i", save_interval_steps=5) as ckpt:
+    s = _make_state()
+    assert ckpt.save(0, s) is True
+    assert ckpt.save(3, s) is False
+    assert ckpt.save(5, s) is True
+    assert ckpt.save(7, s, force=True) is True
+    assert ckpt.all_steps() == [0, 5, 7]
 
 
 def test_async_save(tmp_path):
-    states = {k: _make_state(seed=k, step=k) for k in (1, 2, 3)}
-    ckpt = Checkpointer(tmp_path / "a", async_save=True, max_to_keep=2)
-    for k, s in states.items():
-        assert ckpt.save(k, s, metadata={"a": k}, data_state={"pos": 10 * k})
-        assert ckpt.latest_step() == k  # in-flight step is already tracked
-    # restore waits for the pending save of step 3.
-    restored, meta, data_state = ckpt.restore(jax.eval_shape(lambda: states[1]))
-    _assert_tree_equal(restored, states[3])
-    assert meta == {"a": 3} and data_state == {"pos": 30}
-    ckpt.close()
-    assert Checkpointer(tmp_path / "a").all_steps() == [2, 3]
+  states = {k: _make_state(seed=k, step=k) for k in (1, 2, 3)}
+  ckpt = Checkpointer(tmp_path / "a", async_save=True, max_to_keep=2)
+  for k, s in states.items():
+    assert ckpt.save(k, s, metadata={"a": k}, data_state={"pos": 10 * k})
+    assert ckpt.latest_step() == k  # in-flight step is already tracked
+  # restore waits for the pending save of step 3.
+  restored, meta, data_state = ckpt.restore(jax.eval_shape(lambda: states[1]))
+  _assert_tree_equal(restored, states[3])
+  assert meta == {"a": 3} and data_state == {"pos": 30}
+  ckpt.close()
+  assert Checkpointer(tmp_path / "a").all_steps() == [2, 3]
 
 
 def test_restore_empty_dir_raises(tmp_path):
-    d = tmp_path / "empty_stage"
-    with Checkpointer(d) as ckpt:
-        assert ckpt.latest_step() is None
-        assert ckpt.all_steps() == []
-        with pytest.raises(FileNotFoundError) as ei:
-            ckpt.restore(jax.eval_shape(lambda: _make_state()))
-        assert str(d) in str(ei.value)
-        with pytest.raises(FileNotFoundError) as ei:
-            ckpt.restore_params({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
-        assert str(d) in str(ei.value)
+  d = tmp_path / "empty_stage"
+  with Checkpointer(d) as ckpt:
+    assert ckpt.latest_step() is None
+    assert ckpt.all_steps() == []
+    with pytest.raises(FileNotFoundError) as ei:
+      ckpt.restore(jax.eval_shape(lambda: _make_state()))
+    assert str(d) in str(ei.value)
+    with pytest.raises(FileNotFoundError) as ei:
+      ckpt.restore_params({"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
+    assert str(d) in str(ei.value)
 
 
 def test_interrupted_save_is_not_latest(tmp_path):
-    d = tmp_path / "tmpdir"
-    s = _make_state()
-    with Checkpointer(d) as ckpt:
-        ckpt.save(1, s)
-    # Simulate a save of step 2 killed before the final rename.
-    (d / "2.orbax-checkpoint-tmp-123").mkdir()
-    with Checkpointer(d) as ckpt:
-        assert ckpt.latest_step() == 1
-        assert ckpt.all_steps() == [1]
-        restored, _, _ = ckpt.restore(jax.eval_shape(lambda: s))
-        _assert_tree_equal(restored, s)
+  d = tmp_path / "tmpdir"
+  s = _make_state()
+  with Checkpointer(d) as ckpt:
+    ckpt.save(1, s)
+  # Simulate a save of step 2 killed before the final rename.
+  (d / "2.orbax-checkpoint-tmp-123").mkdir()
+  with Checkpointer(d) as ckpt:
+    assert ckpt.latest_step() == 1
+    assert ckpt.all_steps() == [1]
+    restored, _, _ = ckpt.restore(jax.eval_shape(lambda: s))
+    _assert_tree_equal(restored, s)
 
 
 _RESHARD_SCRIPT = textwrap.dedent(
-    """
+  """
     import os, sys, tempfile
     assert "jax" not in sys.modules
     import jax, jax.numpy as jnp, numpy as np
@@ -271,19 +271,21 @@ _RESHARD_SCRIPT = textwrap.dedent(
 
 
 def test_restore_onto_different_mesh():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", _RESHARD_SCRIPT],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "RESHARD_OK" in proc.stdout
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", _RESHARD_SCRIPT],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+  assert "RESHARD_OK" in proc.stdout

@@ -1,4 +1,5 @@
 """--mode compare on the tiny config: every model and seed in the table, means and stds right."""
+
 import copy
 import json
 import re
@@ -21,7 +22,7 @@ def compared(tmp_path_factory):
   cfg.checkpoint.every_steps = 10
   cfg.compare.models = MODELS
   cfg.compare.seeds = 2
-  cfg.compare.learning_rates = (1e-3, 3e-3)   # two grid points: tuning on valid
+  cfg.compare.learning_rates = (1e-3, 3e-3)  # two grid points: tuning on valid
   cfg.compare.taus = ()
   cfg.compare.results_dir = str(wd / "results")
   cfg.compare.name = "tiny"
@@ -37,7 +38,8 @@ def test_every_model_and_seed_is_run_on_test(compared):
   assert all(r["split"] == "test" and r["metrics"]["split"] == "test" for r in raw["runs"])
   # Tuning: every model saw the same two grid points on the validation split.
   assert sorted((t["model"], t["point"]) for t in raw["tuning"]) == sorted(
-      (m, p["tag"]) for m in MODELS for p in raw["grid"])
+    (m, p["tag"]) for m in MODELS for p in raw["grid"]
+  )
   for m in MODELS:
     vals = {t["point"]: t["recall@50"] for t in raw["tuning"] if t["model"] == m}
     assert raw["chosen"][m] == max(vals, key=vals.get)
@@ -54,14 +56,19 @@ def test_table_means_and_stds_recomputed_from_raw_json(compared):
   md = (wd / "results" / "tiny.md").read_text()
   sections = {s.split("\n", 1)[0].strip(): s for s in md.split("\n## ")[1:]}
   for g in raw["scenarios"] + ["overall"]:
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in sections[g].splitlines() if line.startswith("| ") and "---" not in line
-            and not line.startswith("| model")}
+    rows = {
+      line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+      for line in sections[g].splitlines()
+      if line.startswith("| ") and "---" not in line and not line.startswith("| model")
+    }
     assert set(rows) == set(MODELS) | {"popularity"}
     best = {}
     for m in MODELS:
-      blocks = [x["metrics"]["overall"] if g == "overall" else x["metrics"]["scenarios"][g]
-                for x in raw["runs"] if x["model"] == m]
+      blocks = [
+        x["metrics"]["overall"] if g == "overall" else x["metrics"]["scenarios"][g]
+        for x in raw["runs"]
+        if x["model"] == m
+      ]
       for j, met in enumerate(compare.TABLE_METRICS):
         vals = np.array([b[met] for b in blocks])
         cell = rows[m][j].strip("*")
@@ -92,7 +99,7 @@ def test_changed_eval_protocol_reevaluates_without_retraining(compared):
   again = compare.compare(c, wd / "work")
   assert {r["metrics"]["corpus"] for r in again["runs"]} == {"scenario"}
   assert {r["metrics"]["corpus"] for r in res["runs"]} == {"all"}
-  assert {p: p.read_text() for p in logs} == logs         # no training step was run again
+  assert {p: p.read_text() for p in logs} == logs  # no training step was run again
   assert "only that scenario's own items" in (wd / "results" / "tiny_scenario.md").read_text()
 
 

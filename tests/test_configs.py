@@ -1,5 +1,6 @@
 """configs/base.py holds every key; each data set's config has exactly its keys (config.data
 aside); 'sass_base' is a config variant; old saved configs are read through config_migrate."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,9 @@ from sass_jax.data import get_preparer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "movielens_1m_sample"
-CONFIGS = sorted(p.stem for p in (REPO / "configs").glob("*.py")
-                 if not p.stem.startswith("_") and p.stem != "base")
+CONFIGS = sorted(
+  p.stem for p in (REPO / "configs").glob("*.py") if not p.stem.startswith("_") and p.stem != "base"
+)
 
 
 def _keys(d: dict, prefix: str = "") -> set[str]:
@@ -40,9 +42,20 @@ BASE_KEYS = _keys(base.get_config().to_dict())
 
 
 def test_configs_directory_is_covered():
-  assert {"movielens", "douban", "douban_sample", "amazon_sports_clothing", "mind", "kuairand",
-          "aliccp", "aliccp_scale", "synthetic", "table_example", "pod_scale", "test"} <= set(
-              CONFIGS)
+  assert {
+    "movielens",
+    "douban",
+    "douban_sample",
+    "amazon_sports_clothing",
+    "mind",
+    "kuairand",
+    "aliccp",
+    "aliccp_scale",
+    "synthetic",
+    "table_example",
+    "pod_scale",
+    "test",
+  } <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -50,18 +63,19 @@ def test_configs_directory_is_covered():
 def test_config_has_base_keys_and_locks(name, arg):
   cfg = importlib.import_module(f"configs.{name}").get_config(arg)
   keys = _keys(cfg.to_dict())
-  assert keys == BASE_KEYS, (f"configs/{name}.py: missing {sorted(BASE_KEYS - keys)}, "
-                             f"unknown {sorted(keys - BASE_KEYS)}")
-  assert get_preparer(cfg.data.name) is not None and cfg.data.name   # its own data block
-  assert cfg.model.name == "sass"                   # never 'sass_base'
+  assert keys == BASE_KEYS, (
+    f"configs/{name}.py: missing {sorted(BASE_KEYS - keys)}, unknown {sorted(keys - BASE_KEYS)}"
+  )
+  assert get_preparer(cfg.data.name) is not None and cfg.data.name  # its own data block
+  assert cfg.model.name == "sass"  # never 'sass_base'
   if arg == "sass_base":
     assert cfg.pretrain.num_steps == 0
-  cfg.lock()                                        # as main.py loads it (lock_config=True)
+  cfg.lock()  # as main.py loads it (lock_config=True)
   with pytest.raises(AttributeError):
     cfg.train.nan_polcy = "skip"
   with pytest.raises(AttributeError):
     cfg.data.no_such_key = 1
-  cfg.train.nan_policy = "skip"                     # known keys stay settable
+  cfg.train.nan_policy = "skip"  # known keys stay settable
 
 
 def test_apply_model_arg():
@@ -84,11 +98,18 @@ def _old_saved_config() -> dict:
   """The config an older version saved: keys added since missing, model name 'sass_base'."""
   saved = json.loads(json.dumps(test_config.get_config("sass_base").to_dict()))
   saved["model"]["name"] = "sass_base"
-  for block, key in (("model", "scenario_compute"), ("model", "tower_widths"),
-                     ("model", "star_momentum"), ("train", "negatives"),
-                     ("train", "embedding_optimizer"), ("pretrain", "warmup_steps"),
-                     ("pretrain", "weight_decay"), ("eval", "corpus"), ("eval", "fallback"),
-                     ("mesh", "table_layout")):
+  for block, key in (
+    ("model", "scenario_compute"),
+    ("model", "tower_widths"),
+    ("model", "star_momentum"),
+    ("train", "negatives"),
+    ("train", "embedding_optimizer"),
+    ("pretrain", "warmup_steps"),
+    ("pretrain", "weight_decay"),
+    ("eval", "corpus"),
+    ("eval", "fallback"),
+    ("mesh", "table_layout"),
+  ):
     del saved[block][key]
   del saved["bench"], saved["recommend"]
   return saved
@@ -98,7 +119,7 @@ def test_migrate_fills_fallbacks_and_renames_sass_base():
   old = _old_saved_config()
   before = copy.deepcopy(old)
   new = migrate(old)
-  assert old == before                              # the input is not changed
+  assert old == before  # the input is not changed
   assert new["model"]["name"] == "sass" and new["pretrain"]["num_steps"] == 0
   assert new["model"]["scenario_compute"] == "grouped" and new["train"]["negatives"] == "all"
   assert new["model"]["tower_widths"] == (64,) and new["eval"]["corpus"] == "all"
@@ -108,7 +129,7 @@ def test_migrate_fills_fallbacks_and_renames_sass_base():
   assert _keys(new) == BASE_KEYS
   cfg = ml_collections.ConfigDict(new)
   cfg.data.dir = str(DATA)
-  config_check.validate(cfg)                        # a valid config again
+  config_check.validate(cfg)  # a valid config again
   # Saved values are kept, not replaced by fallbacks.
   kept = _old_saved_config()
   kept["model"]["name"], kept["pretrain"]["num_steps"] = "sass_base", 7
@@ -129,7 +150,7 @@ def test_checkpoint_with_an_old_saved_config_validates(tmp_path):
   state = {"params": {"w": jnp.ones((2, 3))}, "step": jnp.int32(5)}
   with Checkpointer(tmp_path / "checkpoints" / "finetune") as ck:
     ck.save(5, state, metadata={"stage": "finetune", "config": _old_saved_config()})
-  config_check.validate(cfg, workdir=tmp_path)     # same model: migrated keys compare equal
+  config_check.validate(cfg, workdir=tmp_path)  # same model: migrated keys compare equal
   cfg.model.tower_widths = (32,)
   with pytest.raises(ValueError, match=re.escape("config.model.tower_widths: (64,) -> (32,)")):
     config_check.validate(cfg, workdir=tmp_path)

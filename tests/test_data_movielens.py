@@ -3,6 +3,7 @@
 The real 100k-rating sample is read from ``<repo>/../shared/data/movielens_1m_sample`` (licensed,
 never copied into the repository); bad-input cases use small GroupLens-layout files in tmp_path.
 """
+
 from __future__ import annotations
 
 import collections
@@ -16,7 +17,7 @@ from configs import test as test_config
 from sass_jax.data import movielens, pipeline, store
 from sass_jax.schema import FieldSpec
 
-AGE_SCENARIO = {1: 0, 18: 0, 25: 1, 35: 2, 45: 2, 50: 2, 56: 2}   # SOURCE.md / Scenario-Wise Rec
+AGE_SCENARIO = {1: 0, 18: 0, 25: 1, 35: 2, 45: 2, 50: 2, 56: 2}  # SOURCE.md / Scenario-Wise Rec
 SOURCE_ROWS = [21140, 39460, 39400]
 SOURCE_POSITIVES = [11701, 22267, 23515]
 
@@ -73,8 +74,11 @@ def _raw_rows(data):
 def test_prepare_counts_match_source_and_raw_files(prepared, raw):
   users, movies, ratings = raw
   man = prepared.manifest
-  assert man["rows_read"] == {"users.dat": 6040, "movies.dat": 3883,
-                              "ratings_sample_100k.dat": 100000}
+  assert man["rows_read"] == {
+    "users.dat": 6040,
+    "movies.dat": 3883,
+    "ratings_sample_100k.dat": 100000,
+  }
   assert man["rows_rejected"] == {}
   distinct_users = {u for u, _, _ in ratings}
   distinct_movies = {m for _, m, _ in ratings}
@@ -105,9 +109,15 @@ def test_prepare_counts_match_source_and_raw_files(prepared, raw):
 def test_prepare_rows_labels_and_scenarios_match_raw(prepared, raw):
   users, _, ratings = raw
   u, m = _raw_rows(prepared)
-  got = {(a, b): (lab, k) for a, b, lab, k in zip(u.tolist(), m.tolist(),
-                                                  np.asarray(prepared.inter["label"]).tolist(),
-                                                  np.asarray(prepared.inter["scenario"]).tolist())}
+  got = {
+    (a, b): (lab, k)
+    for a, b, lab, k in zip(
+      u.tolist(),
+      m.tolist(),
+      np.asarray(prepared.inter["label"]).tolist(),
+      np.asarray(prepared.inter["scenario"]).tolist(),
+    )
+  }
   want = {(a, b): (float(r > 3), AGE_SCENARIO[users[a][1]]) for a, b, r in ratings}
   assert len(got) == 100000
   assert got == want
@@ -121,23 +131,23 @@ def test_prepare_vocab_sizes_from_train_split(prepared, raw):
   train = np.asarray(prepared.inter["split"]) == 0
   tr_users, tr_movies = set(u[train].tolist()), set(m[train].tolist())
   want_u = {
-      "user_id": 1 + len(tr_users),
-      "gender": 1 + len({users[x][0] for x in tr_users}),
-      "age": 1 + len({users[x][1] for x in tr_users}),
-      "occupation": 1 + len({users[x][2] for x in tr_users}),
-      "zip": 1 + len({users[x][3] for x in tr_users}),
+    "user_id": 1 + len(tr_users),
+    "gender": 1 + len({users[x][0] for x in tr_users}),
+    "age": 1 + len({users[x][1] for x in tr_users}),
+    "occupation": 1 + len({users[x][2] for x in tr_users}),
+    "zip": 1 + len({users[x][3] for x in tr_users}),
   }
   want_i = {
-      "movie_id": 1 + len(tr_movies),
-      "genres": 1 + len({g for x in tr_movies for g in movies[x][1]}),
-      "year": 1 + len({movies[x][0] for x in tr_movies}),
+    "movie_id": 1 + len(tr_movies),
+    "genres": 1 + len({g for x in tr_movies for g in movies[x][1]}),
+    "year": 1 + len({movies[x][0] for x in tr_movies}),
   }
   assert [s.name for s in prepared.user_specs] == list(want_u)
   assert [s.name for s in prepared.item_specs] == list(want_i)
   assert {s.name: s.vocab_size for s in prepared.user_specs} == want_u
   assert {s.name: s.vocab_size for s in prepared.item_specs} == want_i
   assert want_u["gender"] == 3 and want_u["age"] == 8 and want_i["genres"] == 19
-  assert len(tr_users) < 5958 and len(tr_movies) < 3312   # the vocab is not the whole table
+  assert len(tr_users) < 5958 and len(tr_movies) < 3312  # the vocab is not the whole table
   # an entity that never appears in the training split gets the unknown id 0
   user_id = np.asarray(prepared.users["user_id"])
   not_train = ~np.isin(prepared.user_raw_ids.astype(int), list(tr_users))
@@ -176,17 +186,20 @@ def test_prepare_feature_columns_match_raw(prepared, raw):
   np.testing.assert_array_equal(mask.sum(1), [len(movies[x][1]) for x in mraw])
   assert (genres[~mask] == 0).all()
   names = [g for x in mraw for g in movies[x][1]]
-  _assert_same_partition(names, genres[mask])   # row-major order matches the genre lists
-  assert mask[row[1]].sum() == 3 and mask[row[2571]].sum() == 3   # A|C|C; Action|Sci-Fi|Thriller
+  _assert_same_partition(names, genres[mask])  # row-major order matches the genre lists
+  assert mask[row[1]].sum() == 3 and mask[row[2571]].sum() == 3  # A|C|C; Action|Sci-Fi|Thriller
 
 
 def test_prepare_manifest_sources_and_options(prepared, ml_sample_dir):
   src = prepared.manifest["sources"]
   for name in ("users.dat", "movies.dat", "ratings_sample_100k.dat"):
     data = (ml_sample_dir / name).read_bytes()
-    assert src[name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                         "mtime_ns": (ml_sample_dir / name).stat().st_mtime_ns,
-                         "path": str((ml_sample_dir / name).resolve())}
+    assert src[name] == {
+      "sha256": hashlib.sha256(data).hexdigest(),
+      "bytes": len(data),
+      "mtime_ns": (ml_sample_dir / name).stat().st_mtime_ns,
+      "path": str((ml_sample_dir / name).resolve()),
+    }
   assert prepared.manifest["options"]["split_seed"] == 42
   assert prepared.manifest["scenario_names"] == list(movielens.SCENARIOS)
 
@@ -194,12 +207,13 @@ def test_prepare_manifest_sources_and_options(prepared, ml_sample_dir):
 def test_split_is_fixed_by_seed(prepared, ml_sample_dir, tmp_path):
   base = np.asarray(prepared.inter["split"])
   same = store.open_store(movielens.prepare(_data_cfg(ml_sample_dir), tmp_path / "same"))
-  other = store.open_store(movielens.prepare(_data_cfg(ml_sample_dir, split_seed=7),
-                                             tmp_path / "other"))
+  other = store.open_store(
+    movielens.prepare(_data_cfg(ml_sample_dir, split_seed=7), tmp_path / "other")
+  )
   np.testing.assert_array_equal(np.asarray(same.inter["split"]), base)
   o = np.asarray(other.inter["split"])
   assert np.bincount(o).tolist() == [80000, 10000, 10000]
-  assert (o != base).mean() > 0.2      # a different seed gives a genuinely different split
+  assert (o != base).mean() > 0.2  # a different seed gives a genuinely different split
   # rows are in file order in every store; only the split column moves
   np.testing.assert_array_equal(np.asarray(other.inter["user"]), np.asarray(prepared.inter["user"]))
 
@@ -207,21 +221,32 @@ def test_split_is_fixed_by_seed(prepared, ml_sample_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Bad inputs in small GroupLens-layout files
 
-USERS = [b"1::F::1::10::48067", b"2::M::56::16::70072", b"3::M::25::15::55117",
-         b"4::M::45::7::02460", b"5::F::25::20::55455"]
-MOVIES = [b"1::Toy Story (1995)::Animation|Children's|Comedy",
-          b"2::Jumanji (1995)::Adventure|Children's|Fantasy",
-          b"3::Grumpier Old Men (1995)::Comedy|Romance",
-          b"4::Caf\xe9 Society (1999)::Drama"]                      # latin-1, not UTF-8
-RATINGS = [b"%d::%d::%d::9783007%02d" % (u, m, (u + m) % 5 + 1, i)
-           for i, (u, m) in enumerate((u, m) for u in range(1, 6) for m in range(1, 5))]
+USERS = [
+  b"1::F::1::10::48067",
+  b"2::M::56::16::70072",
+  b"3::M::25::15::55117",
+  b"4::M::45::7::02460",
+  b"5::F::25::20::55455",
+]
+MOVIES = [
+  b"1::Toy Story (1995)::Animation|Children's|Comedy",
+  b"2::Jumanji (1995)::Adventure|Children's|Fantasy",
+  b"3::Grumpier Old Men (1995)::Comedy|Romance",
+  b"4::Caf\xe9 Society (1999)::Drama",
+]  # latin-1, not UTF-8
+RATINGS = [
+  b"%d::%d::%d::9783007%02d" % (u, m, (u + m) % 5 + 1, i)
+  for i, (u, m) in enumerate((u, m) for u in range(1, 6) for m in range(1, 5))
+]
 
 
 def _write_raw(d, users=None, movies=None, ratings=None, ratings_name="ratings.dat"):
   d.mkdir(parents=True, exist_ok=True)
-  for name, lines in (("users.dat", users if users is not None else USERS),
-                      ("movies.dat", movies if movies is not None else MOVIES),
-                      (ratings_name, ratings if ratings is not None else RATINGS)):
+  for name, lines in (
+    ("users.dat", users if users is not None else USERS),
+    ("movies.dat", movies if movies is not None else MOVIES),
+    (ratings_name, ratings if ratings is not None else RATINGS),
+  ):
     if lines is not None:
       (d / name).write_bytes(b"".join(x + b"\n" for x in lines))
   return d
@@ -235,22 +260,63 @@ def _replace(lines, lineno, new):
 
 # (case id, file, kwargs for _write_raw, line number, reason, message substrings)
 BAD_ROWS = [
-    ("wrong_field_count", "ratings.dat", dict(ratings=_replace(RATINGS, 3, b"1::3::4")), 3,
-     "wrong_field_count", ["3 '::'-separated fields, expected 4"]),
-    ("non_numeric_rating", "ratings.dat",
-     dict(ratings=_replace(RATINGS, 5, b"2::1::x::978300760")), 5, "bad_Rating",
-     ["field 'Rating'", "'x'"]),
-    ("rating_7", "ratings.dat", dict(ratings=_replace(RATINGS, 7, b"2::3::7::978300760")), 7,
-     "bad_Rating", ["field 'Rating'", "7 is not one of"]),
-    ("unknown_user", "ratings.dat", dict(ratings=_replace(RATINGS, 2, b"99::1::4::978300760")),
-     2, "unknown_user", ["field 'UserID'", "99 is not in users.dat"]),
-    ("unknown_movie", "ratings.dat", dict(ratings=_replace(RATINGS, 4, b"1::99::4::978300760")),
-     4, "unknown_movie", ["field 'MovieID'", "99 is not in movies.dat"]),
-    # a sixth user without ratings, so 'skip' drops exactly one row
-    ("bad_age", "users.dat", dict(users=USERS + [b"6::F::30::1::12345"]), 6, "bad_Age",
-     ["field 'Age'", "30 is not one of"]),
-    ("bad_gender", "users.dat", dict(users=USERS + [b"6::X::25::1::12345"]), 6, "bad_Gender",
-     ["field 'Gender'"]),
+  (
+    "wrong_field_count",
+    "ratings.dat",
+    dict(ratings=_replace(RATINGS, 3, b"1::3::4")),
+    3,
+    "wrong_field_count",
+    ["3 '::'-separated fields, expected 4"],
+  ),
+  (
+    "non_numeric_rating",
+    "ratings.dat",
+    dict(ratings=_replace(RATINGS, 5, b"2::1::x::978300760")),
+    5,
+    "bad_Rating",
+    ["field 'Rating'", "'x'"],
+  ),
+  (
+    "rating_7",
+    "ratings.dat",
+    dict(ratings=_replace(RATINGS, 7, b"2::3::7::978300760")),
+    7,
+    "bad_Rating",
+    ["field 'Rating'", "7 is not one of"],
+  ),
+  (
+    "unknown_user",
+    "ratings.dat",
+    dict(ratings=_replace(RATINGS, 2, b"99::1::4::978300760")),
+    2,
+    "unknown_user",
+    ["field 'UserID'", "99 is not in users.dat"],
+  ),
+  (
+    "unknown_movie",
+    "ratings.dat",
+    dict(ratings=_replace(RATINGS, 4, b"1::99::4::978300760")),
+    4,
+    "unknown_movie",
+    ["field 'MovieID'", "99 is not in movies.dat"],
+  ),
+  # a sixth user without ratings, so 'skip' drops exactly one row
+  (
+    "bad_age",
+    "users.dat",
+    dict(users=USERS + [b"6::F::30::1::12345"]),
+    6,
+    "bad_Age",
+    ["field 'Age'", "30 is not one of"],
+  ),
+  (
+    "bad_gender",
+    "users.dat",
+    dict(users=USERS + [b"6::X::25::1::12345"]),
+    6,
+    "bad_Gender",
+    ["field 'Gender'"],
+  ),
 ]
 
 
@@ -268,15 +334,16 @@ def test_small_clean_files_prepare(tmp_path):
   # the latin-1 title parsed: movie 4 has its own year (1999), movies 1-3 share 1995
   y = {int(r): int(v) for r, v in zip(data.item_raw_ids, data.items["year"])}
   assert y[1] == y[2] == y[3] and y[4] != y[1] and y[4] != 0 and y[1] != 0
-  np.testing.assert_array_equal(np.asarray(data.inter["label"]),
-                                [float((u + m) % 5 + 1 > 3) for u in range(1, 6)
-                                 for m in range(1, 5)])
-  np.testing.assert_array_equal(np.asarray(data.inter["scenario"]),
-                                np.repeat([0, 2, 1, 2, 1], 4))
+  np.testing.assert_array_equal(
+    np.asarray(data.inter["label"]),
+    [float((u + m) % 5 + 1 > 3) for u in range(1, 6) for m in range(1, 5)],
+  )
+  np.testing.assert_array_equal(np.asarray(data.inter["scenario"]), np.repeat([0, 2, 1, 2, 1], 4))
 
 
-@pytest.mark.parametrize("case,fname,files,lineno,reason,parts", BAD_ROWS,
-                         ids=[c[0] for c in BAD_ROWS])
+@pytest.mark.parametrize(
+  "case,fname,files,lineno,reason,parts", BAD_ROWS, ids=[c[0] for c in BAD_ROWS]
+)
 def test_bad_row_strict_raises_with_location(tmp_path, case, fname, files, lineno, reason, parts):
   raw_dir = _write_raw(tmp_path / "raw", **files)
   out = tmp_path / "out"
@@ -289,8 +356,9 @@ def test_bad_row_strict_raises_with_location(tmp_path, case, fname, files, linen
   _no_output(tmp_path, out)
 
 
-@pytest.mark.parametrize("case,fname,files,lineno,reason,parts", BAD_ROWS,
-                         ids=[c[0] for c in BAD_ROWS])
+@pytest.mark.parametrize(
+  "case,fname,files,lineno,reason,parts", BAD_ROWS, ids=[c[0] for c in BAD_ROWS]
+)
 def test_bad_row_skip_counts_and_drops(tmp_path, case, fname, files, lineno, reason, parts):
   raw_dir = _write_raw(tmp_path / "raw", **files)
   data = store.open_store(movielens.prepare(_data_cfg(raw_dir, on_error="skip"), tmp_path / "o"))
@@ -302,8 +370,12 @@ def test_bad_row_skip_counts_and_drops(tmp_path, case, fname, files, lineno, rea
   if fname == "ratings.dat":
     # the dropped row's (user, movie) pair is gone
     bad = RATINGS[lineno - 1].split(b"::")
-    pairs = set(zip(data.user_raw_ids[np.asarray(data.inter["user"])].astype(int).tolist(),
-                    data.item_raw_ids[np.asarray(data.inter["item"])].astype(int).tolist()))
+    pairs = set(
+      zip(
+        data.user_raw_ids[np.asarray(data.inter["user"])].astype(int).tolist(),
+        data.item_raw_ids[np.asarray(data.inter["item"])].astype(int).tolist(),
+      )
+    )
     assert (int(bad[0]), int(bad[1])) not in pairs and len(pairs) == 19
 
 
@@ -351,15 +423,25 @@ def test_all_rows_rejected_raises(tmp_path):
 
 def _tiny_store_args(value=1):
   spec = FieldSpec("f", 4)
-  return dict(scenario_names=["a", "b"], user_specs=[spec], item_specs=[spec],
-              users={"f": np.full(3, value, np.int32)}, items={"f": np.array([1, 2], np.int32)},
-              user_masks={}, item_masks={},
-              inter={"user": np.array([0, 1, 2], np.int32), "item": np.array([0, 1, 1], np.int32),
-                     "scenario": np.array([0, 1, 1], np.int32),
-                     "label": np.array([1, 0, 1], np.float32),
-                     "split": np.array([0, 0, 2], np.int8)},
-              user_raw_ids=np.array(["u1", "u2", "u3"]), item_raw_ids=np.array(["i1", "i2"]),
-              extra_manifest={"note": value})
+  return dict(
+    scenario_names=["a", "b"],
+    user_specs=[spec],
+    item_specs=[spec],
+    users={"f": np.full(3, value, np.int32)},
+    items={"f": np.array([1, 2], np.int32)},
+    user_masks={},
+    item_masks={},
+    inter={
+      "user": np.array([0, 1, 2], np.int32),
+      "item": np.array([0, 1, 1], np.int32),
+      "scenario": np.array([0, 1, 1], np.int32),
+      "label": np.array([1, 0, 1], np.float32),
+      "split": np.array([0, 0, 2], np.int8),
+    },
+    user_raw_ids=np.array(["u1", "u2", "u3"]),
+    item_raw_ids=np.array(["i1", "i2"]),
+    extra_manifest={"note": value},
+  )
 
 
 def _failing_save(monkeypatch, after):
@@ -371,6 +453,7 @@ def _failing_save(monkeypatch, after):
     if calls["n"] > after:
       raise OSError("disk full (simulated)")
     return real(*a, **k)
+
   monkeypatch.setattr(store.np, "save", save)
   return calls
 
@@ -379,11 +462,11 @@ def _failing_save(monkeypatch, after):
 def test_interrupted_store_write_leaves_nothing(tmp_path, monkeypatch, after):
   path = tmp_path / "parent" / "store"
   calls = _failing_save(monkeypatch, after)
-  with pytest.raises(store.DataError, match="simulated"):   # one line naming the file
+  with pytest.raises(store.DataError, match="simulated"):  # one line naming the file
     store.write_store(path, **_tiny_store_args())
   assert calls["n"] == after + 1
   assert not store.is_complete(path) and not path.exists()
-  assert list((tmp_path / "parent").iterdir()) == []     # no leftover temp directory
+  assert list((tmp_path / "parent").iterdir()) == []  # no leftover temp directory
   with pytest.raises(FileNotFoundError, match="manifest.json missing"):
     store.open_store(path)
 
@@ -407,7 +490,7 @@ def test_interrupted_rewrite_keeps_previous_store(tmp_path, monkeypatch):
 
 def test_write_store_validates_ids(tmp_path):
   args = _tiny_store_args()
-  args["users"] = {"f": np.array([1, 4, 0], np.int32)}   # 4 is outside [0, 4)
+  args["users"] = {"f": np.array([1, 4, 0], np.int32)}  # 4 is outside [0, 4)
   with pytest.raises(store.DataError, match=r"users\.f: ids outside \[0, 4\)"):
     store.write_store(tmp_path / "s", **args)
   assert list(tmp_path.iterdir()) == []
@@ -442,8 +525,9 @@ def test_finetune_batches_are_training_positives(prepared):
   split, label = np.asarray(prepared.inter["split"]), np.asarray(prepared.inter["label"])
   sc = np.asarray(prepared.inter["scenario"])
   train_pos = np.flatnonzero((split == 0) & (label == 1))
-  counts = np.bincount(np.asarray(prepared.inter["item"])[train_pos],
-                       minlength=prepared.num_items).astype(np.float64)
+  counts = np.bincount(
+    np.asarray(prepared.inter["item"])[train_pos], minlength=prepared.num_items
+  ).astype(np.float64)
   logq = np.log(np.maximum(counts, 1) / np.maximum(counts, 1).sum())
   it = pipeline.make_iterator(prepared, "finetune", 256, seed=0, num_batches=4)
   n = 0
@@ -454,8 +538,9 @@ def test_finetune_batches_are_training_positives(prepared):
     np.testing.assert_allclose(batch["item_logq"], logq[batch["item_index"]], rtol=1e-5)
     users = np.asarray(prepared.users["user_id"])
     np.testing.assert_array_equal(batch["user"]["user_id"], users[batch["user_index"]])
-    np.testing.assert_array_equal(batch["item"]["genres_mask"],
-                                  np.asarray(prepared.item_masks["genres"])[batch["item_index"]])
+    np.testing.assert_array_equal(
+      batch["item"]["genres_mask"], np.asarray(prepared.item_masks["genres"])[batch["item_index"]]
+    )
     assert batch["user"]["user_id"].dtype == np.int32 and batch["scenario"].dtype == np.int32
     n += 1
   assert n == 4
@@ -473,9 +558,9 @@ def test_pretrain_batches_views_and_entire_space(prepared):
       v = batch[key]
       assert v.shape == (256, 2) and v.dtype == np.int32
       assert ((v >= 0) & (v < 3)).all() and (v[:, 0] != v[:, 1]).all()
-      assert len({tuple(x) for x in v.tolist()}) == 6   # all ordered pairs occur
+      assert len({tuple(x) for x in v.tolist()}) == 6  # all ordered pairs occur
   labels = np.concatenate(labels)
-  assert (labels == 0).any() and (labels == 1).any()     # clicked and unclicked exposures
+  assert (labels == 0).any() and (labels == 1).any()  # clicked and unclicked exposures
 
 
 @pytest.mark.parametrize("stream", ["finetune", "pretrain"])
@@ -526,4 +611,4 @@ def test_epoch_covers_every_row_once(prepared):
   n = 80000
   np.testing.assert_array_equal(np.sort(rows[:n]), prepared.rows("train"))
   assert set(rows[n:].tolist()) <= set(prepared.rows("train").tolist())
-  assert not np.array_equal(rows[n:2 * n][:100], rows[:100])   # next epoch reshuffled
+  assert not np.array_equal(rows[n : 2 * n][:100], rows[:100])  # next epoch reshuffled

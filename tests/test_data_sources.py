@@ -5,6 +5,7 @@ the repository) and every count is checked against an independent plain-Python p
 files, plus the literals their SOURCE.md states. Bad-input cases use small files in tmp_path in
 each source's layout.
 """
+
 from __future__ import annotations
 
 import collections
@@ -106,9 +107,12 @@ def _check_sources(data, data_dir, names):
   assert set(src) == set(names)
   for name in names:
     b = (data_dir / name).read_bytes()
-    assert src[name] == {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b),
-                         "mtime_ns": (data_dir / name).stat().st_mtime_ns,
-                         "path": str((data_dir / name).resolve())}
+    assert src[name] == {
+      "sha256": hashlib.sha256(b).hexdigest(),
+      "bytes": len(b),
+      "mtime_ns": (data_dir / name).stat().st_mtime_ns,
+      "path": str((data_dir / name).resolve()),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +121,7 @@ def _check_sources(data, data_dir, names):
 
 @pytest.fixture(scope="module")
 def gadtcdr_raw():
-  rows = []   # (domain, user, item, rating) in file order, book then music
+  rows = []  # (domain, user, item, rating) in file order, book then music
   for dom in ("book", "music"):
     with open(GADTCDR_DIR / f"douban_{dom}_ratings.dat", newline="") as f:
       for rec in csv.reader(f, delimiter="\t"):
@@ -128,8 +132,11 @@ def gadtcdr_raw():
 
 @pytest.fixture(scope="module")
 def gadtcdr(tmp_path_factory):
-  return _open(douban.prepare_gadtcdr, _cfg("douban", GADTCDR_DIR),
-               tmp_path_factory.mktemp("gadtcdr") / "store")
+  return _open(
+    douban.prepare_gadtcdr,
+    _cfg("douban", GADTCDR_DIR),
+    tmp_path_factory.mktemp("gadtcdr") / "store",
+  )
 
 
 def test_gadtcdr_counts_match_source_and_raw(gadtcdr, gadtcdr_raw):
@@ -143,17 +150,25 @@ def test_gadtcdr_counts_match_source_and_raw(gadtcdr, gadtcdr_raw):
   assert len({r[1] for r in by_dom["book"]} & {r[1] for r in by_dom["music"]}) == 1_566
   assert max(r[1] for r in raw) == 2_718
   users, items = {r[1] for r in raw}, {(r[0], r[2]) for r in raw}
-  assert len(users) == 2_216 and len(items) == 12_344   # 2,718 is the id range, not a count
+  assert len(users) == 2_216 and len(items) == 12_344  # 2,718 is the id range, not a count
   man = gadtcdr.manifest
   assert man["rows_read"] == {"douban_book_ratings.dat": 96_041, "douban_music_ratings.dat": 69_709}
   assert man["rows_rejected"] == {}
-  assert man["rows_kept"] == {"ratings": 165_750, "users": len(users), "items": len(items),
-                              "ratings_book": 96_041, "ratings_music": 69_709}
+  assert man["rows_kept"] == {
+    "ratings": 165_750,
+    "users": len(users),
+    "items": len(items),
+    "ratings_book": 96_041,
+    "ratings_music": 69_709,
+  }
   rows = [(str(u), f"{d}:{i}", d, r >= 4) for d, u, i, r in raw]
   _check_rows(gadtcdr, rows, ["book", "music"])
   inter = _inter(gadtcdr)
   assert np.bincount(inter["scenario"]).tolist() == [96_041, 69_709]
-  assert np.bincount(inter["scenario"], weights=inter["label"]).astype(int).tolist() == [69_211, 51_985]
+  assert np.bincount(inter["scenario"], weights=inter["label"]).astype(int).tolist() == [
+    69_211,
+    51_985,
+  ]
   assert [sum(x) for x in zip(*man["positives_by_split_scenario"].values())] == [69_211, 51_985]
   # a book item and a music item with the same number are different items
   assert "book:1" in gadtcdr.item_raw_ids.tolist() and "music:1" in gadtcdr.item_raw_ids.tolist()
@@ -172,8 +187,8 @@ def test_gadtcdr_vocab_and_split(gadtcdr, gadtcdr_raw, tmp_path):
   vu = _check_vocab(gadtcdr, "users", "user_id", users, [r[0] for r in tr])
   vi = _check_vocab(gadtcdr, "items", "item_id", items, [r[1] for r in tr])
   assert _check_vocab(gadtcdr, "items", "domain", item_dom, [r[1] for r in tr]) == 3
-  assert vu < 2_216 + 1            # built from the training split only (users seen only in
-  assert vi <= 12_344 + 1          # valid / test get 0)
+  assert vu < 2_216 + 1  # built from the training split only (users seen only in
+  assert vi <= 12_344 + 1  # valid / test get 0)
   _check_random_split(gadtcdr, _cfg("douban", GADTCDR_DIR), douban.prepare_gadtcdr, tmp_path)
 
 
@@ -189,8 +204,11 @@ def sample_raw():
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-  return _open(douban.prepare_sample, _cfg("douban_sample", SAMPLE_DIR),
-               tmp_path_factory.mktemp("dsample") / "store")
+  return _open(
+    douban.prepare_sample,
+    _cfg("douban_sample", SAMPLE_DIR),
+    tmp_path_factory.mktemp("dsample") / "store",
+  )
 
 
 def test_douban_sample_counts_match_source_and_raw(sample, sample_raw):
@@ -203,15 +221,17 @@ def test_douban_sample_counts_match_source_and_raw(sample, sample_raw):
   man = sample.manifest
   assert man["rows_read"] == {"douban_sample.csv": 3_000} and man["rows_rejected"] == {}
   assert man["rows_kept"] == {"rows": 3_000, "users": 1_352, "items": 2_502}
-  rows = [(r["user_id"], f"{r['domain']}:{r['item_id']}", r["domain"], r["rating"] == "1")
-          for r in raw]
+  rows = [
+    (r["user_id"], f"{r['domain']}:{r['item_id']}", r["domain"], r["rating"] == "1") for r in raw
+  ]
   _check_rows(sample, rows, ["book", "movie", "music"])
   inter = _inter(sample)
   names = ["book", "movie", "music"]
   assert np.bincount(inter["scenario"]).tolist() == [dom[n] for n in names]
   pos = collections.Counter(r["domain"] for r in raw if r["rating"] == "1")
-  assert np.bincount(inter["scenario"], weights=inter["label"]).astype(int).tolist() == \
-      [pos[n] for n in names]
+  assert np.bincount(inter["scenario"], weights=inter["label"]).astype(int).tolist() == [
+    pos[n] for n in names
+  ]
   _check_sources(sample, SAMPLE_DIR, ["douban_sample.csv"])
 
 
@@ -223,7 +243,7 @@ def test_douban_sample_vocab_and_split(sample, sample_raw, tmp_path):
   ident_u = {r["user_id"]: r["user_id"] for r in sample_raw}
   place = {r["user_id"]: r["living_place"] for r in sample_raw}
   tbin = {r["user_id"]: int(r["time_bin"]) for r in sample_raw}
-  ikey = lambda r: f"{r['domain']}:{r['item_id']}"   # noqa: E731
+  ikey = lambda r: f"{r['domain']}:{r['item_id']}"  # noqa: E731
   ident_i = {ikey(r): ikey(r) for r in sample_raw}
   idom = {ikey(r): r["domain"] for r in sample_raw}
   tr_u, tr_i = [r["user_id"] for r in tr], [ikey(r) for r in tr]
@@ -232,21 +252,23 @@ def test_douban_sample_vocab_and_split(sample, sample_raw, tmp_path):
   _check_vocab(sample, "users", "time_bin", tbin, tr_u)
   _check_vocab(sample, "items", "item_id", ident_i, tr_i)
   assert _check_vocab(sample, "items", "domain", idom, tr_i) == 4
-  assert "" in place.values() and v_place <= 220   # 220 values incl. the empty one (unknown)
+  assert "" in place.values() and v_place <= 220  # 220 values incl. the empty one (unknown)
   _check_random_split(sample, _cfg("douban_sample", SAMPLE_DIR), douban.prepare_sample, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
 # Amazon, CDRIB pairs
 
-AMAZON_SOURCE = {   # SOURCE.md table: folder -> (train, valid, test, users, items)
-    "sport_cloth": (163_291, 3_589, 3_546, 27_328, 12_655),
-    "cloth_sport": (187_880, 3_156, 3_085, 41_829, 17_943),
-    "game_video": (155_036, 1_381, 1_304, 25_025, 12_319),
-    "video_game": (156_091, 1_435, 1_458, 19_457, 8_751),
+AMAZON_SOURCE = {  # SOURCE.md table: folder -> (train, valid, test, users, items)
+  "sport_cloth": (163_291, 3_589, 3_546, 27_328, 12_655),
+  "cloth_sport": (187_880, 3_156, 3_085, 41_829, 17_943),
+  "game_video": (155_036, 1_381, 1_304, 25_025, 12_319),
+  "video_game": (156_091, 1_435, 1_458, 19_457, 8_751),
 }
-AMAZON_PAIRS = {"sport_cloth": (("sport_cloth", "sports"), ("cloth_sport", "clothing"), 9_828),
-                "game_video": (("game_video", "game"), ("video_game", "video"), 2_179)}
+AMAZON_PAIRS = {
+  "sport_cloth": (("sport_cloth", "sports"), ("cloth_sport", "clothing"), 9_828),
+  "game_video": (("game_video", "game"), ("video_game", "video"), 2_179),
+}
 
 
 def _amazon_raw(folder):
@@ -261,8 +283,11 @@ def _amazon_raw(folder):
 def amazon_pair(request, tmp_path_factory):
   pair = request.param
   (f0, n0), (f1, n1), c = AMAZON_PAIRS[pair]
-  data = _open(amazon.prepare, _cfg("amazon_sports_clothing", AMAZON_DIR, pair=pair),
-               tmp_path_factory.mktemp(pair) / "store")
+  data = _open(
+    amazon.prepare,
+    _cfg("amazon_sports_clothing", AMAZON_DIR, pair=pair),
+    tmp_path_factory.mktemp(pair) / "store",
+  )
   return pair, data, {f0: _amazon_raw(f0), f1: _amazon_raw(f1)}
 
 
@@ -274,7 +299,7 @@ def test_amazon_counts_match_source_and_raw(amazon_pair):
     assert [len(raw[f][s]) for s in ("train", "valid", "test")] == [tr, va, te]
     every = [x for s in raw[f].values() for x in s]
     assert len({u for u, _ in every}) == nu and len({i for _, i in every}) == ni
-    assert {u for u, _ in every if u < c} == set(range(c))   # the shared users are in both
+    assert {u for u, _ in every if u < c} == set(range(c))  # the shared users are in both
   rows, split = [], []
   for folder, name in ((f0, n0), (f1, n1)):
     for s, sid in (("train", 0), ("valid", 1), ("test", 2)):
@@ -283,7 +308,7 @@ def test_amazon_counts_match_source_and_raw(amazon_pair):
         split.append(sid)
   _check_rows(data, rows, [n0, n1])
   inter = _inter(data)
-  assert inter["split"].tolist() == split          # the authors' split, kept
+  assert inter["split"].tolist() == split  # the authors' split, kept
   n_rows = [sum(AMAZON_SOURCE[f][:3]) for f in (f0, f1)]
   assert np.bincount(inter["scenario"]).tolist() == n_rows
   assert (inter["label"] == 1).all()
@@ -292,14 +317,17 @@ def test_amazon_counts_match_source_and_raw(amazon_pair):
   assert data.num_items == AMAZON_SOURCE[f0][4] + AMAZON_SOURCE[f1][4]
   man = data.manifest
   assert man["rows_rejected"] == {}
-  assert man["rows_read"] == {f"{f}/{s}.txt": len(raw[f][s]) for f in (f0, f1)
-                              for s in ("train", "valid", "test")}
+  assert man["rows_read"] == {
+    f"{f}/{s}.txt": len(raw[f][s]) for f in (f0, f1) for s in ("train", "valid", "test")
+  }
   assert man["rows_kept"]["shared_users_seen"] == c
-  assert man["split_counts"] == {s: sum(len(raw[f][s]) for f in (f0, f1))
-                                 for s in ("train", "valid", "test")}
+  assert man["split_counts"] == {
+    s: sum(len(raw[f][s]) for f in (f0, f1)) for s in ("train", "valid", "test")
+  }
   assert [sum(x) for x in zip(*man["positives_by_split_scenario"].values())] == n_rows
-  _check_sources(data, AMAZON_DIR, [f"{f}/{s}.txt" for f in (f0, f1)
-                                    for s in ("train", "valid", "test")])
+  _check_sources(
+    data, AMAZON_DIR, [f"{f}/{s}.txt" for f in (f0, f1) for s in ("train", "valid", "test")]
+  )
   # cold-start: every valid / test user of a domain has a training row in the other domain only
   for d in (0, 1):
     held = set(inter["user"][(inter["split"] > 0) & (inter["scenario"] == d)].tolist())
@@ -328,8 +356,9 @@ def test_amazon_vocab(amazon_pair):
 
 def test_amazon_swapped_pair_and_speed(tmp_path):
   t = time.time()
-  data = _open(amazon.prepare, _cfg("amazon_sports_clothing", AMAZON_DIR, pair="cloth_sport"),
-               tmp_path / "s")
+  data = _open(
+    amazon.prepare, _cfg("amazon_sports_clothing", AMAZON_DIR, pair="cloth_sport"), tmp_path / "s"
+  )
   assert time.time() - t < 15, "364k rows should prepare in a few seconds"
   assert data.scenario_names == ["clothing", "sports"]
   assert np.bincount(_inter(data)["scenario"]).tolist() == [194_121, 170_426]
@@ -375,8 +404,12 @@ def test_mind_counts_match_source_and_raw(mind_data, mind_raw):
   _check_rows(mind_data, rows, MIND_SCENARIOS)
   inter = _inter(mind_data)
   assert np.bincount(inter["scenario"]).tolist() == [3_742, 1_565, 1_428, 1_265]
-  assert np.bincount(inter["scenario"], weights=inter["label"]).astype(int).tolist() == \
-      [163, 60, 84, 56]
+  assert np.bincount(inter["scenario"], weights=inter["label"]).astype(int).tolist() == [
+    163,
+    60,
+    84,
+    56,
+  ]
   _check_sources(mind_data, MIND_DIR, ["mind_sample.csv"])
 
 
@@ -397,25 +430,49 @@ def test_mind_vocab_and_split(mind_data, mind_raw, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Bad inputs in small files of each layout
 
-GAD_BOOK = ["1\t1\t4", "1\t2\t3", "2\t1\t5", "2\t3\t2", "3\t2\t4", "3\t3\t1", "4\t1\t5",
-            "4\t2\t4", "5\t3\t3", "5\t1\t5"]
+GAD_BOOK = [
+  "1\t1\t4",
+  "1\t2\t3",
+  "2\t1\t5",
+  "2\t3\t2",
+  "3\t2\t4",
+  "3\t3\t1",
+  "4\t1\t5",
+  "4\t2\t4",
+  "5\t3\t3",
+  "5\t1\t5",
+]
 GAD_MUSIC = ["1\t1\t5", "2\t2\t4", "6\t1\t3", "6\t2\t5", "7\t1\t4", "7\t3\t2"]
-AMZ = {"sport_cloth/train.txt": ["0\t0", "0\t1", "1\t1", "1\t2", "9828\t0", "9829\t2", "2\t0"],
-       "sport_cloth/valid.txt": ["3\t0", "3\t2"],
-       "sport_cloth/test.txt": ["4\t1"],
-       "cloth_sport/train.txt": ["0\t5", "3\t5", "4\t6", "9828\t6", "9830\t5"],
-       "cloth_sport/valid.txt": ["1\t6"],
-       "cloth_sport/test.txt": ["2\t5", "2\t6"]}
+AMZ = {
+  "sport_cloth/train.txt": ["0\t0", "0\t1", "1\t1", "1\t2", "9828\t0", "9829\t2", "2\t0"],
+  "sport_cloth/valid.txt": ["3\t0", "3\t2"],
+  "sport_cloth/test.txt": ["4\t1"],
+  "cloth_sport/train.txt": ["0\t5", "3\t5", "4\t6", "9828\t6", "9830\t5"],
+  "cloth_sport/valid.txt": ["1\t6"],
+  "cloth_sport/test.txt": ["2\t5", "2\t6"],
+}
 SAMPLE_HEADER = "user_id,item_id,rating,domain,living_place,join_time,time_bin"
-SAMPLE = ["1691,34964,1,book,北京,2007-07-10,27", "2133,96073,1,movie,浙江杭州,2008-01-03,33",
-          "2328,98464,0,movie,香港,2009-05-04,49", "1691,131210,1,music,北京,2007-07-10,27",
-          '507,106008,1,movie,"山东,青岛",2008-12-25,44', "1913,96067,0,movie,,2010-10-03,66",
-          "2133,75,1,book,浙江杭州,2008-01-03,33", "507,95875,0,movie,\"山东,青岛\",2008-12-25,44"]
+SAMPLE = [
+  "1691,34964,1,book,北京,2007-07-10,27",
+  "2133,96073,1,movie,浙江杭州,2008-01-03,33",
+  "2328,98464,0,movie,香港,2009-05-04,49",
+  "1691,131210,1,music,北京,2007-07-10,27",
+  '507,106008,1,movie,"山东,青岛",2008-12-25,44',
+  "1913,96067,0,movie,,2010-10-03,66",
+  "2133,75,1,book,浙江杭州,2008-01-03,33",
+  '507,95875,0,movie,"山东,青岛",2008-12-25,44',
+]
 MIND_HEADER = "User_ID,News_ID,label,Category,SubCategory"
-MIND_ROWS = ["U479610,N110473,0,sports,football_ncaa", "U496095,N73137,1,lifestyle,shop-holidays",
-             "U614467,N18258,0,news,newsworld", "U498742,N40625,0,sports,football_nfl",
-             "U1,N18258,1,news,newsworld", "U2,N5,0,finance,markets", "U3,N6,1,finance,markets",
-             "U479610,N5,0,finance,markets"]
+MIND_ROWS = [
+  "U479610,N110473,0,sports,football_ncaa",
+  "U496095,N73137,1,lifestyle,shop-holidays",
+  "U614467,N18258,0,news,newsworld",
+  "U498742,N40625,0,sports,football_nfl",
+  "U1,N18258,1,news,newsworld",
+  "U2,N5,0,finance,markets",
+  "U3,N6,1,finance,markets",
+  "U479610,N5,0,finance,markets",
+]
 
 
 def _lines(text_lines):
@@ -424,13 +481,20 @@ def _lines(text_lines):
 
 # loader -> (prepare function, config module, {relative path: lines}, header line or None)
 LOADERS = {
-    "gadtcdr": (douban.prepare_gadtcdr, "douban",
-                {"douban_book_ratings.dat": GAD_BOOK, "douban_music_ratings.dat": GAD_MUSIC},
-                None),
-    "amazon": (amazon.prepare, "amazon_sports_clothing", AMZ, None),
-    "douban_sample": (douban.prepare_sample, "douban_sample",
-                      {"douban_sample.csv": SAMPLE}, SAMPLE_HEADER),
-    "mind": (mind.prepare, "mind", {"mind_sample.csv": MIND_ROWS}, MIND_HEADER),
+  "gadtcdr": (
+    douban.prepare_gadtcdr,
+    "douban",
+    {"douban_book_ratings.dat": GAD_BOOK, "douban_music_ratings.dat": GAD_MUSIC},
+    None,
+  ),
+  "amazon": (amazon.prepare, "amazon_sports_clothing", AMZ, None),
+  "douban_sample": (
+    douban.prepare_sample,
+    "douban_sample",
+    {"douban_sample.csv": SAMPLE},
+    SAMPLE_HEADER,
+  ),
+  "mind": (mind.prepare, "mind", {"mind_sample.csv": MIND_ROWS}, MIND_HEADER),
 }
 
 
@@ -459,57 +523,205 @@ def _no_output(tmp_path, out):
 
 # (case id, loader, relpath, data line position, bad line, reason, message substrings)
 BAD_ROWS = [
-    ("gad_field_count", "gadtcdr", "douban_book_ratings.dat", 3, "1\t5", "wrong_field_count",
-     ["2 tab-separated fields, expected 3"]),
-    ("gad_non_numeric_user", "gadtcdr", "douban_music_ratings.dat", 2, "x7\t5\t4",
-     "bad_user_id", ["field 'user_id'", "'x7'"]),
-    ("gad_non_numeric_item", "gadtcdr", "douban_book_ratings.dat", 5, "7\t1.5\t4",
-     "bad_item_id", ["field 'item_id'", "'1.5'"]),
-    ("gad_rating_9", "gadtcdr", "douban_book_ratings.dat", 4, "8\t1\t9", "bad_rating",
-     ["field 'rating'", "9 is not one of 1..5"]),
-    ("gad_duplicate", "gadtcdr", "douban_book_ratings.dat", 4, "1\t1\t2", "duplicate_pair",
-     ["(1, 1) repeats an earlier line (line 1)"]),
-    ("amz_field_count", "amazon", "sport_cloth/train.txt", 3, "5\t1\t1", "wrong_field_count",
-     ["3 tab-separated fields, expected 2"]),
-    ("amz_non_numeric_item", "amazon", "cloth_sport/valid.txt", 1, "5\tB00X", "bad_item_id",
-     ["field 'item_id'", "'B00X'"]),
-    ("amz_negative_user", "amazon", "sport_cloth/test.txt", 2, "-3\t1", "bad_user_id",
-     ["field 'user_id'", "'-3'"]),
-    ("amz_too_large_id", "amazon", "cloth_sport/train.txt", 2, "5\t99999999999", "bad_item_id",
-     ["field 'item_id'", "99999999999 exceeds"]),
-    ("amz_duplicate_across_splits", "amazon", "sport_cloth/test.txt", 1, "0\t1", "duplicate_pair",
-     ["(0, 1) repeats an earlier line of sport_cloth (train.txt:2)"]),
-    ("sample_field_count", "douban_sample", "douban_sample.csv", 2,
-     "5,6,1,book,北京,2007-07-10", "wrong_field_count", ["6 comma-separated fields, expected 7"]),
-    ("sample_non_numeric_user", "douban_sample", "douban_sample.csv", 3,
-     "u5,6,1,book,北京,2007-07-10,27", "bad_user_id", ["field 'user_id'", "'u5'"]),
-    ("sample_unknown_domain", "douban_sample", "douban_sample.csv", 4,
-     "5,6,1,tv,北京,2007-07-10,27", "unknown_domain", ["field 'domain'", "'tv' is not one of"]),
-    ("sample_rating_5", "douban_sample", "douban_sample.csv", 1,
-     "5,6,5,book,北京,2007-07-10,27", "bad_rating", ["field 'rating'", "'5'"]),
-    ("sample_inconsistent_user", "douban_sample", "douban_sample.csv", 5,
-     "1691,6,1,book,上海,2007-07-10,27", "inconsistent_user", ["user 1691"]),
-    ("mind_field_count", "mind", "mind_sample.csv", 2, "U5,N5,0,finance", "wrong_field_count",
-     ["4 comma-separated fields, expected 5"]),
-    ("mind_non_numeric_user", "mind", "mind_sample.csv", 3, "Uabc,N5,0,finance,markets",
-     "bad_User_ID", ["field 'User_ID'", "'Uabc'"]),
-    ("mind_non_numeric_news", "mind", "mind_sample.csv", 3, "U5,12,0,finance,markets",
-     "bad_News_ID", ["field 'News_ID'", "'12'"]),
-    ("mind_unknown_category", "mind", "mind_sample.csv", 6, "U5,N7,0,weather,storms",
-     "unknown_Category", ["field 'Category'", "'weather' is not one of"]),
-    ("mind_bad_label", "mind", "mind_sample.csv", 1, "U5,N5,2,finance,markets", "bad_label",
-     ["field 'label'", "'2'"]),
-    ("mind_inconsistent_news", "mind", "mind_sample.csv", 9, "U9,N5,0,finance,stocks",
-     "inconsistent_News_ID", ["news N5"]),
+  (
+    "gad_field_count",
+    "gadtcdr",
+    "douban_book_ratings.dat",
+    3,
+    "1\t5",
+    "wrong_field_count",
+    ["2 tab-separated fields, expected 3"],
+  ),
+  (
+    "gad_non_numeric_user",
+    "gadtcdr",
+    "douban_music_ratings.dat",
+    2,
+    "x7\t5\t4",
+    "bad_user_id",
+    ["field 'user_id'", "'x7'"],
+  ),
+  (
+    "gad_non_numeric_item",
+    "gadtcdr",
+    "douban_book_ratings.dat",
+    5,
+    "7\t1.5\t4",
+    "bad_item_id",
+    ["field 'item_id'", "'1.5'"],
+  ),
+  (
+    "gad_rating_9",
+    "gadtcdr",
+    "douban_book_ratings.dat",
+    4,
+    "8\t1\t9",
+    "bad_rating",
+    ["field 'rating'", "9 is not one of 1..5"],
+  ),
+  (
+    "gad_duplicate",
+    "gadtcdr",
+    "douban_book_ratings.dat",
+    4,
+    "1\t1\t2",
+    "duplicate_pair",
+    ["(1, 1) repeats an earlier line (line 1)"],
+  ),
+  (
+    "amz_field_count",
+    "amazon",
+    "sport_cloth/train.txt",
+    3,
+    "5\t1\t1",
+    "wrong_field_count",
+    ["3 tab-separated fields, expected 2"],
+  ),
+  (
+    "amz_non_numeric_item",
+    "amazon",
+    "cloth_sport/valid.txt",
+    1,
+    "5\tB00X",
+    "bad_item_id",
+    ["field 'item_id'", "'B00X'"],
+  ),
+  (
+    "amz_negative_user",
+    "amazon",
+    "sport_cloth/test.txt",
+    2,
+    "-3\t1",
+    "bad_user_id",
+    ["field 'user_id'", "'-3'"],
+  ),
+  (
+    "amz_too_large_id",
+    "amazon",
+    "cloth_sport/train.txt",
+    2,
+    "5\t99999999999",
+    "bad_item_id",
+    ["field 'item_id'", "99999999999 exceeds"],
+  ),
+  (
+    "amz_duplicate_across_splits",
+    "amazon",
+    "sport_cloth/test.txt",
+    1,
+    "0\t1",
+    "duplicate_pair",
+    ["(0, 1) repeats an earlier line of sport_cloth (train.txt:2)"],
+  ),
+  (
+    "sample_field_count",
+    "douban_sample",
+    "douban_sample.csv",
+    2,
+    "5,6,1,book,北京,2007-07-10",
+    "wrong_field_count",
+    ["6 comma-separated fields, expected 7"],
+  ),
+  (
+    "sample_non_numeric_user",
+    "douban_sample",
+    "douban_sample.csv",
+    3,
+    "u5,6,1,book,北京,2007-07-10,27",
+    "bad_user_id",
+    ["field 'user_id'", "'u5'"],
+  ),
+  (
+    "sample_unknown_domain",
+    "douban_sample",
+    "douban_sample.csv",
+    4,
+    "5,6,1,tv,北京,2007-07-10,27",
+    "unknown_domain",
+    ["field 'domain'", "'tv' is not one of"],
+  ),
+  (
+    "sample_rating_5",
+    "douban_sample",
+    "douban_sample.csv",
+    1,
+    "5,6,5,book,北京,2007-07-10,27",
+    "bad_rating",
+    ["field 'rating'", "'5'"],
+  ),
+  (
+    "sample_inconsistent_user",
+    "douban_sample",
+    "douban_sample.csv",
+    5,
+    "1691,6,1,book,上海,2007-07-10,27",
+    "inconsistent_user",
+    ["user 1691"],
+  ),
+  (
+    "mind_field_count",
+    "mind",
+    "mind_sample.csv",
+    2,
+    "U5,N5,0,finance",
+    "wrong_field_count",
+    ["4 comma-separated fields, expected 5"],
+  ),
+  (
+    "mind_non_numeric_user",
+    "mind",
+    "mind_sample.csv",
+    3,
+    "Uabc,N5,0,finance,markets",
+    "bad_User_ID",
+    ["field 'User_ID'", "'Uabc'"],
+  ),
+  (
+    "mind_non_numeric_news",
+    "mind",
+    "mind_sample.csv",
+    3,
+    "U5,12,0,finance,markets",
+    "bad_News_ID",
+    ["field 'News_ID'", "'12'"],
+  ),
+  (
+    "mind_unknown_category",
+    "mind",
+    "mind_sample.csv",
+    6,
+    "U5,N7,0,weather,storms",
+    "unknown_Category",
+    ["field 'Category'", "'weather' is not one of"],
+  ),
+  (
+    "mind_bad_label",
+    "mind",
+    "mind_sample.csv",
+    1,
+    "U5,N5,2,finance,markets",
+    "bad_label",
+    ["field 'label'", "'2'"],
+  ),
+  (
+    "mind_inconsistent_news",
+    "mind",
+    "mind_sample.csv",
+    9,
+    "U9,N5,0,finance,stocks",
+    "inconsistent_News_ID",
+    ["news N5"],
+  ),
 ]
 
 
 def _file_lineno(loader, pos):
-  return pos + (1 if LOADERS[loader][3] else 0)   # the CSV header is line 1
+  return pos + (1 if LOADERS[loader][3] else 0)  # the CSV header is line 1
 
 
-@pytest.mark.parametrize("case,loader,rel,pos,line,reason,parts", BAD_ROWS,
-                         ids=[c[0] for c in BAD_ROWS])
+@pytest.mark.parametrize(
+  "case,loader,rel,pos,line,reason,parts", BAD_ROWS, ids=[c[0] for c in BAD_ROWS]
+)
 def test_bad_row_strict_raises_with_location(tmp_path, case, loader, rel, pos, line, reason, parts):
   fn, cfg_mod, _, _ = LOADERS[loader]
   d = _write(tmp_path / "raw", loader, _insert(loader, rel, pos, line))
@@ -524,8 +736,9 @@ def test_bad_row_strict_raises_with_location(tmp_path, case, loader, rel, pos, l
   _no_output(tmp_path, out)
 
 
-@pytest.mark.parametrize("case,loader,rel,pos,line,reason,parts", BAD_ROWS,
-                         ids=[c[0] for c in BAD_ROWS])
+@pytest.mark.parametrize(
+  "case,loader,rel,pos,line,reason,parts", BAD_ROWS, ids=[c[0] for c in BAD_ROWS]
+)
 def test_bad_row_skip_counts_and_drops(tmp_path, case, loader, rel, pos, line, reason, parts):
   fn, cfg_mod, files, _ = LOADERS[loader]
   clean = _open(fn, _cfg(cfg_mod, _write(tmp_path / "clean", loader)), tmp_path / "c")
@@ -591,14 +804,17 @@ def test_gadtcdr_unknown_domain_file_raises(tmp_path):
 def test_gadtcdr_repository_layout_and_crlf(tmp_path):
   """The repo's douban_<d>/ratings.dat layout and CRLF / blank lines (the per-line path) give
   the same store as the flat, clean files (the vectorised path)."""
-  flat = _open(douban.prepare_gadtcdr, _cfg("douban", _write(tmp_path / "flat", "gadtcdr")),
-               tmp_path / "a")
+  flat = _open(
+    douban.prepare_gadtcdr, _cfg("douban", _write(tmp_path / "flat", "gadtcdr")), tmp_path / "a"
+  )
   repo = tmp_path / "repo"
   for dom, lines in (("book", GAD_BOOK), ("music", GAD_MUSIC)):
     (repo / f"douban_{dom}").mkdir(parents=True)
     (repo / f"douban_{dom}" / "ratings.dat").write_bytes(
-        b"\r\n".join(x.encode() for x in lines[:2]) + b"\r\n\r\n" +
-        b"\r\n".join(x.encode() for x in lines[2:]))
+      b"\r\n".join(x.encode() for x in lines[:2])
+      + b"\r\n\r\n"
+      + b"\r\n".join(x.encode() for x in lines[2:])
+    )
   other = _open(douban.prepare_gadtcdr, _cfg("douban", repo), tmp_path / "b")
   for c in store.INTERACTION_COLUMNS:
     np.testing.assert_array_equal(np.asarray(other.inter[c]), np.asarray(flat.inter[c]))
@@ -608,12 +824,15 @@ def test_gadtcdr_repository_layout_and_crlf(tmp_path):
 
 def test_amazon_small_user_and_item_keys(tmp_path):
   """Ids < C are one person in both folders; ids >= C and all item ids are per folder."""
-  data = _open(amazon.prepare, _cfg("amazon_sports_clothing", _write(tmp_path / "r", "amazon")),
-               tmp_path / "o")
+  data = _open(
+    amazon.prepare, _cfg("amazon_sports_clothing", _write(tmp_path / "r", "amazon")), tmp_path / "o"
+  )
   assert sorted(data.user_raw_ids.tolist()) == sorted(
-      ["0", "1", "2", "3", "4", "sports:9828", "sports:9829", "clothing:9828", "clothing:9830"])
+    ["0", "1", "2", "3", "4", "sports:9828", "sports:9829", "clothing:9828", "clothing:9830"]
+  )
   assert sorted(data.item_raw_ids.tolist()) == sorted(
-      ["sports:0", "sports:1", "sports:2", "clothing:5", "clothing:6"])
+    ["sports:0", "sports:1", "sports:2", "clothing:5", "clothing:6"]
+  )
   inter = _inter(data)
   assert inter["split"].tolist() == [0] * 7 + [1] * 2 + [2] + [0] * 5 + [1] + [2] * 2
 
@@ -621,8 +840,12 @@ def test_amazon_small_user_and_item_keys(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Configs
 
-CONFIGS = {"douban": "douban_gadtcdr", "douban_sample": "douban_sample",
-           "amazon_sports_clothing": "amazon_cdrib", "mind": "mind"}
+CONFIGS = {
+  "douban": "douban_gadtcdr",
+  "douban_sample": "douban_sample",
+  "amazon_sports_clothing": "amazon_cdrib",
+  "mind": "mind",
+}
 
 
 @pytest.mark.parametrize("module", list(CONFIGS))
@@ -642,4 +865,4 @@ def test_config_loads_and_prepares(tmp_path, module):
   n_pos = len(data.rows("train", labeled_positive=True))
   assert 0 < cfg.train.batch_size <= n_pos
   assert cfg.pretrain.batch_size <= len(data.rows("train"))
-  assert loop.prepare(cfg, tmp_path).path == data.path       # reused, not prepared again
+  assert loop.prepare(cfg, tmp_path).path == data.path  # reused, not prepared again

@@ -1,4 +1,5 @@
 """--config.data.download=True: the GroupLens archive is verified by MD5 (no network in tests)."""
+
 import hashlib
 import io
 import zipfile
@@ -21,14 +22,17 @@ def _patch_download(monkeypatch, payload: bytes, calls: list):
     calls.append(url)
     with open(dest, "wb") as f:
       f.write(payload)
+
   monkeypatch.setattr(movielens.urllib.request, "urlretrieve", fake_urlretrieve)
 
 
 def test_checksum_mismatch_raises_and_deletes_archive(tmp_path, monkeypatch):
   calls = []
   _patch_download(monkeypatch, _fake_zip(), calls)
-  with pytest.raises(store.DataError, match=r"ml-1m\.zip: MD5 [0-9a-f]{32} does not match GroupLens' "
-                     + movielens.ML1M_MD5):
+  with pytest.raises(
+    store.DataError,
+    match=r"ml-1m\.zip: MD5 [0-9a-f]{32} does not match GroupLens' " + movielens.ML1M_MD5,
+  ):
     movielens.download(tmp_path)
   assert calls == [movielens.ML1M_URL]
   assert not (tmp_path / "ml-1m.zip").exists()

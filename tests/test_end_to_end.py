@@ -1,4 +1,5 @@
 """End to end on the real MovieLens sample: train, evaluate, restore, CLI (docs/design.md §2, §5)."""
+
 import json
 import os
 import subprocess
@@ -49,7 +50,9 @@ def test_metrics_file_shape(trained):
   for k, name in enumerate(data.scenario_names):
     sel = (inter["split"] == 2) & (inter["label"] > 0.5) & (inter["scenario"] == k)
     assert on_disk["scenarios"][name]["num_users"] == len(np.unique(inter["user"][sel]))
-    assert on_disk["scenarios"][name]["num_exposures"] == int(((inter["split"] == 2) & (inter["scenario"] == k)).sum())
+    assert on_disk["scenarios"][name]["num_exposures"] == int(
+      ((inter["split"] == 2) & (inter["scenario"] == k)).sum()
+    )
   # Both stages ran and logged; fine-tuning started from the pre-trained checkpoint.
   assert (wd / "checkpoints" / "pretrain").is_dir() and (wd / "checkpoints" / "finetune").is_dir()
   last = json.loads((wd / "finetune_log.jsonl").read_text().splitlines()[-1])
@@ -65,7 +68,7 @@ def test_restore_reproduces_metrics(trained):
 def test_rerun_resumes_instead_of_retraining(trained):
   cfg, wd, metrics = trained
   before = (wd / "finetune_log.jsonl").read_text()
-  again = loop.train(cfg, wd, show_progress=False)   # both stages already at num_steps
+  again = loop.train(cfg, wd, show_progress=False)  # both stages already at num_steps
   assert (wd / "finetune_log.jsonl").read_text() == before
   assert again["overall"] == metrics["overall"]
 
@@ -95,20 +98,50 @@ def test_short_run_learns_beyond_random(tmp_path):
 
 
 def test_cli_rejects_unknown_key(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "sass_jax.main", "--config", "configs/test.py",
-                      "--workdir", str(tmp_path), "--mode", "prepare", "--config.train.num_stepz=3"],
-                     cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
-                     text=True, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sass_jax.main",
+      "--config",
+      "configs/test.py",
+      "--workdir",
+      str(tmp_path),
+      "--mode",
+      "prepare",
+      "--config.train.num_stepz=3",
+    ],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode != 0
   assert "num_stepz" in r.stderr
   assert not (tmp_path / "data").exists()
 
 
 def test_cli_prepare_writes_manifest(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "sass_jax.main", "--config", "configs/test.py",
-                      "--workdir", str(tmp_path), "--mode", "prepare", f"--config.data.dir={DATA}"],
-                     cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
-                     text=True, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sass_jax.main",
+      "--config",
+      "configs/test.py",
+      "--workdir",
+      str(tmp_path),
+      "--mode",
+      "prepare",
+      f"--config.data.dir={DATA}",
+    ],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.loads((tmp_path / "data" / "manifest.json").read_text())
   assert m["rows_read"]["ratings_sample_100k.dat"] == 100_000

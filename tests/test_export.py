@@ -1,4 +1,5 @@
 """Export (item vectors, serialised user tower, manifest) and recommend on a trained tiny run."""
+
 import copy
 import json
 import os
@@ -52,8 +53,11 @@ def _apply_user(run, rows, scenario):
   d = run["data"]
   feats = {f: jnp.asarray(np.asarray(c)[rows]) for f, c in d.users.items()}
   feats.update({f"{f}_mask": jnp.asarray(np.asarray(m)[rows]) for f, m in d.user_masks.items()})
-  return np.asarray(run["model"].apply(run["variables"], feats, jnp.asarray(scenario, jnp.int32),
-                                       method="encode_user"))
+  return np.asarray(
+    run["model"].apply(
+      run["variables"], feats, jnp.asarray(scenario, jnp.int32), method="encode_user"
+    )
+  )
 
 
 def test_layout_and_manifest(run):
@@ -64,7 +68,7 @@ def test_layout_and_manifest(run):
   assert m["embedding_dim"] == cfg.model.out_dim and m["num_items"] == data.num_items
   assert m["scenario_names"] == ["age_under25", "age_25_34", "age_35plus"]
   feats = m["user_encoder"]["inputs"]["features"]
-  assert list(feats) == [s.name for s in data.user_specs]   # MovieLens: no multi-hot user field
+  assert list(feats) == [s.name for s in data.user_specs]  # MovieLens: no multi-hot user field
   for s in data.user_specs:
     assert feats[s.name] == {"shape": ["b"], "dtype": "int32", "vocab_size": s.vocab_size}
   assert m["user_encoder"]["output"] == {"shape": ["b", cfg.model.out_dim], "dtype": "float32"}
@@ -138,10 +142,16 @@ def _independent_topk(run, row, k, top, mask_splits, also_exclude=()):
   ivec = np.asarray(model.apply(variables, items, jnp.full(n, k, jnp.int32), method="encode_item"))
   uvec = _apply_user(run, [row], [k])
   inter = {c: np.asarray(v) for c, v in data.inter.items()}
-  sel = ((inter["user"] == row) & (inter["scenario"] == k) & (inter["label"] > 0.5)
-         & np.isin(inter["split"], mask_splits))
+  sel = (
+    (inter["user"] == row)
+    & (inter["scenario"] == k)
+    & (inter["label"] > 0.5)
+    & np.isin(inter["split"], mask_splits)
+  )
   seen = np.unique(inter["item"][sel])
-  scores, idx = topk_scores(uvec, ivec, top, exclude=[np.union1d(seen, np.asarray(also_exclude, np.int64))])
+  scores, idx = topk_scores(
+    uvec, ivec, top, exclude=[np.union1d(seen, np.asarray(also_exclude, np.int64))]
+  )
   return idx[0], scores[0], seen
 
 
@@ -182,8 +192,9 @@ def test_recommend_matches_evaluation_ranking(run):
   cfg3.eval.corpus = "scenario"
   sc = export.recommend(cfg3, wd, raw, name, 25, **kw)
   inter = {c: np.asarray(v) for c, v in data.inter.items()}
-  others = np.setdiff1d(np.arange(data.num_items),
-                        inter["item"][(inter["scenario"] == k) & (inter["split"] == 0)])
+  others = np.setdiff1d(
+    np.arange(data.num_items), inter["item"][(inter["scenario"] == k) & (inter["split"] == 0)]
+  )
   assert len(others) > 0
   idx3, scores3, _ = _independent_topk(run, row, k, 25, [0], also_exclude=others)
   assert [r["item_index"] for r in sc["items"]] == idx3.tolist()
@@ -206,6 +217,7 @@ def test_recommend_unknown_user_and_scenario(run):
 
 def test_evaluation_wrote_plots(run):
   import matplotlib.image
+
   for name in ("training_curves.png", "scenario_metrics.png"):
     p = run["wd"] / "plots" / name
     assert p.read_bytes()[:8] == PNG_MAGIC
@@ -214,56 +226,108 @@ def test_evaluation_wrote_plots(run):
 
 
 def _cli(run, *args):
-  return subprocess.run([sys.executable, "-m", "sass_jax.main", "--config", "configs/test.py",
-                         "--workdir", str(run["wd"]), f"--config.data.dir={DATA}",
-                         "--config.pretrain.num_steps=10", "--config.train.num_steps=20", *args],
-                        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sass_jax.main",
+      "--config",
+      "configs/test.py",
+      "--workdir",
+      str(run["wd"]),
+      f"--config.data.dir={DATA}",
+      "--config.pretrain.num_steps=10",
+      "--config.train.num_steps=20",
+      *args,
+    ],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=str(REPO)),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_cli_recommend(run):
   data = run["data"]
   row, k = _busiest(run)
   raw, name = str(data.user_raw_ids[row]), data.scenario_names[k]
-  r = _cli(run, "--mode", "recommend", f"--config.recommend.user={raw}",
-           f"--config.recommend.scenario={name}", "--config.recommend.k=5")
+  r = _cli(
+    run,
+    "--mode",
+    "recommend",
+    f"--config.recommend.user={raw}",
+    f"--config.recommend.scenario={name}",
+    "--config.recommend.k=5",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
-  want = export.recommend(run["cfg"], run["wd"], raw, name, 5, data=data, model=run["model"],
-                          variables=run["variables"])
+  want = export.recommend(
+    run["cfg"], run["wd"], raw, name, 5, data=data, model=run["model"], variables=run["variables"]
+  )
   lines = [l for l in r.stdout.splitlines() if l.startswith("| ") and "rank" not in l]
   assert [l.split("|")[2].strip() for l in lines] == [x["item_id"] for x in want["items"]]
-  r = _cli(run, "--mode", "recommend", f"--config.recommend.user={raw}",
-           "--config.recommend.scenario=teens")
+  r = _cli(
+    run,
+    "--mode",
+    "recommend",
+    f"--config.recommend.user={raw}",
+    "--config.recommend.scenario=teens",
+  )
   assert r.returncode != 0 and "age_under25" in r.stderr and "teens" in r.stderr
 
 
 def test_cli_export_to_config_dir(run, tmp_path):
-  r = _cli(run, "--mode", "export", f"--config.export.dir={tmp_path / 'x'}",
-           "--config.export.platforms=('cpu',)")
+  r = _cli(
+    run,
+    "--mode",
+    "export",
+    f"--config.export.dir={tmp_path / 'x'}",
+    "--config.export.platforms=('cpu',)",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   m = json.loads((tmp_path / "x" / "manifest.json").read_text())
   assert m["user_encoder"]["platforms"] == ["cpu"]
-  np.testing.assert_array_equal(np.load(tmp_path / "x" / m["scenarios"][1]["item_embeddings"]),
-                                np.load(run["out"] / m["scenarios"][1]["item_embeddings"]))
+  np.testing.assert_array_equal(
+    np.load(tmp_path / "x" / m["scenarios"][1]["item_embeddings"]),
+    np.load(run["out"] / m["scenarios"][1]["item_embeddings"]),
+  )
 
 
 def test_multi_hot_user_fields_and_out_of_range_ids():
   """A user tower with a multi-hot field (ids + bool mask), on a randomly initialised model."""
   specs = (FieldSpec("user_id", 10), FieldSpec("tags", 6, multi_hot=3))
-  mc = ModelConfig(user_specs=specs, item_specs=(FieldSpec("item_id", 5),), num_scenarios=2,
-                   embed_dim=4, scenario_dim=4, widths=(8,), out_dim=5, bias_hidden=4)
+  mc = ModelConfig(
+    user_specs=specs,
+    item_specs=(FieldSpec("item_id", 5),),
+    num_scenarios=2,
+    embed_dim=4,
+    scenario_dim=4,
+    widths=(8,),
+    out_dim=5,
+    bias_hidden=4,
+  )
   model = SASS(mc)
   rng = np.random.default_rng(0)
 
   def feats(b):
     mask = rng.random((b, 3)) < 0.6
     mask[:, 0] = True
-    return {"user_id": rng.integers(0, 10, b).astype(np.int32),
-            "tags": rng.integers(0, 6, (b, 3)).astype(np.int32), "tags_mask": mask}
+    return {
+      "user_id": rng.integers(0, 10, b).astype(np.int32),
+      "tags": rng.integers(0, 6, (b, 3)).astype(np.int32),
+      "tags_mask": mask,
+    }
 
   # Random values of the parameter shapes (cheaper than compiling model.init).
-  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), feats(2),
-                                   {"item_id": np.zeros(2, np.int32)}, np.zeros(2, np.int32)))
+  shapes = nn.unbox(
+    jax.eval_shape(
+      model.init,
+      jax.random.key(0),
+      feats(2),
+      {"item_id": np.zeros(2, np.int32)},
+      np.zeros(2, np.int32),
+    )
+  )
   variables = jax.tree.map(lambda s: rng.normal(0, 0.5, s.shape).astype(s.dtype), shapes)
   blob = export.export_user_encoder(model, variables, specs, 2)
   ref = jax.jit(lambda f, sc: model.apply(variables, f, sc, method="encode_user"))
@@ -281,7 +345,7 @@ def test_multi_hot_user_fields_and_out_of_range_ids():
   out = np.asarray(exp.call(bad, np.zeros(3, np.int32)))
   assert np.isnan(out[:2]).all() and np.isfinite(out[2]).all()
   tags, mask = f["tags"].copy(), f["tags_mask"].copy()
-  tags[:, 2], mask[0, 2], mask[1, 2] = 99, False, True     # row 0: masked out; row 1: used
+  tags[:, 2], mask[0, 2], mask[1, 2] = 99, False, True  # row 0: masked out; row 1: used
   out = np.asarray(exp.call(dict(f, tags=tags, tags_mask=mask), np.zeros(3, np.int32)))
   assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
   out = np.asarray(exp.call(f, np.array([0, 2, 1], np.int32)))

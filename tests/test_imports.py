@@ -6,6 +6,7 @@ no cycle; ``sass_jax.model`` must not depend on data, training or evaluation cod
 validator ``config_check`` must not import the training loop; and only
 ``sass_jax.bench.torch_reference`` may import torch when it is imported.
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,7 +50,7 @@ class _Imports(ast.NodeVisitor):
     base = node.module or ""
     if node.level:
       pkg = self.here.split(".")
-      pkg = pkg[:len(pkg) - (node.level - 1)]
+      pkg = pkg[: len(pkg) - (node.level - 1)]
       base = ".".join(pkg + ([base] if base else []))
     self.found.append((base, tuple(a.name for a in node.names), self.depth > 0))
 
@@ -71,8 +72,7 @@ def import_graph(root: Path, package: str, local: bool = True) -> dict[str, set[
     v.visit(ast.parse(path.read_text(), str(path)))
     edges = set()
     for target, names, is_local in v.found:
-      if (is_local and not local) or not (target == package
-                                           or target.startswith(package + ".")):
+      if (is_local and not local) or not (target == package or target.startswith(package + ".")):
         continue
       for t in [f"{target}.{n}" for n in names or ()] or [target]:
         o = t if t in mods else owner(target)
@@ -117,7 +117,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
   at its smallest name, without repeats, sorted."""
   index, low, on, stack, comps = {}, {}, set(), [], []
 
-  def strong(v):   # Tarjan's strongly connected components
+  def strong(v):  # Tarjan's strongly connected components
     index[v] = low[v] = len(index)
     stack.append(v)
     on.add(v)
@@ -163,11 +163,18 @@ def test_the_graph_reads_every_kind_of_import(tmp_path):
   (pkg / "b.py").write_text("def f():\n  from .a import x\n  return x\n")
   (pkg / "sub" / "c.py").write_text("from ..b import f\nimport pkg.sub\n")
   g = import_graph(tmp_path, "pkg")
-  assert g == {"pkg": set(), "pkg.a": {"pkg.sub.c"}, "pkg.b": {"pkg.a"},
-               "pkg.sub": {"pkg.sub.c"}, "pkg.sub.c": {"pkg.b", "pkg.sub"}}
+  assert g == {
+    "pkg": set(),
+    "pkg.a": {"pkg.sub.c"},
+    "pkg.b": {"pkg.a"},
+    "pkg.sub": {"pkg.sub.c"},
+    "pkg.sub.c": {"pkg.b", "pkg.sub"},
+  }
   assert import_graph(tmp_path, "pkg", local=False)["pkg.b"] == set()
-  assert cycles(g) == [["pkg.a", "pkg.sub.c", "pkg.b", "pkg.a"],
-                       ["pkg.sub", "pkg.sub.c", "pkg.sub"]]
+  assert cycles(g) == [
+    ["pkg.a", "pkg.sub.c", "pkg.b", "pkg.a"],
+    ["pkg.sub", "pkg.sub.c", "pkg.sub"],
+  ]
   # and the real package is read: a top-level and a function-local edge of the loop
   assert {"sass_jax.train.steps", "sass_jax.plots"} <= GRAPH["sass_jax.train.loop"]
 
@@ -178,10 +185,13 @@ def test_no_import_cycle():
 
 
 def test_model_imports_no_data_train_or_eval_code():
-  bad = sorted(f"{m} -> {t}" for m, ts in GRAPH.items()
-               if m == "sass_jax.model" or m.startswith("sass_jax.model.") for t in ts
-               if t.split(".")[:2] in (["sass_jax", "data"], ["sass_jax", "train"],
-                                       ["sass_jax", "eval"]))
+  bad = sorted(
+    f"{m} -> {t}"
+    for m, ts in GRAPH.items()
+    if m == "sass_jax.model" or m.startswith("sass_jax.model.")
+    for t in ts
+    if t.split(".")[:2] in (["sass_jax", "data"], ["sass_jax", "train"], ["sass_jax", "eval"])
+  )
   assert not bad, "sass_jax.model depends on:\n  " + "\n  ".join(bad)
 
 

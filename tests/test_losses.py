@@ -1,4 +1,5 @@
 """Tests for sass_jax.train.losses and the loss wiring / steps of sass_jax.train.steps (docs/design.md §2)."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -64,12 +65,12 @@ def test_info_nce_matches_numpy_with_duplicate_id():
   rng = np.random.default_rng(0)
   B, D, tau = 8, 6, 0.2
   a, b = _unit(rng, (B, D)), _unit(rng, (B, D))
-  ids = np.array([3, 7, 1, 3, 9, 2, 7, 5], np.int32)   # rows 0/3 and 1/6 are the same entity
+  ids = np.array([3, 7, 1, 3, 9, 2, 7, 5], np.int32)  # rows 0/3 and 1/6 are the same entity
   got = float(losses.info_nce(jnp.asarray(a), jnp.asarray(b), jnp.asarray(ids), tau))
   ref = np_info_nce(a, b, ids, tau)
   unmasked = np_info_nce(a, b, ids, tau, mask=False)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
-  assert abs(ref - unmasked) > 1e-3       # the duplicate mask matters on this input
+  assert abs(ref - unmasked) > 1e-3  # the duplicate mask matters on this input
   assert abs(got - unmasked) > 1e-3
 
 
@@ -83,9 +84,12 @@ def test_info_nce_distinct_ids_equals_log_softmax_ce():
   def softmax(x):
     e = np.exp(x - x.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
+
   labels = np.arange(B)
-  ref = 0.5 * (log_loss(labels, softmax(logits), labels=labels)
-               + log_loss(labels, softmax(logits.T), labels=labels))
+  ref = 0.5 * (
+    log_loss(labels, softmax(logits), labels=labels)
+    + log_loss(labels, softmax(logits.T), labels=labels)
+  )
   np.testing.assert_allclose(got, ref, rtol=1e-5)
   # and a hand value: perfectly aligned views with orthogonal rows -> known CE
   eye = np.eye(4, dtype=np.float32)
@@ -101,14 +105,17 @@ def test_info_nce_distinct_ids_equals_log_softmax_ce():
 def test_sampled_softmax_logq_matches_numpy_and_masks_duplicate_positive(alpha):
   rng = np.random.default_rng(2)
   B, tau = 7, 0.1
-  item_ids = np.array([10, 11, 12, 10, 13, 14, 15], np.int32)   # item 10 is row 0's and row 3's
+  item_ids = np.array([10, 11, 12, 10, 13, 14, 15], np.int32)  # item 10 is row 0's and row 3's
   items = _unit(rng, (B, 4))
-  items[3] = items[0]                 # the same item has the same vector
+  items[3] = items[0]  # the same item has the same vector
   users = _unit(rng, (B, 4)) * 0.3 + items
   logits = (users @ items.T).astype(np.float32)
   logq = np.log(rng.dirichlet(np.ones(B))).astype(np.float32)
-  got = float(losses.sampled_softmax_logq(jnp.asarray(logits), jnp.asarray(item_ids),
-                                          jnp.asarray(logq), tau, alpha))
+  got = float(
+    losses.sampled_softmax_logq(
+      jnp.asarray(logits), jnp.asarray(item_ids), jnp.asarray(logq), tau, alpha
+    )
+  )
   ref = np_sampled_softmax(logits, item_ids, logq, tau, alpha)
   unmasked = np_sampled_softmax(logits, item_ids, logq, tau, alpha, mask=False)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
@@ -128,8 +135,9 @@ def test_sampled_softmax_logq_strength_changes_loss():
   assert abs(l0 - l1) > 1e-3
   # a constant logq (uniform sampling) is a no-op: softmax is shift-invariant
   flat = np.full(B, np.log(1 / B), np.float32)
-  np.testing.assert_allclose(float(losses.sampled_softmax_logq(logits, ids, flat, tau, 1.0)),
-                             l0, rtol=1e-5)
+  np.testing.assert_allclose(
+    float(losses.sampled_softmax_logq(logits, ids, flat, tau, 1.0)), l0, rtol=1e-5
+  )
 
 
 def test_scenario_logits_equals_explicit_loop():
@@ -164,13 +172,14 @@ def _hand_batch(tiny_features, B=6):
     item[k][4] = item[k][1]
   rng = np.random.default_rng(8)
   return {
-      "user": user, "item": item,
-      "scenario": np.array([0, 1, 2, 2, 1, 0], np.int32),
-      "user_index": np.array([0, 1, 2, 0, 4, 5], np.int32),
-      "item_index": np.array([10, 11, 12, 13, 11, 15], np.int32),
-      "user_views": np.array([[0, 1], [2, 0], [1, 2], [1, 0], [0, 2], [2, 1]], np.int32),
-      "item_views": np.array([[1, 2], [0, 1], [2, 0], [0, 2], [1, 0], [2, 1]], np.int32),
-      "item_logq": np.log(rng.dirichlet(np.ones(B))).astype(np.float32),
+    "user": user,
+    "item": item,
+    "scenario": np.array([0, 1, 2, 2, 1, 0], np.int32),
+    "user_index": np.array([0, 1, 2, 0, 4, 5], np.int32),
+    "item_index": np.array([10, 11, 12, 13, 11, 15], np.int32),
+    "user_views": np.array([[0, 1], [2, 0], [1, 2], [1, 0], [0, 2], [2, 1]], np.int32),
+    "item_views": np.array([[1, 2], [0, 1], [2, 0], [0, 2], [1, 0], [2, 1]], np.int32),
+    "item_logq": np.log(rng.dirichlet(np.ones(B))).astype(np.float32),
   }
 
 
@@ -205,28 +214,31 @@ def test_pretrain_loss_user_item_wiring(tiny_cfg, tiny_features):
   params = _random_params(model, 1, batch["user"], batch["item"], batch["scenario"])["params"]
   tau = 0.2
   loss, (aux, _) = steps.pretrain_loss(model, params, batch, RNG, tau, "user_item")
-  u = np.asarray(model.apply({"params": params}, batch["user"], batch["scenario"],
-                             method=SASS.encode_user))
-  i = np.asarray(model.apply({"params": params}, batch["item"], batch["scenario"],
-                             method=SASS.encode_item))
+  u = np.asarray(
+    model.apply({"params": params}, batch["user"], batch["scenario"], method=SASS.encode_user)
+  )
+  i = np.asarray(
+    model.apply({"params": params}, batch["item"], batch["scenario"], method=SASS.encode_item)
+  )
   # row 3 repeats row 0's user: column 3 is masked in row 0 and vice versa (both directions),
   # like row 4 / row 1 that share an item
   ref = np_info_nce(u, i, (batch["user_index"], batch["item_index"]), tau)
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
   items_only = np_info_nce(u, i, batch["item_index"], tau)
-  assert abs(ref - items_only) > 1e-4     # the repeated user's mask matters on this batch
+  assert abs(ref - items_only) > 1e-4  # the repeated user's mask matters on this batch
   assert float(aux["item_loss"]) == 0.0
 
 
 def test_info_nce_masks_repeated_user_of_user_item_pairs():
   """Hand-made batch: rows 0 and 2 are the same user with different items. In the
   item-to-user direction, column 2 of row 0 (user 0's other row) must not be a negative."""
-  u = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)    # rows 0, 2: the same user
+  u = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], np.float32)  # rows 0, 2: the same user
   i = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], np.float32)
   uid, iid = np.array([5, 6, 5], np.int32), np.array([1, 2, 3], np.int32)
   tau = 0.5
-  got = float(losses.info_nce(jnp.asarray(u), jnp.asarray(i), (jnp.asarray(uid), jnp.asarray(iid)),
-                              tau))
+  got = float(
+    losses.info_nce(jnp.asarray(u), jnp.asarray(i), (jnp.asarray(uid), jnp.asarray(iid)), tau)
+  )
   lg = u @ i.T / tau
   # user->item: row 0 drops column 2, row 2 drops column 0; item->user (transpose) the same
   ce = lambda row, keep, t: _logsumexp(row[keep]) - row[t]
@@ -235,7 +247,9 @@ def test_info_nce_masks_repeated_user_of_user_item_pairs():
   np.testing.assert_allclose(got, 0.5 * (np.mean(u2i) + np.mean(i2u)), rtol=1e-5)
   # without the user mask the item-to-user row 0 would count user 0's other row (logit equal
   # to the positive's) as a negative
-  assert abs(got - float(losses.info_nce(jnp.asarray(u), jnp.asarray(i), jnp.asarray(iid), tau))) > 1e-3
+  assert (
+    abs(got - float(losses.info_nce(jnp.asarray(u), jnp.asarray(i), jnp.asarray(iid), tau))) > 1e-3
+  )
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.0])
@@ -245,8 +259,9 @@ def test_finetune_loss_wiring(tiny_cfg, tiny_features, alpha):
   params = _random_params(model, 2, batch["user"], batch["item"], batch["scenario"])["params"]
   tau = 0.05
   loss, _ = steps.finetune_loss(model, params, batch, RNG, tau, alpha)
-  u = np.asarray(model.apply({"params": params}, batch["user"], batch["scenario"],
-                             method=SASS.encode_user))
+  u = np.asarray(
+    model.apply({"params": params}, batch["user"], batch["scenario"], method=SASS.encode_user)
+  )
   i_all = np.asarray(model.apply({"params": params}, batch["item"], None, method=SASS.encode_item))
   B = len(batch["scenario"])
   sc = batch["scenario"]
@@ -272,20 +287,25 @@ def test_make_pretrain_step_rejects_unknown_pairs(tiny_cfg):
 def _step_setup(features):
   cfg = test_config.get_config()
   user_specs = (FieldSpec("user_id", 10), FieldSpec("gender", 3))
-  item_specs = (FieldSpec("movie_id", 12), FieldSpec("genres", 5, multi_hot=3),
-                FieldSpec("year", 4))
+  item_specs = (
+    FieldSpec("movie_id", 12),
+    FieldSpec("genres", 5, multi_hot=3),
+    FieldSpec("year", 4),
+  )
   mcfg = ModelConfig.from_config(cfg.model, user_specs, item_specs, K)
   model = SASS(mcfg)
   B = 16
   user, item = features(B, seed=9)
   rng = np.random.default_rng(10)
   batch = {
-      "user": user, "item": item,
-      "scenario": rng.integers(0, K, B).astype(np.int32),
-      "user_index": user["user_id"].copy(), "item_index": item["movie_id"].copy(),
-      "user_views": np.stack([np.arange(B) % K, (np.arange(B) + 1) % K], 1).astype(np.int32),
-      "item_views": np.stack([(np.arange(B) + 2) % K, np.arange(B) % K], 1).astype(np.int32),
-      "item_logq": np.full(B, np.log(1 / 12), np.float32),
+    "user": user,
+    "item": item,
+    "scenario": rng.integers(0, K, B).astype(np.int32),
+    "user_index": user["user_id"].copy(),
+    "item_index": item["movie_id"].copy(),
+    "user_views": np.stack([np.arange(B) % K, (np.arange(B) + 1) % K], 1).astype(np.int32),
+    "item_views": np.stack([(np.arange(B) + 2) % K, np.arange(B) % K], 1).astype(np.int32),
+    "item_logq": np.full(B, np.log(1 / 12), np.float32),
   }
   return cfg, model, batch
 
@@ -293,16 +313,23 @@ def _step_setup(features):
 @pytest.fixture(scope="module")
 def step_env():
   """configs/test.py model, a fixed batch and one initial state (init compiled once: slow)."""
+
   def features(B, seed):
     rng = np.random.default_rng(seed)
     mask = rng.random((B, 3)) < 0.7
     mask[:, 0] = True
-    user = {"user_id": np.arange(B, dtype=np.int32) % 10,
-            "gender": rng.integers(0, 3, B).astype(np.int32)}
-    item = {"movie_id": np.arange(B, dtype=np.int32) % 12,
-            "genres": rng.integers(0, 5, (B, 3)).astype(np.int32), "genres_mask": mask,
-            "year": rng.integers(0, 4, B).astype(np.int32)}
+    user = {
+      "user_id": np.arange(B, dtype=np.int32) % 10,
+      "gender": rng.integers(0, 3, B).astype(np.int32),
+    }
+    item = {
+      "movie_id": np.arange(B, dtype=np.int32) % 12,
+      "genres": rng.integers(0, 5, (B, 3)).astype(np.int32),
+      "genres_mask": mask,
+      "year": rng.integers(0, 4, B).astype(np.int32),
+    }
     return user, item
+
   cfg, model, batch = _step_setup(features)
   n = 20
   tx = steps.make_optimizer(cfg.train, n)
@@ -342,8 +369,9 @@ def test_pretrain_step_reduces_loss(step_env):
   state, metrics = _run(steps.make_pretrain_step(model, tx, tau), state, batch, n)
   before, after = metrics[0]["loss"], metrics[n]["loss"]
   assert int(state.step) == n
-  np.testing.assert_allclose(metrics[0]["loss"],
-                             metrics[0]["user_loss"] + metrics[0]["item_loss"], rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics[0]["loss"], metrics[0]["user_loss"] + metrics[0]["item_loss"], rtol=1e-5
+  )
   assert metrics[n]["user_loss"] < metrics[0]["user_loss"]
   assert metrics[n]["item_loss"] < metrics[0]["item_loss"]
   assert after < before - 0.05 * abs(before), (before, after)

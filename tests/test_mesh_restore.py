@@ -5,6 +5,7 @@ continues the (2 x 4) run's loss curve.
 
 Runs in subprocesses because the device count must be fixed before JAX starts.
 """
+
 import json
 import os
 import subprocess
@@ -103,19 +104,40 @@ def _env(**kw):
 
 
 def test_checkpoint_restores_on_other_meshes(tmp_path):
-  r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO,
-                     env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-                     capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [sys.executable, "-c", SCRIPT, str(tmp_path)],
+    cwd=REPO,
+    env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
   assert r.stdout.strip().endswith("OK")
 
   # A plain one-device process (the CLI, default mesh) evaluates the (2 x 4) checkpoint.
   wd = tmp_path / "wd"
   (wd / "metrics.json").unlink()
-  r = subprocess.run([sys.executable, "-m", "sass_jax.main", "--config", "configs/test.py",
-                      "--workdir", str(wd), "--mode", "eval", "--config.pretrain.num_steps=0",
-                      "--config.train.num_steps=10"],
-                     cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sass_jax.main",
+      "--config",
+      "configs/test.py",
+      "--workdir",
+      str(wd),
+      "--mode",
+      "eval",
+      "--config.pretrain.num_steps=0",
+      "--config.train.num_steps=10",
+    ],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
   got = json.loads((wd / "metrics.json").read_text())
   want = json.loads((tmp_path / "m24.json").read_text())

@@ -1,4 +1,5 @@
 """Tests for sass_jax.model (docs/design.md §1): embeddings, ML-SAT layers, SASS towers, config."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -60,13 +61,21 @@ def test_tower_shapes_and_unit_norm(tiny_cfg, tiny_features, bias_mode, factor):
     np.testing.assert_allclose(np.linalg.norm(allk, axis=-1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("gate_style,gate_per_scenario,bias_mode", [
-    ("gated_sum", False, "add"), ("gated_sum", True, "concat"), ("gru", True, "add"),
-    ("none", False, "concat")])
-def test_all_scenarios_slice_equals_selected(tiny_cfg, tiny_features, gate_style,
-                                             gate_per_scenario, bias_mode):
-  cfg = tiny_cfg(gate_style=gate_style, gate_per_scenario=gate_per_scenario,
-                 bias_mode=bias_mode, layer_norm=True)
+@pytest.mark.parametrize(
+  "gate_style,gate_per_scenario,bias_mode",
+  [
+    ("gated_sum", False, "add"),
+    ("gated_sum", True, "concat"),
+    ("gru", True, "add"),
+    ("none", False, "concat"),
+  ],
+)
+def test_all_scenarios_slice_equals_selected(
+  tiny_cfg, tiny_features, gate_style, gate_per_scenario, bias_mode
+):
+  cfg = tiny_cfg(
+    gate_style=gate_style, gate_per_scenario=gate_per_scenario, bias_mode=bias_mode, layer_norm=True
+  )
   B = 6
   user, item = tiny_features(B, seed=1)
   model, params = _init_sass(cfg, user, item, seed=3)
@@ -273,10 +282,13 @@ def test_scenario_dense_stacked_weights_selected_and_all():
 def test_field_embedder_multi_hot_mean_pools_over_mask():
   specs = (FieldSpec("a", 5), FieldSpec("g", 7, multi_hot=3))
   emb = FieldEmbedder(specs, dim=4, pad_to=8)
-  feats = {"a": np.array([1, 4, 0, 2], np.int32),
-           "g": np.array([[1, 2, 3], [6, 5, 0], [3, 3, 3], [2, 1, 4]], np.int32),
-           "g_mask": np.array([[True, True, True], [True, True, False], [True, False, False],
-                               [False, False, False]])}
+  feats = {
+    "a": np.array([1, 4, 0, 2], np.int32),
+    "g": np.array([[1, 2, 3], [6, 5, 0], [3, 3, 3], [2, 1, 4]], np.int32),
+    "g_mask": np.array(
+      [[True, True, True], [True, True, False], [True, False, False], [False, False, False]]
+    ),
+  }
   params = _random_params(emb, 0, feats)
   ta, tg = params["params"]["a"], params["params"]["g"]
   assert ta.shape == (8, 4) and tg.shape == (8, 4)  # rows padded to a multiple of pad_to
@@ -304,19 +316,23 @@ def test_from_config_copies_values():
   assert cfg.widths == (32, 16) and cfg.out_dim == 16 and cfg.embed_dim == 8
   assert cfg.num_scenarios == 3 and cfg.user_specs == u and cfg.item_specs == i
   assert cfg.tau == mc.tau == 0.2 and cfg.gate_style == "gated_sum" and cfg.bias_mode == "add"
-  assert ModelConfig(u, i, 3).tau == 0.05  # the documented default (docs/design.md) when no config sets it
+  assert (
+    ModelConfig(u, i, 3).tau == 0.05
+  )  # the documented default (docs/design.md) when no config sets it
   hash(cfg)  # static config must be hashable (used as a jit-static closure)
 
 
-@pytest.mark.parametrize("key,value", [("name", "dssm"), ("bias_mode", "mul"),
-                                       ("activation", "swish"), ("compute_dtype", "float16")])
+@pytest.mark.parametrize(
+  "key,value",
+  [("name", "dssm"), ("bias_mode", "mul"), ("activation", "swish"), ("compute_dtype", "float16")],
+)
 def test_build_rejects_bad_values(key, value):
   mc = test_config.get_config().model
   mc[key] = value
   u, i = _specs()
   with pytest.raises(ValueError, match=f"config.model.{key}={value!r}"):
     registry.build(mc, u, i, 3)
-  if key in ("activation", "compute_dtype"):   # shared settings: checked for every model
+  if key in ("activation", "compute_dtype"):  # shared settings: checked for every model
     with pytest.raises(ValueError, match=f"config.model.{key}={value!r}"):
       ModelConfig.from_config(mc, u, i, 3)
 
@@ -332,6 +348,7 @@ def test_build_rejects_bad_gate_style():
   mc.gate_style = "lstm"
   u, i = _specs()
   assert SASS.config_problems(mc) == [
-      "config.model.gate_style='lstm': expected one of ('gated_sum', 'gru', 'none')"]
+    "config.model.gate_style='lstm': expected one of ('gated_sum', 'gru', 'none')"
+  ]
   with pytest.raises(ValueError, match="config.model.gate_style"):
     registry.build(mc, u, i, 3)

@@ -4,6 +4,7 @@ Event files are read back without TensorFlow / tensorboard: the TFRecord framing
 masked CRC32C of the length, data, masked CRC32C of the data) is parsed here and each record
 decoded with tensorboardX's ``event_pb2.Event``.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,11 @@ def read_events(logdir: Path) -> list:
   for path in sorted(logdir.glob("events.out.tfevents.*")):
     buf, i = path.read_bytes(), 0
     while i < len(buf):
-      header = buf[i:i + 8]
+      header = buf[i : i + 8]
       (n,) = struct.unpack("<Q", header)
-      assert struct.unpack("<I", buf[i + 8:i + 12])[0] == masked_crc32c(header)
-      data = buf[i + 12:i + 12 + n]
-      assert struct.unpack("<I", buf[i + 12 + n:i + 16 + n])[0] == masked_crc32c(data)
+      assert struct.unpack("<I", buf[i + 8 : i + 12])[0] == masked_crc32c(header)
+      data = buf[i + 12 : i + 12 + n]
+      assert struct.unpack("<I", buf[i + 12 + n : i + 16 + n])[0] == masked_crc32c(data)
       ev = event_pb2.Event()
       ev.ParseFromString(data)
       events.append(ev)
@@ -78,7 +79,7 @@ def test_training_scalars_equal_the_jsonl_log(run):
   assert lr[2] == pytest.approx(1e-3 * 1 / 5) and lr[4] == pytest.approx(1e-3 * 3 / 5)
   assert lr[6] == pytest.approx(1e-3)
   assert 1e-4 <= lr[12] < lr[8] < 1e-3
-  assert len({round(m["loss"], 6) for m in logged}) == len(logged)   # really per-step values
+  assert len({round(m["loss"], 6) for m in logged}) == len(logged)  # really per-step values
 
 
 def test_eval_metrics_per_scenario(run):
@@ -108,22 +109,29 @@ def test_resumed_writer_purges_later_events(tmp_path):
   with monitor.Monitor(tmp_path, "pretrain", start_step=7, config={"a": 1}) as mon:
     mon.log(8, {"loss": 1.5, "step": 8, "flag": True})
   events = read_events(tmp_path / "tb" / "pretrain")
-  starts = [ev.step for ev in events if ev.HasField("session_log")
-            and ev.session_log.status == event_pb2.SessionLog.START]
+  starts = [
+    ev.step
+    for ev in events
+    if ev.HasField("session_log") and ev.session_log.status == event_pb2.SessionLog.START
+  ]
   assert starts == [7]
-  assert scalars(events) == {"train/loss": {8: 1.5}}   # no 'step' / bool scalar, no config
+  assert scalars(events) == {"train/loss": {8: 1.5}}  # no 'step' / bool scalar, no config
   assert not any(v.tag == "config" for ev in events for v in ev.summary.value)
 
 
 def test_undefined_eval_metric_left_out(tmp_path):
   """AUC is NaN on implicit data (no negatives): no NaN scalar is written, the rest are."""
-  metrics = {"scenarios": {"sports": {"recall@50": 0.25, "auc": float("nan"), "num_users": 3}},
-             "overall": {"recall@50": 0.5, "auc": float("nan")}}
+  metrics = {
+    "scenarios": {"sports": {"recall@50": 0.25, "auc": float("nan"), "num_users": 3}},
+    "overall": {"recall@50": 0.5, "auc": float("nan")},
+  }
   with monitor.Monitor(tmp_path, "finetune", config={"a": 1}) as mon:
     mon.log_eval(10, metrics)
   assert scalars(read_events(tmp_path / "tb" / "finetune")) == {
-      "eval/sports/recall_50": {10: 0.25}, "eval/sports/num_users": {10: 3.0},
-      "eval/overall/recall_50": {10: 0.5}}
+    "eval/sports/recall_50": {10: 0.25},
+    "eval/sports/num_users": {10: 3.0},
+    "eval/overall/recall_50": {10: 0.5},
+  }
 
 
 def test_first_nonfinite():
@@ -138,6 +146,6 @@ def test_preemption_watch_turns_sigterm_into_a_flag():
   watch = monitor.PreemptionWatch()
   with watch:
     assert not watch.should_stop(1)
-    os.kill(os.getpid(), signal.SIGTERM)   # would end the test process without the watch
+    os.kill(os.getpid(), signal.SIGTERM)  # would end the test process without the watch
     assert watch.should_stop(2) and watch.flag
   assert signal.getsignal(signal.SIGTERM) is before

@@ -6,6 +6,7 @@ loss_fp32 (fine-tune and scenario-view pre-training) and the gradients' cosine s
 (measured on CPU: losses within 0.2%, cosine 0.977-0.999); after 10 AdamW steps from the same
 init the two runs' losses still agree within 5%.
 """
+
 import dataclasses
 
 import flax.linen as nn
@@ -13,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
 from sass_jax.schema import FieldSpec
 from sass_jax.model.towers import SASS, ModelConfig
@@ -26,8 +26,16 @@ B, K = 128, 3
 
 
 def _models():
-  cfg = ModelConfig(user_specs=USER, item_specs=ITEM, num_scenarios=K, embed_dim=16,
-                    scenario_dim=16, widths=(64, 32), out_dim=32, bias_hidden=16)
+  cfg = ModelConfig(
+    user_specs=USER,
+    item_specs=ITEM,
+    num_scenarios=K,
+    embed_dim=16,
+    scenario_dim=16,
+    widths=(64, 32),
+    out_dim=32,
+    bias_hidden=16,
+  )
   return SASS(cfg), SASS(dataclasses.replace(cfg, compute_dtype="bfloat16"))
 
 
@@ -36,15 +44,22 @@ def _batch(seed):
   mask = r.random((B, 4)) < 0.6
   mask[:, 0] = True
   a, c = r.integers(0, K, B), r.integers(0, K, B)
-  b = {"user": {"user_id": r.integers(0, 200, B), "age": r.integers(0, 8, B)},
-       "item": {"item_id": r.integers(0, 150, B), "genres": r.integers(0, 20, (B, 4)),
-                "genres_mask": mask},
-       "scenario": r.integers(0, K, B), "item_logq": np.log(r.uniform(0.001, 0.05, B)),
-       "user_views": np.stack([a, (a + r.integers(1, K, B)) % K], 1),
-       "item_views": np.stack([c, (c + r.integers(1, K, B)) % K], 1)}
+  b = {
+    "user": {"user_id": r.integers(0, 200, B), "age": r.integers(0, 8, B)},
+    "item": {
+      "item_id": r.integers(0, 150, B),
+      "genres": r.integers(0, 20, (B, 4)),
+      "genres_mask": mask,
+    },
+    "scenario": r.integers(0, K, B),
+    "item_logq": np.log(r.uniform(0.001, 0.05, B)),
+    "user_views": np.stack([a, (a + r.integers(1, K, B)) % K], 1),
+    "item_views": np.stack([c, (c + r.integers(1, K, B)) % K], 1),
+  }
   b["user_index"], b["item_index"] = b["user"]["user_id"], b["item"]["item_id"]
-  cast = lambda x: jnp.asarray(x, jnp.float32 if x.dtype.kind == "f" else
-                               (bool if x.dtype == bool else jnp.int32))
+  cast = lambda x: jnp.asarray(
+    x, jnp.float32 if x.dtype.kind == "f" else (bool if x.dtype == bool else jnp.int32)
+  )
   return jax.tree.map(cast, b)
 
 
@@ -55,9 +70,8 @@ def _init(model, tx):
 
 def _losses(model, params, batch, rng):
   return {
-      "finetune": lambda p: steps.finetune_loss(model, p, batch, rng, 0.2, 1.0)[0],
-      "pretrain_views": lambda p: steps.pretrain_loss(model, p, batch, rng, 0.1,
-                                                      "scenario_views")[0],
+    "finetune": lambda p: steps.finetune_loss(model, p, batch, rng, 0.2, 1.0)[0],
+    "pretrain_views": lambda p: steps.pretrain_loss(model, p, batch, rng, 0.1, "scenario_views")[0],
   }
 
 
@@ -69,12 +83,15 @@ def _cos(a, b):
 
 def test_bf16_losses_and_gradients_agree_with_fp32():
   m32, m16 = _models()
-  tx = steps.make_optimizer(ml_collections.ConfigDict(
-      {"learning_rate": 1e-3, "warmup_steps": 0, "weight_decay": 0.0}), 10)
+  tx = steps.make_optimizer(
+    ml_collections.ConfigDict({"learning_rate": 1e-3, "warmup_steps": 0, "weight_decay": 0.0}), 10
+  )
   state = _init(m32, tx)
   batch = _batch(1)
-  l32, l16 = _losses(m32, state.params, batch, state.rng), _losses(m16, state.params, batch,
-                                                                    state.rng)
+  l32, l16 = (
+    _losses(m32, state.params, batch, state.rng),
+    _losses(m16, state.params, batch, state.rng),
+  )
   # The bfloat16 model really computes in bfloat16: its tower output differs from float32's
   # but is returned (L2-normalised) in float32.
   u32 = m32.apply({"params": state.params}, batch["user"], batch["scenario"], method="encode_user")
@@ -95,8 +112,9 @@ def test_bf16_training_tracks_fp32():
   """10 fine-tune steps each from the same init: float32 params and optimiser state in both,
   and the losses stay within TRAIN_RTOL."""
   m32, m16 = _models()
-  tx = steps.make_optimizer(ml_collections.ConfigDict(
-      {"learning_rate": 3e-3, "warmup_steps": 0, "weight_decay": 0.0}), 10)
+  tx = steps.make_optimizer(
+    ml_collections.ConfigDict({"learning_rate": 3e-3, "warmup_steps": 0, "weight_decay": 0.0}), 10
+  )
   s32, s16 = _init(m32, tx), _init(m16, tx)
   jax.tree.map(np.testing.assert_array_equal, s32.params, s16.params)
   f32 = jax.jit(steps.make_finetune_step(m32, tx, 0.2, 1.0))
@@ -108,7 +126,10 @@ def test_bf16_training_tracks_fp32():
     s16, c = f16(s16, b)
     first = first or (float(a["loss"]), float(c["loss"]))
     last = (float(a["loss"]), float(c["loss"]))
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((s16.params, s16.opt_state))
-             if jnp.issubdtype(x.dtype, jnp.floating))
-  assert last[0] < first[0] and last[1] < first[1]     # both learn
+  assert all(
+    x.dtype == jnp.float32
+    for x in jax.tree.leaves((s16.params, s16.opt_state))
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  )
+  assert last[0] < first[0] and last[1] < first[1]  # both learn
   assert abs(last[1] - last[0]) <= TRAIN_RTOL * last[0], last

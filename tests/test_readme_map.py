@@ -1,4 +1,5 @@
 """The README's module map ("Layout") names every module of the package, and nothing else."""
+
 from __future__ import annotations
 
 import re
@@ -16,8 +17,11 @@ def _layout_section() -> str:
 
 def test_every_module_is_in_the_readme_map():
   layout = _layout_section()
-  modules = sorted(p.relative_to(ROOT / "sass_jax") for p in (ROOT / "sass_jax").rglob("*.py")
-                   if p.name != "__init__.py")
+  modules = sorted(
+    p.relative_to(ROOT / "sass_jax")
+    for p in (ROOT / "sass_jax").rglob("*.py")
+    if p.name != "__init__.py"
+  )
   missing = [str(m) for m in modules if not re.search(rf"\b{re.escape(m.name)}\b", layout)]
   assert not missing, f"README 'Layout' does not name: {missing}"
 

@@ -2,6 +2,7 @@
 model protocol"): every registered model satisfies the protocol, an unknown name is one line,
 and a model written here and registered with one line trains (row-sparse tables included),
 evaluates and takes part in ``--mode compare``."""
+
 from __future__ import annotations
 
 import json
@@ -36,6 +37,7 @@ ITEM = (FieldSpec("movie_id", 12), FieldSpec("genres", 5, multi_hot=3), FieldSpe
 
 class _ToyTower(nn.Module):
   """Mean of the field embeddings plus a per-scenario offset, then one dense layer."""
+
   cfg: ModelConfig
   specs: tuple
 
@@ -43,21 +45,32 @@ class _ToyTower(nn.Module):
   def __call__(self, features, scenario=None, train: bool = False):
     c = self.cfg
     e = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, name="embed")(features)
-    pooled = e.reshape(e.shape[0], len(self.specs), c.embed_dim).mean(1)          # [B, d]
-    offset = self.param("scenario_offset", nn.with_logical_partitioning(
-        nn.initializers.normal(0.1), ("scenario", "embed")), (c.num_scenarios, c.embed_dim),
-        jnp.float32)
-    x = (pooled[:, None, :] + offset[None] if scenario is None else
-         pooled + offset[jnp.asarray(scenario, jnp.int32)])                      # [B, (K,) d]
-    out = nn.Dense(c.out_dim, kernel_init=nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp_out",)),
-        name="out")(x)
+    pooled = e.reshape(e.shape[0], len(self.specs), c.embed_dim).mean(1)  # [B, d]
+    offset = self.param(
+      "scenario_offset",
+      nn.with_logical_partitioning(nn.initializers.normal(0.1), ("scenario", "embed")),
+      (c.num_scenarios, c.embed_dim),
+      jnp.float32,
+    )
+    x = (
+      pooled[:, None, :] + offset[None]
+      if scenario is None
+      else pooled + offset[jnp.asarray(scenario, jnp.int32)]
+    )  # [B, (K,) d]
+    out = nn.Dense(
+      c.out_dim,
+      kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")
+      ),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp_out",)),
+      name="out",
+    )(x)
     return l2_normalize(out.astype(jnp.float32))
 
 
 class ToyMean(nn.Module):
   """A two-tower model implementing TwoTowerModel with nothing but the protocol."""
+
   cfg: ModelConfig
 
   @classmethod
@@ -76,8 +89,10 @@ class ToyMean(nn.Module):
     return self.item_tower(features, scenario, train)
 
   def __call__(self, user_features, item_features, scenario, train: bool = False):
-    return (self.encode_user(user_features, scenario, train),
-            self.encode_item(item_features, scenario, train))
+    return (
+      self.encode_user(user_features, scenario, train),
+      self.encode_item(item_features, scenario, train),
+    )
 
 
 @pytest.fixture
@@ -111,13 +126,17 @@ def _check_protocol(model, tiny_features):
     allk = model.apply(variables, feats, None, method=method)
     assert sel.shape == (6, D) and allk.shape == (6, K, D), method
     assert sel.dtype == jnp.float32 and allk.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(sel), np.asarray(allk)[np.arange(6), np.asarray(sc)],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(sel), np.asarray(allk)[np.arange(6), np.asarray(sc)], atol=1e-5
+    )
   flat = traverse_util.flatten_dict(variables["params"])
   assert all(isinstance(x, nn.LogicallyPartitioned) for x in flat.values())
   vocab = {p for p, x in flat.items() if x.names[:1] == ("vocab",)}
-  assert vocab == {(tower, "embed", s.name) for tower, specs in (
-      ("user_tower", USER), ("item_tower", ITEM)) for s in specs}
+  assert vocab == {
+    (tower, "embed", s.name)
+    for tower, specs in (("user_tower", USER), ("item_tower", ITEM))
+    for s in specs
+  }
 
 
 @pytest.mark.parametrize("name", registry.names())
@@ -128,8 +147,7 @@ def test_every_registered_model_satisfies_the_protocol(name, tiny_features):
 
 
 def test_toy_model_satisfies_the_protocol_and_an_incomplete_one_does_not(toy, tiny_features):
-  _check_protocol(registry.build(_cfg(toy).model, USER, ITEM, K),
-                  tiny_features)
+  _check_protocol(registry.build(_cfg(toy).model, USER, ITEM, K), tiny_features)
 
   class NoItemTower(nn.Module):
     cfg: ModelConfig
@@ -156,8 +174,7 @@ def test_names_and_entries():
 
 
 def test_unknown_name_is_one_line_naming_the_field():
-  want = (f"config.model.name='sas' is not a known model; expected one of "
-          f"{sorted(registry.names())}")
+  want = f"config.model.name='sas' is not a known model; expected one of {sorted(registry.names())}"
   with pytest.raises(ValueError) as ei:
     registry.get("sas")
   assert str(ei.value) == want
@@ -194,7 +211,7 @@ def test_toy_model_trains_with_row_sparse_tables_and_evaluates(toy, tmp_path):
   cfg.pretrain.num_steps = 0
   cfg.train.num_steps = 20
   cfg.train.log_every = 5
-  cfg.train.embedding_optimizer = "lazy_adam"   # tables at user_tower/embed/<field>
+  cfg.train.embedding_optimizer = "lazy_adam"  # tables at user_tower/embed/<field>
   metrics = loop.train(cfg, tmp_path, show_progress=False)
   on_disk = json.loads((tmp_path / "metrics.json").read_text())
   assert on_disk == json.loads(json.dumps(metrics))
@@ -202,9 +219,9 @@ def test_toy_model_trains_with_row_sparse_tables_and_evaluates(toy, tmp_path):
   assert 0.0 < on_disk["overall"]["auc"] < 1.0
   logs = [json.loads(l) for l in (tmp_path / "finetune_log.jsonl").read_text().splitlines()]
   assert [l["step"] for l in logs] == [5, 10, 15, 20]
-  assert all(l["touched_rows"] > 0 for l in logs)        # the row-sparse path ran
+  assert all(l["touched_rows"] > 0 for l in logs)  # the row-sparse path ran
   assert all(np.isfinite(l["loss"]) and l["grad_norm"] > 0 for l in logs)
-  assert len({l["param_norm"] for l in logs}) == len(logs)   # every logged step moved params
+  assert len({l["param_norm"] for l in logs}) == len(logs)  # every logged step moved params
 
 
 def test_toy_model_appears_in_compare_results(toy, tmp_path):
@@ -221,6 +238,6 @@ def test_toy_model_appears_in_compare_results(toy, tmp_path):
   assert res["models"] == [toy] and [r["model"] for r in res["runs"]] == [toy]
   run_dir = next((tmp_path / "work" / "runs" / toy).glob("*/seed0"))
   assert json.loads((run_dir / "metrics.json").read_text())["model"] == toy
-  assert not (run_dir / "checkpoints" / "pretrain").exists()   # no pre-training stage
+  assert not (run_dir / "checkpoints" / "pretrain").exists()  # no pre-training stage
   md = (tmp_path / "results" / "toy.md").read_text()
   assert f"| {toy} | " in md

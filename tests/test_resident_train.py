@@ -4,6 +4,7 @@ Both stages of SASS run from ``data.resident.ResidentSampler``; the checkpoint r
 sampler's position, so a run resumed from an earlier checkpoint ends bitwise equal to an
 uninterrupted one; a checkpoint written by the other sampler is refused with a clear error.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ def _cfg(resident: bool = True):
   cfg.train.num_steps = 12
   cfg.train.log_every = 2
   cfg.checkpoint.every_steps = 6
-  cfg.model.dropout = 0.1          # the saved rng matters too
+  cfg.model.dropout = 0.1  # the saved rng matters too
   cfg.train.resident_on_device = resident
   return cfg
 
@@ -37,8 +38,9 @@ def _cfg(resident: bool = True):
 def _state(workdir: Path, stage: str, step: int) -> dict:
   path = workdir / "checkpoints" / stage / str(step) / "state"
   ckptr = ocp.PyTreeCheckpointer()
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                      ckptr.metadata(path).item_metadata.tree)
+  args = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ckptr.metadata(path).item_metadata.tree
+  )
   return ckptr.restore(path, restore_args=args)
 
 
@@ -67,7 +69,7 @@ def test_resumed_run_is_bitwise_equal(full_run, tmp_path):
   wd, _ = full_run
   resumed = tmp_path / "resumed"
   shutil.copytree(wd, resumed)
-  shutil.rmtree(resumed / "checkpoints" / "finetune" / "12")   # as if killed after step 6
+  shutil.rmtree(resumed / "checkpoints" / "finetune" / "12")  # as if killed after step 6
   loop.train(_cfg(), resumed, show_progress=False, evaluate=False)
   a, b = _state(wd, "finetune", 12), _state(resumed, "finetune", 12)
   la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
@@ -83,6 +85,9 @@ def test_switching_sampler_on_resume_is_refused(full_run, tmp_path):
   other = tmp_path / "other"
   shutil.copytree(wd, other)
   shutil.rmtree(other / "checkpoints" / "finetune" / "12")
-  with pytest.raises(ValueError, match=r"step 6 was written with config.train.resident_on_device"
-                                       r"=True.*--config.train.resident_on_device=True"):
+  with pytest.raises(
+    ValueError,
+    match=r"step 6 was written with config.train.resident_on_device"
+    r"=True.*--config.train.resident_on_device=True",
+  ):
     loop.train(_cfg(resident=False), other, show_progress=False, evaluate=False)

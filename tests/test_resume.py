@@ -5,11 +5,11 @@ dropout on so the saved rng matters) in different workdirs; an interrupted and r
 end with bitwise the final state of an uninterrupted one. The subprocesses share a persistent
 JAX compilation cache (only to save time: a cached executable is the same program).
 """
+
 from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 import signal
@@ -30,18 +30,17 @@ from sass_jax.train import loop
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "movielens_1m_sample"
 NUM_STEPS, EVERY = 40, 4
-ARGS = ["--config", "configs/test.py:sass_base", "--mode", "finetune",
-        f"--config.data.dir={DATA}", f"--config.train.num_steps={NUM_STEPS}",
-        f"--config.checkpoint.every_steps={EVERY}", "--config.train.log_every=2",
-        "--config.model.dropout=0.1"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
-  return dict(os.environ, PYTHONPATH=str(REPO), SASS_DISTRIBUTED="0", JAX_PLATFORMS="cpu",
-              JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+ARGS = [
+  "--config",
+  "configs/test.py:sass_base",
+  "--mode",
+  "finetune",
+  f"--config.data.dir={DATA}",
+  f"--config.train.num_steps={NUM_STEPS}",
+  f"--config.checkpoint.every_steps={EVERY}",
+  "--config.train.log_every=2",
+  "--config.model.dropout=0.1",
+]
 
 
 def _cmd(workdir, *extra):
@@ -49,8 +48,9 @@ def _cmd(workdir, *extra):
 
 
 def _run(workdir, env, *extra, check=True):
-  r = subprocess.run(_cmd(workdir, *extra), cwd=REPO, env=env, capture_output=True, text=True,
-                     timeout=300)
+  r = subprocess.run(
+    _cmd(workdir, *extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
   if check:
     assert r.returncode == 0, r.stderr[-4000:]
   return r
@@ -71,8 +71,9 @@ def _state(workdir, step=None) -> dict:
   step = step if step is not None else _steps_on_disk(workdir)[-1]
   path = _ckpt_dir(workdir) / str(step) / "state"
   ckptr = ocp.PyTreeCheckpointer()
-  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                      ckptr.metadata(path).item_metadata.tree)
+  args = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ckptr.metadata(path).item_metadata.tree
+  )
   return ckptr.restore(path, restore_args=args)
 
 
@@ -100,8 +101,9 @@ def _last_logged_step(workdir) -> int:
 
 def _start_and_wait(workdir, env, until_step: int) -> subprocess.Popen:
   """Start the command; return once it has logged a step >= until_step (still running)."""
-  proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    _cmd(workdir), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   deadline = time.time() + 240
   while _last_logged_step(workdir) < until_step:
     assert proc.poll() is None, f"run ended early: {proc.communicate()[1][-3000:]}"
@@ -120,7 +122,7 @@ def reference(tmp_path_factory, env):
 
 
 def test_sigkill_then_rerun_is_bitwise_exact(reference, env, tmp_path):
-  target = random.Random().randint(EVERY + 1, NUM_STEPS - 8)   # after >= 1 checkpoint
+  target = random.Random().randint(EVERY + 1, NUM_STEPS - 8)  # after >= 1 checkpoint
   proc = _start_and_wait(tmp_path, env, target)
   proc.send_signal(signal.SIGKILL)
   proc.communicate(timeout=60)
@@ -164,10 +166,12 @@ def test_unreadable_latest_checkpoint_falls_back(reference, env, tmp_path, caplo
     from sass_jax.data import store
     from sass_jax.partition import Partitioner
     from sass_jax.train import steps
+
     data = store.open_store(wd / "data")
     part = Partitioner(cfg.mesh)
-    init = steps.make_init_fn(loop.build_model(cfg, data), steps.make_optimizer(cfg.train, 40),
-                              loop.example_batch(data), 0)
+    init = steps.make_init_fn(
+      loop.build_model(cfg, data), steps.make_optimizer(cfg.train, 40), loop.example_batch(data), 0
+    )
     abstract, _ = part.abstract_state(init)
     params = ck.restore_params(abstract.params)
     assert ck.unreadable_steps == [latest]
@@ -191,7 +195,7 @@ def test_nan_stops_with_message_and_keeps_last_good_checkpoint(env, tmp_path):
   st = _state(tmp_path)
   assert int(st["step"]) == EVERY
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(st["params"]))
-  assert max(_losses(tmp_path)) == 6   # steps 2, 4, 6 logged; nothing at or after step 7
+  assert max(_losses(tmp_path)) == 6  # steps 2, 4, 6 logged; nothing at or after step 7
 
 
 def _inprocess_cfg(**train):
@@ -214,19 +218,22 @@ def test_skip_policy_discards_the_bad_update(tmp_path):
   assert [m["skipped_steps"] for m in logs] == [0, 0, 1, 1, 1, 1]
   assert np.isnan(logs[2]["loss"]) and all(np.isfinite(m["loss"]) for m in logs if m["step"] != 3)
   s2, s3, s4 = (_state(tmp_path, s) for s in (2, 3, 4))
-  _assert_bitwise_equal(s3["params"], s2["params"])        # step 3's update discarded
+  _assert_bitwise_equal(s3["params"], s2["params"])  # step 3's update discarded
   _assert_bitwise_equal(s3["opt_state"], s2["opt_state"])
   assert int(s3["step"]) == 3 and not np.array_equal(np.asarray(s3["rng"]), np.asarray(s2["rng"]))
-  assert not all(np.array_equal(np.asarray(a), np.asarray(b))
-                 for a, b in zip(jax.tree.leaves(s4["params"]), jax.tree.leaves(s3["params"])))
+  assert not all(
+    np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(s4["params"]), jax.tree.leaves(s3["params"]))
+  )
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(_state(tmp_path)["params"]))
 
 
 def test_skip_policy_raises_after_max_consecutive_skips(tmp_path):
   # Without warm-up, lr 1e30 overflows the parameter norm at every update: every step skipped.
   cfg = _inprocess_cfg(nan_policy="skip", max_skips=3, learning_rate=1e30, warmup_steps=0)
-  with pytest.raises(FloatingPointError,
-                     match=r"finetune step 3: 3 consecutive steps with a non-finite param_norm"):
+  with pytest.raises(
+    FloatingPointError, match=r"finetune step 3: 3 consecutive steps with a non-finite param_norm"
+  ):
     loop.train(cfg, tmp_path, stages=("finetune",), evaluate=False, show_progress=False)
   # Skipped steps keep the initial (finite) parameters; steps 1 and 2 were saved with them.
   assert _steps_on_disk(tmp_path) == [1, 2]
@@ -238,18 +245,38 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(env, tmp_pa
   """Two JAX processes (jax.distributed on localhost, one CPU device each, mesh data=2): SIGTERM
   to process 1 only -> JAX's preemption service agrees on a step, both save it and exit 0."""
   import socket
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   wd = tmp_path / "wd"
   env2 = {k: v for k, v in env.items() if k != "SASS_DISTRIBUTED"}
   env2["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "sass_jax.main", "--workdir", str(wd), *ARGS,
-       "--config.mesh.data=2", "--coordinator_address", f"127.0.0.1:{port}",
-       "--num_processes", "2", "--process_id", str(i)],
-      cwd=REPO, env=env2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "sass_jax.main",
+        "--workdir",
+        str(wd),
+        *ARGS,
+        "--config.mesh.data=2",
+        "--coordinator_address",
+        f"127.0.0.1:{port}",
+        "--num_processes",
+        "2",
+        "--process_id",
+        str(i),
+      ],
+      cwd=REPO,
+      env=env2,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     deadline = time.time() + 240
     while _last_logged_step(wd) < 2 * EVERY:

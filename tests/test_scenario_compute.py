@@ -5,6 +5,7 @@ For SASS and every baseline: same parameters from init, the same vectors in ever
 the same losses and gradients (fine-tuning, both pre-training readings) within 1e-5, on
 random inputs; the grouped matmul and logits against explicit references; fewer XLA flops.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,17 +30,27 @@ def _batch(make_features, batch=B, seed=0, scenarios=(0, 1, 2)):
   user, item = make_features(batch, seed)
   sc = rng.choice(np.asarray(scenarios, np.int32), batch).astype(np.int32)
   views = np.stack([rng.permutation(K)[:2] for _ in range(batch)]).astype(np.int32)
-  return jax.tree.map(jnp.asarray, {
-      "user": user, "item": item, "scenario": sc,
-      "user_index": user["user_id"], "item_index": item["movie_id"],
+  return jax.tree.map(
+    jnp.asarray,
+    {
+      "user": user,
+      "item": item,
+      "scenario": sc,
+      "user_index": user["user_id"],
+      "item_index": item["movie_id"],
       "item_logq": np.log(rng.uniform(0.01, 0.2, batch)).astype(np.float32),
-      "user_views": views, "item_views": views[:, ::-1].copy()})
+      "user_views": views,
+      "item_views": views[:, ::-1].copy(),
+    },
+  )
 
 
 def _models(name, cfg):
   cls = registry.get(name).model
-  return (cls(dataclasses.replace(cfg, scenario_compute="grouped")),
-          cls(dataclasses.replace(cfg, scenario_compute="onehot")))
+  return (
+    cls(dataclasses.replace(cfg, scenario_compute="grouped")),
+    cls(dataclasses.replace(cfg, scenario_compute="onehot")),
+  )
 
 
 def _max_diff(a, b):
@@ -62,7 +73,7 @@ def test_grouped_matmul_equals_per_row_kernel(n, k, tile):
   key = jax.random.key(n)
   sc = jax.random.randint(key, (n,), 0, k)
   if n > 10:
-    sc = jnp.where(sc == k - 1, 0, sc)        # one scenario absent: an empty group
+    sc = jnp.where(sc == k - 1, 0, sc)  # one scenario absent: an empty group
   x = jax.random.normal(jax.random.key(1), (n, 7))
   w = jax.random.normal(jax.random.key(2), (k, 7, 5))
   g = grouped.make_groups(sc, k, tile)
@@ -88,8 +99,9 @@ def test_scenario_logits_grouped_equals_onehot_and_loop():
   want = np.einsum("bd,jbd->bj", np.asarray(u), np.asarray(items)[:, np.asarray(sc)])
   for compute in ("grouped", "onehot"):
     np.testing.assert_allclose(losses.scenario_logits(u, items, sc, compute), want, atol=TOL)
-  f = lambda c: jax.grad(lambda u, i: jnp.sum(jnp.tanh(losses.scenario_logits(u, i, sc, c))),
-                         (0, 1))(u, items)
+  f = lambda c: jax.grad(
+    lambda u, i: jnp.sum(jnp.tanh(losses.scenario_logits(u, i, sc, c))), (0, 1)
+  )(u, items)
   assert _max_diff(f("grouped"), f("onehot")) < TOL
   with pytest.raises(ValueError, match="scenario_compute"):
     losses.scenario_logits(u, items, sc, "ragged")
@@ -100,10 +112,14 @@ def test_scenario_logits_grouped_equals_onehot_and_loop():
 
 
 MODEL_VARIANTS = [(n, {}) for n in registry.names()] + [
-    ("sass", {"gate_style": "gru"}), ("sass", {"gate_style": "none"}),
-    ("sass", {"gate_per_scenario": True}), ("sass", {"bias_mode": "concat", "layer_norm": True}),
-    ("ple", {"widths": (8,)}), ("ple", {"widths": (8, 6, 4)}),
-    ("dssm_single", {"separate_embeddings": False})]
+  ("sass", {"gate_style": "gru"}),
+  ("sass", {"gate_style": "none"}),
+  ("sass", {"gate_per_scenario": True}),
+  ("sass", {"bias_mode": "concat", "layer_norm": True}),
+  ("ple", {"widths": (8,)}),
+  ("ple", {"widths": (8, 6, 4)}),
+  ("dssm_single", {"separate_embeddings": False}),
+]
 
 
 @pytest.mark.parametrize("name,kw", MODEL_VARIANTS, ids=[f"{n}{kw}" for n, kw in MODEL_VARIANTS])
@@ -125,18 +141,17 @@ def test_grouped_equals_onehot(tiny_cfg, tiny_features, name, kw):
   params, ms = variables["params"], {k: v for k, v in variables.items() if k != "params"}
   rng = jax.random.key_data(jax.random.key(3))
   cases = {
-      "finetune": lambda m, p: steps.finetune_loss(m, p, b, rng, 0.2, 1.0, ms),
-      "finetune_same": lambda m, p: steps.finetune_loss(m, p, b, rng, 0.2, 1.0, ms,
-                                                        "same_scenario"),
-      "pretrain_views": lambda m, p: steps.pretrain_loss(m, p, b, rng, 0.1, "scenario_views", ms),
-      "pretrain_user_item": lambda m, p: steps.pretrain_loss(m, p, b, rng, 0.1, "user_item", ms),
+    "finetune": lambda m, p: steps.finetune_loss(m, p, b, rng, 0.2, 1.0, ms),
+    "finetune_same": lambda m, p: steps.finetune_loss(m, p, b, rng, 0.2, 1.0, ms, "same_scenario"),
+    "pretrain_views": lambda m, p: steps.pretrain_loss(m, p, b, rng, 0.1, "scenario_views", ms),
+    "pretrain_user_item": lambda m, p: steps.pretrain_loss(m, p, b, rng, 0.1, "user_item", ms),
   }
   for case, f in cases.items():
     (lg, (_, msg)), gg = jax.value_and_grad(lambda p: f(mg, p), has_aux=True)(params)
     (lo, (_, mso)), go = jax.value_and_grad(lambda p: f(mo, p), has_aux=True)(params)
     assert abs(float(lg) - float(lo)) < TOL, case
     assert _max_diff(gg, go) < TOL, case
-    if ms:   # STAR's running statistics are updated the same way
+    if ms:  # STAR's running statistics are updated the same way
       assert _max_diff(msg, mso) < TOL, case
 
 
@@ -144,10 +159,12 @@ def test_sass_views_equal_all_scenarios_slices(tiny_cfg, tiny_features):
   model = SASS(tiny_cfg())
   b = _batch(tiny_features)
   v = model.init(jax.random.key(0), b["user"], b["item"], b["scenario"])
-  for method, feats, views in (("encode_user", b["user"], b["user_views"]),
-                               ("encode_item", b["item"], b["item_views"])):
-    got = model.apply(v, feats, views, method=method)                     # [B, 2, D]
-    allk = model.apply(v, feats, None, method=method)                     # [B, K, D]
+  for method, feats, views in (
+    ("encode_user", b["user"], b["user_views"]),
+    ("encode_item", b["item"], b["item_views"]),
+  ):
+    got = model.apply(v, feats, views, method=method)  # [B, 2, D]
+    allk = model.apply(v, feats, None, method=method)  # [B, K, D]
     assert got.shape == (B, 2, allk.shape[-1])
     np.testing.assert_allclose(got, np.take_along_axis(allk, views[:, :, None], 1), atol=TOL)
   onehot = SASS(tiny_cfg(scenario_compute="onehot"))
@@ -162,8 +179,9 @@ def test_grouped_bfloat16_close_to_onehot(tiny_cfg, tiny_features):
   rng = jax.random.key_data(jax.random.key(3))
   for m in (mg, mo):
     assert m.apply(v, b["user"], b["scenario"], method="encode_user").dtype == jnp.float32
-  f = lambda m: jax.value_and_grad(
-      lambda p: steps.finetune_loss(m, p, b, rng, 0.2, 1.0)[0])(v["params"])
+  f = lambda m: jax.value_and_grad(lambda p: steps.finetune_loss(m, p, b, rng, 0.2, 1.0)[0])(
+    v["params"]
+  )
   (lg, gg), (lo, go) = f(mg), f(mo)
   assert abs(float(lg) - float(lo)) < 0.01 * abs(float(lo))
   a, o = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in (gg, go))
@@ -199,8 +217,9 @@ def test_same_scenario_negatives_reference(tiny_cfg, tiny_features):
 def _step_flops(model, b, negatives="all"):
   rng = jax.random.key_data(jax.random.key(3))
   v = model.init(jax.random.key(0), b["user"], b["item"], b["scenario"])
-  f = jax.jit(jax.grad(lambda p: steps.finetune_loss(model, p, b, rng, 0.2, 1.0, None,
-                                                     negatives)[0]))
+  f = jax.jit(
+    jax.grad(lambda p: steps.finetune_loss(model, p, b, rng, 0.2, 1.0, None, negatives)[0])
+  )
   return float(f.lower(v["params"]).compile().cost_analysis()["flops"])
 
 
@@ -214,14 +233,14 @@ def test_grouped_does_less_arithmetic(tiny_cfg, tiny_features):
   per_k = {}
   for k in (3, 32):
     m = SASS(dataclasses.replace(cfg, num_scenarios=k))
-    per_k[k] = _step_flops(m, _batch(tiny_features, batch=256, scenarios=range(k)),
-                           "same_scenario")
+    per_k[k] = _step_flops(m, _batch(tiny_features, batch=256, scenarios=range(k)), "same_scenario")
   assert per_k[32] < 1.5 * per_k[3]
 
 
 def test_config_validation_rejects_unknown_settings():
   from configs import test as test_config
   from sass_jax import config_check
+
   c = test_config.get_config()
   assert c.model.scenario_compute == "grouped" and c.train.negatives == "all"
   c.model.scenario_compute = "ragged"
@@ -237,7 +256,7 @@ def test_config_validation_rejects_unknown_settings():
 
 
 def test_torch_reference_grouped_equals_onehot_and_jax(tiny_cfg, tiny_features):
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   from sass_jax.bench import torch_reference as tr
 
   cfg = tiny_cfg()
@@ -248,14 +267,18 @@ def test_torch_reference_grouped_equals_onehot_and_jax(tiny_cfg, tiny_features):
   tb = tr.to_torch(jax.device_get(b))
   rng = jax.random.key_data(jax.random.key(3))
   cases = {
-      "finetune_all": (lambda m: tr.finetune_loss(m, tb, 0.2, 1.0),
-                       steps.finetune_loss(model, v["params"], b, rng, 0.2, 1.0)[0]),
-      "finetune_same": (lambda m: tr.finetune_loss(m, tb, 0.2, 1.0, "same_scenario"),
-                        steps.finetune_loss(model, v["params"], b, rng, 0.2, 1.0, None,
-                                            "same_scenario")[0]),
-      "pretrain_views": (lambda m: tr.pretrain_loss(m, tb, 0.1, "scenario_views"),
-                         steps.pretrain_loss(model, v["params"], b, rng, 0.1,
-                                             "scenario_views")[0]),
+    "finetune_all": (
+      lambda m: tr.finetune_loss(m, tb, 0.2, 1.0),
+      steps.finetune_loss(model, v["params"], b, rng, 0.2, 1.0)[0],
+    ),
+    "finetune_same": (
+      lambda m: tr.finetune_loss(m, tb, 0.2, 1.0, "same_scenario"),
+      steps.finetune_loss(model, v["params"], b, rng, 0.2, 1.0, None, "same_scenario")[0],
+    ),
+    "pretrain_views": (
+      lambda m: tr.pretrain_loss(m, tb, 0.1, "scenario_views"),
+      steps.pretrain_loss(model, v["params"], b, rng, 0.1, "scenario_views")[0],
+    ),
   }
   models = {}
   for compute in ("grouped", "onehot"):
@@ -270,8 +293,12 @@ def test_torch_reference_grouped_equals_onehot_and_jax(tiny_cfg, tiny_features):
       loss = f(m)
       loss.backward()
       np.testing.assert_allclose(float(loss.detach()), float(want), rtol=1e-5, err_msg=case)
-      grads[compute] = [p.grad.detach().numpy().copy() if p.grad is not None else
-                        np.zeros(tuple(p.shape), np.float32) for p in m.parameters()]
+      grads[compute] = [
+        p.grad.detach().numpy().copy()
+        if p.grad is not None
+        else np.zeros(tuple(p.shape), np.float32)
+        for p in m.parameters()
+      ]
     assert _max_diff(grads["grouped"], grads["onehot"]) < TOL, case
 
 
@@ -285,9 +312,10 @@ def test_torch_reference_tables_have_the_jax_row_counts(tiny_cfg, tiny_features)
   big = dataclasses.replace(tiny_cfg().user_specs[0], vocab_size=70_001)
   cfg = tiny_cfg(user_specs=(big,) + tuple(tiny_cfg().user_specs[1:]))
   b = _batch(tiny_features)
-  shapes = jax.eval_shape(lambda: SASS(cfg).init(jax.random.key(0), b["user"], b["item"],
-                                                b["scenario"]))
+  shapes = jax.eval_shape(
+    lambda: SASS(cfg).init(jax.random.key(0), b["user"], b["item"], b["scenario"])
+  )
   jax_rows = nn.meta.unbox(shapes["params"])["user_tower"]["embed"][big.name].shape[0]
-  assert jax_rows > 70_001   # padded beyond vocab_pad_to
+  assert jax_rows > 70_001  # padded beyond vocab_pad_to
   m = tr.TorchSASS.from_model_config(cfg)
   assert tuple(m.user_tower.embed[big.name].shape) == (jax_rows, cfg.embed_dim)

@@ -2,6 +2,7 @@
 
 Runs in a subprocess because the device count must be fixed before JAX starts.
 """
+
 import os
 import subprocess
 import sys
@@ -160,17 +161,33 @@ TOPK_SCRIPT = textwrap.dedent("""
 
 def test_sharded_step_matches_single_device(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(REPO))
-  r = subprocess.run([sys.executable, "-c", SCRIPT, str(DATA), str(tmp_path / "wd")],
-                     cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(
+    [sys.executable, "-c", SCRIPT, str(DATA), str(tmp_path / "wd")],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
   assert r.stdout.strip().endswith("OK")
 
 
 def test_sharded_topk_matches_unsharded():
   """Exact top-K with the items split over 8 devices == the single-device top-K (docs/design.md §6)."""
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  r = subprocess.run([sys.executable, "-c", TOPK_SCRIPT], cwd=REPO, env=env,
-                     capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ,
+    PYTHONPATH=str(REPO),
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  )
+  r = subprocess.run(
+    [sys.executable, "-c", TOPK_SCRIPT],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
   assert r.stdout.strip().endswith("OK")

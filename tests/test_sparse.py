@@ -1,6 +1,7 @@
 """Row-sparse embedding updates (sass_jax/train/sparse.py) against NumPy references and the
 dense path: lazy Adam and row-wise Adagrad on the touched rows, untouched rows unchanged,
 the non-table params as in the dense step, the masked dense reference, checkpoint resume."""
+
 import functools
 
 import flax.linen as nn
@@ -20,8 +21,18 @@ B, K, TAU, ALPHA = 8, 3, 0.2, 1.0
 
 
 def _model():
-  return SASS(ModelConfig(user_specs=USER, item_specs=ITEM, num_scenarios=K, embed_dim=4,
-                          scenario_dim=4, widths=(8, 6), out_dim=5, bias_hidden=4))
+  return SASS(
+    ModelConfig(
+      user_specs=USER,
+      item_specs=ITEM,
+      num_scenarios=K,
+      embed_dim=4,
+      scenario_dim=4,
+      widths=(8, 6),
+      out_dim=5,
+      bias_hidden=4,
+    )
+  )
 
 
 def _stage_cfg(lr=3e-2, wd=0.01):
@@ -33,15 +44,26 @@ def _stage_cfg(lr=3e-2, wd=0.01):
 
 def _batch(seed: int, stream: str = "finetune") -> dict:
   r = np.random.default_rng(seed)
-  user = {"user_id": r.integers(0, 40, B, dtype=np.int32),
-          "gender": r.integers(0, 3, B, dtype=np.int32)}
+  user = {
+    "user_id": r.integers(0, 40, B, dtype=np.int32),
+    "gender": r.integers(0, 3, B, dtype=np.int32),
+  }
   genres = r.integers(0, 9, (B, 3), dtype=np.int32)
   mask = r.random((B, 3)) < 0.7
   mask[:, 0] = True
-  item = {"movie_id": r.integers(0, 30, B, dtype=np.int32), "genres": genres,
-          "genres_mask": mask, "year": r.integers(0, 6, B, dtype=np.int32)}
-  b = {"user": user, "item": item, "scenario": r.integers(0, K, B, dtype=np.int32),
-       "user_index": user["user_id"].copy(), "item_index": item["movie_id"].copy()}
+  item = {
+    "movie_id": r.integers(0, 30, B, dtype=np.int32),
+    "genres": genres,
+    "genres_mask": mask,
+    "year": r.integers(0, 6, B, dtype=np.int32),
+  }
+  b = {
+    "user": user,
+    "item": item,
+    "scenario": r.integers(0, K, B, dtype=np.int32),
+    "user_index": user["user_id"].copy(),
+    "item_index": item["movie_id"].copy(),
+  }
   if stream == "finetune":
     b["item_logq"] = np.log(r.uniform(0.01, 0.1, B)).astype(np.float32)
   else:
@@ -59,8 +81,9 @@ def _setup(kind, stream="finetune", masked=False, num_steps=50, wd=0.01):
   model = _model()
   scfg = _stage_cfg(wd=wd)
   tx = steps.make_optimizer(scfg, num_steps)
-  opts = sparse.SparseOptions(kind, steps.make_schedule(scfg, num_steps), weight_decay=wd,
-                              masked=masked)
+  opts = sparse.SparseOptions(
+    kind, steps.make_schedule(scfg, num_steps), weight_decay=wd, masked=masked
+  )
   init = sparse.make_init_fn(model, tx, opts, _batch(0, stream), seed=3)
   state = jax.jit(lambda: nn.meta.unbox(init()))()
   if stream == "finetune":
@@ -88,7 +111,7 @@ def _np_rowwise(kind, p, st, g, touched, lr, count, wd, opts):
     t = count + 1
     m = opts.b1 * st["m"][r] + (1 - opts.b1) * g[r]
     v = opts.b2 * st["v"][r] + (1 - opts.b2) * g[r] ** 2
-    upd = (m / (1 - opts.b1 ** t)) / (np.sqrt(v / (1 - opts.b2 ** t)) + opts.eps) + wd * p[r]
+    upd = (m / (1 - opts.b1**t)) / (np.sqrt(v / (1 - opts.b2**t)) + opts.eps) + wd * p[r]
     st_new["m"][r], st_new["v"][r] = m, v
   else:
     acc = st["acc"][r] + (g[r] ** 2).mean(-1)
@@ -98,14 +121,16 @@ def _np_rowwise(kind, p, st, g, touched, lr, count, wd, opts):
   return p_new, st_new
 
 
-@pytest.mark.parametrize("kind,stream", [("lazy_adam", "finetune"),
-                                         ("rowwise_adagrad", "pretrain")])
+@pytest.mark.parametrize(
+  "kind,stream", [("lazy_adam", "finetune"), ("rowwise_adagrad", "pretrain")]
+)
 def test_sparse_update_matches_numpy_reference(kind, stream):
   model, _, opts, state, step = _setup(kind, stream)
   grad = _dense_grad(model, stream)
   tables = sparse.find_tables(model, state.params)
   assert {t.path for t in tables} == {("user_tower", "embed", f.name) for f in USER} | {
-      ("item_tower", "embed", f.name) for f in ITEM}
+    ("item_tower", "embed", f.name) for f in ITEM
+  }
   for i in range(3):
     batch = _batch(10 + i, stream)
     before = jax.device_get(state)
@@ -121,10 +146,20 @@ def test_sparse_update_matches_numpy_reference(kind, stream):
       touched = np.unique(ids)
       untouched = np.setdiff1d(np.arange(t.rows), touched)
       n_touched += len(touched)
-      p_ref, st_ref = _np_rowwise(kind, get(before.params), get(before.opt_state["tables"]),
-                                  get(grads), touched, lr, i, 0.01, opts)
-      np.testing.assert_allclose(get(after.params)[touched], p_ref[touched], rtol=2e-5,
-                                 atol=2e-6, err_msg=str(t.path))
+      p_ref, st_ref = _np_rowwise(
+        kind,
+        get(before.params),
+        get(before.opt_state["tables"]),
+        get(grads),
+        touched,
+        lr,
+        i,
+        0.01,
+        opts,
+      )
+      np.testing.assert_allclose(
+        get(after.params)[touched], p_ref[touched], rtol=2e-5, atol=2e-6, err_msg=str(t.path)
+      )
       np.testing.assert_array_equal(get(after.params)[untouched], get(before.params)[untouched])
       for k, v in get(after.opt_state["tables"]).items():
         np.testing.assert_allclose(v[touched], st_ref[k][touched], rtol=2e-5, atol=1e-9)
@@ -155,8 +190,9 @@ def test_non_table_params_match_dense_step():
   np.testing.assert_allclose(float(ms["grad_norm"]), float(md["grad_norm"]), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind,stream", [("lazy_adam", "finetune"),
-                                         ("rowwise_adagrad", "pretrain")])
+@pytest.mark.parametrize(
+  "kind,stream", [("lazy_adam", "finetune"), ("rowwise_adagrad", "pretrain")]
+)
 def test_masked_dense_reference_equals_sparse(kind, stream):
   """The dense lazy-update reference (full gradient, touched-row mask) gives the same state."""
   _, _, _, state, step = _setup(kind, stream)
@@ -184,8 +220,9 @@ def test_options_and_unsupported_models():
   assert o.kind == "lazy_adam" and float(o.learning_rate(0)) == pytest.approx(0.3)
   # A table that is not addressed by the batch ids directly (K * R rows) is refused.
   model = _model()
-  params = {"user_tower": {"embed": {"user_id": jnp.zeros((3 * 40, 4)),
-                                     "gender": jnp.zeros((8, 4))}}}
+  params = {
+    "user_tower": {"embed": {"user_id": jnp.zeros((3 * 40, 4)), "gender": jnp.zeros((8, 4))}}
+  }
   with pytest.raises(ValueError, match="user_tower/embed/user_id"):
     sparse.find_tables(model, params)
 
@@ -206,17 +243,19 @@ def test_train_stage_sparse_checkpoint_resume(tmp_path, ml_sample_dir):
   data = loop.prepare(c, tmp_path / "a")
   model = loop.build_model(c, data)
   part = Partitioner(c.mesh)
-  straight = loop.train_stage("finetune", c, data, model, part, tmp_path / "a",
-                              show_progress=False)
+  straight = loop.train_stage("finetune", c, data, model, part, tmp_path / "a", show_progress=False)
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   ck = tmp_path / "b" / "checkpoints" / "finetune"
   assert sorted(p.name for p in ck.iterdir() if p.name.isdigit()) == ["4", "6"]
   shutil.rmtree(ck / "6")
-  resumed = loop.train_stage("finetune", c, data, model, part, tmp_path / "b",
-                             show_progress=False)
+  resumed = loop.train_stage("finetune", c, data, model, part, tmp_path / "b", show_progress=False)
   assert int(resumed.step) == 6 and int(resumed.opt_state["count"]) == 6
   assert set(resumed.opt_state) == {"dense", "tables", "count"}
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.params),
-               jax.device_get(resumed.params))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(straight.opt_state),
-               jax.device_get(resumed.opt_state))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(straight.params), jax.device_get(resumed.params)
+  )
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(straight.opt_state),
+    jax.device_get(resumed.opt_state),
+  )

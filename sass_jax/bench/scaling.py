@@ -23,6 +23,7 @@ Usage (repository root)::
       --models sass --batch_size 4096 --stages finetune,pretrain --compute grouped,onehot \\
       --workdir /tmp/acs --flops_only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,24 +36,25 @@ from pathlib import Path
 
 from sass_jax.bench.vs_pytorch import cpu_meter, load_config
 
-FOREIGN_LIMIT = 0.10   # cores: a run where other processes used more is marked contended
+FOREIGN_LIMIT = 0.10  # cores: a run where other processes used more is marked contended
 
 
 def _one(cfg, data, stage, args) -> dict:
   import jax
-  import numpy as np
 
   from sass_jax.data import pipeline
   from sass_jax.partition import Partitioner
   from sass_jax.train import loop, sparse, steps
   from sass_jax.train.stages import stage_config
+
   scfg = stage_config(cfg, stage)
   bs = int(scfg.batch_size)
   model = loop.build_model(cfg, data)
   tx = steps.make_optimizer(scfg, int(scfg.num_steps))
   part = Partitioner(cfg.mesh)
-  init_fn, step = sparse.build(cfg, stage, model, tx, loop.example_batch(data), cfg.seed,
-                               int(scfg.num_steps))
+  init_fn, step = sparse.build(
+    cfg, stage, model, tx, loop.example_batch(data), cfg.seed, int(scfg.num_steps)
+  )
   state, shardings = part.init(init_fn)
   fn_batch = pipeline.BatchFn(data, stage, bs, cfg.seed)
   n_batches = 1 if args.flops_only else args.batches
@@ -79,12 +81,22 @@ def _one(cfg, data, stage, args) -> dict:
     jax.block_until_ready((state, m))
     dt = time.perf_counter() - t
     foreign = meter()
-    runs.append({"ms_per_step": dt / args.steps * 1e3, "samples_per_s": bs * args.steps / dt,
-                 "load_before": load0, "load_after": os.getloadavg()[0],
-                 "foreign_cores": foreign, "contended": foreign > FOREIGN_LIMIT})
+    runs.append(
+      {
+        "ms_per_step": dt / args.steps * 1e3,
+        "samples_per_s": bs * args.steps / dt,
+        "load_before": load0,
+        "load_after": os.getloadavg()[0],
+        "foreign_cores": foreign,
+        "contended": foreign > FOREIGN_LIMIT,
+      }
+    )
   clean = [r["samples_per_s"] for r in runs if not r["contended"]]
-  out.update(runs=runs, samples_per_s_median=statistics.median(clean) if clean else None,
-             clean_runs=len(clean))
+  out.update(
+    runs=runs,
+    samples_per_s_median=statistics.median(clean) if clean else None,
+    clean_runs=len(clean),
+  )
   return out
 
 
@@ -94,6 +106,7 @@ def main(argv=None):
   ap.add_argument("--workdir", default="/tmp/sass_jax_scaling")
   ap.add_argument("--ks", default="2,4,8,16,32", help="scenario counts; '' = the config's own")
   from sass_jax.model import registry
+
   ap.add_argument("--models", default=",".join(registry.names()))
   ap.add_argument("--negatives", default="all,same_scenario")
   ap.add_argument("--compute", default="grouped", help="model.scenario_compute values")
@@ -107,6 +120,7 @@ def main(argv=None):
   ap.add_argument("--override", action="append", default=[], help="config field=value")
   args = ap.parse_args(argv)
   from sass_jax.train import loop
+
   ks = [int(k) for k in args.ks.split(",") if k.strip()] or [None]
   rows = []
   for k in ks:
@@ -120,7 +134,7 @@ def main(argv=None):
         for neg in [n for n in args.negatives.split(",") if n]:
           for stage in [s for s in args.stages.split(",") if s]:
             if stage == "pretrain" and neg != args.negatives.split(",")[0]:
-              continue   # negatives only change fine-tuning
+              continue  # negatives only change fine-tuning
             cfg = load_config(args.config, args.batch_size, args.override)
             if k is not None:
               cfg.data.num_scenarios = k
@@ -128,16 +142,28 @@ def main(argv=None):
             cfg.model.scenario_compute = compute
             cfg.train.negatives = neg
             r = _one(cfg, data, stage, args)
-            r.update(k=data.num_scenarios, model=name, compute=compute,
-                     negatives=neg if stage == "finetune" else "-")
+            r.update(
+              k=data.num_scenarios,
+              model=name,
+              compute=compute,
+              negatives=neg if stage == "finetune" else "-",
+            )
             rows.append(r)
             sps = r.get("samples_per_s_median")
-            print(f"K={r['k']:3d} {name:14s} {compute:8s} {r['negatives']:14s} {stage:9s} "
-                  f"{r['flops'] / 1e9:9.3f} GFLOP/step {r['flops_per_sample'] / 1e3:10.1f} "
-                  f"kFLOP/sample" + (f" {sps:10,.0f} samples/s" if sps else ""), flush=True)
-  out = {"config": args.config, "batch_size": args.batch_size, "flops_only": args.flops_only,
-         "rows": rows, "cpu_count": os.cpu_count(),
-         "command": " ".join([Path(sys.executable).name] + sys.argv)}
+            print(
+              f"K={r['k']:3d} {name:14s} {compute:8s} {r['negatives']:14s} {stage:9s} "
+              f"{r['flops'] / 1e9:9.3f} GFLOP/step {r['flops_per_sample'] / 1e3:10.1f} "
+              f"kFLOP/sample" + (f" {sps:10,.0f} samples/s" if sps else ""),
+              flush=True,
+            )
+  out = {
+    "config": args.config,
+    "batch_size": args.batch_size,
+    "flops_only": args.flops_only,
+    "rows": rows,
+    "cpu_count": os.cpu_count(),
+    "command": " ".join([Path(sys.executable).name] + sys.argv),
+  }
   Path(args.workdir).mkdir(parents=True, exist_ok=True)
   (Path(args.workdir) / "scaling.json").write_text(json.dumps(out, indent=2) + "\n")
   print(table(out))
@@ -153,14 +179,23 @@ def table(out: dict) -> str:
     if key not in keys:
       keys.append(key)
   timed = not out["flops_only"]
-  head = "| model | compute | negatives | stage | " + " | ".join(
-      f"K={k} kFLOP/sample" + (f" | K={k} samples/s" if timed else "") for k in ks) + " |"
+  head = (
+    "| model | compute | negatives | stage | "
+    + " | ".join(f"K={k} kFLOP/sample" + (f" | K={k} samples/s" if timed else "") for k in ks)
+    + " |"
+  )
   lines = [head, "|" + "---|" * (4 + len(ks) * (2 if timed else 1))]
   for key in keys:
     cells = []
     for k in ks:
-      r = next((r for r in rows if (r["model"], r["compute"], r["negatives"], r["stage"]) == key
-                and r["k"] == k), None)
+      r = next(
+        (
+          r
+          for r in rows
+          if (r["model"], r["compute"], r["negatives"], r["stage"]) == key and r["k"] == k
+        ),
+        None,
+      )
       cells.append(f"{r['flops_per_sample'] / 1e3:,.0f}" if r else "")
       if timed:
         sps = r and r.get("samples_per_s_median")

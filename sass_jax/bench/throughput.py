@@ -38,6 +38,7 @@ Everything is written to ``WORKDIR/bench.json`` and returned; ``summary_table`` 
 headline numbers. Timings are wall clock on whatever else the machine runs at the time;
 ``machine.load_avg_start`` / ``load_avg_end`` record the load.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,16 +64,23 @@ from sass_jax.train.stages import STAGES, stage_block, stage_config, stage_seed
 
 log = logging.getLogger("sass_jax")
 
+
 def _stats(values: list[float]) -> dict:
   """{'median', 'min', 'max', 'runs'} of a list of numbers."""
-  return {"median": float(statistics.median(values)), "min": float(min(values)),
-          "max": float(max(values)), "runs": [float(v) for v in values]}
+  return {
+    "median": float(statistics.median(values)),
+    "min": float(min(values)),
+    "max": float(max(values)),
+    "runs": [float(v) for v in values],
+  }
 
 
 def _rates(seconds_per_batch: list[float], batch_size: int) -> dict:
   """Step ms and samples/s statistics from seconds per batch."""
-  return {"step_ms": _stats([s * 1e3 for s in seconds_per_batch]),
-          "samples_per_s": _stats([batch_size / max(s, 1e-12) for s in seconds_per_batch])}
+  return {
+    "step_ms": _stats([s * 1e3 for s in seconds_per_batch]),
+    "samples_per_s": _stats([batch_size / max(s, 1e-12) for s in seconds_per_batch]),
+  }
 
 
 def _load_avg() -> list[float] | None:
@@ -86,14 +94,21 @@ def _machine() -> dict:
   dev = jax.devices()[0]
   try:
     import grain
+
     grain_version = getattr(grain, "__version__", "?")
   except ImportError:
     grain_version = None
-  return {"platform": dev.platform, "device_kind": dev.device_kind,
-          "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
-          "jax_version": jax.__version__, "grain_version": grain_version,
-          "numpy_version": np.__version__, "python": platform.python_version(),
-          "system": f"{platform.system()} {platform.machine()}"}
+  return {
+    "platform": dev.platform,
+    "device_kind": dev.device_kind,
+    "num_devices": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "jax_version": jax.__version__,
+    "grain_version": grain_version,
+    "numpy_version": np.__version__,
+    "python": platform.python_version(),
+    "system": f"{platform.system()} {platform.machine()}",
+  }
 
 
 def _bench_cfg(cfg) -> ml_collections.ConfigDict:
@@ -131,12 +146,12 @@ def probe(matmul_n: int = 0, copy_bytes: int = 0) -> dict:
   mm = jax.jit(lambda a, b: a @ b)
   for dt in ("float32", "bfloat16"):
     a = jax.random.normal(jax.random.key(0), (n, n), dt)
-    t = _median_time(lambda: mm(a, a))
-    out[f"matmul_{dt}_flops_per_s"] = 2.0 * n ** 3 / t
+    t = _median_time(lambda: mm(a, a))  # noqa: F821 (a is bound; ruff misreads the del below)
+    out[f"matmul_{dt}_flops_per_s"] = 2.0 * n**3 / t
     del a
   x = jnp.ones((nbytes // 4,), jnp.float32)
   f = jax.jit(lambda x: x * 2.0 + 1.0)
-  out["copy_bytes_per_s"] = 2.0 * x.nbytes / _median_time(lambda: f(x))
+  out["copy_bytes_per_s"] = 2.0 * x.nbytes / _median_time(lambda: f(x))  # noqa: F821
   del x
   return out
 
@@ -150,9 +165,11 @@ def _cost(compiled) -> dict:
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else {}
   ca = dict(ca or {})
-  return {"flops": float(ca.get("flops", float("nan"))),
-          "bytes_accessed": float(ca.get("bytes accessed", float("nan"))),
-          "transcendentals": float(ca.get("transcendentals", 0.0))}
+  return {
+    "flops": float(ca.get("flops", float("nan"))),
+    "bytes_accessed": float(ca.get("bytes accessed", float("nan"))),
+    "transcendentals": float(ca.get("transcendentals", 0.0)),
+  }
 
 
 def _memory(compiled) -> dict:
@@ -162,9 +179,13 @@ def _memory(compiled) -> dict:
     return {"error": repr(e)}
   if m is None:
     return {}
-  return {k: int(getattr(m, k)) for k in dir(m)
-          if k.endswith("_in_bytes") and not k.startswith("_")
-          and isinstance(getattr(m, k), (int, np.integer))}
+  return {
+    k: int(getattr(m, k))
+    for k in dir(m)
+    if k.endswith("_in_bytes")
+    and not k.startswith("_")
+    and isinstance(getattr(m, k), (int, np.integer))
+  }
 
 
 def _peak_device_bytes() -> int | None:
@@ -202,8 +223,7 @@ def _state_bytes(memory: dict, state, opt: str, model, touched_rows: int | None)
   return int(total - 2 * full + 2 * touched_rows * per_row)
 
 
-def _floor(cost: dict, state_bytes: int | None, pr: dict | None,
-           compute_dtype: str) -> dict | None:
+def _floor(cost: dict, state_bytes: int | None, pr: dict | None, compute_dtype: str) -> dict | None:
   """The step's floor on this device: ``compute_ms`` = XLA's flops / the measured matmul rate
   of ``compute_dtype``; ``state_ms`` = the least traffic (``_state_bytes``) / the measured copy
   bandwidth; ``floor_ms`` = the larger, ``bound`` names it. ``xla_bytes_ms`` = XLA's
@@ -213,10 +233,14 @@ def _floor(cost: dict, state_bytes: int | None, pr: dict | None,
     return None
   compute_ms = cost["flops"] / pr[f"matmul_{compute_dtype}_flops_per_s"] * 1e3
   state_ms = (state_bytes or 0) / pr["copy_bytes_per_s"] * 1e3
-  return {"compute_ms": compute_ms, "state_ms": state_ms, "state_bytes": state_bytes,
-          "xla_bytes_ms": cost["bytes_accessed"] / pr["copy_bytes_per_s"] * 1e3,
-          "floor_ms": max(compute_ms, state_ms),
-          "bound": "compute" if compute_ms >= state_ms else "memory"}
+  return {
+    "compute_ms": compute_ms,
+    "state_ms": state_ms,
+    "state_bytes": state_bytes,
+    "xla_bytes_ms": cost["bytes_accessed"] / pr["copy_bytes_per_s"] * 1e3,
+    "floor_ms": max(compute_ms, state_ms),
+    "bound": "compute" if compute_ms >= state_ms else "memory",
+  }
 
 
 # ---- batches --------------------------------------------------------------------------------
@@ -227,6 +251,7 @@ def _input_kind(cfg) -> str:
     return "resident"
   try:
     import grain  # noqa: F401
+
     return "grain"
   except ImportError:
     return "numpy"
@@ -257,23 +282,37 @@ def _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr):
   c = _with(cfg, embedding_optimizer=opt)
   tx = steps.make_optimizer(scfg, int(scfg.num_steps))
   seed = stage_seed(cfg, stage)
-  init_fn, step = sparse.build(c, stage, model, tx, loop.example_batch(data), seed,
-                               int(scfg.num_steps))
+  init_fn, step = sparse.build(
+    c, stage, model, tx, loop.example_batch(data), seed, int(scfg.num_steps)
+  )
   state, shardings = part.init(init_fn)
   t = time.perf_counter()
   compiled = part.compile_step(step, shardings).lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t
-  state, m, runs = _time_steps(compiled, state, batches, int(b.steps), int(b.warmup),
-                               int(b.repeats))
+  state, m, runs = _time_steps(
+    compiled, state, batches, int(b.steps), int(b.warmup), int(b.repeats)
+  )
   cost = _cost(compiled)
-  res = {"stage": stage, "embedding_optimizer": opt, "batch_size": bs, **_rates(runs, bs),
-         "compile_s": compile_s, "cost": cost, "memory": _memory(compiled),
-         "peak_device_bytes": _peak_device_bytes(), "host_peak_rss_bytes": _host_peak_rss_bytes(),
-         "final_loss": float(jax.device_get(m["loss"]))}
+  res = {
+    "stage": stage,
+    "embedding_optimizer": opt,
+    "batch_size": bs,
+    **_rates(runs, bs),
+    "compile_s": compile_s,
+    "cost": cost,
+    "memory": _memory(compiled),
+    "peak_device_bytes": _peak_device_bytes(),
+    "host_peak_rss_bytes": _host_peak_rss_bytes(),
+    "final_loss": float(jax.device_get(m["loss"])),
+  }
   if "touched_rows" in m:
     res["touched_rows"] = int(jax.device_get(m["touched_rows"]))
-  fl = _floor(cost, _state_bytes(res["memory"], state, opt, model, res.get("touched_rows")), pr,
-              cfg.model.compute_dtype)
+  fl = _floor(
+    cost,
+    _state_bytes(res["memory"], state, opt, model, res.get("touched_rows")),
+    pr,
+    cfg.model.compute_dtype,
+  )
   if fl:
     res["floor"] = fl
     res["step_over_floor"] = res["step_ms"]["median"] / max(fl["floor_ms"], 1e-12)
@@ -287,9 +326,16 @@ def _sparse_check(cfg, kind, model, data, part, batch, compiled_sparse, state) -
   scfg = cfg.train
   n = int(scfg.num_steps)
   tx = steps.make_optimizer(scfg, n)
-  init_fn, ref_step = sparse.build(_with(cfg, embedding_optimizer=kind), "finetune", model, tx,
-                                   loop.example_batch(data), stage_seed(cfg, "finetune"), n,
-                                   masked=True)
+  init_fn, ref_step = sparse.build(
+    _with(cfg, embedding_optimizer=kind),
+    "finetune",
+    model,
+    tx,
+    loop.example_batch(data),
+    stage_seed(cfg, "finetune"),
+    n,
+    masked=True,
+  )
   shardings = part.state_shardings(jax.eval_shape(init_fn))
   copy = lambda st: jax.tree.map(jnp.copy, st)
   s_sparse, _ = compiled_sparse(copy(state), batch)
@@ -309,15 +355,20 @@ def _sparse_check(cfg, kind, model, data, part, batch, compiled_sparse, state) -
       untouched_changed += jnp.sum(jnp.where(mask, False, ta[t.path] != t0[t.path]))
       untouched_changed += jnp.sum(jnp.where(mask, False, tb[t.path] != t0[t.path]))
       n_touched += mask.sum()
-    rest_max = jnp.max(jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in
-                                  zip(jax.tree.leaves(ra), jax.tree.leaves(rb))]))
+    rest_max = jnp.max(
+      jnp.stack([jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(ra), jax.tree.leaves(rb))])
+    )
     return touched_max, untouched_changed, rest_max, n_touched
 
   tm, uc, rm, nt = jax.device_get(diffs(s_sparse.params, s_ref.params, state.params, batch))
-  return {"touched_rows": int(nt), "max_abs_diff_touched_rows": float(tm),
-          "untouched_rows_changed": int(uc), "untouched_rows_unchanged": bool(uc == 0),
-          "max_abs_diff_other_params": float(rm),
-          "equal_within_1e-5": bool(tm <= 1e-5 and rm <= 1e-5 and uc == 0)}
+  return {
+    "touched_rows": int(nt),
+    "max_abs_diff_touched_rows": float(tm),
+    "untouched_rows_changed": int(uc),
+    "untouched_rows_unchanged": bool(uc == 0),
+    "max_abs_diff_other_params": float(rm),
+    "equal_within_1e-5": bool(tm <= 1e-5 and rm <= 1e-5 and uc == 0),
+  }
 
 
 def _bench_table_update(cfg, model, params, batch, b) -> dict:
@@ -332,21 +383,32 @@ def _bench_table_update(cfg, model, params, batch, b) -> dict:
   Returns {optimiser: {'update_ms': stats, 'compile_s'}} plus 'rows' and 'ids'.
   """
   import optax
+
   tables = sparse.find_tables(model, params)
   flat_params = sparse.split_params(params, tables)[1]
   n_steps = int(cfg.train.num_steps)
   key = jax.random.key(7)
   ids = {"/".join(t.path): batch[t.side][t.field] for t in tables}
-  g_occ = {"/".join(t.path): 1e-3 * jax.random.normal(jax.random.fold_in(key, i),
-                                                      ids["/".join(t.path)].shape + (t.dim,))
-           for i, t in enumerate(tables)}
-  out = {"rows": int(sum(t.rows for t in tables)),
-         "ids": int(sum(int(np.prod(v.shape)) for v in ids.values()))}
+  g_occ = {
+    "/".join(t.path): 1e-3
+    * jax.random.normal(jax.random.fold_in(key, i), ids["/".join(t.path)].shape + (t.dim,))
+    for i, t in enumerate(tables)
+  }
+  out = {
+    "rows": int(sum(t.rows for t in tables)),
+    "ids": int(sum(int(np.prod(v.shape)) for v in ids.values())),
+  }
   for opt in b.embedding_optimizers:
+
     def fresh():
-      return {"/".join(t.path): jax.device_put(
+      return {
+        "/".join(t.path): jax.device_put(
           0.1 * jax.random.normal(jax.random.fold_in(key, 100 + i), (t.rows, t.dim)),
-          flat_params[t.path].sharding) for i, t in enumerate(tables)}
+          flat_params[t.path].sharding,
+        )
+        for i, t in enumerate(tables)
+      }
+
     tabs = fresh()
     if opt == "dense":
       tx = steps.make_optimizer(cfg.train, n_steps)
@@ -357,10 +419,12 @@ def _bench_table_update(cfg, model, params, batch, b) -> dict:
         u, state = tx.update(g, state, tabs)
         return optax.apply_updates(tabs, u), state
     else:
-      opts = sparse.options_from_config(_with(cfg, embedding_optimizer=opt).train, cfg.train,
-                                        n_steps)
-      state = {"/".join(t.path): sparse.table_state_init(opt, tabs["/".join(t.path)])
-               for t in tables}
+      opts = sparse.options_from_config(
+        _with(cfg, embedding_optimizer=opt).train, cfg.train, n_steps
+      )
+      state = {
+        "/".join(t.path): sparse.table_state_init(opt, tabs["/".join(t.path)]) for t in tables
+      }
 
       def upd(tabs, state, g_occ, ids, opts=opts):
         lr = opts.learning_rate(jnp.int32(n_steps // 2))
@@ -368,12 +432,16 @@ def _bench_table_update(cfg, model, params, batch, b) -> dict:
         for t in tables:
           k = "/".join(t.path)
           uniq, inv = sparse.dedup(t, ids[k])
-          g = jnp.zeros((uniq.shape[0], t.dim), g_occ[k].dtype).at[inv.reshape(-1)].add(
-              g_occ[k].reshape(-1, t.dim))
+          g = (
+            jnp.zeros((uniq.shape[0], t.dim), g_occ[k].dtype)
+            .at[inv.reshape(-1)]
+            .add(g_occ[k].reshape(-1, t.dim))
+          )
           new_t[k], new_s[k], _, _ = sparse.apply_rows(
-              opts, tabs[k], state[k], uniq, sparse.gather_rows(tabs[k], uniq), g, lr,
-              jnp.int32(1))
+            opts, tabs[k], state[k], uniq, sparse.gather_rows(tabs[k], uniq), g, lr, jnp.int32(1)
+          )
         return new_t, new_s
+
     t0 = time.perf_counter()
     f = jax.jit(upd, donate_argnums=(0, 1)).lower(tabs, state, g_occ, ids).compile()
     compile_s = time.perf_counter() - t0
@@ -399,7 +467,7 @@ def _bench_input(cfg, kind, data, bs, seed, part, b) -> dict:
   out = {"source": kind}
   host_runs, placed_runs = [], []
   for _ in range(int(b.repeats)):
-    jax.block_until_ready(place(next(it)))        # warm-up (compiles the sampler)
+    jax.block_until_ready(place(next(it)))  # warm-up (compiles the sampler)
     if kind != "resident":
       t = time.perf_counter()
       for _ in range(n):
@@ -441,25 +509,51 @@ def _bench_loop(cfg, kind, compiled, state, data, bs, seed, part, b):
 def _bench_eval(cfg, model, variables, data, b) -> dict:
   from sass_jax.eval import evaluate as eval_lib
   from sass_jax.eval.retrieval import topk_scores
+
   chunk = 4096
   out = {}
   n_items = int(min(int(b.eval_items), data.num_items))
   sub = lambda table, n: {f: np.asarray(c[:n]) for f, c in table.items()}
   # Warm-up: one chunk (compiles the encoders), then the timed runs.
   warm = min(chunk, n_items)
-  eval_lib.encode_all(model, variables, sub(data.items, warm), sub(data.item_masks, warm),
-                      "encode_item", None, chunk)
+  eval_lib.encode_all(
+    model, variables, sub(data.items, warm), sub(data.item_masks, warm), "encode_item", None, chunk
+  )
   t = time.perf_counter()
-  item_vecs = eval_lib.encode_all(model, variables, sub(data.items, n_items),
-                                  sub(data.item_masks, n_items), "encode_item", None, chunk)
-  out["encode_items"] = {"items": n_items, "items_per_s": n_items / (time.perf_counter() - t),
-                         "scenarios": int(item_vecs.shape[1])}
+  item_vecs = eval_lib.encode_all(
+    model,
+    variables,
+    sub(data.items, n_items),
+    sub(data.item_masks, n_items),
+    "encode_item",
+    None,
+    chunk,
+  )
+  out["encode_items"] = {
+    "items": n_items,
+    "items_per_s": n_items / (time.perf_counter() - t),
+    "scenarios": int(item_vecs.shape[1]),
+  }
   n_users = int(min(int(b.eval_users), data.num_users))
-  eval_lib.encode_all(model, variables, sub(data.users, min(chunk, n_users)),
-                      sub(data.user_masks, min(chunk, n_users)), "encode_user", 0, chunk)
+  eval_lib.encode_all(
+    model,
+    variables,
+    sub(data.users, min(chunk, n_users)),
+    sub(data.user_masks, min(chunk, n_users)),
+    "encode_user",
+    0,
+    chunk,
+  )
   t = time.perf_counter()
-  uvec = eval_lib.encode_all(model, variables, sub(data.users, n_users),
-                             sub(data.user_masks, n_users), "encode_user", 0, chunk)
+  uvec = eval_lib.encode_all(
+    model,
+    variables,
+    sub(data.users, n_users),
+    sub(data.user_masks, n_users),
+    "encode_user",
+    0,
+    chunk,
+  )
   out["encode_users"] = {"users": n_users, "users_per_s": n_users / (time.perf_counter() - t)}
   corpus = np.resize(item_vecs[:, 0], (data.num_items, item_vecs.shape[-1]))
   kmax = max(cfg.eval.ks)
@@ -470,23 +564,34 @@ def _bench_eval(cfg, model, variables, data, b) -> dict:
   out["user_chunk"] = uc
   # Users ranked: at most config.bench.eval_topk_scores / num_items of them (>= one chunk).
   n_topk = int(min(n_users, max(uc, float(b.eval_topk_scores) // data.num_items)))
-  topk_scores(uvec[:min(uc, n_topk)], corpus, kmax, chunk_size=uc)     # compile
+  topk_scores(uvec[: min(uc, n_topk)], corpus, kmax, chunk_size=uc)  # compile
   t = time.perf_counter()
   topk_scores(uvec[:n_topk], corpus, kmax, chunk_size=uc)
-  out["topk"] = {"users": n_topk, "corpus": int(data.num_items), "k": int(kmax),
-                 "users_per_s": n_topk / (time.perf_counter() - t)}
+  out["topk"] = {
+    "users": n_topk,
+    "corpus": int(data.num_items),
+    "k": int(kmax),
+    "users_per_s": n_topk / (time.perf_counter() - t),
+  }
   pairs = float(data.num_users) * float(data.num_items)
   if pairs <= float(b.full_eval_max_pairs):
-    ev = lambda: eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
-                                   cfg.eval.mask, uc, corpus=cfg.eval.corpus)
+    ev = lambda: eval_lib.evaluate(
+      model,
+      variables,
+      data,
+      cfg.eval.split,
+      tuple(cfg.eval.ks),
+      cfg.eval.mask,
+      uc,
+      corpus=cfg.eval.corpus,
+    )
     ev()
     t = time.perf_counter()
     ev()
     out["full_evaluate_s"] = time.perf_counter() - t
   else:
     out["full_evaluate_s"] = None
-    out["full_evaluate_skipped"] = (f"users x items = {pairs:.3g} > "
-                                    f"config.bench.full_eval_max_pairs")
+    out["full_evaluate_skipped"] = f"users x items = {pairs:.3g} > config.bench.full_eval_max_pairs"
   return out
 
 
@@ -497,7 +602,7 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
   a batch size the mesh cannot split, or an embedding optimiser the model's tables do not
   support (``sparse.find_tables``).
   """
-  config_check.validate(cfg, stages=())   # as --mode bench: config values only
+  config_check.validate(cfg, stages=())  # as --mode bench: config values only
   b = _bench_cfg(cfg)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -529,8 +634,14 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
       log.info("bench: %s step, embedding_optimizer=%s, batch %d", stage, opt, bs)
       res, compiled, state = _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr)
       results[f"{stage}/{opt}"] = res
-      log.info("bench: %s/%s %.1f ms/step (%.0f samples/s), compile %.1fs", stage, opt,
-               res["step_ms"]["median"], res["samples_per_s"]["median"], res["compile_s"])
+      log.info(
+        "bench: %s/%s %.1f ms/step (%.0f samples/s), compile %.1fs",
+        stage,
+        opt,
+        res["step_ms"]["median"],
+        res["samples_per_s"]["median"],
+        res["compile_s"],
+      )
       if stage == "finetune" and b.check_sparse and opt != "dense":
         log.info("bench: %s vs its masked dense reference", opt)
         checks[opt] = _sparse_check(cfg, opt, model, data, part, batches[0], compiled, state)
@@ -540,21 +651,30 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
     del batches
 
   out: dict[str, Any] = {
-      "config": config_name or f"{cfg.data.name} / {cfg.model.name}",
-      "data": {"name": cfg.data.name, "rows": int(data.manifest["num_interactions"]),
-               "users": data.num_users, "items": data.num_items,
-               "scenarios": data.num_scenarios,
-               "user_fields": [s.name for s in data.user_specs],
-               "item_fields": [s.name for s in data.item_specs]},
-      "model": {"name": cfg.model.name, "compute_dtype": cfg.model.compute_dtype,
-                "embed_dim": int(cfg.model.embed_dim), "widths": list(cfg.model.widths),
-                "out_dim": int(cfg.model.out_dim)},
-      "settings": {k: (list(v) if isinstance(v, (tuple, list)) else v)
-                   for k, v in b.to_dict().items()},
-      "mesh": {k: int(v) for k, v in part.mesh.shape.items()},
-      "input_source": kind,
-      "probe": pr,
-      "steps": results,
+    "config": config_name or f"{cfg.data.name} / {cfg.model.name}",
+    "data": {
+      "name": cfg.data.name,
+      "rows": int(data.manifest["num_interactions"]),
+      "users": data.num_users,
+      "items": data.num_items,
+      "scenarios": data.num_scenarios,
+      "user_fields": [s.name for s in data.user_specs],
+      "item_fields": [s.name for s in data.item_specs],
+    },
+    "model": {
+      "name": cfg.model.name,
+      "compute_dtype": cfg.model.compute_dtype,
+      "embed_dim": int(cfg.model.embed_dim),
+      "widths": list(cfg.model.widths),
+      "out_dim": int(cfg.model.out_dim),
+    },
+    "settings": {
+      k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in b.to_dict().items()
+    },
+    "mesh": {k: int(v) for k, v in part.mesh.shape.items()},
+    "input_source": kind,
+    "probe": pr,
+    "steps": results,
   }
   if "finetune" in b.stages:
     fin = keep
@@ -562,20 +682,25 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
     out["model"]["parameters"] = int(sum(x.size for x in jax.tree.leaves(params)))
     try:
       out["model"]["embedding_rows"] = int(sum(t.rows for t in sparse.find_tables(model, params)))
-    except ValueError:   # tables the row-sparse path cannot address (e.g. dssm_single)
+    except ValueError:  # tables the row-sparse path cannot address (e.g. dssm_single)
       out["model"]["embedding_rows"] = None
     dense = results.get("finetune/dense")
     out["sparse_speedup"] = {
-        o: dense["step_ms"]["median"] / results[f"finetune/{o}"]["step_ms"]["median"]
-        for o in b.embedding_optimizers if o != "dense" and dense is not None}
+      o: dense["step_ms"]["median"] / results[f"finetune/{o}"]["step_ms"]["median"]
+      for o in b.embedding_optimizers
+      if o != "dense" and dense is not None
+    }
     if b.check_sparse:
       out["sparse_check"] = checks
     log.info("bench: embedding-table update alone")
     out["table_update"] = _bench_table_update(cfg, model, params, fin["batch"], b)
     if "dense" in out["table_update"]:
       du = out["table_update"]["dense"]["update_ms"]["median"]
-      out["table_update_speedup"] = {o: du / out["table_update"][o]["update_ms"]["median"]
-                                     for o in b.embedding_optimizers if o != "dense"}
+      out["table_update_speedup"] = {
+        o: du / out["table_update"][o]["update_ms"]["median"]
+        for o in b.embedding_optimizers
+        if o != "dense"
+      }
     log.info("bench: input (%s)", kind)
     out["input"] = _bench_input(cfg, kind, data, fin["bs"], fin["seed"], part, b)
     step_sps = results[f"finetune/{config_opt}"]["samples_per_s"]["median"]
@@ -583,14 +708,15 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
     out["input_over_step"] = host / step_sps
     out["input_placed_over_step"] = out["input"]["placed"]["median"] / step_sps
     log.info("bench: whole fine-tune loop (%s input, %s)", kind, config_opt)
-    out["loop"], fin["state"] = _bench_loop(cfg, kind, fin.pop("compiled"), fin["state"], data,
-                                            fin["bs"], fin["seed"], part, b)
+    out["loop"], fin["state"] = _bench_loop(
+      cfg, kind, fin.pop("compiled"), fin["state"], data, fin["bs"], fin["seed"], part, b
+    )
     out["loop"]["embedding_optimizer"] = config_opt
     out["loop_over_step"] = out["loop"]["samples_per_s"]["median"] / step_sps
     log.info("bench: evaluation")
     try:
       out["eval"] = _bench_eval(cfg, model, fin.pop("state").variables, data, b)
-    except Exception as e:   # e.g. out of memory: keep the step results above
+    except Exception as e:  # e.g. out of memory: keep the step results above
       log.warning("bench: evaluation failed: %r", e)
       out["eval"] = {"error": repr(e)}
   out["machine"] = {**_machine(), "load_avg_start": load_start, "load_avg_end": _load_avg()}
@@ -603,36 +729,51 @@ def bench(cfg, workdir: str | Path, config_name: str | None = None) -> dict:
 def summary_table(res: dict) -> str:
   """A short Markdown table of a ``bench`` result: one row per timed step, then input, loop
   and evaluation."""
-  lines = [f"bench: {res['config']} on {res['machine']['device_kind']} "
-           f"(load {res['machine']['load_avg_start']} -> {res['machine']['load_avg_end']})",
-           "", "| what | batch | ms/step (median [min-max]) | samples/s | step / floor |",
-           "|---|---|---|---|---|"]
+  lines = [
+    f"bench: {res['config']} on {res['machine']['device_kind']} "
+    f"(load {res['machine']['load_avg_start']} -> {res['machine']['load_avg_end']})",
+    "",
+    "| what | batch | ms/step (median [min-max]) | samples/s | step / floor |",
+    "|---|---|---|---|---|",
+  ]
   for name, r in res["steps"].items():
     ms = r["step_ms"]
-    lines.append(f"| {name} | {r['batch_size']} | {ms['median']:.1f} [{ms['min']:.1f}-"
-                 f"{ms['max']:.1f}] | {r['samples_per_s']['median']:,.0f} | "
-                 f"{r.get('step_over_floor', float('nan')):.1f}x |")
+    lines.append(
+      f"| {name} | {r['batch_size']} | {ms['median']:.1f} [{ms['min']:.1f}-"
+      f"{ms['max']:.1f}] | {r['samples_per_s']['median']:,.0f} | "
+      f"{r.get('step_over_floor', float('nan')):.1f}x |"
+    )
   if "input" in res:
-    lines.append(f"| input ({res['input']['source']}), placed | | | "
-                 f"{res['input']['placed']['median']:,.0f} | |")
+    lines.append(
+      f"| input ({res['input']['source']}), placed | | | "
+      f"{res['input']['placed']['median']:,.0f} | |"
+    )
     lp = res["loop"]
-    lines.append(f"| whole loop ({lp['embedding_optimizer']}) | | "
-                 f"{lp['step_ms']['median']:.1f} | {lp['samples_per_s']['median']:,.0f} | |")
+    lines.append(
+      f"| whole loop ({lp['embedding_optimizer']}) | | "
+      f"{lp['step_ms']['median']:.1f} | {lp['samples_per_s']['median']:,.0f} | |"
+    )
     ev = res["eval"]
     if "error" not in ev:
-      lines.append(f"| eval: encode items / users, top-{ev['topk']['k']} users | | | "
-                   f"{ev['encode_items']['items_per_s']:,.0f} / "
-                   f"{ev['encode_users']['users_per_s']:,.0f} / "
-                   f"{ev['topk']['users_per_s']:,.0f} | |")
+      lines.append(
+        f"| eval: encode items / users, top-{ev['topk']['k']} users | | | "
+        f"{ev['encode_items']['items_per_s']:,.0f} / "
+        f"{ev['encode_users']['users_per_s']:,.0f} / "
+        f"{ev['topk']['users_per_s']:,.0f} | |"
+      )
   for o, s in res.get("table_update_speedup", {}).items():
     tu = res["table_update"]
-    lines.append(f"| table update alone: dense / {o} | | {tu['dense']['update_ms']['median']:.1f}"
-                 f" / {tu[o]['update_ms']['median']:.2f} | {s:.1f}x | |")
+    lines.append(
+      f"| table update alone: dense / {o} | | {tu['dense']['update_ms']['median']:.1f}"
+      f" / {tu[o]['update_ms']['median']:.2f} | {s:.1f}x | |"
+    )
   for o, s in res.get("sparse_speedup", {}).items():
     chk = res.get("sparse_check", {}).get(o, {})
-    lines.append(f"| dense / {o} step time | | | {s:.2f}x | max diff touched "
-                 f"{chk.get('max_abs_diff_touched_rows', float('nan')):.1e}, untouched "
-                 f"unchanged {chk.get('untouched_rows_unchanged')} |")
+    lines.append(
+      f"| dense / {o} step time | | | {s:.2f}x | max diff touched "
+      f"{chk.get('max_abs_diff_touched_rows', float('nan')):.1e}, untouched "
+      f"unchanged {chk.get('untouched_rows_unchanged')} |"
+    )
   return "\n".join(lines)
 
 
@@ -640,9 +781,12 @@ def summary_table(res: dict) -> str:
 def _rate_stats(rates: list[float], batch_size: int) -> dict:
   """{'batches_per_s': {median, min, max, runs}, 'samples_per_s': the same times batch_size}."""
   bb = _stats(rates)
-  return {"batches_per_s": bb,
-          "samples_per_s": {k: ([v * batch_size for v in x] if k == "runs" else x * batch_size)
-                            for k, x in bb.items()}}
+  return {
+    "batches_per_s": bb,
+    "samples_per_s": {
+      k: ([v * batch_size for v in x] if k == "runs" else x * batch_size) for k, x in bb.items()
+    },
+  }
 
 
 def _timed(run: Callable[[], None], n: int) -> float:
@@ -652,8 +796,9 @@ def _timed(run: Callable[[], None], n: int) -> float:
   return n / max(time.perf_counter() - t, 1e-12)
 
 
-def _time_iterator(make_it: Callable[[], object], consume: Callable, num_batches: int,
-                   warmup: int, repeats: int) -> list[float]:
+def _time_iterator(
+  make_it: Callable[[], object], consume: Callable, num_batches: int, warmup: int, repeats: int
+) -> list[float]:
   rates = []
   for _ in range(repeats):
     it = make_it()
@@ -662,14 +807,21 @@ def _time_iterator(make_it: Callable[[], object], consume: Callable, num_batches
 
     def run():
       for _ in range(num_batches):
-        consume(next(it))
+        consume(next(it))  # noqa: F821 (bound in the enclosing loop)
+
     rates.append(_timed(run, num_batches))
     del it
   return rates
 
 
-def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 10,
-                repeats: int = 3, config_name: str | None = None) -> dict:
+def bench_input(
+  cfg,
+  workdir: str | Path,
+  num_batches: int = 200,
+  warmup: int = 10,
+  repeats: int = 3,
+  config_name: str | None = None,
+) -> dict:
   """Time the grain input pipeline, input + placement, and the fine-tune step.
 
   At ``config.train.batch_size``, each ``repeats`` times after ``warmup`` batches / steps:
@@ -682,8 +834,9 @@ def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 
   Raises ValueError for non-positive counts or a batch size the mesh cannot split.
   """
   if num_batches < 1 or repeats < 1 or warmup < 0:
-    raise ValueError(f"need num_batches >= 1, repeats >= 1, warmup >= 0; got {num_batches}, "
-                     f"{repeats}, {warmup}")
+    raise ValueError(
+      f"need num_batches >= 1, repeats >= 1, warmup >= 0; got {num_batches}, {repeats}, {warmup}"
+    )
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   load_start = _load_avg()
@@ -693,32 +846,36 @@ def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 
   part.check_batch_size(bs, "config.train.batch_size")
   total = warmup + num_batches
   streams = ["finetune"] + (["pretrain"] if data.num_scenarios >= 2 else [])
-  seeds = {s: stage_seed(cfg, s) for s in STAGES}   # as loop.train_stage
+  seeds = {s: stage_seed(cfg, s) for s in STAGES}  # as loop.train_stage
 
   def make(stream):
-    return lambda: pipeline.make_iterator(data, stream, bs, seeds[stream], total,
-                                          *part.data_shard())
+    return lambda: pipeline.make_iterator(
+      data, stream, bs, seeds[stream], total, *part.data_shard()
+    )
 
   place = lambda x: jax.block_until_ready(part.shard_batch(x))
   result_input, result_placed = {}, {}
   for stream in streams:
     log.info("bench_input: %s input, %d x %d batches of %d", stream, repeats, num_batches, bs)
     result_input[stream] = _rate_stats(
-        _time_iterator(make(stream), lambda x: None, num_batches, warmup, repeats), bs)
+      _time_iterator(make(stream), lambda x: None, num_batches, warmup, repeats), bs
+    )
     log.info("bench_input: %s input + placement", stream)
     result_placed[stream] = _rate_stats(
-        _time_iterator(make(stream), place, num_batches, warmup, repeats), bs)
+      _time_iterator(make(stream), place, num_batches, warmup, repeats), bs
+    )
 
   log.info("bench_input: fine-tune step, %d x %d steps", repeats, num_batches)
   model = loop.build_model(cfg, data)
   tx = steps.make_optimizer(cfg.train, int(cfg.train.num_steps))
-  init_fn = steps.make_init_fn(model, tx, loop.example_batch(data),
-                               stage_seed(cfg, "finetune"))
+  init_fn = steps.make_init_fn(model, tx, loop.example_batch(data), stage_seed(cfg, "finetune"))
   state, shardings = part.init(init_fn)
   step_fn = part.compile_step(
-      steps.make_finetune_step(model, tx, cfg.model.tau, cfg.train.logq_strength,
-                               cfg.train.negatives),
-      shardings)
+    steps.make_finetune_step(
+      model, tx, cfg.model.tau, cfg.train.logq_strength, cfg.train.negatives
+    ),
+    shardings,
+  )
   it = make("finetune")()
   batches = [place(next(it)) for _ in range(total)]
   del it
@@ -743,31 +900,42 @@ def bench_input(cfg, workdir: str | Path, num_batches: int = 200, warmup: int = 
   median = lambda r, s="finetune": r[s]["samples_per_s"]["median"]
   step_sps = median(result_step)
   out = {
-      "config": config_name or f"{cfg.data.name} / {cfg.model.name}",
-      "data": {"name": cfg.data.name, "rows": int(data.manifest["num_interactions"]),
-               "users": data.num_users, "items": data.num_items,
-               "scenarios": data.num_scenarios,
-               "finetune_stream_rows": int(len(data.rows("train", labeled_positive=True))),
-               "pretrain_stream_rows": int(len(data.rows("train")))},
-      "model": cfg.model.name,
-      "batch_size": bs, "num_batches": num_batches, "warmup": warmup, "repeats": repeats,
-      "mesh": {k: int(v) for k, v in part.mesh.shape.items()},
-      "machine": {**_machine(), "load_avg_start": load_start, "load_avg_end": _load_avg()},
-      "input": result_input,
-      "input_placed": result_placed,
-      "step": result_step,
-      "step_compile_s": compile_s,
-      "step_final_loss": loss,
-      "input_samples_per_s": median(result_input),
-      "input_placed_samples_per_s": median(result_placed),
-      "step_samples_per_s": step_sps,
-      "input_over_step": median(result_input) / step_sps,
-      "input_placed_over_step": median(result_placed) / step_sps,
+    "config": config_name or f"{cfg.data.name} / {cfg.model.name}",
+    "data": {
+      "name": cfg.data.name,
+      "rows": int(data.manifest["num_interactions"]),
+      "users": data.num_users,
+      "items": data.num_items,
+      "scenarios": data.num_scenarios,
+      "finetune_stream_rows": int(len(data.rows("train", labeled_positive=True))),
+      "pretrain_stream_rows": int(len(data.rows("train"))),
+    },
+    "model": cfg.model.name,
+    "batch_size": bs,
+    "num_batches": num_batches,
+    "warmup": warmup,
+    "repeats": repeats,
+    "mesh": {k: int(v) for k, v in part.mesh.shape.items()},
+    "machine": {**_machine(), "load_avg_start": load_start, "load_avg_end": _load_avg()},
+    "input": result_input,
+    "input_placed": result_placed,
+    "step": result_step,
+    "step_compile_s": compile_s,
+    "step_final_loss": loss,
+    "input_samples_per_s": median(result_input),
+    "input_placed_samples_per_s": median(result_placed),
+    "step_samples_per_s": step_sps,
+    "input_over_step": median(result_input) / step_sps,
+    "input_placed_over_step": median(result_placed) / step_sps,
   }
   out["input_ge_2x_step"] = bool(out["input_over_step"] >= 2.0)
   if jax.process_index() == 0:
     (workdir / "bench_input.json").write_text(json.dumps(out, indent=2) + "\n")
-  log.info("bench_input: input %.0f samples/s, input+placement %.0f, step %.0f; ratio %.2f",
-           out["input_samples_per_s"], out["input_placed_samples_per_s"], step_sps,
-           out["input_over_step"])
+  log.info(
+    "bench_input: input %.0f samples/s, input+placement %.0f, step %.0f; ratio %.2f",
+    out["input_samples_per_s"],
+    out["input_placed_samples_per_s"],
+    step_sps,
+    out["input_over_step"],
+  )
   return out

@@ -30,6 +30,7 @@ Usage (``sass_jax.bench.vs_pytorch`` drives it)::
   step = make_step(model, "finetune", tau=0.2, lr=1e-3, num_steps=1000, warmup=100)
   loss = step(batch)                                   # batch: NumPy dict of BatchFn
 """
+
 from __future__ import annotations
 
 import math
@@ -40,9 +41,11 @@ import torch
 from torch import nn
 
 ACTIVATIONS: dict[str, Callable] = {
-    "relu": torch.relu, "gelu": lambda x: nn.functional.gelu(x, approximate="tanh"),
-    "silu": nn.functional.silu, "tanh": torch.tanh,
-    "leaky_relu": lambda x: nn.functional.leaky_relu(x, 0.01),
+  "relu": torch.relu,
+  "gelu": lambda x: nn.functional.gelu(x, approximate="tanh"),
+  "silu": nn.functional.silu,
+  "tanh": torch.tanh,
+  "leaky_relu": lambda x: nn.functional.leaky_relu(x, 0.01),
 }
 _MASKED = -1e9
 
@@ -103,8 +106,10 @@ class ScenarioDense(nn.Module):
       y = grouped_linear(x.reshape(-1, x.shape[-1]), self.kernel, onehot)
       y = y + self.bias.index_select(0, onehot.scenario)
       return y.reshape(*x.shape[:-1], y.shape[-1])
-    return (torch.einsum("bk,bki->bi", onehot, torch.einsum("bi,kio->bko", x, self.kernel))
-            + onehot @ self.bias)
+    return (
+      torch.einsum("bk,bki->bi", onehot, torch.einsum("bi,kio->bko", x, self.kernel))
+      + onehot @ self.bias
+    )
 
 
 class MLSATLayer(nn.Module):
@@ -137,9 +142,11 @@ class MLSATLayer(nn.Module):
       rows = lambda t: t.index_select(0, groups.scenario).reshape(*s.shape[:-1], t.shape[-1])
     else:
       rows = lambda t: t[None]
+
     def gate(dense, first):
       k = dense.kernel
-      return torch.sigmoid(first @ k[:w] + s @ k[w:2 * w] + rows(z @ k[2 * w:]) + dense.bias)
+      return torch.sigmoid(first @ k[:w] + s @ k[w : 2 * w] + rows(z @ k[2 * w :]) + dense.bias)
+
     a = gate(self.adaptive_gate, g)
     c = a * g
     u = gate(self.update_gate, c)
@@ -149,12 +156,23 @@ class MLSATLayer(nn.Module):
 class Tower(nn.Module):
   """Field embeddings -> ML-SAT layers -> ``out + bias_net(z)`` -> L2 normalise."""
 
-  def __init__(self, specs: Sequence, rows: Sequence[int], embed_dim: int, k: int, d_s: int,
-               widths: Sequence[int], out_dim: int, bias_hidden: int, act: str):
+  def __init__(
+    self,
+    specs: Sequence,
+    rows: Sequence[int],
+    embed_dim: int,
+    k: int,
+    d_s: int,
+    widths: Sequence[int],
+    out_dim: int,
+    bias_hidden: int,
+    act: str,
+  ):
     super().__init__()
     self.specs = list(specs)
-    self.embed = nn.ParameterDict({s.name: _normal((r, embed_dim), 0.1)
-                                   for s, r in zip(self.specs, rows)})
+    self.embed = nn.ParameterDict(
+      {s.name: _normal((r, embed_dim), 0.1) for s, r in zip(self.specs, rows)}
+    )
     self.k, self.act = k, ACTIVATIONS[act]
     d = embed_dim * len(self.specs)
     layers = []
@@ -192,10 +210,13 @@ class Tower(nn.Module):
     for layer in self.layers:
       g, h = layer(g, h, z, onehot)
     out = self.out(h)
-    if grouped or (onehot is None and z.dim() == 2):   # bias net once per scenario
-      bias = self.bias_out(self.act(self.bias_hidden(z)))                 # [K, D]
-      bias = (bias.index_select(0, onehot.scenario).reshape(B, -1, bias.shape[-1]) if grouped
-              else bias[None])
+    if grouped or (onehot is None and z.dim() == 2):  # bias net once per scenario
+      bias = self.bias_out(self.act(self.bias_hidden(z)))  # [K, D]
+      bias = (
+        bias.index_select(0, onehot.scenario).reshape(B, -1, bias.shape[-1])
+        if grouped
+        else bias[None]
+      )
       r = out + bias
     else:
       zb = z.expand(*out.shape[:-1], z.shape[-1])
@@ -207,9 +228,21 @@ class TorchSASS(nn.Module):
   """The two-tower SASS model; ``encode_user`` / ``encode_item`` as in ``sass_jax``: scenario
   int64 ``[B]`` -> ``[B, D]``, None -> ``[B, K, D]``."""
 
-  def __init__(self, user_specs, item_specs, user_rows, item_rows, num_scenarios: int,
-               embed_dim=16, scenario_dim=16, widths=(256, 128), out_dim=64, bias_hidden=32,
-               activation="relu", compute="grouped"):
+  def __init__(
+    self,
+    user_specs,
+    item_specs,
+    user_rows,
+    item_rows,
+    num_scenarios: int,
+    embed_dim=16,
+    scenario_dim=16,
+    widths=(256, 128),
+    out_dim=64,
+    bias_hidden=32,
+    activation="relu",
+    compute="grouped",
+  ):
     super().__init__()
     if compute not in ("grouped", "onehot"):
       raise ValueError(f"compute={compute!r}; expected 'grouped' or 'onehot'")
@@ -223,25 +256,39 @@ class TorchSASS(nn.Module):
   def from_model_config(cls, mc) -> "TorchSASS":
     """Build from a ``sass_jax.model.towers.ModelConfig``; raises ValueError for an option this
     reference does not implement."""
-    unsupported = {"gate_style": (mc.gate_style, "gated_sum"), "bias_mode": (mc.bias_mode, "add"),
-                   "gate_per_scenario": (mc.gate_per_scenario, False),
-                   "layer_norm": (mc.layer_norm, False), "dropout": (mc.dropout, 0.0)}
+    unsupported = {
+      "gate_style": (mc.gate_style, "gated_sum"),
+      "bias_mode": (mc.bias_mode, "add"),
+      "gate_per_scenario": (mc.gate_per_scenario, False),
+      "layer_norm": (mc.layer_norm, False),
+      "dropout": (mc.dropout, 0.0),
+    }
     bad = {k: v for k, (v, want) in unsupported.items() if v != want}
     if bad:
       raise ValueError(f"torch_reference implements the default SASS only; config.model has {bad}")
-    from sass_jax.model.embedding import padded_rows   # the JAX tables' row counts
+    from sass_jax.model.embedding import padded_rows  # the JAX tables' row counts
 
     pad = lambda v: padded_rows(int(v), mc.vocab_pad_to)
-    return cls(mc.user_specs, mc.item_specs, [pad(s.vocab_size) for s in mc.user_specs],
-               [pad(s.vocab_size) for s in mc.item_specs], mc.num_scenarios, mc.embed_dim,
-               mc.scenario_dim, tuple(mc.widths), mc.out_dim, mc.bias_hidden, mc.activation,
-               getattr(mc, "scenario_compute", "grouped"))
+    return cls(
+      mc.user_specs,
+      mc.item_specs,
+      [pad(s.vocab_size) for s in mc.user_specs],
+      [pad(s.vocab_size) for s in mc.item_specs],
+      mc.num_scenarios,
+      mc.embed_dim,
+      mc.scenario_dim,
+      tuple(mc.widths),
+      mc.out_dim,
+      mc.bias_hidden,
+      mc.activation,
+      getattr(mc, "scenario_compute", "grouped"),
+    )
 
   def _encode(self, tower, feats, scenario):
     if self.compute == "grouped":
       if scenario is None:
         return tower(feats, self.scenario_embedding, None)
-      r = tower(feats, self.scenario_embedding, Groups(scenario, self.k))   # [B, V, D]
+      r = tower(feats, self.scenario_embedding, Groups(scenario, self.k))  # [B, V, D]
       return r[:, 0] if scenario.dim() == 1 else r
     if scenario is None:
       return tower(feats, self.scenario_embedding[None], None)
@@ -266,9 +313,12 @@ class TorchSASS(nn.Module):
         t.copy_(_t(p["embed"][name]))
       for l, layer in enumerate(tower.layers):
         q = p[f"mlsat_{l}"]
-        for mine, theirs in ((layer.glob, "global"), (layer.scenario, "scenario"),
-                             (layer.adaptive_gate, "adaptive_gate"),
-                             (layer.update_gate, "update_gate")):
+        for mine, theirs in (
+          (layer.glob, "global"),
+          (layer.scenario, "scenario"),
+          (layer.adaptive_gate, "adaptive_gate"),
+          (layer.update_gate, "update_gate"),
+        ):
           mine.kernel.copy_(_t(q[theirs]["kernel"]))
           mine.bias.copy_(_t(q[theirs]["bias"]))
       for name in ("out", "bias_hidden", "bias_out"):
@@ -307,20 +357,22 @@ def sampled_softmax_logq(logits, item_ids, logq, tau: float, alpha: float, scena
   return _ce_diag(z).mean()
 
 
-def finetune_loss(model: TorchSASS, b: Mapping, tau: float, logq_strength: float,
-                  negatives: str = "all"):
+def finetune_loss(
+  model: TorchSASS, b: Mapping, tau: float, logq_strength: float, negatives: str = "all"
+):
   """Stage-2 loss on a torch batch (``steps.finetune_loss``)."""
   if negatives not in ("all", "same_scenario"):
     raise ValueError(f"negatives={negatives!r}; expected 'all' or 'same_scenario'")
-  u = model.encode_user(b["user"], b["scenario"])                      # [B, D]
+  u = model.encode_user(b["user"], b["scenario"])  # [B, D]
   if negatives == "same_scenario":
-    i = model.encode_item(b["item"], b["scenario"])                    # [B, D]
-    return sampled_softmax_logq(u @ i.T, b["item_index"], b["item_logq"], tau, logq_strength,
-                                b["scenario"])
-  i_all = model.encode_item(b["item"], None)                           # [B, K, D]
-  if model.compute == "grouped":   # row b times the items in its own scenario only
+    i = model.encode_item(b["item"], b["scenario"])  # [B, D]
+    return sampled_softmax_logq(
+      u @ i.T, b["item_index"], b["item_logq"], tau, logq_strength, b["scenario"]
+    )
+  i_all = model.encode_item(b["item"], None)  # [B, K, D]
+  if model.compute == "grouped":  # row b times the items in its own scenario only
     groups = Groups(b["scenario"], model.k)
-    logits = grouped_linear(u, i_all.permute(1, 2, 0), groups)         # [B, B]
+    logits = grouped_linear(u, i_all.permute(1, 2, 0), groups)  # [B, B]
   else:
     onehot = nn.functional.one_hot(b["scenario"], model.k).to(u.dtype)
     logits = torch.einsum("bkd,jkd->bj", u[:, None, :] * onehot[:, :, None], i_all)
@@ -333,34 +385,45 @@ def pretrain_loss(model: TorchSASS, b: Mapping, tau: float, pairs: str):
     u = model.encode_user(b["user"], b["scenario"])
     i = model.encode_item(b["item"], b["scenario"])
     # a column sharing the row's user or its item is masked (as in ``steps.pretrain_loss``)
-    logits = (u @ i.T / tau).masked_fill(_dup_mask(b["user_index"]) | _dup_mask(b["item_index"]),
-                                         _MASKED)
+    logits = (u @ i.T / tau).masked_fill(
+      _dup_mask(b["user_index"]) | _dup_mask(b["item_index"]), _MASKED
+    )
     return 0.5 * (_ce_diag(logits).mean() + _ce_diag(logits.T).mean())
   if pairs != "scenario_views":
     raise ValueError(f"pairs={pairs!r}; expected 'scenario_views' or 'user_item'")
-  if model.compute == "grouped":   # only the two views
-    uv, iv = model.encode_user(b["user"], b["user_views"]), model.encode_item(b["item"], b["item_views"])
+  if model.compute == "grouped":  # only the two views
+    uv, iv = (
+      model.encode_user(b["user"], b["user_views"]),
+      model.encode_item(b["item"], b["item_views"]),
+    )
   else:
     u_all, i_all = model.encode_user(b["user"], None), model.encode_item(b["item"], None)
     take = lambda v, idx: torch.gather(v, 1, idx[:, :, None].expand(-1, -1, v.shape[-1]))
     uv, iv = take(u_all, b["user_views"]), take(i_all, b["item_views"])
-  return (info_nce(uv[:, 0], uv[:, 1], b["user_index"], tau)
-          + info_nce(iv[:, 0], iv[:, 1], b["item_index"], tau))
+  return info_nce(uv[:, 0], uv[:, 1], b["user_index"], tau) + info_nce(
+    iv[:, 0], iv[:, 1], b["item_index"], tau
+  )
 
 
 def to_torch(batch: Mapping, device: str | torch.device = "cpu") -> dict:
   """A NumPy batch of ``sass_jax.data.pipeline.BatchFn`` as torch tensors (ids int64) on
   ``device``."""
+
   def conv(x):
     x = np.asarray(x)
-    return torch.from_numpy(x.astype(np.int64 if x.dtype.kind in "iu" else x.dtype,
-                                     copy=True)).to(device)
-  return {k: ({f: conv(v) for f, v in x.items()} if isinstance(x, Mapping) else conv(x))
-          for k, x in batch.items()}
+    return torch.from_numpy(x.astype(np.int64 if x.dtype.kind in "iu" else x.dtype, copy=True)).to(
+      device
+    )
+
+  return {
+    k: ({f: conv(v) for f, v in x.items()} if isinstance(x, Mapping) else conv(x))
+    for k, x in batch.items()
+  }
 
 
-def make_optimizer(model: nn.Module, lr: float, num_steps: int, warmup: int,
-                   weight_decay: float = 0.0):
+def make_optimizer(
+  model: nn.Module, lr: float, num_steps: int, warmup: int, weight_decay: float = 0.0
+):
   """AdamW with the schedule of ``sass_jax.train.steps.make_optimizer`` (linear warm-up from 0,
   cosine decay to 10% at ``num_steps``). Returns (optimizer, LambdaLR scheduler)."""
   warmup = min(int(warmup), max(num_steps - 1, 0))
@@ -372,15 +435,25 @@ def make_optimizer(model: nn.Module, lr: float, num_steps: int, warmup: int,
     t = min(max(step - warmup, 0), decay) / decay
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
 
-  opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
-                          weight_decay=weight_decay)
+  opt = torch.optim.AdamW(
+    model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
+  )
   return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def make_step(model: TorchSASS, stage: str, tau: float, lr: float, num_steps: int, warmup: int,
-              weight_decay: float = 0.0, logq_strength: float = 1.0,
-              pairs: str = "scenario_views", negatives: str = "all",
-              compile: bool = False) -> Callable[[dict], float]:
+def make_step(
+  model: TorchSASS,
+  stage: str,
+  tau: float,
+  lr: float,
+  num_steps: int,
+  warmup: int,
+  weight_decay: float = 0.0,
+  logq_strength: float = 1.0,
+  pairs: str = "scenario_views",
+  negatives: str = "all",
+  compile: bool = False,
+) -> Callable[[dict], float]:
   """A training step ``step(torch_batch) -> loss tensor`` (zero_grad, forward, backward, AdamW
   step, schedule step). ``stage`` is 'finetune' or 'pretrain'; raises ValueError otherwise.
   ``compile``: the loss function (forward, and through AOTAutograd its backward) runs under
@@ -403,4 +476,5 @@ def make_step(model: TorchSASS, stage: str, tau: float, lr: float, num_steps: in
     opt.step()
     sched.step()
     return loss.detach()
+
   return step

@@ -44,6 +44,7 @@ Splits: csv -- the files' own train / val / test. Raw -- test file = test; the t
 at random (seeded) into train and valid in the ratio ``split[0] : split[1]``; without the test
 pair, all rows are split 8:1:1 (``data_cfg.split``).
 """
+
 from __future__ import annotations
 
 import array
@@ -56,8 +57,17 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.store import Rejects
-from sass_jax.data.table import (Interner, bad_utf8, build_and_write, cfg_get, random_split,
-                                 read_csv, check_file, rejected_dict, split_fractions)
+from sass_jax.data.table import (
+  Interner,
+  bad_utf8,
+  build_and_write,
+  cfg_get,
+  random_split,
+  read_csv,
+  check_file,
+  rejected_dict,
+  split_fractions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +83,18 @@ RAW_FILES = ("sample_skeleton_{}.csv", "common_features_{}.csv")
 
 def _find_csv_files(d: Path) -> dict[str, Path]:
   """split name -> the preprocessed CSV of that split in ``d`` (raises if not exactly one)."""
-  cands = sorted(p for p in d.glob("*.csv")
-                 if not p.name.startswith(("sample_skeleton_", "common_features_")))
+  cands = sorted(
+    p for p in d.glob("*.csv") if not p.name.startswith(("sample_skeleton_", "common_features_"))
+  )
   keys = {"train": ("train",), "valid": ("val",), "test": ("test",)}
   out = {}
   for split, words in keys.items():
     hits = [p for p in cands if any(w in p.stem.lower() for w in words)]
     if len(hits) != 1:
       raise FileNotFoundError(
-          f"{d}: expected one preprocessed Ali-CCP CSV whose name contains {words[0]!r} "
-          f"(e.g. ali_ccp_{words[0]}.csv), found {[p.name for p in hits] or 'none'}")
+        f"{d}: expected one preprocessed Ali-CCP CSV whose name contains {words[0]!r} "
+        f"(e.g. ali_ccp_{words[0]}.csv), found {[p.name for p in hits] or 'none'}"
+      )
     out[split] = hits[0]
   return out
 
@@ -97,9 +109,11 @@ def detect_layout(d: Path, layout: str = "auto") -> str:
     return "raw"
   if any(d.glob("*train*.csv")):
     return "csv"
-  raise FileNotFoundError(f"{d}: neither the Tianchi layout (sample_skeleton_train.csv + "
-                          "common_features_train.csv) nor preprocessed *train*.csv / *val*.csv / "
-                          "*test*.csv files found")
+  raise FileNotFoundError(
+    f"{d}: neither the Tianchi layout (sample_skeleton_train.csv + "
+    "common_features_train.csv) nor preprocessed *train*.csv / *val*.csv / "
+    "*test*.csv files found"
+  )
 
 
 # ----------------------------------------------------------------------------- csv layout
@@ -127,8 +141,9 @@ def _read_csv_layout(d: Path, data_cfg, rej: Rejects):
   read = collections.Counter()
   for split_id, name in enumerate(("train", "valid", "test")):
     path = files[name]
-    for lineno, row in read_csv(path, rej, required, "a preprocessed Ali-CCP CSV (torch-rechub)",
-                                counter=read):
+    for lineno, row in read_csv(
+      path, rej, required, "a preprocessed Ali-CCP CSV (torch-rechub)", counter=read
+    ):
       vals = {}
       for f in ("click", SCENARIO_FIELD, *USER_FIELDS, *ITEM_FIELDS):
         v = row[f].strip()
@@ -142,31 +157,54 @@ def _read_csv_layout(d: Path, data_cfg, rej: Rejects):
         vals[f] = x
       else:
         if vals["click"] not in (0, 1):
-          rej.reject(path, lineno, "bad_click", f"field 'click': expected 0 or 1, got {vals['click']}")
+          rej.reject(
+            path, lineno, "bad_click", f"field 'click': expected 0 or 1, got {vals['click']}"
+          )
           continue
         s = str(vals[SCENARIO_FIELD])
         if s not in allowed:
-          rej.reject(path, lineno, "unknown_scenario",
-                     f"field '301': {s} is not one of the scenarios {allowed}")
+          rej.reject(
+            path,
+            lineno,
+            "unknown_scenario",
+            f"field '301': {s} is not one of the scenarios {allowed}",
+          )
           continue
         nu, ni = len(users), len(items)
         u = users(_csv_key(vals, "101", USER_FIELDS))
         i = items(_csv_key(vals, "205", ITEM_FIELDS))
-        if u == nu:   # first occurrence: this row's user fields; 0 = unknown -> missing
-          ufeat.append([vals[f] or None for f in USER_SCALAR]
-                       + [[vals[f]] if vals[f] else [] for f in USER_MULTI])
+        if u == nu:  # first occurrence: this row's user fields; 0 = unknown -> missing
+          ufeat.append(
+            [vals[f] or None for f in USER_SCALAR]
+            + [[vals[f]] if vals[f] else [] for f in USER_MULTI]
+          )
         if i == ni:
           ifeat.append([vals[f] or None for f in ITEM_FIELDS])
         r_user.append(u), r_item.append(i), r_scen.append(allowed.index(s))
         r_label.append(vals["click"]), r_split.append(split_id), r_line.append(lineno)
   scen_names = [f"301={s}" for s in allowed]
   split = np.frombuffer(r_split, np.int8).copy()
-  return (users, items, ufeat, ifeat, r_user, r_item, r_scen, r_label, split, scen_names, read,
-          list(files.values()), np.frombuffer(r_line, np.int64), split.astype(np.int64),
-          list(files.values()))
+  return (
+    users,
+    items,
+    ufeat,
+    ifeat,
+    r_user,
+    r_item,
+    r_scen,
+    r_label,
+    split,
+    scen_names,
+    read,
+    list(files.values()),
+    np.frombuffer(r_line, np.int64),
+    split.astype(np.int64),
+    list(files.values()),
+  )
 
 
 # ----------------------------------------------------------------------------- raw layout
+
 
 def _parse_features(path, lineno, text, feature_num, wanted, rej):
   """{field: [(feature_id int, weight float), ...]} for the ``wanted`` fields of a feature list.
@@ -179,20 +217,32 @@ def _parse_features(path, lineno, text, feature_num, wanted, rej):
   try:
     n = int(feature_num)
   except ValueError:
-    rej.reject(path, lineno, "bad_feature_num",
-               f"field 'feature_num': expected an integer, got {feature_num!r}")
+    rej.reject(
+      path,
+      lineno,
+      "bad_feature_num",
+      f"field 'feature_num': expected an integer, got {feature_num!r}",
+    )
     return None
   if n != len(entries):
-    rej.reject(path, lineno, "bad_feature_num",
-               f"field 'feature_num': {n}, but the feature_list has {len(entries)} entries")
+    rej.reject(
+      path,
+      lineno,
+      "bad_feature_num",
+      f"field 'feature_num': {n}, but the feature_list has {len(entries)} entries",
+    )
     return None
   out = collections.defaultdict(list)
   for k, e in enumerate(entries):
     field, sep, rest = e.partition("\x02")
     fid, sep2, w = rest.partition("\x03")
     if not sep or not sep2:
-      rej.reject(path, lineno, "bad_feature_list",
-                 f"field 'feature_list': entry {k + 1} {e!r} is not field\\x02id\\x03value")
+      rej.reject(
+        path,
+        lineno,
+        "bad_feature_list",
+        f"field 'feature_list': entry {k + 1} {e!r} is not field\\x02id\\x03value",
+      )
       return None
     if field in wanted:
       try:
@@ -201,9 +251,13 @@ def _parse_features(path, lineno, text, feature_num, wanted, rej):
           raise ValueError
         out[field].append((v, float(w)))
       except ValueError:
-        rej.reject(path, lineno, "bad_feature_id",
-                   f"field {field!r}: expected an integer feature id and a numeric value, "
-                   f"got {fid!r} / {w!r}")
+        rej.reject(
+          path,
+          lineno,
+          "bad_feature_id",
+          f"field {field!r}: expected an integer feature id and a numeric value, "
+          f"got {fid!r} / {w!r}",
+        )
         return None
   return out
 
@@ -258,9 +312,13 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
     for lineno, line in _lines(common, rej, read):
       cols = line.split(",")
       if len(cols) != 3:
-        rej.reject(common, lineno, "wrong_field_count",
-                   f"{len(cols)} comma-separated fields, expected 3 (common_feature_index, "
-                   "feature_num, feature_list)")
+        rej.reject(
+          common,
+          lineno,
+          "wrong_field_count",
+          f"{len(cols)} comma-separated fields, expected 3 (common_feature_index, "
+          "feature_num, feature_list)",
+        )
         continue
       cfi, fnum, flist = cols
       feats = _parse_features(common, lineno, flist, fnum, user_wanted, rej)
@@ -271,8 +329,12 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
         rej.reject(common, lineno, "missing_user_id", "field '101' (user id) is missing")
         continue
       if cfi in cfi_user:
-        rej.reject(common, lineno, "duplicate_common_feature_index",
-                   f"field 'common_feature_index': {cfi} repeats an earlier line")
+        rej.reject(
+          common,
+          lineno,
+          "duplicate_common_feature_index",
+          f"field 'common_feature_index': {cfi} repeats an earlier line",
+        )
         continue
       n = len(users)
       u = cfi_user[cfi] = users(uid)
@@ -280,7 +342,7 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
         row = [scalar(feats, f, common) for f in USER_SCALAR]
         for f in USER_MULTI:
           v = feats.get(f, [])
-          if max_len and len(v) > max_len:   # keep the highest-weight values, stable
+          if max_len and len(v) > max_len:  # keep the highest-weight values, stable
             v = sorted(v, key=lambda t: -t[1])[:max_len]
           row.append(np.asarray([t[0] for t in v], np.int64))
         ufeat.append(row)
@@ -288,9 +350,13 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
     for lineno, line in _lines(skel, rej, read):
       cols = line.split(",")
       if len(cols) != 6:
-        rej.reject(skel, lineno, "wrong_field_count",
-                   f"{len(cols)} comma-separated fields, expected 6 (sample_id, click, "
-                   "conversion, common_feature_index, feature_num, feature_list)")
+        rej.reject(
+          skel,
+          lineno,
+          "wrong_field_count",
+          f"{len(cols)} comma-separated fields, expected 6 (sample_id, click, "
+          "conversion, common_feature_index, feature_num, feature_list)",
+        )
         continue
       _sid, click, _conv, cfi, fnum, flist = cols
       if click not in ("0", "1"):
@@ -298,21 +364,30 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
         continue
       u = cfi_user.get(cfi)
       if u is None:
-        rej.reject(skel, lineno, "unknown_common_feature_index",
-                   f"field 'common_feature_index': {cfi!r} is not in {common.name}")
+        rej.reject(
+          skel,
+          lineno,
+          "unknown_common_feature_index",
+          f"field 'common_feature_index': {cfi!r} is not in {common.name}",
+        )
         continue
       feats = _parse_features(skel, lineno, flist, fnum, item_wanted, rej)
       if feats is None:
         continue
       sc = feats.get(SCENARIO_FIELD, [])
       if len(sc) != 1:
-        rej.reject(skel, lineno, "unknown_scenario",
-                   f"field '301': {len(sc)} values, expected exactly 1")
+        rej.reject(
+          skel, lineno, "unknown_scenario", f"field '301': {len(sc)} values, expected exactly 1"
+        )
         continue
       s = str(sc[0][0])
       if allowed is not None and s not in allowed:
-        rej.reject(skel, lineno, "unknown_scenario",
-                   f"field '301': {s} is not one of the scenarios {allowed}")
+        rej.reject(
+          skel,
+          lineno,
+          "unknown_scenario",
+          f"field '301': {s} is not one of the scenarios {allowed}",
+        )
         continue
       iid = scalar(feats, "205", skel)
       if iid is None:
@@ -332,7 +407,7 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
   n = len(part)
   frac = split_fractions(data_cfg)
   seed = int(cfg_get(data_cfg, "split_seed", 42))
-  if len(parts) == 2:   # test file = test; train file -> train / valid at split[0] : split[1]
+  if len(parts) == 2:  # test file = test; train file -> train / valid at split[0] : split[1]
     split = np.full(n, 2, np.int8)
     tr = np.flatnonzero(part == 0)
     n_train = int(round(frac[0] / max(frac[0] + frac[1], 1e-12) * len(tr)))
@@ -341,12 +416,28 @@ def _read_raw_layout(d: Path, data_cfg, rej: Rejects):
     split[tr[perm[n_train:]]] = 1
   else:
     split = random_split(n, frac, seed)
-  return (users, items, ufeat, ifeat, r_user, r_item, r_scen, r_label, split,
-          [f"301={s}" for s in names], read, sources, np.frombuffer(r_line, np.int64),
-          part.astype(np.int64), skels, dict(multi_scalar))
+  return (
+    users,
+    items,
+    ufeat,
+    ifeat,
+    r_user,
+    r_item,
+    r_scen,
+    r_label,
+    split,
+    [f"301={s}" for s in names],
+    read,
+    sources,
+    np.frombuffer(r_line, np.int64),
+    part.astype(np.int64),
+    skels,
+    dict(multi_scalar),
+  )
 
 
 # ----------------------------------------------------------------------------- prepare
+
 
 def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   """Read Ali-CCP from ``data_cfg.dir`` (raw Tianchi or preprocessed CSV) and write a store.
@@ -372,11 +463,42 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   layout = detect_layout(d, cfg_get(data_cfg, "layout", "auto"))
   notes = {}
   if layout == "csv":
-    (users, items, ufeat, ifeat, r_user, r_item, r_scen, r_label, split, names, read,
-     sources, lines, fidx, row_files) = _read_csv_layout(d, data_cfg, rej)
+    (
+      users,
+      items,
+      ufeat,
+      ifeat,
+      r_user,
+      r_item,
+      r_scen,
+      r_label,
+      split,
+      names,
+      read,
+      sources,
+      lines,
+      fidx,
+      row_files,
+    ) = _read_csv_layout(d, data_cfg, rej)
   else:
-    (users, items, ufeat, ifeat, r_user, r_item, r_scen, r_label, split, names, read, sources,
-     lines, fidx, row_files, multi_scalar) = _read_raw_layout(d, data_cfg, rej)
+    (
+      users,
+      items,
+      ufeat,
+      ifeat,
+      r_user,
+      r_item,
+      r_scen,
+      r_label,
+      split,
+      names,
+      read,
+      sources,
+      lines,
+      fidx,
+      row_files,
+      multi_scalar,
+    ) = _read_raw_layout(d, data_cfg, rej)
     if multi_scalar:
       notes["scalar_fields_with_several_values_first_kept"] = multi_scalar
   if len(r_user) == 0:
@@ -385,12 +507,22 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   r_scen, r_label = np.asarray(r_scen, np.int32), np.frombuffer(r_label, np.int8)
 
   def detail(i, j):
-    where = (f"line {lines[j]}" if fidx[i] == fidx[j]
-             else f"{row_files[fidx[j]].name}:{lines[j]}")
-    return (f"fields '101', '205', '301': ({users.keys[r_user[i]]}, {items.keys[r_item[i]]}, "
-            f"{names[r_scen[i]]}) repeat {where}")
-  dd = store.resolve_duplicates(dup_policy, rej, (r_user, r_item, r_scen), lines=lines,
-                                paths=row_files, files=fidx, values=r_label, detail=detail)
+    where = f"line {lines[j]}" if fidx[i] == fidx[j] else f"{row_files[fidx[j]].name}:{lines[j]}"
+    return (
+      f"fields '101', '205', '301': ({users.keys[r_user[i]]}, {items.keys[r_item[i]]}, "
+      f"{names[r_scen[i]]}) repeat {where}"
+    )
+
+  dd = store.resolve_duplicates(
+    dup_policy,
+    rej,
+    (r_user, r_item, r_scen),
+    lines=lines,
+    paths=row_files,
+    files=fidx,
+    values=r_label,
+    detail=detail,
+  )
   r_user, r_item, r_scen, r_label = r_user[dd.rows], r_item[dd.rows], r_scen[dd.rows], dd.values
   split = np.asarray(split)[dd.rows]
 
@@ -400,28 +532,49 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   ivals = {f: [row[j] for row in ifeat] for j, f in enumerate(ITEM_FIELDS)}
   ivals["205"] = [k if isinstance(k, int) else None for k in items.keys]
   extra = {
-      "dataset": "ali_ccp",
-      "layout": layout,
-      "source_dir": str(d.resolve()),
-      "sources": store.source_records(sources),
-      "rows_read": dict(read),
-      "rows_rejected": rejected_dict(rej),
-      **store.duplicates_manifest(dup_policy, dd),
-      "options": store.data_options(data_cfg),
-      "label": "click",
-      "scenario_rule": "field 301: " + ", ".join(f"{n} -> {k}" for k, n in enumerate(names)),
-      "field_mapping": {"user": list(USER_FIELDS), "user_multi_hot": list(USER_MULTI),
-                        "item": list(ITEM_FIELDS), "scenario": SCENARIO_FIELD,
-                        "unused": list(CROSS_FIELDS) + ["dense weights", "purchase/conversion"]},
-      "entity_features": "first occurrence of each user (101) / item (205)",
-      **notes,
+    "dataset": "ali_ccp",
+    "layout": layout,
+    "source_dir": str(d.resolve()),
+    "sources": store.source_records(sources),
+    "rows_read": dict(read),
+    "rows_rejected": rejected_dict(rej),
+    **store.duplicates_manifest(dup_policy, dd),
+    "options": store.data_options(data_cfg),
+    "label": "click",
+    "scenario_rule": "field 301: " + ", ".join(f"{n} -> {k}" for k, n in enumerate(names)),
+    "field_mapping": {
+      "user": list(USER_FIELDS),
+      "user_multi_hot": list(USER_MULTI),
+      "item": list(ITEM_FIELDS),
+      "scenario": SCENARIO_FIELD,
+      "unused": list(CROSS_FIELDS) + ["dense weights", "purchase/conversion"],
+    },
+    "entity_features": "first occurrence of each user (101) / item (205)",
+    **notes,
   }
   out = build_and_write(
-      out_dir, scenario_names=names, r_user=r_user, r_item=r_item, scenario=r_scen,
-      label=r_label, split=split, user_keys=users.keys,
-      item_keys=items.keys, user_vals=uvals, item_vals=ivals, multi=USER_MULTI,
-      min_count=int(cfg_get(data_cfg, "min_count", 1)),
-      max_len=int(cfg_get(data_cfg, "max_multi_hot", 0) or 0), extra=extra)
-  log.info("prepared Ali-CCP (%s layout): %d impressions, %d users, %d items; rejected %s",
-           layout, len(r_user), len(users), len(items), extra["rows_rejected"] or "none")
+    out_dir,
+    scenario_names=names,
+    r_user=r_user,
+    r_item=r_item,
+    scenario=r_scen,
+    label=r_label,
+    split=split,
+    user_keys=users.keys,
+    item_keys=items.keys,
+    user_vals=uvals,
+    item_vals=ivals,
+    multi=USER_MULTI,
+    min_count=int(cfg_get(data_cfg, "min_count", 1)),
+    max_len=int(cfg_get(data_cfg, "max_multi_hot", 0) or 0),
+    extra=extra,
+  )
+  log.info(
+    "prepared Ali-CCP (%s layout): %d impressions, %d users, %d items; rejected %s",
+    layout,
+    len(r_user),
+    len(users),
+    len(items),
+    extra["rows_rejected"] or "none",
+  )
   return out

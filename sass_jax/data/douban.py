@@ -7,6 +7,7 @@
 
 The file readers it shares with ``amazon.py`` and ``mind.py`` are in ``readers.py``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 # Shared by both releases.
 # ----------------------------------------------------------------------------------------------
+
 
 def _entities(r_user, r_item, r_dom, domain_names):
   """Entity tables of per-domain item ids: items are keyed by (domain, id).
@@ -54,13 +56,18 @@ def find_gadtcdr_file(data_dir: Path, domain: str) -> Path:
   Raises FileNotFoundError naming the expected file if neither exists.
   """
   flat = data_dir / f"douban_{domain}_ratings.dat"
-  for p in (flat, data_dir / f"douban_{domain}" / "ratings.dat",
-            data_dir / "Data" / f"douban_{domain}" / "ratings.dat"):
+  for p in (
+    flat,
+    data_dir / f"douban_{domain}" / "ratings.dat",
+    data_dir / "Data" / f"douban_{domain}" / "ratings.dat",
+  ):
     if p.is_file():
       return p
-  raise FileNotFoundError(f"{flat}: file not found (expected the GA-DTCDR ratings of domain "
-                          f"{domain!r}: douban_{domain}_ratings.dat or "
-                          f"douban_{domain}/ratings.dat in {data_dir})")
+  raise FileNotFoundError(
+    f"{flat}: file not found (expected the GA-DTCDR ratings of domain "
+    f"{domain!r}: douban_{domain}_ratings.dat or "
+    f"douban_{domain}/ratings.dat in {data_dir})"
+  )
 
 
 def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
@@ -93,21 +100,31 @@ def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
 
   read, parts = {}, []
   for k, path in enumerate(paths):
-    vals, linenos, n_read = read_int_table(path, GADTCDR_COLUMNS, rej,
-                                           "GA-DTCDR layout: user_id<TAB>item_id<TAB>rating")
+    vals, linenos, n_read = read_int_table(
+      path, GADTCDR_COLUMNS, rej, "GA-DTCDR layout: user_id<TAB>item_id<TAB>rating"
+    )
     read[rej.key(path)] = n_read
     bad = (vals[:, 2] < 1) | (vals[:, 2] > 5)
-    keep = rej.reject_rows(path, bad, linenos, "bad_rating",
-                           lambda i: f"field 'rating': {vals[i, 2]} is not one of 1..5")
+    keep = rej.reject_rows(
+      path, bad, linenos, "bad_rating", lambda i: f"field 'rating': {vals[i, 2]} is not one of 1..5"
+    )
     vals, linenos = vals[keep], linenos[keep]
     parts.append(np.column_stack([vals, np.full(len(vals), k, np.int64), linenos]))
   allv = np.concatenate(parts)
   # A (user, item) pair rated twice within a domain (scenario); items are per domain.
   dd = store.resolve_duplicates(
-      dup_policy, rej, (allv[:, 0], allv[:, 1], allv[:, 3]), lines=allv[:, 4], paths=paths,
-      files=allv[:, 3], values=allv[:, 2],
-      detail=lambda i, j: (f"fields 'user_id', 'item_id': ({allv[i, 0]}, {allv[i, 1]}) repeats "
-                           f"an earlier line (line {allv[j, 4]})"))
+    dup_policy,
+    rej,
+    (allv[:, 0], allv[:, 1], allv[:, 3]),
+    lines=allv[:, 4],
+    paths=paths,
+    files=allv[:, 3],
+    values=allv[:, 2],
+    detail=lambda i, j: (
+      f"fields 'user_id', 'item_id': ({allv[i, 0]}, {allv[i, 1]}) repeats "
+      f"an earlier line (line {allv[j, 4]})"
+    ),
+  )
   allv = allv[dd.rows]
   allv[:, 2] = dd.values
   allv = allv[:, :4]
@@ -120,36 +137,60 @@ def prepare_gadtcdr(data_cfg, out_dir: str | Path) -> Path:
   mc = data_cfg.min_count
 
   item_key, user_raw, user_row, item_keys, item_row, item_dom, item_raw = _entities(
-      r_user, r_item, r_dom, domains)
+    r_user, r_item, r_dom, domains
+  )
 
   ucol, uspec = vocab_column("user_id", r_user[train], user_raw, mc)
   icol, ispec = vocab_column("item_id", item_key[train], item_keys, mc)
   dcol, dspec = vocab_column("domain", r_dom[train], item_dom, 1)
-  inter = {"user": user_row.astype(np.int32), "item": item_row.astype(np.int32),
-           "scenario": r_dom.astype(np.int32), "label": (r_rating >= 4).astype(np.float32),
-           "split": split}
+  inter = {
+    "user": user_row.astype(np.int32),
+    "item": item_row.astype(np.int32),
+    "scenario": r_dom.astype(np.int32),
+    "label": (r_rating >= 4).astype(np.float32),
+    "split": split,
+  }
   rejected = rej.as_dict()
   extra = {
-      "dataset": "douban_gadtcdr",
-      "source_dir": str(data_dir.resolve()),
-      "sources": store.source_records(paths, rej.root),
-      "rows_read": read,
-      "rows_rejected": rejected,
-      **store.duplicates_manifest(dup_policy, dd),
-      "rows_kept": {"ratings": n, "users": len(user_raw), "items": len(item_keys),
-                    **{f"ratings_{d}": int((r_dom == k).sum()) for k, d in enumerate(domains)}},
-      "options": store.data_options(data_cfg),
-      "label": "rating >= 4",
-      "scenario_rule": "the file's domain: " + ", ".join(f"{d} -> {k}"
-                                                         for k, d in enumerate(domains)),
+    "dataset": "douban_gadtcdr",
+    "source_dir": str(data_dir.resolve()),
+    "sources": store.source_records(paths, rej.root),
+    "rows_read": read,
+    "rows_rejected": rejected,
+    **store.duplicates_manifest(dup_policy, dd),
+    "rows_kept": {
+      "ratings": n,
+      "users": len(user_raw),
+      "items": len(item_keys),
+      **{f"ratings_{d}": int((r_dom == k).sum()) for k, d in enumerate(domains)},
+    },
+    "options": store.data_options(data_cfg),
+    "label": "rating >= 4",
+    "scenario_rule": "the file's domain: "
+    + ", ".join(f"{d} -> {k}" for k, d in enumerate(domains)),
   }
-  out = store.write_store(out_dir, scenario_names=list(domains), user_specs=[uspec],
-                          item_specs=[ispec, dspec], users={"user_id": ucol},
-                          items={"item_id": icol, "domain": dcol}, user_masks={}, item_masks={},
-                          inter=inter, user_raw_ids=user_raw.astype(str), item_raw_ids=item_raw,
-                          extra_manifest=extra)
-  log.info("prepared %d Douban ratings (%d users, %d items; rejected %s) into %s",
-           n, len(user_raw), len(item_keys), rejected or "none", out)
+  out = store.write_store(
+    out_dir,
+    scenario_names=list(domains),
+    user_specs=[uspec],
+    item_specs=[ispec, dspec],
+    users={"user_id": ucol},
+    items={"item_id": icol, "domain": dcol},
+    user_masks={},
+    item_masks={},
+    inter=inter,
+    user_raw_ids=user_raw.astype(str),
+    item_raw_ids=item_raw,
+    extra_manifest=extra,
+  )
+  log.info(
+    "prepared %d Douban ratings (%d users, %d items; rejected %s) into %s",
+    n,
+    len(user_raw),
+    len(item_keys),
+    rejected or "none",
+    out,
+  )
   return out
 
 
@@ -190,8 +231,9 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
   users: dict[int, tuple[str, int]] = {}
   r_user, r_item, r_label, r_scen, r_line = [], [], [], [], []
   n_read = 0
-  for lineno, row in read_csv_rows(path, SAMPLE_COLUMNS, rej, "the Scenario-Wise Rec "
-                                   "douban_sample.csv layout"):
+  for lineno, row in read_csv_rows(
+    path, SAMPLE_COLUMNS, rej, "the Scenario-Wise Rec douban_sample.csv layout"
+  ):
     n_read += 1
     if row is None:
       continue
@@ -208,26 +250,42 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
         rej.reject(path, lineno, "bad_rating", f"field 'rating': expected 0 or 1, got {rating!r}")
         continue
       if dom not in scen_of:
-        rej.reject(path, lineno, "unknown_domain", f"field 'domain': {dom!r} is not one of "
-                                                   f"{', '.join(SAMPLE_SCENARIOS)}")
+        rej.reject(
+          path,
+          lineno,
+          "unknown_domain",
+          f"field 'domain': {dom!r} is not one of {', '.join(SAMPLE_SCENARIOS)}",
+        )
         continue
       attrs = (row["living_place"].strip(), tbin)
       if users.setdefault(u, attrs) != attrs:
-        rej.reject(path, lineno, "inconsistent_user",
-                   f"fields 'living_place', 'time_bin': {attrs} differ from user {u}'s earlier "
-                   f"{users[u]}")
+        rej.reject(
+          path,
+          lineno,
+          "inconsistent_user",
+          f"fields 'living_place', 'time_bin': {attrs} differ from user {u}'s earlier {users[u]}",
+        )
         continue
       r_user.append(u), r_item.append(i), r_label.append(rating == "1"), r_scen.append(scen_of[dom])
       r_line.append(lineno)
   if not r_user:
     raise store.DataError(f"{path}: no valid rows")
-  r_user, r_item, r_scen, r_line = (np.asarray(a, np.int64)
-                                    for a in (r_user, r_item, r_scen, r_line))
+  r_user, r_item, r_scen, r_line = (
+    np.asarray(a, np.int64) for a in (r_user, r_item, r_scen, r_line)
+  )
   r_label = np.asarray(r_label, np.float32)
   dd = store.resolve_duplicates(
-      dup_policy, rej, (r_user, r_item, r_scen), lines=r_line, paths=[path], values=r_label,
-      detail=lambda i, j: (f"fields 'user_id', 'item_id', 'domain': ({r_user[i]}, {r_item[i]}, "
-                           f"{SAMPLE_SCENARIOS[r_scen[i]]}) repeat line {r_line[j]}"))
+    dup_policy,
+    rej,
+    (r_user, r_item, r_scen),
+    lines=r_line,
+    paths=[path],
+    values=r_label,
+    detail=lambda i, j: (
+      f"fields 'user_id', 'item_id', 'domain': ({r_user[i]}, {r_item[i]}, "
+      f"{SAMPLE_SCENARIOS[r_scen[i]]}) repeat line {r_line[j]}"
+    ),
+  )
   r_user, r_item, r_scen, r_label = r_user[dd.rows], r_item[dd.rows], r_scen[dd.rows], dd.values
   n = len(r_user)
   split = random_split(n, data_cfg.split, data_cfg.split_seed)
@@ -235,39 +293,61 @@ def prepare_sample(data_cfg, out_dir: str | Path) -> Path:
   mc = data_cfg.min_count
 
   item_key, user_raw, user_row, item_keys, item_row, item_dom, item_raw = _entities(
-      r_user, r_item, r_scen, SAMPLE_SCENARIOS)
+    r_user, r_item, r_scen, SAMPLE_SCENARIOS
+  )
   place = np.asarray([users[u][0] for u in r_user])
   tbin = np.asarray([users[u][1] for u in r_user])
 
   ucols, uspecs = {}, []
   for name, tr, ent, missing in (
-      ("user_id", r_user[train], user_raw, None),
-      ("living_place", place[train], np.asarray([users[u][0] for u in user_raw]), ""),
-      ("time_bin", tbin[train], np.asarray([users[u][1] for u in user_raw]), None)):
+    ("user_id", r_user[train], user_raw, None),
+    ("living_place", place[train], np.asarray([users[u][0] for u in user_raw]), ""),
+    ("time_bin", tbin[train], np.asarray([users[u][1] for u in user_raw]), None),
+  ):
     ucols[name], spec = vocab_column(name, tr, ent, mc, missing)
     uspecs.append(spec)
   icol, ispec = vocab_column("item_id", item_key[train], item_keys, mc)
   dcol, dspec = vocab_column("domain", r_scen[train], item_dom, 1)
-  inter = {"user": user_row.astype(np.int32), "item": item_row.astype(np.int32),
-           "scenario": r_scen.astype(np.int32), "label": r_label, "split": split}
+  inter = {
+    "user": user_row.astype(np.int32),
+    "item": item_row.astype(np.int32),
+    "scenario": r_scen.astype(np.int32),
+    "label": r_label,
+    "split": split,
+  }
   rejected = rej.as_dict()
   extra = {
-      "dataset": "douban_sample",
-      "source_dir": str(data_dir.resolve()),
-      "sources": store.source_records([path], rej.root),
-      "rows_read": {rej.key(path): n_read},
-      "rows_rejected": rejected,
-      **store.duplicates_manifest(dup_policy, dd),
-      "rows_kept": {"rows": n, "users": len(user_raw), "items": len(item_keys)},
-      "options": store.data_options(data_cfg),
-      "label": "rating (0/1 in the file)",
-      "scenario_rule": "domain: " + ", ".join(f"{s} -> {k}" for k, s in enumerate(SAMPLE_SCENARIOS)),
+    "dataset": "douban_sample",
+    "source_dir": str(data_dir.resolve()),
+    "sources": store.source_records([path], rej.root),
+    "rows_read": {rej.key(path): n_read},
+    "rows_rejected": rejected,
+    **store.duplicates_manifest(dup_policy, dd),
+    "rows_kept": {"rows": n, "users": len(user_raw), "items": len(item_keys)},
+    "options": store.data_options(data_cfg),
+    "label": "rating (0/1 in the file)",
+    "scenario_rule": "domain: " + ", ".join(f"{s} -> {k}" for k, s in enumerate(SAMPLE_SCENARIOS)),
   }
-  out = store.write_store(out_dir, scenario_names=list(SAMPLE_SCENARIOS), user_specs=uspecs,
-                          item_specs=[ispec, dspec], users=ucols,
-                          items={"item_id": icol, "domain": dcol}, user_masks={}, item_masks={},
-                          inter=inter, user_raw_ids=user_raw.astype(str), item_raw_ids=item_raw,
-                          extra_manifest=extra)
-  log.info("prepared %d Douban sample rows (%d users, %d items; rejected %s) into %s",
-           n, len(user_raw), len(item_keys), rejected or "none", out)
+  out = store.write_store(
+    out_dir,
+    scenario_names=list(SAMPLE_SCENARIOS),
+    user_specs=uspecs,
+    item_specs=[ispec, dspec],
+    users=ucols,
+    items={"item_id": icol, "domain": dcol},
+    user_masks={},
+    item_masks={},
+    inter=inter,
+    user_raw_ids=user_raw.astype(str),
+    item_raw_ids=item_raw,
+    extra_manifest=extra,
+  )
+  log.info(
+    "prepared %d Douban sample rows (%d users, %d items; rejected %s) into %s",
+    n,
+    len(user_raw),
+    len(item_keys),
+    rejected or "none",
+    out,
+  )
   return out

@@ -30,6 +30,7 @@ Repeats: a (user_id, video_id, tab) seen in several log rows is one exposure und
 counted in the manifest's rows_merged), so it never lands in both the training and the test
 split; 'error' / 'first' / 'last' / 'keep' as in ``store.resolve_duplicates``.
 """
+
 from __future__ import annotations
 
 import array
@@ -42,18 +43,40 @@ import numpy as np
 
 from sass_jax.data import store
 from sass_jax.data.store import Rejects
-from sass_jax.data.table import (Interner, build_and_write, cfg_get, random_split, read_csv,
-                                 rejected_dict, split_fractions)
+from sass_jax.data.table import (
+  Interner,
+  build_and_write,
+  cfg_get,
+  random_split,
+  read_csv,
+  rejected_dict,
+  split_fractions,
+)
 
 log = logging.getLogger(__name__)
 
 SHARED_FEATURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "kuairand_pure_features"
 LOG_COLUMNS = ("user_id", "video_id", "is_click", "tab")
-USER_FIELDS = ("user_active_degree", "is_lowactive_period", "is_live_streamer", "is_video_author",
-               "follow_user_num_range", "fans_user_num_range", "friend_user_num_range",
-               "register_days_range", *(f"onehot_feat{j}" for j in range(18)))
-ITEM_FIELDS = ("author_id", "video_type", "upload_type", "visible_status", "music_id",
-               "music_type", "tag")
+USER_FIELDS = (
+  "user_active_degree",
+  "is_lowactive_period",
+  "is_live_streamer",
+  "is_video_author",
+  "follow_user_num_range",
+  "fans_user_num_range",
+  "friend_user_num_range",
+  "register_days_range",
+  *(f"onehot_feat{j}" for j in range(18)),
+)
+ITEM_FIELDS = (
+  "author_id",
+  "video_type",
+  "upload_type",
+  "visible_status",
+  "music_id",
+  "music_type",
+  "tag",
+)
 SAMPLE_ITEM_FIELDS = ("video_type", "visible_status", "server_width", "server_height")
 MULTI = ("tag",)
 NUM_TABS = 15
@@ -77,10 +100,13 @@ def _id(path, lineno, field, text, rej) -> int | None:
   """An id of ``field`` within int64, or None after rejecting the row ('bad_<field>')."""
   k = store.parse_exact_int(text)
   if k is None:
-    rej.reject(path, lineno, f"bad_{field}", f"field {field!r}: expected an integer id, got {text!r}")
+    rej.reject(
+      path, lineno, f"bad_{field}", f"field {field!r}: expected an integer id, got {text!r}"
+    )
   elif not store.INT64_MIN <= k <= store.INT64_MAX:
-    rej.reject(path, lineno, f"bad_{field}",
-               f"field {field!r}: {text.strip()} does not fit a 64-bit integer")
+    rej.reject(
+      path, lineno, f"bad_{field}", f"field {field!r}: {text.strip()} does not fit a 64-bit integer"
+    )
     k = None
   return k
 
@@ -104,31 +130,41 @@ def find_files(data_cfg) -> tuple[str, list[Path], Path | None, Path | None]:
   if layout == "auto":
     layout = "release" if std else "sample"
   if layout == "release":
-    logs = std + (sorted(d.glob("log_random_*.csv")) if cfg_get(data_cfg, "include_random", False)
-                  else [])
+    logs = std + (
+      sorted(d.glob("log_random_*.csv")) if cfg_get(data_cfg, "include_random", False) else []
+    )
     if not std:
       raise FileNotFoundError(f"{d}: no log_standard_*.csv (the KuaiRand release layout)")
   else:
-    logs = sorted(p for p in d.glob("*.csv") if not p.name.startswith(
-        ("log_", "user_features_", "video_features_")))
+    logs = sorted(
+      p
+      for p in d.glob("*.csv")
+      if not p.name.startswith(("log_", "user_features_", "video_features_"))
+    )
     if not logs:
       raise FileNotFoundError(f"{d}: no log CSV (kuairand_sample.csv) and no log_standard_*.csv")
   try:
     has_key = "features_dir" in data_cfg
   except TypeError:
     has_key = hasattr(data_cfg, "features_dir")
-  fdir = cfg_get(data_cfg, "features_dir", None) if has_key else (
-      str(SHARED_FEATURES) if SHARED_FEATURES.is_dir() else None)
+  fdir = (
+    cfg_get(data_cfg, "features_dir", None)
+    if has_key
+    else (str(SHARED_FEATURES) if SHARED_FEATURES.is_dir() else None)
+  )
   utab = vtab = None
   for folder in ([Path(fdir).expanduser()] if fdir else []) + [d]:
     if not folder.is_dir():
-      raise FileNotFoundError(f"{folder}: KuaiRand feature directory not found "
-                              "(config.data.features_dir)")
+      raise FileNotFoundError(
+        f"{folder}: KuaiRand feature directory not found (config.data.features_dir)"
+      )
     utab = utab or _one(folder, "user_features_*.csv")
     vtab = vtab or _one(folder, "video_features_basic_*.csv")
   if layout == "release" and (utab is None or vtab is None):
-    raise FileNotFoundError(f"user_features_*.csv / video_features_basic_*.csv not found in "
-                            f"{fdir or ''} {d} (set config.data.features_dir)")
+    raise FileNotFoundError(
+      f"user_features_*.csv / video_features_basic_*.csv not found in "
+      f"{fdir or ''} {d} (set config.data.features_dir)"
+    )
   return layout, logs, utab, vtab
 
 
@@ -185,7 +221,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   r_tab, r_label, r_file = array.array("b"), array.array("b"), array.array("h")
   r_line = array.array("q")
   for fi, path in enumerate(logs):
-    if embedded:   # sample layout without tables: the sample's own columns
+    if embedded:  # sample layout without tables: the sample's own columns
       with open(path, newline="", encoding="utf-8", errors="replace") as f:
         header = [h.strip() for h in f.readline().split(",")]
       ufields = tuple(c for c in USER_FIELDS if c in header)
@@ -199,20 +235,30 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
         continue
       click = store.parse_exact_int(row["is_click"])
       if click not in (0, 1):
-        rej.reject(path, lineno, "bad_is_click",
-                   f"field 'is_click': expected 0 or 1, got {row['is_click']!r}")
+        rej.reject(
+          path,
+          lineno,
+          "bad_is_click",
+          f"field 'is_click': expected 0 or 1, got {row['is_click']!r}",
+        )
         continue
       tab = store.parse_exact_int(row["tab"])
       if tab is None or not 0 <= tab < NUM_TABS:
-        rej.reject(path, lineno, "unknown_scenario",
-                   f"field 'tab': expected an integer in [0, {NUM_TABS - 1}], got {row['tab']!r}")
+        rej.reject(
+          path,
+          lineno,
+          "unknown_scenario",
+          f"field 'tab': expected an integer in [0, {NUM_TABS - 1}], got {row['tab']!r}",
+        )
         continue
       if not embedded:
         if uid not in users_t:
           rej.reject(path, lineno, "unknown_user", f"field 'user_id': {uid} is not in {utab.name}")
           continue
         if vid not in videos_t:
-          rej.reject(path, lineno, "unknown_video", f"field 'video_id': {vid} is not in {vtab.name}")
+          rej.reject(
+            path, lineno, "unknown_video", f"field 'video_id': {vid} is not in {vtab.name}"
+          )
           continue
       nu, ni = len(users), len(items)
       u, i = users(uid), items(vid)
@@ -230,16 +276,33 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     raise store.DataError(f"{', '.join(str(p) for p in logs)}: no valid log rows")
   r_user, r_item = np.frombuffer(r_user, np.int32), np.frombuffer(r_item, np.int32)
   fidx, lines = np.frombuffer(r_file, np.int16), np.frombuffer(r_line, np.int64)
+
   # The same video shown again to the same user in the same tab (before choosing the tabs, so
   # that the tab sizes count exposures).
   def detail(i, j):
-    where = (f"line {lines[j]}" if fidx[i] == fidx[j] else f"{logs[fidx[j]].name}:{lines[j]}")
-    return (f"fields 'user_id', 'video_id', 'tab': ({users.keys[r_user[i]]}, "
-            f"{items.keys[r_item[i]]}, {tab[i]}) repeat {where}")
-  dd = store.resolve_duplicates(dup_policy, rej, (r_user, r_item, tab), lines=lines, paths=logs,
-                                files=fidx, values=np.frombuffer(r_label, np.int8), detail=detail)
-  r_user, r_item, tab, fidx, label = (r_user[dd.rows], r_item[dd.rows], tab[dd.rows],
-                                      fidx[dd.rows], dd.values)
+    where = f"line {lines[j]}" if fidx[i] == fidx[j] else f"{logs[fidx[j]].name}:{lines[j]}"
+    return (
+      f"fields 'user_id', 'video_id', 'tab': ({users.keys[r_user[i]]}, "
+      f"{items.keys[r_item[i]]}, {tab[i]}) repeat {where}"
+    )
+
+  dd = store.resolve_duplicates(
+    dup_policy,
+    rej,
+    (r_user, r_item, tab),
+    lines=lines,
+    paths=logs,
+    files=fidx,
+    values=np.frombuffer(r_label, np.int8),
+    detail=detail,
+  )
+  r_user, r_item, tab, fidx, label = (
+    r_user[dd.rows],
+    r_item[dd.rows],
+    tab[dd.rows],
+    fidx[dd.rows],
+    dd.values,
+  )
   counts = np.bincount(tab, minlength=NUM_TABS)
   present = np.flatnonzero(counts)
   by_size = present[np.lexsort((present, -counts[present]))]
@@ -256,27 +319,44 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   uvals = {"user_id": users.keys, **{f: [r[j] for r in ufeat] for j, f in enumerate(ufields)}}
   ivals = {"video_id": items.keys, **{f: [r[j] for r in ifeat] for j, f in enumerate(ifields)}}
   extra = {
-      "dataset": "kuairand",
-      "layout": layout,
-      "features": "joined tables" if not embedded else "the sample's own columns (first occurrence)",
-      "source_dir": str(Path(data_cfg.dir).expanduser().resolve()),
-      "sources": store.source_records([*logs, *([utab, vtab] if not embedded else [])]),
-      "rows_read": dict(read),
-      "rows_rejected": rejected_dict(rej),
-      **store.duplicates_manifest(dup_policy, dd),
-      "rows_by_tab": {int(t): int(counts[t]) for t in present},
-      "kept_tabs": [int(t) for t in kept_tabs],
-      "options": store.data_options(data_cfg),
-      "label": "is_click",
-      "scenario_rule": "tab: " + ", ".join(f"{int(t)} -> {k}" for k, t in enumerate(kept_tabs)),
+    "dataset": "kuairand",
+    "layout": layout,
+    "features": "joined tables" if not embedded else "the sample's own columns (first occurrence)",
+    "source_dir": str(Path(data_cfg.dir).expanduser().resolve()),
+    "sources": store.source_records([*logs, *([utab, vtab] if not embedded else [])]),
+    "rows_read": dict(read),
+    "rows_rejected": rejected_dict(rej),
+    **store.duplicates_manifest(dup_policy, dd),
+    "rows_by_tab": {int(t): int(counts[t]) for t in present},
+    "kept_tabs": [int(t) for t in kept_tabs],
+    "options": store.data_options(data_cfg),
+    "label": "is_click",
+    "scenario_rule": "tab: " + ", ".join(f"{int(t)} -> {k}" for k, t in enumerate(kept_tabs)),
   }
   out = build_and_write(
-      out_dir, scenario_names=[f"tab={int(t)}" for t in kept_tabs],
-      r_user=r_user[rows], r_item=r_item[rows],
-      scenario=tab_to_scen[tab[rows]], label=label[rows], split=split,
-      user_keys=users.keys, item_keys=items.keys, user_vals=uvals, item_vals=ivals,
-      multi=MULTI, min_count=int(cfg_get(data_cfg, "min_count", 1)),
-      max_len=int(cfg_get(data_cfg, "max_multi_hot", 0) or 0), extra=extra)
-  log.info("prepared KuaiRand (%s): %d rows in tabs %s, %d users, %d videos; rejected %s",
-           layout, n, list(kept_tabs), len(users), len(items), extra["rows_rejected"] or "none")
+    out_dir,
+    scenario_names=[f"tab={int(t)}" for t in kept_tabs],
+    r_user=r_user[rows],
+    r_item=r_item[rows],
+    scenario=tab_to_scen[tab[rows]],
+    label=label[rows],
+    split=split,
+    user_keys=users.keys,
+    item_keys=items.keys,
+    user_vals=uvals,
+    item_vals=ivals,
+    multi=MULTI,
+    min_count=int(cfg_get(data_cfg, "min_count", 1)),
+    max_len=int(cfg_get(data_cfg, "max_multi_hot", 0) or 0),
+    extra=extra,
+  )
+  log.info(
+    "prepared KuaiRand (%s): %d rows in tabs %s, %d users, %d videos; rejected %s",
+    layout,
+    n,
+    list(kept_tabs),
+    len(users),
+    len(items),
+    extra["rows_rejected"] or "none",
+  )
   return out

@@ -4,6 +4,7 @@ The Scenario-Wise Rec layout (``mind_multidomain_sample/mind_sample.csv``): one 
 (user, shown news, click 0/1), header ``User_ID,News_ID,label,Category,SubCategory``.
 See ``mind_multidomain_sample/SOURCE.md``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -72,17 +73,25 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
       rej.reject(path, lineno, "bad_label", f"field 'label': expected 0 or 1, got {label!r}")
       continue
     if cat not in scen_of:
-      rej.reject(path, lineno, "unknown_Category",
-                 f"field 'Category': {cat!r} is not one of {', '.join(SCENARIOS)}")
+      rej.reject(
+        path,
+        lineno,
+        "unknown_Category",
+        f"field 'Category': {cat!r} is not one of {', '.join(SCENARIOS)}",
+      )
       continue
     if not sub:
       rej.reject(path, lineno, "bad_SubCategory", "field 'SubCategory': empty")
       continue
     attrs = (scen_of[cat], sub)
     if news.setdefault(nid, attrs) != attrs:
-      rej.reject(path, lineno, "inconsistent_News_ID",
-                 f"fields 'Category', 'SubCategory': ({cat!r}, {sub!r}) differ from news {nid}'s "
-                 f"earlier ({SCENARIOS[news[nid][0]]!r}, {news[nid][1]!r})")
+      rej.reject(
+        path,
+        lineno,
+        "inconsistent_News_ID",
+        f"fields 'Category', 'SubCategory': ({cat!r}, {sub!r}) differ from news {nid}'s "
+        f"earlier ({SCENARIOS[news[nid][0]]!r}, {news[nid][1]!r})",
+      )
       continue
     r_user.append(uid), r_news.append(nid), r_label.append(label == "1")
     r_scen.append(attrs[0]), r_line.append(lineno)
@@ -94,9 +103,16 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
   # The same news shown to the same user in several impressions (the category, hence the
   # scenario, follows from the news).
   dd = store.resolve_duplicates(
-      dup_policy, rej, (r_user, r_news), lines=r_line, paths=[path], values=r_label,
-      detail=lambda i, j: (f"fields 'User_ID', 'News_ID': ({r_user[i]}, {r_news[i]}) repeat "
-                           f"line {r_line[j]}"))
+    dup_policy,
+    rej,
+    (r_user, r_news),
+    lines=r_line,
+    paths=[path],
+    values=r_label,
+    detail=lambda i, j: (
+      f"fields 'User_ID', 'News_ID': ({r_user[i]}, {r_news[i]}) repeat line {r_line[j]}"
+    ),
+  )
   r_user, r_news, r_scen, r_label = r_user[dd.rows], r_news[dd.rows], r_scen[dd.rows], dd.values
   n = len(r_user)
   split = random_split(n, data_cfg.split, data_cfg.split_seed)
@@ -108,28 +124,49 @@ def prepare(data_cfg, out_dir: str | Path) -> Path:
   r_sub = np.asarray([news[x][1] for x in r_news])
   ucol, uspec = vocab_column("user_id", r_user[train], user_raw, mc)
   icol, ispec = vocab_column("news_id", r_news[train], item_raw, mc)
-  scol, sspec = vocab_column("subcategory", r_sub[train],
-                             np.asarray([news[x][1] for x in item_raw]), mc)
-  inter = {"user": user_row.astype(np.int32), "item": item_row.astype(np.int32),
-           "scenario": r_scen, "label": r_label, "split": split}
+  scol, sspec = vocab_column(
+    "subcategory", r_sub[train], np.asarray([news[x][1] for x in item_raw]), mc
+  )
+  inter = {
+    "user": user_row.astype(np.int32),
+    "item": item_row.astype(np.int32),
+    "scenario": r_scen,
+    "label": r_label,
+    "split": split,
+  }
   rejected = rej.as_dict()
   extra = {
-      "dataset": "mind",
-      "source_dir": str(data_dir.resolve()),
-      "sources": store.source_records([path], rej.root),
-      "rows_read": {rej.key(path): n_read},
-      "rows_rejected": rejected,
-      **store.duplicates_manifest(dup_policy, dd),
-      "rows_kept": {"rows": n, "users": len(user_raw), "items": len(item_raw)},
-      "options": store.data_options(data_cfg),
-      "label": "label (click in the impression)",
-      "scenario_rule": "Category: " + ", ".join(f"{s} -> {k}" for k, s in enumerate(SCENARIOS)),
+    "dataset": "mind",
+    "source_dir": str(data_dir.resolve()),
+    "sources": store.source_records([path], rej.root),
+    "rows_read": {rej.key(path): n_read},
+    "rows_rejected": rejected,
+    **store.duplicates_manifest(dup_policy, dd),
+    "rows_kept": {"rows": n, "users": len(user_raw), "items": len(item_raw)},
+    "options": store.data_options(data_cfg),
+    "label": "label (click in the impression)",
+    "scenario_rule": "Category: " + ", ".join(f"{s} -> {k}" for k, s in enumerate(SCENARIOS)),
   }
-  out = store.write_store(out_dir, scenario_names=list(SCENARIOS), user_specs=[uspec],
-                          item_specs=[ispec, sspec], users={"user_id": ucol},
-                          items={"news_id": icol, "subcategory": scol}, user_masks={},
-                          item_masks={}, inter=inter, user_raw_ids=user_raw,
-                          item_raw_ids=item_raw, extra_manifest=extra)
-  log.info("prepared %d MIND impressions (%d users, %d news; rejected %s) into %s",
-           n, len(user_raw), len(item_raw), rejected or "none", out)
+  out = store.write_store(
+    out_dir,
+    scenario_names=list(SCENARIOS),
+    user_specs=[uspec],
+    item_specs=[ispec, sspec],
+    users={"user_id": ucol},
+    items={"news_id": icol, "subcategory": scol},
+    user_masks={},
+    item_masks={},
+    inter=inter,
+    user_raw_ids=user_raw,
+    item_raw_ids=item_raw,
+    extra_manifest=extra,
+  )
+  log.info(
+    "prepared %d MIND impressions (%d users, %d news; rejected %s) into %s",
+    n,
+    len(user_raw),
+    len(item_raw),
+    rejected or "none",
+    out,
+  )
   return out

@@ -15,14 +15,18 @@ Streams:
 - ``pretrain``: the entire space -- every training exposure, clicked or not -- with two
   distinct random scenarios per row for the user's views and two for the item's.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sass_jax.data.store import PreparedData
+
+if TYPE_CHECKING:  # grain is imported where the iterator is built (it is optional at import)
+  import grain
 
 
 def gather_features(table: dict, masks: dict, rows: np.ndarray) -> dict:
@@ -65,8 +69,15 @@ class _EpochRows:
 class BatchFn:
   """grain MapTransform-like callable: batch index -> dict of NumPy arrays (this process's part)."""
 
-  def __init__(self, data: PreparedData, stream: str, batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    data: PreparedData,
+    stream: str,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     if stream not in ("finetune", "pretrain"):
       raise ValueError(f"unknown stream {stream!r}")
     if batch_size % process_count:
@@ -80,8 +91,10 @@ class BatchFn:
     self.logq = item_logq(data) if stream == "finetune" else None
     self.k = data.num_scenarios
     if stream == "pretrain" and self.k < 2:
-      raise ValueError("scenario-view pre-training needs at least 2 scenarios; the data has "
-                       f"{self.k} (set config.pretrain.num_steps=0)")
+      raise ValueError(
+        "scenario-view pre-training needs at least 2 scenarios; the data has "
+        f"{self.k} (set config.pretrain.num_steps=0)"
+      )
     self.inter = {c: np.asarray(v) for c, v in data.inter.items()}
 
   def __call__(self, index: int) -> dict:
@@ -90,11 +103,11 @@ class BatchFn:
     d = self.data
     u, it = self.inter["user"][rows], self.inter["item"][rows]
     batch = {
-        "user": gather_features(d.users, d.user_masks, u),
-        "item": gather_features(d.items, d.item_masks, it),
-        "scenario": self.inter["scenario"][rows].astype(np.int32),
-        "user_index": u.astype(np.int32),
-        "item_index": it.astype(np.int32),
+      "user": gather_features(d.users, d.user_masks, u),
+      "item": gather_features(d.items, d.item_masks, it),
+      "scenario": self.inter["scenario"][rows].astype(np.int32),
+      "user_index": u.astype(np.int32),
+      "item_index": it.astype(np.int32),
     }
     if self.stream == "finetune":
       batch["item_logq"] = self.logq[it]
@@ -131,9 +144,17 @@ def _two_scenarios(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
   return np.stack([a, b], 1).astype(np.int32)
 
 
-def make_iterator(data: PreparedData, stream: str, batch_size: int, seed: int, num_batches: int,
-                  process_index: int = 0, process_count: int = 1, prefetch: int = 4,
-                  threads: int = 2) -> grain.DatasetIterator:
+def make_iterator(
+  data: PreparedData,
+  stream: str,
+  batch_size: int,
+  seed: int,
+  num_batches: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  prefetch: int = 4,
+  threads: int = 2,
+) -> grain.DatasetIterator:
   """A checkpointable grain iterator over ``num_batches`` batches of ``stream``.
 
   Returns a ``grain.DatasetIterator``; ``get_state()`` / ``set_state()`` save and restore its
@@ -141,7 +162,9 @@ def make_iterator(data: PreparedData, stream: str, batch_size: int, seed: int, n
   rows.
   """
   import grain  # here, so that BatchFn and the bench path import without grain
+
   fn = BatchFn(data, stream, batch_size, seed, process_index, process_count)
   ds = grain.MapDataset.range(num_batches).map(fn)
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                   prefetch_buffer_size=prefetch)))
+  return iter(
+    ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+  )

@@ -5,6 +5,7 @@ A vectorised reader of delimited integer files with a per-line fallback that nam
 (``read_source``), and a vocabulary column built from training-row values (``vocab_column``).
 Rejected rows are counted in a ``store.Rejects``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,8 +56,9 @@ def _fast_int_table(raw: bytes, sep: bytes, ncol: int):
   return np.array(tokens).astype(np.int64).reshape(len(nl), ncol)
 
 
-def read_int_table(path: Path, columns: tuple[str, ...], rej: Rejects, what: str,
-                   sep: bytes = b"\t"):
+def read_int_table(
+  path: Path, columns: tuple[str, ...], rej: Rejects, what: str, sep: bytes = b"\t"
+):
   """Read a headerless file of ``len(columns)`` non-negative integers per line.
 
   Returns (values int64 [n, ncol], linenos int64 [n], rows_read). Blank lines are ignored; a line
@@ -81,17 +83,24 @@ def read_int_table(path: Path, columns: tuple[str, ...], rej: Rejects, what: str
       n_read += 1
       parts = line.split(sep)
       if len(parts) != ncol:
-        rej.reject(path, lineno, "wrong_field_count",
-                   f"{len(parts)} {sep_name}-separated fields, expected {ncol} "
-                   f"({', '.join(columns)})")
+        rej.reject(
+          path,
+          lineno,
+          "wrong_field_count",
+          f"{len(parts)} {sep_name}-separated fields, expected {ncol} ({', '.join(columns)})",
+        )
         continue
       row = []
       for name, p in zip(columns, parts):
         p = p.strip()
         if not p.isdigit():
-          rej.reject(path, lineno, f"bad_{name}",
-                     f"field {name!r}: expected a non-negative integer, got "
-                     f"{p.decode('utf-8', 'replace')!r}")
+          rej.reject(
+            path,
+            lineno,
+            f"bad_{name}",
+            f"field {name!r}: expected a non-negative integer, got "
+            f"{p.decode('utf-8', 'replace')!r}",
+          )
           break
         row.append(int(p))
       else:
@@ -102,9 +111,13 @@ def read_int_table(path: Path, columns: tuple[str, ...], rej: Rejects, what: str
   keep = np.ones(len(vals), bool)
   for j, name in enumerate(columns):
     bad = keep & (vals[:, j] > INT32_MAX)
-    keep &= rej.reject_rows(path, bad, linenos, f"bad_{name}",
-                            lambda i, j=j, name=name: f"field {name!r}: {vals[i, j]} exceeds "
-                                                      f"{INT32_MAX}")
+    keep &= rej.reject_rows(
+      path,
+      bad,
+      linenos,
+      f"bad_{name}",
+      lambda i, j=j, name=name: f"field {name!r}: {vals[i, j]} exceeds {INT32_MAX}",
+    )
   return vals[keep], linenos[keep], n_read
 
 
@@ -117,6 +130,7 @@ def read_csv_rows(path: Path, columns: tuple[str, ...], rej: Rejects, what: str)
   Raises FileNotFoundError / DataError for a missing or empty file.
   """
   from sass_jax.data.table import bad_utf8
+
   path = Path(path)
   raw = read_source(path, what)
   # surrogateescape keeps an undecodable byte in its row (as U+DC80..U+DCFF), so the row -- and
@@ -127,17 +141,20 @@ def read_csv_rows(path: Path, columns: tuple[str, ...], rej: Rejects, what: str)
   if bad_utf8(header):
     raise store.DataError(f"{path}:1: header is not valid UTF-8 ({bad_utf8(header)})")
   if tuple(h.strip() for h in header) != tuple(columns):
-    raise store.DataError(f"{path}:1: header {','.join(header)!r}, expected "
-                          f"{','.join(columns)!r}")
+    raise store.DataError(f"{path}:1: header {','.join(header)!r}, expected {','.join(columns)!r}")
   n = len(columns)
   for row in reader:
     lineno = reader.line_num
     if not row or (len(row) == 1 and not row[0].strip()):
       continue
     if len(row) != n:
-      rej.reject(path, lineno, "wrong_field_count",
-                 f"{len(row)} comma-separated fields, expected {n} ({', '.join(columns)})")
-      yield lineno, None   # counted as read (and rejected) by the caller
+      rej.reject(
+        path,
+        lineno,
+        "wrong_field_count",
+        f"{len(row)} comma-separated fields, expected {n} ({', '.join(columns)})",
+      )
+      yield lineno, None  # counted as read (and rejected) by the caller
       continue
     bad = bad_utf8(row, columns)
     if bad:

@@ -14,6 +14,7 @@ The batch has the keys and dtypes of ``pipeline.BatchFn`` ('user' / 'item' featu
 'item_views' (pre-train)), placed with ``sharding`` (the partitioner's batch sharding).
 Single process only. This module never imports grain.
 """
+
 from __future__ import annotations
 
 import jax
@@ -26,8 +27,11 @@ from sass_jax.data.store import PreparedData
 
 def nbytes(tree) -> int:
   """Bytes of every array in a pytree."""
-  return int(sum(np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes
-                 for x in jax.tree.leaves(tree)))
+  return int(
+    sum(
+      np.asarray(x).nbytes if not hasattr(x, "nbytes") else x.nbytes for x in jax.tree.leaves(tree)
+    )
+  )
 
 
 class ResidentSampler:
@@ -46,46 +50,63 @@ class ResidentSampler:
   pre-train stream with < 2 scenarios, or several JAX processes.
   """
 
-  def __init__(self, data: PreparedData, stream: str, batch_size: int, seed: int,
-               sharding: jax.sharding.Sharding | None = None):
+  def __init__(
+    self,
+    data: PreparedData,
+    stream: str,
+    batch_size: int,
+    seed: int,
+    sharding: jax.sharding.Sharding | None = None,
+  ):
     if stream not in ("finetune", "pretrain"):
       raise ValueError(f"unknown stream {stream!r}; expected 'finetune' or 'pretrain'")
     if jax.process_count() > 1:
-      raise ValueError("config.train.resident_on_device supports a single JAX process; "
-                       "use the grain pipeline with several processes")
+      raise ValueError(
+        "config.train.resident_on_device supports a single JAX process; "
+        "use the grain pipeline with several processes"
+      )
     rows = np.asarray(data.rows("train", labeled_positive=True if stream == "finetune" else None))
     if len(rows) == 0:
       raise ValueError("the stream has no rows (check the split and the labels of the data)")
     if batch_size > len(rows):
-      raise ValueError(f"batch size {batch_size} exceeds the {len(rows)} rows of the "
-                       f"{stream} stream")
+      raise ValueError(
+        f"batch size {batch_size} exceeds the {len(rows)} rows of the {stream} stream"
+      )
     self.k = data.num_scenarios
     if stream == "pretrain" and self.k < 2:
-      raise ValueError("scenario-view pre-training needs at least 2 scenarios; the data has "
-                       f"{self.k} (set config.pretrain.num_steps=0)")
+      raise ValueError(
+        "scenario-view pre-training needs at least 2 scenarios; the data has "
+        f"{self.k} (set config.pretrain.num_steps=0)"
+      )
     self.stream, self.batch_size, self.seed, self.n = stream, int(batch_size), int(seed), len(rows)
     rep = None
     if sharding is not None:
-      rep = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()) \
-          if isinstance(sharding, jax.sharding.NamedSharding) else sharding
+      rep = (
+        jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        if isinstance(sharding, jax.sharding.NamedSharding)
+        else sharding
+      )
     put = lambda x: jax.device_put(np.asarray(x), rep)
     inter = data.inter
     host = {
-        "user": np.asarray(inter["user"])[rows].astype(np.int32),
-        "item": np.asarray(inter["item"])[rows].astype(np.int32),
-        "scenario": np.asarray(inter["scenario"])[rows].astype(np.int32),
-        "users": {f: np.asarray(c, np.int32) for f, c in data.users.items()},
-        "user_masks": {f: np.asarray(m, bool) for f, m in data.user_masks.items()},
-        "items": {f: np.asarray(c, np.int32) for f, c in data.items.items()},
-        "item_masks": {f: np.asarray(m, bool) for f, m in data.item_masks.items()},
+      "user": np.asarray(inter["user"])[rows].astype(np.int32),
+      "item": np.asarray(inter["item"])[rows].astype(np.int32),
+      "scenario": np.asarray(inter["scenario"])[rows].astype(np.int32),
+      "users": {f: np.asarray(c, np.int32) for f, c in data.users.items()},
+      "user_masks": {f: np.asarray(m, bool) for f, m in data.user_masks.items()},
+      "items": {f: np.asarray(c, np.int32) for f, c in data.items.items()},
+      "item_masks": {f: np.asarray(m, bool) for f, m in data.item_masks.items()},
     }
     if stream == "finetune":
       host["logq"] = item_logq(data)
     self.arrays = jax.tree.map(put, host)
     self.resident_bytes = nbytes(self.arrays)
     self._perms: dict[int, jax.Array] = {}
-    self._perm_fn = jax.jit(lambda e: jax.random.permutation(
-        jax.random.fold_in(jax.random.key(self.seed), e), self.n).astype(jnp.int32))
+    self._perm_fn = jax.jit(
+      lambda e: jax.random.permutation(
+        jax.random.fold_in(jax.random.key(self.seed), e), self.n
+      ).astype(jnp.int32)
+    )
     self._fn = jax.jit(self._batch, out_shardings=sharding)
     self.index = 0
 
@@ -99,14 +120,21 @@ class ResidentSampler:
   def _batch(self, a: dict, perm0, perm1, start, index):
     """Batch of positions start .. start + B - 1 (start < n; perm1 is the next epoch's)."""
     pos = start + jnp.arange(self.batch_size, dtype=jnp.int32)
-    rows = jnp.where(pos < self.n, perm0[jnp.minimum(pos, self.n - 1)],
-                     perm1[jnp.maximum(pos - self.n, 0)])
+    rows = jnp.where(
+      pos < self.n, perm0[jnp.minimum(pos, self.n - 1)], perm1[jnp.maximum(pos - self.n, 0)]
+    )
     u, it = a["user"][rows], a["item"][rows]
-    feats = lambda cols, masks, r: {**{f: c[r] for f, c in cols.items()},
-                                    **{f"{f}_mask": m[r] for f, m in masks.items()}}
-    batch = {"user": feats(a["users"], a["user_masks"], u),
-             "item": feats(a["items"], a["item_masks"], it),
-             "scenario": a["scenario"][rows], "user_index": u, "item_index": it}
+    feats = lambda cols, masks, r: {
+      **{f: c[r] for f, c in cols.items()},
+      **{f"{f}_mask": m[r] for f, m in masks.items()},
+    }
+    batch = {
+      "user": feats(a["users"], a["user_masks"], u),
+      "item": feats(a["items"], a["item_masks"], it),
+      "scenario": a["scenario"][rows],
+      "user_index": u,
+      "item_index": it,
+    }
     if self.stream == "finetune":
       batch["item_logq"] = a["logq"][it]
     else:

@@ -34,6 +34,7 @@ Rows are generated in chunks straight into memory-mapped columns in a scratch fo
 ``out_dir`` (removed afterwards), so memory stays bounded (O(num_users + num_items) for the entity
 state plus O(chunk_rows) per chunk); 1e7 rows take well under a minute on 2 cores.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,14 +52,35 @@ from sass_jax.schema import FieldSpec
 
 log = logging.getLogger(__name__)
 
-LIMITS = {"num_rows": (1_000, 100_000_000), "num_users": (1, 100_000_000),
-          "num_items": (1, 10_000_000), "num_scenarios": (1, 64), "num_user_fields": (0, 64),
-          "num_item_fields": (0, 64)}
-DEFAULTS = dict(num_rows=100_000, num_users=10_000, num_items=5_000, num_scenarios=3,
-                num_user_fields=2, num_item_fields=2, seed=0, latent_dim=16, num_clusters=32,
-                scenario_strength=1.0, entity_noise=0.5, zipf_alpha=1.0, popularity_shared=0.3,
-                signal=2.5, ctr=0.1, field_cardinality=16, field_noise=0.2,
-                chunk_rows=1 << 19, min_count=1)
+LIMITS = {
+  "num_rows": (1_000, 100_000_000),
+  "num_users": (1, 100_000_000),
+  "num_items": (1, 10_000_000),
+  "num_scenarios": (1, 64),
+  "num_user_fields": (0, 64),
+  "num_item_fields": (0, 64),
+}
+DEFAULTS = dict(
+  num_rows=100_000,
+  num_users=10_000,
+  num_items=5_000,
+  num_scenarios=3,
+  num_user_fields=2,
+  num_item_fields=2,
+  seed=0,
+  latent_dim=16,
+  num_clusters=32,
+  scenario_strength=1.0,
+  entity_noise=0.5,
+  zipf_alpha=1.0,
+  popularity_shared=0.3,
+  signal=2.5,
+  ctr=0.1,
+  field_cardinality=16,
+  field_noise=0.2,
+  chunk_rows=1 << 19,
+  min_count=1,
+)
 
 
 def _opt(data_cfg, key):
@@ -81,9 +103,11 @@ class _Side:
     self.cluster = rng.integers(0, C, size=n, dtype=np.int32)
     centres = rng.standard_normal((C, d)).astype(dtype)
     self.vec = np.empty((n, d), dtype)
-    for s in range(0, n, chunk):   # bounded temporaries
+    for s in range(0, n, chunk):  # bounded temporaries
       e = min(n, s + chunk)
-      self.vec[s:e] = centres[self.cluster[s:e]] + noise * rng.standard_normal((e - s, d), dtype=dtype)
+      self.vec[s:e] = centres[self.cluster[s:e]] + noise * rng.standard_normal(
+        (e - s, d), dtype=dtype
+      )
     self.offset = (lam * rng.standard_normal((K, C, d))).astype(dtype)
     self.maps = (lam * rng.standard_normal((K, d, d)) / np.sqrt(d)).astype(dtype)
 
@@ -148,10 +172,12 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   rng = np.random.default_rng([seed, 0])
   users = _Side(rng, U, d, C, K, o["scenario_strength"], o["entity_noise"])
   items = _Side(rng, I, d, C, K, o["scenario_strength"], o["entity_noise"])
-  user_raw_f = _fields(rng, users.cluster, C, o["num_user_fields"], o["field_cardinality"],
-                       o["field_noise"])
-  item_raw_f = _fields(rng, items.cluster, C, o["num_item_fields"], o["field_cardinality"],
-                       o["field_noise"])
+  user_raw_f = _fields(
+    rng, users.cluster, C, o["num_user_fields"], o["field_cardinality"], o["field_noise"]
+  )
+  item_raw_f = _fields(
+    rng, items.cluster, C, o["num_item_fields"], o["field_cardinality"], o["field_noise"]
+  )
   # Activity of users, scenario mix per user cluster, per-scenario item popularity.
   ucdf = np.cumsum(rng.lognormal(0.0, 1.0, size=U))
   ucdf /= ucdf[-1]
@@ -189,13 +215,16 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   scratch = None
   try:
     scratch = Path(tempfile.mkdtemp(prefix=store.temp_prefix(out_dir, "gen"), dir=out_dir.parent))
-    cols = {c: np.lib.format.open_memmap(scratch / f"{c}.npy", mode="w+", dtype=dt, shape=(n,))
-            for c, dt in store.INTERACTION_COLUMNS.items()}
+    cols = {
+      c: np.lib.format.open_memmap(scratch / f"{c}.npy", mode="w+", dtype=dt, shape=(n,))
+      for c, dt in store.INTERACTION_COLUMNS.items()
+    }
   except OSError as e:
     if scratch is not None:
       shutil.rmtree(scratch, ignore_errors=True)
-    raise store.DataError(store.os_error_message(e, f"creating scratch space for {n} rows in "
-                                                    f"{out_dir.parent}")) from e
+    raise store.DataError(
+      store.os_error_message(e, f"creating scratch space for {n} rows in {out_dir.parent}")
+    ) from e
   try:
     u_train = np.zeros(U, np.int64)
     i_train = np.zeros(I, np.int64)
@@ -209,8 +238,12 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       n_tr, n_va = int(round(frac[0] * m)), int(round(frac[1] * m))
       sp = np.repeat(np.array([0, 1, 2], np.int8), [n_tr, n_va, max(m - n_tr - n_va, 0)])[:m]
       r.shuffle(sp)
-      cols["user"][s:s + m], cols["item"][s:s + m] = uu, ii
-      cols["scenario"][s:s + m], cols["label"][s:s + m], cols["split"][s:s + m] = kk, label, sp
+      cols["user"][s : s + m], cols["item"][s : s + m] = uu, ii
+      cols["scenario"][s : s + m], cols["label"][s : s + m], cols["split"][s : s + m] = (
+        kk,
+        label,
+        sp,
+      )
       tr = sp == 0
       u_train += np.bincount(uu[tr], minlength=U)
       i_train += np.bincount(ii[tr], minlength=I)
@@ -233,7 +266,9 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     ucols["user_id"] = ids
     specs_u.append(FieldSpec("user_id", size))
     for j, v in enumerate(user_raw_f):
-      vid, size = _vocab_from_counts(np.bincount(v, weights=u_train, minlength=o["field_cardinality"]), mc)
+      vid, size = _vocab_from_counts(
+        np.bincount(v, weights=u_train, minlength=o["field_cardinality"]), mc
+      )
       ucols[f"user_f{j}"] = vid[v]
       specs_u.append(FieldSpec(f"user_f{j}", size))
     icols, specs_i = {}, []
@@ -241,36 +276,59 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     icols["item_id"] = ids
     specs_i.append(FieldSpec("item_id", size))
     for j, v in enumerate(item_raw_f):
-      vid, size = _vocab_from_counts(np.bincount(v, weights=i_train, minlength=o["field_cardinality"]), mc)
+      vid, size = _vocab_from_counts(
+        np.bincount(v, weights=i_train, minlength=o["field_cardinality"]), mc
+      )
       icols[f"item_f{j}"] = vid[v]
       specs_i.append(FieldSpec(f"item_f{j}", size))
 
     extra = {
-        "dataset": "synthetic",
-        "sources": {},
-        "rows_read": {"generated": n},
-        "rows_rejected": {},
-        "duplicates": "keep", "rows_merged": {}, "rows_repeated": {"generated": repeated},
-        "rows_kept": {"interactions": n, "users": U, "items": I},
-        "options": store.data_options(data_cfg),
-        "label": "Bernoulli(sigmoid(signal * standardised <u_k, v_k> + beta))",
-        "scenario_rule": "planted: scenario ~ Dirichlet mix of the user's cluster",
-        "generator": {
-            "resolved_options": o, "beta": beta, "score_mean": mu, "score_std": sd,
-            "click_rate_by_scenario": (clicks / np.maximum(rows_k, 1)).tolist(),
-            "rows_by_scenario": rows_k.tolist(),
-            "popularity_top10_by_scenario": by_pop[:, :10].tolist(),
-        },
+      "dataset": "synthetic",
+      "sources": {},
+      "rows_read": {"generated": n},
+      "rows_rejected": {},
+      "duplicates": "keep",
+      "rows_merged": {},
+      "rows_repeated": {"generated": repeated},
+      "rows_kept": {"interactions": n, "users": U, "items": I},
+      "options": store.data_options(data_cfg),
+      "label": "Bernoulli(sigmoid(signal * standardised <u_k, v_k> + beta))",
+      "scenario_rule": "planted: scenario ~ Dirichlet mix of the user's cluster",
+      "generator": {
+        "resolved_options": o,
+        "beta": beta,
+        "score_mean": mu,
+        "score_std": sd,
+        "click_rate_by_scenario": (clicks / np.maximum(rows_k, 1)).tolist(),
+        "rows_by_scenario": rows_k.tolist(),
+        "popularity_top10_by_scenario": by_pop[:, :10].tolist(),
+      },
     }
     width = len(str(max(U, I) - 1))
     out = store.write_store(
-        out_dir, scenario_names=[f"s{k}" for k in range(K)], user_specs=specs_u,
-        item_specs=specs_i, users=ucols, items=icols, user_masks={}, item_masks={}, inter=cols,
-        user_raw_ids=np.arange(U).astype(f"<U{width}"),
-        item_raw_ids=np.arange(I).astype(f"<U{width}"), extra_manifest=extra)
+      out_dir,
+      scenario_names=[f"s{k}" for k in range(K)],
+      user_specs=specs_u,
+      item_specs=specs_i,
+      users=ucols,
+      items=icols,
+      user_masks={},
+      item_masks={},
+      inter=cols,
+      user_raw_ids=np.arange(U).astype(f"<U{width}"),
+      item_raw_ids=np.arange(I).astype(f"<U{width}"),
+      extra_manifest=extra,
+    )
     del cols
   finally:
     shutil.rmtree(scratch, ignore_errors=True)
-  log.info("generated %d synthetic rows (%d users, %d items, %d scenarios) in %.1fs into %s",
-           n, U, I, K, time.time() - t0, out)
+  log.info(
+    "generated %d synthetic rows (%d users, %d items, %d scenarios) in %.1fs into %s",
+    n,
+    U,
+    I,
+    K,
+    time.time() - t0,
+    out,
+  )
   return out

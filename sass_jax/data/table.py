@@ -10,6 +10,7 @@ repeated on every log row.
 The module also holds helpers shared by the Ali-CCP and KuaiRand loaders (CSV reading with line
 numbers, the seeded split, vocabulary encoding of entity fields from training-split counts).
 """
+
 from __future__ import annotations
 
 import array
@@ -35,6 +36,7 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 # ----------------------------------------------------------------------------- shared helpers
+
 
 def cfg_get(data_cfg, key: str, default=None):
   """``data_cfg.key`` if set (ConfigDict or dict), else ``default``."""
@@ -81,8 +83,9 @@ def bad_utf8(row: Sequence[str], names: Sequence[str] | None = None) -> str:
   return ""
 
 
-def read_csv(path: Path, rej: Rejects, required: Iterable[str], what: str,
-             delimiter: str = ",", counter=None) -> Iterator[tuple[int, dict]]:
+def read_csv(
+  path: Path, rej: Rejects, required: Iterable[str], what: str, delimiter: str = ",", counter=None
+) -> Iterator[tuple[int, dict]]:
   """Yield (line number, {column: str}) for each data row of a CSV file with a header.
 
   Raises FileNotFoundError for a missing file, DataError for an empty file, a header that is
@@ -111,8 +114,10 @@ def read_csv(path: Path, rej: Rejects, required: Iterable[str], what: str,
       raise store.DataError(f"{path}: file is empty (no header)")
     missing = [c for c in required if c not in header]
     if missing:
-      raise store.DataError(f"{path}: column {missing[0]!r} not found in the header "
-                            f"(missing {missing}; header has {header})")
+      raise store.DataError(
+        f"{path}: column {missing[0]!r} not found in the header "
+        f"(missing {missing}; header has {header})"
+      )
     n = len(header)
     while True:
       try:
@@ -126,8 +131,12 @@ def read_csv(path: Path, rej: Rejects, required: Iterable[str], what: str,
       if counter is not None:
         counter[path.name] += 1
       if len(row) != n:
-        rej.reject(path, reader.line_num, "wrong_field_count",
-                   f"{len(row)} fields, expected {n} (the header's)")
+        rej.reject(
+          path,
+          reader.line_num,
+          "wrong_field_count",
+          f"{len(row)} fields, expected {n} (the header's)",
+        )
         continue
       bad = bad_utf8(row, header)
       if bad:
@@ -168,8 +177,9 @@ def _vocab_ids(uniq: np.ndarray, counts: np.ndarray, min_count: int) -> tuple[np
   return ids, len(order) + 1
 
 
-def encode_scalar(values: Sequence, train_weight: np.ndarray, min_count: int
-                  ) -> tuple[np.ndarray, int]:
+def encode_scalar(
+  values: Sequence, train_weight: np.ndarray, min_count: int
+) -> tuple[np.ndarray, int]:
   """Vocabulary-encode one value per entity.
 
   values: [E] raw values (one type per field; None = missing -> id 0).
@@ -184,15 +194,17 @@ def encode_scalar(values: Sequence, train_weight: np.ndarray, min_count: int
     return out, 1
   vals = np.asarray([v for v in values if v is not None])
   uniq, inv = np.unique(vals, return_inverse=True)
-  counts = np.bincount(inv.ravel(), weights=np.asarray(train_weight, np.float64)[present],
-                       minlength=len(uniq))
+  counts = np.bincount(
+    inv.ravel(), weights=np.asarray(train_weight, np.float64)[present], minlength=len(uniq)
+  )
   ids, size = _vocab_ids(uniq, counts, min_count)
   out[present] = ids[inv.ravel()]
   return out, size
 
 
-def encode_multi(values: Sequence, train_weight: np.ndarray, min_count: int, max_len: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray, int, int]:
+def encode_multi(
+  values: Sequence, train_weight: np.ndarray, min_count: int, max_len: int = 0
+) -> tuple[np.ndarray, np.ndarray, int, int]:
   """Vocabulary-encode a multi-hot field (a list of values per entity, duplicates removed).
 
   values: [E] sequences (or None / empty = no value). max_len: 0 keeps every value (L = the
@@ -217,15 +229,17 @@ def encode_multi(values: Sequence, train_weight: np.ndarray, min_count: int, max
   flat = np.asarray([x for seq in lists for x in seq])
   ent = np.repeat(np.arange(E), lens)
   uniq, inv = np.unique(flat, return_inverse=True)
-  counts = np.bincount(inv.ravel(), weights=np.asarray(train_weight, np.float64)[ent],
-                       minlength=len(uniq))
+  counts = np.bincount(
+    inv.ravel(), weights=np.asarray(train_weight, np.float64)[ent], minlength=len(uniq)
+  )
   vid, size = _vocab_ids(uniq, counts, min_count)
-  ids[mask] = vid[inv.ravel()]   # row-major order of the mask == order of `flat`
+  ids[mask] = vid[inv.ravel()]  # row-major order of the mask == order of `flat`
   return ids, mask, size, L
 
 
-def encode_entities(raw_values: dict, multi: dict, train_weight: np.ndarray, min_count: int,
-                    max_len: int = 0):
+def encode_entities(
+  raw_values: dict, multi: dict, train_weight: np.ndarray, min_count: int, max_len: int = 0
+):
   """Encode every field of an entity table.
 
   raw_values: field -> [E] values (lists for fields with ``multi[field]`` true).
@@ -258,10 +272,24 @@ def rejected_dict(rej: Rejects) -> dict:
   return {k: dict(v) for k, v in rej.counts.items()}
 
 
-def build_and_write(out_dir, *, scenario_names: list[str], r_user, r_item, scenario, label,
-                    split, user_keys: Sequence, item_keys: Sequence, user_vals: dict,
-                    item_vals: dict, multi: Iterable[str], min_count: int, max_len: int,
-                    extra: dict) -> Path:
+def build_and_write(
+  out_dir,
+  *,
+  scenario_names: list[str],
+  r_user,
+  r_item,
+  scenario,
+  label,
+  split,
+  user_keys: Sequence,
+  item_keys: Sequence,
+  user_vals: dict,
+  item_vals: dict,
+  multi: Iterable[str],
+  min_count: int,
+  max_len: int,
+  extra: dict,
+) -> Path:
   """Entity tables + interactions -> ``store.write_store``.
 
   r_user / r_item: [n] indices into ``user_keys`` / ``item_keys`` (first-seen order);
@@ -283,27 +311,46 @@ def build_and_write(out_dir, *, scenario_names: list[str], r_user, r_item, scena
     row_ix = new[rows].astype(np.int32)
     w = np.bincount(row_ix[split == 0], minlength=len(order))
     fields = {name: [v[k] for k in order] for name, v in vals.items()}
-    cols, masks, specs = encode_entities(fields, {f: f in multi for f in fields}, w, min_count,
-                                         max_len)
+    cols, masks, specs = encode_entities(
+      fields, {f: f in multi for f in fields}, w, min_count, max_len
+    )
     return row_ix, cols, masks, specs, [keys[k] for k in order]
 
   user_row, ucols, umasks, uspecs, uraw = table(user_keys, user_vals, r_user)
   item_row, icols, imasks, ispecs, iraw = table(item_keys, item_vals, r_item)
-  inter = {"user": user_row, "item": item_row, "scenario": np.asarray(scenario, np.int32),
-           "label": np.asarray(label, np.float32), "split": split}
+  inter = {
+    "user": user_row,
+    "item": item_row,
+    "scenario": np.asarray(scenario, np.int32),
+    "label": np.asarray(label, np.float32),
+    "split": split,
+  }
   extra = dict(extra)
   extra.setdefault("rows_kept", {})
-  extra["rows_kept"] = {"interactions": len(user_row), "users": len(uraw), "items": len(iraw),
-                        **extra["rows_kept"]}
+  extra["rows_kept"] = {
+    "interactions": len(user_row),
+    "users": len(uraw),
+    "items": len(iraw),
+    **extra["rows_kept"],
+  }
   return store.write_store(
-      out_dir, scenario_names=list(scenario_names), user_specs=uspecs, item_specs=ispecs,
-      users=ucols, items=icols, user_masks=umasks, item_masks=imasks, inter=inter,
-      user_raw_ids=np.asarray([str(x) for x in uraw]),
-      item_raw_ids=np.asarray([str(x) for x in iraw]),
-      extra_manifest=extra)
+    out_dir,
+    scenario_names=list(scenario_names),
+    user_specs=uspecs,
+    item_specs=ispecs,
+    users=ucols,
+    items=icols,
+    user_masks=umasks,
+    item_masks=imasks,
+    inter=inter,
+    user_raw_ids=np.asarray([str(x) for x in uraw]),
+    item_raw_ids=np.asarray([str(x) for x in iraw]),
+    extra_manifest=extra,
+  )
 
 
 # ----------------------------------------------------------------------------- the table loader
+
 
 def _is_int(s: str) -> bool:
   try:
@@ -316,6 +363,7 @@ def _is_int(s: str) -> bool:
 def _read_parquet(path: Path, columns: list[str], counter) -> Iterator[tuple[int, dict]]:
   """Yield (row number, {column: value}) from a Parquet file (row numbers are 1-based)."""
   import pyarrow.parquet as pq
+
   check_file(path, "a Parquet file")
   try:
     schema_names = pq.read_schema(path).names
@@ -323,8 +371,9 @@ def _read_parquet(path: Path, columns: list[str], counter) -> Iterator[tuple[int
     raise store.DataError(f"{path}: not a readable Parquet file: {e}") from None
   missing = [c for c in columns if c not in schema_names]
   if missing:
-    raise store.DataError(f"{path}: column {missing[0]!r} not found (missing {missing}; "
-                          f"columns are {schema_names})")
+    raise store.DataError(
+      f"{path}: column {missing[0]!r} not found (missing {missing}; columns are {schema_names})"
+    )
   pf = pq.ParquetFile(path)
   row = 0
   for batch in pf.iter_batches(columns=list(dict.fromkeys(columns)), batch_size=65536):
@@ -394,7 +443,9 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   multi_cols = set(cfg_get(data_cfg, "multi_hot_cols", ()) or ())
   bad_multi = multi_cols - set(user_cols) - set(item_cols)
   if bad_multi:
-    raise ValueError(f"config.data.multi_hot_cols {sorted(bad_multi)} are not in user_cols / item_cols")
+    raise ValueError(
+      f"config.data.multi_hot_cols {sorted(bad_multi)} are not in user_cols / item_cols"
+    )
   sep = cfg_get(data_cfg, "separator", "|")
   threshold = float(cfg_get(data_cfg, "label_threshold", 0.5))
   numeric_ids = bool(cfg_get(data_cfg, "numeric_ids", False))
@@ -412,8 +463,14 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   needed = list(dict.fromkeys([ucol, icol, scol, lcol, *user_cols, *item_cols]))
   read = collections.Counter()
   if fmt == "csv":
-    rows = read_csv(path, rej, needed, "a CSV exposure table with a header",
-                    cfg_get(data_cfg, "delimiter", ","), counter=read)
+    rows = read_csv(
+      path,
+      rej,
+      needed,
+      "a CSV exposure table with a header",
+      cfg_get(data_cfg, "delimiter", ","),
+      counter=read,
+    )
   else:
     rows = _read_parquet(path, needed, read)
 
@@ -443,7 +500,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       if v is None:
         rej.reject(path, lineno, f"missing_{col}", f"field {col!r}: empty id")
         break
-      if numeric_ids:   # a Python int within int64, never a float
+      if numeric_ids:  # a Python int within int64, never a float
         v = rej.id_field(path, lineno, col, v, what="an integer id")
         if v is None:
           break
@@ -453,9 +510,14 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     uid, iid = ids
     s = _text(row[scol])
     if s is None or (allowed is not None and s not in allowed):
-      rej.reject(path, lineno, "unknown_scenario",
-                 f"field {scol!r}: {s!r} is not one of the scenarios {allowed}" if allowed
-                 else f"field {scol!r}: empty scenario")
+      rej.reject(
+        path,
+        lineno,
+        "unknown_scenario",
+        f"field {scol!r}: {s!r} is not one of the scenarios {allowed}"
+        if allowed
+        else f"field {scol!r}: empty scenario",
+      )
       continue
     lv = _text(row[lcol])
     try:
@@ -463,8 +525,7 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       if not math.isfinite(label):
         raise ValueError
     except (TypeError, ValueError):
-      rej.reject(path, lineno, "bad_label",
-                 f"field {lcol!r}: expected a finite number, got {lv!r}")
+      rej.reject(path, lineno, "bad_label", f"field {lcol!r}: expected a finite number, got {lv!r}")
       continue
     nu, ni = len(users), len(items)
     u, i = users(uid), items(iid)
@@ -483,10 +544,18 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   r_scen, r_label = np.frombuffer(r_scen, np.int32), np.frombuffer(r_label, np.int8)
   r_line = np.frombuffer(r_line, np.int64)
   dd = store.resolve_duplicates(
-      dup_policy, rej, (r_user, r_item, r_scen), lines=r_line, paths=[path], values=r_label,
-      detail=lambda i, j: (f"fields {ucol!r}, {icol!r}, {scol!r}: ({users.keys[r_user[i]]}, "
-                           f"{items.keys[r_item[i]]}, {scen_of.keys[r_scen[i]]}) repeat "
-                           f"{'line' if fmt == 'csv' else 'row'} {r_line[j]}"))
+    dup_policy,
+    rej,
+    (r_user, r_item, r_scen),
+    lines=r_line,
+    paths=[path],
+    values=r_label,
+    detail=lambda i, j: (
+      f"fields {ucol!r}, {icol!r}, {scol!r}: ({users.keys[r_user[i]]}, "
+      f"{items.keys[r_item[i]]}, {scen_of.keys[r_scen[i]]}) repeat "
+      f"{'line' if fmt == 'csv' else 'row'} {r_line[j]}"
+    ),
+  )
   r_user, r_item, r_scen, r_label = r_user[dd.rows], r_item[dd.rows], r_scen[dd.rows], dd.values
   n = len(r_user)
 
@@ -503,23 +572,41 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   uvals = {ucol: users.keys, **{c: [f[j] for f in ufeat] for j, c in enumerate(user_cols)}}
   ivals = {icol: items.keys, **{c: [f[j] for f in ifeat] for j, c in enumerate(item_cols)}}
   extra = {
-      "dataset": f"table:{path.name}",
-      "source_dir": str(path.parent.resolve()),
-      "sources": store.source_records([path]),
-      "rows_read": dict(read),
-      "rows_rejected": rejected_dict(rej),
-      **store.duplicates_manifest(dup_policy, dd),
-      "options": store.data_options(data_cfg),
-      "label": f"float({lcol}) >= {threshold}",
-      "scenario_rule": f"column {scol!r}: " + ", ".join(f"{v} -> {k}" for k, v in enumerate(names)),
-      "entity_features": "first occurrence of each user / item in file order",
+    "dataset": f"table:{path.name}",
+    "source_dir": str(path.parent.resolve()),
+    "sources": store.source_records([path]),
+    "rows_read": dict(read),
+    "rows_rejected": rejected_dict(rej),
+    **store.duplicates_manifest(dup_policy, dd),
+    "options": store.data_options(data_cfg),
+    "label": f"float({lcol}) >= {threshold}",
+    "scenario_rule": f"column {scol!r}: " + ", ".join(f"{v} -> {k}" for k, v in enumerate(names)),
+    "entity_features": "first occurrence of each user / item in file order",
   }
   out = build_and_write(
-      out_dir, scenario_names=[f"{scol}={v}" for v in names], r_user=r_user,
-      r_item=r_item, scenario=scenario, label=r_label, split=split, user_keys=users.keys,
-      item_keys=items.keys, user_vals=uvals, item_vals=ivals, multi=multi_cols,
-      min_count=int(cfg_get(data_cfg, "min_count", 1)),
-      max_len=int(cfg_get(data_cfg, "max_multi_hot", 0) or 0), extra=extra)
-  log.info("prepared %d rows of %s (%d users, %d items; rejected %s) into %s", n, path,
-           len(users), len(items), extra["rows_rejected"] or "none", out)
+    out_dir,
+    scenario_names=[f"{scol}={v}" for v in names],
+    r_user=r_user,
+    r_item=r_item,
+    scenario=scenario,
+    label=r_label,
+    split=split,
+    user_keys=users.keys,
+    item_keys=items.keys,
+    user_vals=uvals,
+    item_vals=ivals,
+    multi=multi_cols,
+    min_count=int(cfg_get(data_cfg, "min_count", 1)),
+    max_len=int(cfg_get(data_cfg, "max_multi_hot", 0) or 0),
+    extra=extra,
+  )
+  log.info(
+    "prepared %d rows of %s (%d users, %d items; rejected %s) into %s",
+    n,
+    path,
+    len(users),
+    len(items),
+    extra["rows_rejected"] or "none",
+    out,
+  )
   return out

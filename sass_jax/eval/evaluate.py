@@ -15,13 +15,13 @@ the ranking and so can never be retrieved; such pairs are counted per scenario a
 ``corpus='scenario'`` so are the positives outside the scenario's corpus
 (``test_positives_outside_corpus``).
 """
+
 from __future__ import annotations
 
 import logging
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sass_jax.data.pipeline import gather_features
@@ -33,9 +33,9 @@ import flax.linen as nn
 from sass_jax.train.steps import as_variables
 
 log = logging.getLogger("sass_jax")
-EVAL_SPLITS = ("valid", "test")         # config.eval.split: the split evaluated
-EVAL_MASKS = ("train", "train_valid")   # config.eval.mask: the positives masked from rankings
-EVAL_CORPORA = ("all", "scenario")      # config.eval.corpus (scenario_corpus)
+EVAL_SPLITS = ("valid", "test")  # config.eval.split: the split evaluated
+EVAL_MASKS = ("train", "train_valid")  # config.eval.mask: the positives masked from rankings
+EVAL_CORPORA = ("all", "scenario")  # config.eval.corpus (scenario_corpus)
 
 
 def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int):
@@ -46,8 +46,16 @@ def _csr(groups: np.ndarray, values: np.ndarray, num_groups: int):
   return indptr, np.asarray(values)[order].astype(np.int64)
 
 
-def encode_all(model: nn.Module, params, table: dict, masks: dict, method: str,
-               scenario: int | None, chunk: int = 4096, partitioner=None) -> np.ndarray:
+def encode_all(
+  model: nn.Module,
+  params,
+  table: dict,
+  masks: dict,
+  method: str,
+  scenario: int | None,
+  chunk: int = 4096,
+  partitioner=None,
+) -> np.ndarray:
   """Vectors of every entity of a table, computed in fixed-size chunks on the device.
 
   Returns float32 [N, D] for ``scenario`` k, or [N, K, D] (every scenario) if it is None.
@@ -78,11 +86,13 @@ def _encoder(model, method, all_scenarios, out_sharding=None) -> Callable:
   if key not in _ENCODERS:
     m = method
     if all_scenarios:
-      _ENCODERS[key] = jax.jit(lambda v, f, s: model.apply(as_variables(v), f, None, method=m),
-                               out_shardings=out_sharding)
+      _ENCODERS[key] = jax.jit(
+        lambda v, f, s: model.apply(as_variables(v), f, None, method=m), out_shardings=out_sharding
+      )
     else:
-      _ENCODERS[key] = jax.jit(lambda v, f, s: model.apply(as_variables(v), f, s, method=m),
-                               out_shardings=out_sharding)
+      _ENCODERS[key] = jax.jit(
+        lambda v, f, s: model.apply(as_variables(v), f, s, method=m), out_shardings=out_sharding
+      )
   return _ENCODERS[key]
 
 
@@ -118,14 +128,17 @@ def _pair_keys(inter: dict, rows: np.ndarray, num_items: int) -> np.ndarray:
 def _valid_only(topk: Callable) -> Callable:
   """``topk`` returning (scores, indices) -> indices, with -inf entries (excluded items that
   fill a row when fewer than K items are allowed) replaced by -1 (padding, never a hit)."""
+
   def fn(vecs, ex):
     scores, idx = topk(vecs, ex)
     return np.where(np.isneginf(np.asarray(scores)), -1, np.asarray(idx))
+
   return fn
 
 
-def _in_corpus(topk: Callable, cand: np.ndarray | None, item_vecs, num_users: int, kmax: int,
-               exclude):
+def _in_corpus(
+  topk: Callable, cand: np.ndarray | None, item_vecs, num_users: int, kmax: int, exclude
+):
   """``topk(item_vecs, exclude)`` over the candidates ``cand`` only: exclusions are mapped to
   candidate positions and the result back to item indices (padding -1 stays -1), padded with
   -1 to ``kmax``."""
@@ -135,19 +148,27 @@ def _in_corpus(topk: Callable, cand: np.ndarray | None, item_vecs, num_users: in
   pos[cand] = np.arange(len(cand))
   indptr, ex = (np.asarray(a, np.int64) for a in exclude)
   local = pos[ex]
-  keep = local >= 0               # only candidates can be ranked, so only they need masking
+  keep = local >= 0  # only candidates can be ranked, so only they need masking
   row = np.repeat(np.arange(num_users), np.diff(indptr))
   new_ptr = np.zeros(num_users + 1, np.int64)
   np.cumsum(np.bincount(row[keep], minlength=num_users), out=new_ptr[1:])
   idx = np.asarray(topk(item_vecs[cand], (new_ptr, local[keep])))
   out = np.full((num_users, kmax), -1, np.int64)
-  out[:, :idx.shape[1]] = np.where(idx >= 0, cand[np.maximum(idx, 0)], -1)   # -1: padding
+  out[:, : idx.shape[1]] = np.where(idx >= 0, cand[np.maximum(idx, 0)], -1)  # -1: padding
   return out
 
 
-def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
-             ks=(20, 50, 100), mask: str = "train", user_chunk: int = 1024,
-             partitioner=None, corpus: str = "all") -> dict[str, Any]:
+def evaluate(
+  model: nn.Module,
+  params,
+  data: PreparedData,
+  split: str = "test",
+  ks=(20, 50, 100),
+  mask: str = "train",
+  user_chunk: int = 1024,
+  partitioner=None,
+  corpus: str = "all",
+) -> dict[str, Any]:
   """Evaluate ``params`` and the popularity baseline on ``split``.
 
   Returns the metrics dict written to metrics.json::
@@ -175,12 +196,15 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
   if split not in EVAL_SPLITS:
     raise ValueError(f"config.eval.split={split!r}; expected 'valid' or 'test'")
   if split == "valid" and mask == "train_valid":
-    raise ValueError("config.eval.split='valid' with config.eval.mask='train_valid' masks the "
-                     "very validation positives being scored; use config.eval.mask='train'")
+    raise ValueError(
+      "config.eval.split='valid' with config.eval.mask='train_valid' masks the "
+      "very validation positives being scored; use config.eval.mask='train'"
+    )
   inter = {c: np.asarray(v) for c, v in data.inter.items()}
   kmax = max(ks)
-  item_all = encode_all(model, params, data.items, data.item_masks, "encode_item", None,
-                        partitioner=partitioner)  # [N,K,D]
+  item_all = encode_all(
+    model, params, data.items, data.item_masks, "encode_item", None, partitioner=partitioner
+  )  # [N,K,D]
   pos = inter["label"] > 0.5
   in_split = inter["split"] == SPLITS[split]
   masked_splits = [SPLITS["train"]] + ([SPLITS["valid"]] if mask == "train_valid" else [])
@@ -192,7 +216,6 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
     sk = inter["scenario"] == k
     test_rows = np.flatnonzero(in_split & sk & pos)
     users = np.unique(inter["user"][test_rows])
-    uidx = {u: j for j, u in enumerate(users)}
     res, pres = {"num_users": int(len(users))}, {"num_users": int(len(users))}
     exp_rows = np.flatnonzero(in_split & sk)
     res["num_exposures"] = pres["num_exposures"] = int(len(exp_rows))
@@ -206,27 +229,43 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
     if cand is not None:
       n_out = int((~np.isin(test_keys % data.num_items, cand)).sum())
       res["test_positives_outside_corpus"] = pres["test_positives_outside_corpus"] = n_out
-    counts = np.bincount(inter["item"][np.flatnonzero(sk & pos & (inter["split"] == 0))],
-                         minlength=data.num_items).astype(np.float32)
+    counts = np.bincount(
+      inter["item"][np.flatnonzero(sk & pos & (inter["split"] == 0))], minlength=data.num_items
+    ).astype(np.float32)
     if len(users):
       local = np.searchsorted(users, inter["user"][test_rows])
       test_pos = _csr(local, inter["item"][test_rows], len(users))
       mrows = np.flatnonzero(in_mask & sk & np.isin(inter["user"], users))
       exclude = _csr(np.searchsorted(users, inter["user"][mrows]), inter["item"][mrows], len(users))
-      uvec = encode_all(model, params, {f: c[users] for f, c in data.users.items()},
-                        {f: c[users] for f, c in data.user_masks.items()}, "encode_user", k,
-                        partitioner=partitioner)
+      uvec = encode_all(
+        model,
+        params,
+        {f: c[users] for f, c in data.users.items()},
+        {f: c[users] for f, c in data.user_masks.items()},
+        "encode_user",
+        k,
+        partitioner=partitioner,
+      )
       if partitioner is None:
-        model_topk = _valid_only(lambda vecs, ex: topk_scores(uvec, vecs, kmax, exclude=ex,
-                                                              chunk_size=user_chunk))
+        model_topk = _valid_only(
+          lambda vecs, ex: topk_scores(uvec, vecs, kmax, exclude=ex, chunk_size=user_chunk)
+        )
       else:
-        model_topk = _valid_only(lambda vecs, ex: sharded_topk_scores(
-            uvec, vecs, kmax, partitioner.mesh, exclude=ex, chunk_size=user_chunk))
+        model_topk = _valid_only(
+          lambda vecs, ex: sharded_topk_scores(
+            uvec, vecs, kmax, partitioner.mesh, exclude=ex, chunk_size=user_chunk
+          )
+        )
       idx = _in_corpus(model_topk, cand, item_all[:, k], len(users), kmax, exclude)
       per_user = M.retrieval_metrics(idx, test_pos, ks)
-      pidx = _in_corpus(_valid_only(lambda c, ex: popularity_topk(c, len(users), kmax,
-                                                                  exclude=ex)),
-                        cand, counts, len(users), kmax, exclude)
+      pidx = _in_corpus(
+        _valid_only(lambda c, ex: popularity_topk(c, len(users), kmax, exclude=ex)),
+        cand,
+        counts,
+        len(users),
+        kmax,
+        exclude,
+      )
       pop_per_user = M.retrieval_metrics(pidx, test_pos, ks)
       res.update({m: float(v.mean()) for m, v in per_user.items()})
       pres.update({m: float(v.mean()) for m, v in pop_per_user.items()})
@@ -235,9 +274,15 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
       eu = inter["user"][exp_rows]
       # Encode each distinct user once, then score every exposure row.
       eus, inv = np.unique(eu, return_inverse=True)
-      uv = encode_all(model, params, {f: c[eus] for f, c in data.users.items()},
-                      {f: c[eus] for f, c in data.user_masks.items()}, "encode_user", k,
-                      partitioner=partitioner)
+      uv = encode_all(
+        model,
+        params,
+        {f: c[eus] for f, c in data.users.items()},
+        {f: c[eus] for f, c in data.user_masks.items()},
+        "encode_user",
+        k,
+        partitioner=partitioner,
+      )
       scores = np.einsum("nd,nd->n", uv[inv], item_all[inter["item"][exp_rows], k])
       labels = inter["label"][exp_rows]
       pscores = counts[inter["item"][exp_rows]]
@@ -249,11 +294,15 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
 
   lost = {n: r["test_positives_in_train"] for n, r in scen_res.items()}
   if sum(lost.values()):
-    log.warning("%d positive(s) of the %s split are also %s positives of the same (user, item, "
-                "scenario) and are masked out of the ranking, so no model can retrieve them "
-                "(per scenario: %s); counted as test_positives_in_train in the metrics",
-                sum(lost.values()), split, "training" if mask == "train" else
-                "training / validation", lost)
+    log.warning(
+      "%d positive(s) of the %s split are also %s positives of the same (user, item, "
+      "scenario) and are masked out of the ranking, so no model can retrieve them "
+      "(per scenario: %s); counted as test_positives_in_train in the metrics",
+      sum(lost.values()),
+      split,
+      "training" if mask == "train" else "training / validation",
+      lost,
+    )
 
   def pooled(per_users, scores):
     out = {"num_users": int(sum(len(next(iter(p.values()))) for p in per_users))}
@@ -264,17 +313,19 @@ def evaluate(model: nn.Module, params, data: PreparedData, split: str = "test",
       out.update({m: float(np.concatenate([p[m] for p in per_users]).mean()) for m in per_users[0]})
     if scores:
       lab, grp, sc = map(np.concatenate, (all_labels, all_groups, scores))
-      out.update({"auc": M.auc(lab, sc), "gauc": M.gauc(grp, lab, sc), "num_exposures": int(len(lab))})
+      out.update(
+        {"auc": M.auc(lab, sc), "gauc": M.gauc(grp, lab, sc), "num_exposures": int(len(lab))}
+      )
     return out
 
   return {
-      "split": split,
-      "corpus": corpus,
-      "mask": mask,
-      "num_items": data.num_items,
-      "scenarios": scen_res,
-      "overall": pooled(model_users, all_scores),
-      "baselines": {"popularity": {"scenarios": pop_res, "overall": pooled(pop_users, all_pop)}},
+    "split": split,
+    "corpus": corpus,
+    "mask": mask,
+    "num_items": data.num_items,
+    "scenarios": scen_res,
+    "overall": pooled(model_users, all_scores),
+    "baselines": {"popularity": {"scenarios": pop_res, "overall": pooled(pop_users, all_pop)}},
   }
 
 
@@ -289,6 +340,8 @@ def markdown_table(metrics: dict, k: int = 50) -> str:
   for name, r in rows:
     p = pop["overall"] if name == "overall" else pop["scenarios"][name]
     fmt = lambda d, c: f"{d[c]:.4f}" if c in d and d[c] == d[c] else "n/a"
-    cells = [name, str(r.get("num_users", 0))] + [fmt(r, c) for c in cols] + [fmt(p, c) for c in cols[:3]]
+    cells = (
+      [name, str(r.get("num_users", 0))] + [fmt(r, c) for c in cols] + [fmt(p, c) for c in cols[:3]]
+    )
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -41,6 +41,7 @@ Logical axes: embedding tables ('vocab', 'embed'); shared dense ('mlp_in', 'mlp_
 per-scenario stacks ('scenario', ...); expert stacks ('expert', ...) -- every axis but 'vocab'
 is replicated by ``sass_jax.partition.RULES``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,16 +62,31 @@ from sass_jax.schema import FieldSpec
 # helpers
 
 
-def _stacked_kernel(module: nn.Module, name: str, lead: tuple[int, ...], lead_axes: tuple[str, ...],
-                    d_in: int, d_out: int):
+def _stacked_kernel(
+  module: nn.Module,
+  name: str,
+  lead: tuple[int, ...],
+  lead_axes: tuple[str, ...],
+  d_in: int,
+  d_out: int,
+):
   """A kernel ``[*lead, d_in, d_out]`` (float32, fan-in scaled per stacked matrix) and a bias
   ``[*lead, d_out]`` (zeros), with logical axes ``(*lead_axes, 'mlp_in', 'mlp_out')``."""
-  init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
-                                          out_axis=-1, batch_axis=tuple(range(len(lead))))
-  w = module.param(f"{name}_kernel", nn.with_logical_partitioning(
-      init, (*lead_axes, "mlp_in", "mlp_out")), (*lead, d_in, d_out), jnp.float32)
-  b = module.param(f"{name}_bias", nn.with_logical_partitioning(
-      nn.initializers.zeros_init(), (*lead_axes, "mlp_out")), (*lead, d_out), jnp.float32)
+  init = nn.initializers.variance_scaling(
+    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=tuple(range(len(lead)))
+  )
+  w = module.param(
+    f"{name}_kernel",
+    nn.with_logical_partitioning(init, (*lead_axes, "mlp_in", "mlp_out")),
+    (*lead, d_in, d_out),
+    jnp.float32,
+  )
+  b = module.param(
+    f"{name}_bias",
+    nn.with_logical_partitioning(nn.initializers.zeros_init(), (*lead_axes, "mlp_out")),
+    (*lead, d_out),
+    jnp.float32,
+  )
   return w, b
 
 
@@ -103,8 +119,10 @@ def _tower_widths_problems(model_cfg) -> list[str]:
   tw = tuple(v) if isinstance(v, (tuple, list)) else (v,)
   if all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in tw):
     return []
-  return [f"config.model.tower_widths={tw}: expected positive ints (hidden widths of the "
-          "per-scenario heads), e.g. (64,)"]
+  return [
+    f"config.model.tower_widths={tw}: expected positive ints (hidden widths of the "
+    "per-scenario heads), e.g. (64,)"
+  ]
 
 
 def _groups(cfg: ModelConfig, scenario) -> Groups | None:
@@ -124,6 +142,7 @@ class _ScenarioMLP(nn.Module):
   ``grouped.Groups`` of the B rows: x ``[B, d]`` -> ``[B, out_dim]``, row b through its own
   scenario's MLP only.
   """
+
   widths: Sequence[int]
   out_dim: int
   num_scenarios: int
@@ -132,20 +151,29 @@ class _ScenarioMLP(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False, groups: Groups | None = None) -> jnp.ndarray:
+  def __call__(
+    self, x: jnp.ndarray, train: bool = False, groups: Groups | None = None
+  ) -> jnp.ndarray:
     act = activation(self.act)
     K = self.num_scenarios
     x = x.astype(self.dtype)
     dims = list(self.widths) + [self.out_dim]
     for l, width in enumerate(dims):
-      w, b = _stacked_kernel(self, f"dense_{l}" if l < len(self.widths) else "out", (K,),
-                             ("scenario",), x.shape[-1], width)
+      w, b = _stacked_kernel(
+        self,
+        f"dense_{l}" if l < len(self.widths) else "out",
+        (K,),
+        ("scenario",),
+        x.shape[-1],
+        width,
+      )
       w, b = w.astype(self.dtype), b.astype(self.dtype)
       if groups is not None:
         x = grouped_dense(x, w, b, groups)
       else:
-        x = (jnp.einsum("bi,kio->bko", x, w) if x.ndim == 2 else
-             jnp.einsum("bki,kio->bko", x, w)) + b
+        x = (
+          jnp.einsum("bi,kio->bko", x, w) if x.ndim == 2 else jnp.einsum("bki,kio->bko", x, w)
+        ) + b
       if l < len(self.widths):
         x = act(x)
         if self.dropout > 0:
@@ -168,6 +196,7 @@ class _TwoTowerBase(nn.Module):
   ``encode_user`` / ``encode_item``: ``(features, scenario=None, train=False)`` -> float32
   ``[B, D]`` (scenario int32 ``[B]``) or ``[B, K, D]`` (scenario None), L2-normalised.
   """
+
   cfg: ModelConfig
 
   @classmethod
@@ -190,8 +219,10 @@ class _TwoTowerBase(nn.Module):
     return self.item_tower(features, scenario, train)
 
   def __call__(self, user_features, item_features, scenario, train: bool = False):
-    return (self.encode_user(user_features, scenario, train),
-            self.encode_item(item_features, scenario, train))
+    return (
+      self.encode_user(user_features, scenario, train),
+      self.encode_item(item_features, scenario, train),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,6 +234,7 @@ class MLPTower(nn.Module):
 
   Returns float32 [B, D]; scenario-agnostic.
   """
+
   cfg: ModelConfig
   specs: Sequence[FieldSpec]
 
@@ -221,6 +253,7 @@ class MLPTower(nn.Module):
 
 class DSSMMixed(nn.Module):
   """DSSM-M: a user MLP tower and an item MLP tower shared by all scenarios (docs/design.md §3)."""
+
   cfg: ModelConfig
 
   @classmethod
@@ -244,16 +277,23 @@ class DSSMMixed(nn.Module):
     return self._out(self.item_tower(features, train), scenario)
 
   def __call__(self, user_features, item_features, scenario, train: bool = False):
-    return (self.encode_user(user_features, scenario, train),
-            self.encode_item(item_features, scenario, train))
+    return (
+      self.encode_user(user_features, scenario, train),
+      self.encode_item(item_features, scenario, train),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # DSSM-S
 
 
-def scenario_field_ids(features: Mapping[str, jnp.ndarray], specs: Sequence[FieldSpec],
-                       num_scenarios: int, pad_to: int, scenario=None):
+def scenario_field_ids(
+  features: Mapping[str, jnp.ndarray],
+  specs: Sequence[FieldSpec],
+  num_scenarios: int,
+  pad_to: int,
+  scenario=None,
+):
   """Ids into K independent sets of embedding tables stored as one table per field.
 
   Field f's table gets ``K * R`` rows (R = ``padded_rows(vocab_size, pad_to)``); scenario k's
@@ -274,18 +314,18 @@ def scenario_field_ids(features: Mapping[str, jnp.ndarray], specs: Sequence[Fiel
     specs_k.append(dataclasses.replace(s, vocab_size=K * rows))
     ids = jnp.asarray(features[s.name], jnp.int32)
     if scenario is not None:
-      off = jnp.asarray(scenario, jnp.int32) * rows                          # [B]
+      off = jnp.asarray(scenario, jnp.int32) * rows  # [B]
       shifted[s.name] = ids + (off[:, None] if s.multi_hot else off)
       if s.multi_hot:
         shifted[f"{s.name}_mask"] = jnp.asarray(features[f"{s.name}_mask"])
       continue
     off = jnp.arange(K, dtype=jnp.int32) * rows
     if s.multi_hot:
-      shifted[s.name] = ids[:, None, :] + off[None, :, None]                 # [B, K, L]
+      shifted[s.name] = ids[:, None, :] + off[None, :, None]  # [B, K, L]
       m = jnp.asarray(features[f"{s.name}_mask"])
       shifted[f"{s.name}_mask"] = jnp.broadcast_to(m[:, None, :], shifted[s.name].shape)
     else:
-      shifted[s.name] = ids[:, None] + off[None, :]                          # [B, K]
+      shifted[s.name] = ids[:, None] + off[None, :]  # [B, K]
   return tuple(specs_k), shifted
 
 
@@ -295,6 +335,7 @@ class DSSMSingleTower(nn.Module):
   Call ``(features, scenario, train)`` -> float32 ``[B, D]`` or ``[B, K, D]``. Slice k depends
   only on scenario k's weights (and, with ``separate_embeddings``, its embedding rows).
   """
+
   cfg: ModelConfig
   specs: Sequence[FieldSpec]
 
@@ -304,14 +345,20 @@ class DSSMSingleTower(nn.Module):
     dt = jnp.dtype(c.compute_dtype)
     groups = _groups(c, scenario)
     if c.separate_embeddings:
-      specs, ids = scenario_field_ids(features, self.specs, c.num_scenarios, c.vocab_pad_to,
-                                      scenario if groups is not None else None)
+      specs, ids = scenario_field_ids(
+        features,
+        self.specs,
+        c.num_scenarios,
+        c.vocab_pad_to,
+        scenario if groups is not None else None,
+      )
       e = FieldEmbedder(specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(ids)  # [B,(K,)F*d]
     else:
       e = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(features)
     _check_scenario(scenario, e.shape[0])
-    out = _ScenarioMLP(c.widths, c.out_dim, c.num_scenarios, c.activation, c.dropout, dt,
-                       name="mlp")(e, train, groups)
+    out = _ScenarioMLP(
+      c.widths, c.out_dim, c.num_scenarios, c.activation, c.dropout, dt, name="mlp"
+    )(e, train, groups)
     out = l2_normalize(out.astype(jnp.float32))
     return out if groups is not None else _select(out, scenario)
 
@@ -335,6 +382,7 @@ class DSSMSingle(_TwoTowerBase):
 class SharedBottomTower(nn.Module):
   """Embeddings -> shared bottom MLP (``widths``) -> one head per scenario (``tower_widths``,
   ``out_dim``). Call ``(features, scenario, train)`` -> float32 ``[B, D]`` or ``[B, K, D]``."""
+
   cfg: ModelConfig
   specs: Sequence[FieldSpec]
 
@@ -344,10 +392,11 @@ class SharedBottomTower(nn.Module):
     dt = jnp.dtype(c.compute_dtype)
     e = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(features)
     _check_scenario(scenario, e.shape[0])
-    h = _mlp(e, c.widths, activation(c.activation), c.dropout, dt, "bottom", train)   # [B, w]
+    h = _mlp(e, c.widths, activation(c.activation), c.dropout, dt, "bottom", train)  # [B, w]
     groups = _groups(c, scenario)
-    out = _ScenarioMLP(c.tower_widths, c.out_dim, c.num_scenarios, c.activation, c.dropout, dt,
-                       name="head")(h, train, groups)                          # [B, (K,) D]
+    out = _ScenarioMLP(
+      c.tower_widths, c.out_dim, c.num_scenarios, c.activation, c.dropout, dt, name="head"
+    )(h, train, groups)  # [B, (K,) D]
     out = l2_normalize(out.astype(jnp.float32))
     return out if groups is not None else _select(out, scenario)
 
@@ -368,6 +417,7 @@ class MMoETower(nn.Module):
   """Embeddings e ``[B, F*d]`` -> E expert MLPs (``widths``; stacked ``[E, d_in, d_out]``) ->
   per-scenario softmax gates ``softmax(e W_g^k + b_g^k)`` ``[B, K, E]`` -> mixtures ``[B, K, w]``
   -> one head per scenario. Call ``(features, scenario, train)`` -> ``[B, D]`` or ``[B, K, D]``."""
+
   cfg: ModelConfig
   specs: Sequence[FieldSpec]
 
@@ -383,26 +433,31 @@ class MMoETower(nn.Module):
     for l, width in enumerate(c.widths):
       w, b = _stacked_kernel(self, f"expert_{l}", (E,), ("expert",), x.shape[-1], width)
       w, b = w.astype(dt), b.astype(dt)
-      x = act((jnp.einsum("bi,eio->beo", x, w) if x.ndim == 2 else
-               jnp.einsum("bei,eio->beo", x, w)) + b)
+      x = act(
+        (jnp.einsum("bi,eio->beo", x, w) if x.ndim == 2 else jnp.einsum("bei,eio->beo", x, w)) + b
+      )
       if c.dropout > 0:
         x = nn.Dropout(c.dropout)(x, deterministic=not train)
     if x.ndim == 2:  # no expert layers: every expert is the identity
       x = jnp.broadcast_to(x[:, None, :], (x.shape[0], E, x.shape[-1]))
     gw, gb = _stacked_kernel(self, "gate", (K,), ("scenario",), e.shape[-1], E)
     groups = _groups(c, scenario)
-    if groups is not None:     # each row's own scenario: gate [B, E], mixture [B, w], head
-      gates = jax.nn.softmax(grouped_dense(e, gw.astype(dt), gb.astype(dt), groups)
-                             .astype(jnp.float32), axis=-1)
+    if groups is not None:  # each row's own scenario: gate [B, E], mixture [B, w], head
+      gates = jax.nn.softmax(
+        grouped_dense(e, gw.astype(dt), gb.astype(dt), groups).astype(jnp.float32), axis=-1
+      )
       mixed = jnp.einsum("be,bew->bw", gates.astype(dt), x)
-      out = _ScenarioMLP(c.tower_widths, c.out_dim, K, c.activation, c.dropout, dt,
-                         name="head")(mixed, train, groups)
+      out = _ScenarioMLP(c.tower_widths, c.out_dim, K, c.activation, c.dropout, dt, name="head")(
+        mixed, train, groups
+      )
       return l2_normalize(out.astype(jnp.float32))
-    gates = jax.nn.softmax((jnp.einsum("bi,kie->bke", e, gw.astype(dt)) + gb.astype(dt))
-                           .astype(jnp.float32), axis=-1)                       # [B, K, E]
-    mixed = jnp.einsum("bke,bew->bkw", gates.astype(dt), x)                     # [B, K, w]
-    out = _ScenarioMLP(c.tower_widths, c.out_dim, K, c.activation, c.dropout, dt,
-                       name="head")(mixed, train)
+    gates = jax.nn.softmax(
+      (jnp.einsum("bi,kie->bke", e, gw.astype(dt)) + gb.astype(dt)).astype(jnp.float32), axis=-1
+    )  # [B, K, E]
+    mixed = jnp.einsum("bke,bew->bkw", gates.astype(dt), x)  # [B, K, w]
+    out = _ScenarioMLP(c.tower_widths, c.out_dim, K, c.activation, c.dropout, dt, name="head")(
+      mixed, train
+    )
     return _select(l2_normalize(out.astype(jnp.float32)), scenario)
 
 
@@ -412,8 +467,9 @@ class MMoE(_TwoTowerBase):
   @classmethod
   def config_problems(cls, model_cfg) -> list[str]:
     """Problems with ``tower_widths`` and ``num_experts``, one line each."""
-    return (_tower_widths_problems(model_cfg)
-            + _int_at_least_1(model_cfg, "num_experts", "MMoE's shared experts"))
+    return _tower_widths_problems(model_cfg) + _int_at_least_1(
+      model_cfg, "num_experts", "MMoE's shared experts"
+    )
 
   def _make_tower(self, specs):
     return MMoETower(self.cfg, specs)
@@ -433,6 +489,7 @@ class PLETower(nn.Module):
   then one head per scenario on t. Call ``(features, scenario, train)`` -> ``[B, D]`` or
   ``[B, K, D]``. Raises ValueError if ``widths`` is empty.
   """
+
   cfg: ModelConfig
   specs: Sequence[FieldSpec]
 
@@ -447,41 +504,54 @@ class PLETower(nn.Module):
     e = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(features)
     _check_scenario(scenario, e.shape[0])
     B = e.shape[0]
-    s, t = e, None                    # t None: every scenario path still equals e
+    s, t = e, None  # t None: every scenario path still equals e
     L = len(c.widths)
     groups = _groups(c, scenario)
     for l, width in enumerate(c.widths):
       d = s.shape[-1]
       sw, sb = _stacked_kernel(self, f"shared_expert_{l}", (Es,), ("expert",), d, width)
-      S = act(jnp.einsum("bi,eio->beo", s, sw.astype(dt)) + sb.astype(dt))            # [B,Es,w]
-      pw, pb = _stacked_kernel(self, f"scenario_expert_{l}", (K, Ek), ("scenario", "expert"),
-                               d, width)
+      S = act(jnp.einsum("bi,eio->beo", s, sw.astype(dt)) + sb.astype(dt))  # [B,Es,w]
+      pw, pb = _stacked_kernel(
+        self, f"scenario_expert_{l}", (K, Ek), ("scenario", "expert"), d, width
+      )
       if groups is not None and l == L - 1:
         # last layer, selected: only each row's own scenario path (no shared gate follows)
-        tin = e if t is None else _select(t, scenario)                               # [B, d]
+        tin = e if t is None else _select(t, scenario)  # [B, d]
         kw = jnp.transpose(pw, (0, 2, 1, 3)).reshape(K, d, Ek * width).astype(dt)
-        P = act(grouped_dense(tin, kw, pb.reshape(K, Ek * width).astype(dt), groups)
-                .reshape(B, Ek, width))                                              # [B,Ek,w]
+        P = act(
+          grouped_dense(tin, kw, pb.reshape(K, Ek * width).astype(dt), groups).reshape(B, Ek, width)
+        )  # [B,Ek,w]
         gw, gb = _stacked_kernel(self, f"scenario_gate_{l}", (K,), ("scenario",), d, Es + Ek)
-        g = jax.nn.softmax(grouped_dense(tin, gw.astype(dt), gb.astype(dt), groups)
-                           .astype(jnp.float32), -1).astype(dt)                      # [B,Es+Ek]
-        t = (jnp.einsum("be,bew->bw", g[..., :Es], S) +
-             jnp.einsum("be,bew->bw", g[..., Es:], P))
+        g = jax.nn.softmax(
+          grouped_dense(tin, gw.astype(dt), gb.astype(dt), groups).astype(jnp.float32), -1
+        ).astype(dt)  # [B,Es+Ek]
+        t = jnp.einsum("be,bew->bw", g[..., :Es], S) + jnp.einsum("be,bew->bw", g[..., Es:], P)
         if c.dropout > 0:
           t = nn.Dropout(c.dropout)(t, deterministic=not train)
         break
       tin = e if t is None else t
-      P = act((jnp.einsum("bi,keio->bkeo", tin, pw.astype(dt)) if t is None else
-               jnp.einsum("bki,keio->bkeo", tin, pw.astype(dt))) + pb.astype(dt))    # [B,K,Ek,w]
+      P = act(
+        (
+          jnp.einsum("bi,keio->bkeo", tin, pw.astype(dt))
+          if t is None
+          else jnp.einsum("bki,keio->bkeo", tin, pw.astype(dt))
+        )
+        + pb.astype(dt)
+      )  # [B,K,Ek,w]
       gw, gb = _stacked_kernel(self, f"scenario_gate_{l}", (K,), ("scenario",), d, Es + Ek)
-      logits = (jnp.einsum("bi,kio->bko", tin, gw.astype(dt)) if t is None else
-                jnp.einsum("bki,kio->bko", tin, gw.astype(dt))) + gb.astype(dt)
-      g = jax.nn.softmax(logits.astype(jnp.float32), -1).astype(dt)                  # [B,K,Es+Ek]
-      t_new = (jnp.einsum("bke,bew->bkw", g[..., :Es], S) +
-               jnp.einsum("bke,bkew->bkw", g[..., Es:], P))
+      logits = (
+        jnp.einsum("bi,kio->bko", tin, gw.astype(dt))
+        if t is None
+        else jnp.einsum("bki,kio->bko", tin, gw.astype(dt))
+      ) + gb.astype(dt)
+      g = jax.nn.softmax(logits.astype(jnp.float32), -1).astype(dt)  # [B,K,Es+Ek]
+      t_new = jnp.einsum("bke,bew->bkw", g[..., :Es], S) + jnp.einsum(
+        "bke,bkew->bkw", g[..., Es:], P
+      )
       if l < L - 1:
-        gs = jax.nn.softmax(_dense(Es + K * Ek, dt, f"shared_gate_{l}")(s).astype(jnp.float32),
-                            -1).astype(dt)                                           # [B,Es+K*Ek]
+        gs = jax.nn.softmax(
+          _dense(Es + K * Ek, dt, f"shared_gate_{l}")(s).astype(jnp.float32), -1
+        ).astype(dt)  # [B,Es+K*Ek]
         experts = jnp.concatenate([S, P.reshape(B, K * Ek, width)], axis=1)
         s = jnp.einsum("be,bew->bw", gs, experts)
         if c.dropout > 0:
@@ -489,8 +559,9 @@ class PLETower(nn.Module):
       t = t_new
       if c.dropout > 0:
         t = nn.Dropout(c.dropout)(t, deterministic=not train)
-    out = _ScenarioMLP(c.tower_widths, c.out_dim, K, c.activation, c.dropout, dt,
-                       name="head")(t, train, groups)
+    out = _ScenarioMLP(c.tower_widths, c.out_dim, K, c.activation, c.dropout, dt, name="head")(
+      t, train, groups
+    )
     out = l2_normalize(out.astype(jnp.float32))
     return out if groups is not None else _select(out, scenario)
 
@@ -502,10 +573,11 @@ class PLE(_TwoTowerBase):
   def config_problems(cls, model_cfg) -> list[str]:
     """Problems with ``tower_widths``, ``num_experts``, ``num_scenario_experts`` and an empty
     ``widths`` (no extraction layer), one line each."""
-    out = (_tower_widths_problems(model_cfg)
-           + _int_at_least_1(model_cfg, "num_experts", "PLE's shared experts per layer")
-           + _int_at_least_1(model_cfg, "num_scenario_experts",
-                             "PLE's experts per scenario per layer"))
+    out = (
+      _tower_widths_problems(model_cfg)
+      + _int_at_least_1(model_cfg, "num_experts", "PLE's shared experts per layer")
+      + _int_at_least_1(model_cfg, "num_scenario_experts", "PLE's experts per scenario per layer")
+    )
     if not tuple(model_cfg.widths):
       out.append("config.model.widths=(); ple needs at least one extraction layer width")
     return out
@@ -545,6 +617,7 @@ class PartitionedNorm(nn.Module):
 
   Nothing is updated while initialising. Statistics are computed in float32; returns ``dtype``.
   """
+
   num_scenarios: int
   momentum: float = 0.99
   eps: float = 1e-5
@@ -559,16 +632,18 @@ class PartitionedNorm(nn.Module):
     shared, per_k = ("mlp_out",), ("scenario", "mlp_out")
     gamma = self.param("scale", nn.with_logical_partitioning(ones, shared), (d,), jnp.float32)
     beta = self.param("bias", nn.with_logical_partitioning(zeros, shared), (d,), jnp.float32)
-    gamma_k = self.param("scenario_scale", nn.with_logical_partitioning(ones, per_k), (K, d),
-                         jnp.float32)
-    beta_k = self.param("scenario_bias", nn.with_logical_partitioning(zeros, per_k), (K, d),
-                        jnp.float32)
+    gamma_k = self.param(
+      "scenario_scale", nn.with_logical_partitioning(ones, per_k), (K, d), jnp.float32
+    )
+    beta_k = self.param(
+      "scenario_bias", nn.with_logical_partitioning(zeros, per_k), (K, d), jnp.float32
+    )
     update = train and not self.is_initializing()
     m = self.momentum
     xf = x.astype(jnp.float32)
     if scenario is None:
       if train:
-        mu = jnp.mean(xf, axis=0)                                   # [d] or [K, d]
+        mu = jnp.mean(xf, axis=0)  # [d] or [K, d]
         var = jnp.mean(jnp.square(xf - mu), axis=0)
         mu, var = jnp.broadcast_to(mu, (K, d)), jnp.broadcast_to(var, (K, d))
         if update:
@@ -576,26 +651,29 @@ class PartitionedNorm(nn.Module):
           ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
       else:
         mu, var = ra_mean.value, ra_var.value
-      xk = xf[:, None, :] if xf.ndim == 2 else xf                    # [B, 1 or K, d]
+      xk = xf[:, None, :] if xf.ndim == 2 else xf  # [B, 1 or K, d]
       y = (xk - mu) * jax.lax.rsqrt(var + self.eps) * (gamma * gamma_k) + (beta + beta_k)
       return y.astype(self.dtype)
     scenario = jnp.asarray(scenario, jnp.int32)
     if train:
-      onehot = jax.nn.one_hot(scenario, K, dtype=jnp.float32)       # [B, K]
-      n = onehot.sum(0)                                              # [K]
+      onehot = jax.nn.one_hot(scenario, K, dtype=jnp.float32)  # [B, K]
+      n = onehot.sum(0)  # [K]
       denom = jnp.maximum(n, 1.0)[:, None]
-      mu = (onehot.T @ xf) / denom                                   # [K, d]
+      mu = (onehot.T @ xf) / denom  # [K, d]
       var = (onehot.T @ jnp.square(xf - mu[scenario])) / denom
       if update:
         present = (n > 0)[:, None]
-        ra_mean.value = jnp.where(present, m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mu),
-                                  ra_mean.value)
-        ra_var.value = jnp.where(present, m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var),
-                                 ra_var.value)
+        ra_mean.value = jnp.where(
+          present, m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mu), ra_mean.value
+        )
+        ra_var.value = jnp.where(
+          present, m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var), ra_var.value
+        )
     else:
       mu, var = ra_mean.value, ra_var.value
-    y = ((xf - mu[scenario]) * jax.lax.rsqrt(var[scenario] + self.eps) *
-         (gamma * gamma_k[scenario]) + (beta + beta_k[scenario]))
+    y = (xf - mu[scenario]) * jax.lax.rsqrt(var[scenario] + self.eps) * (
+      gamma * gamma_k[scenario]
+    ) + (beta + beta_k[scenario])
     return y.astype(self.dtype)
 
 
@@ -610,6 +688,7 @@ class StarDense(nn.Module):
   ``grouped.Groups`` of the rows' scenarios): the selected layout with each row times its own
   scenario's kernel only.
   """
+
   features: int
   num_scenarios: int
   dtype: jnp.dtype = jnp.float32
@@ -617,23 +696,38 @@ class StarDense(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, scenario=None, groups: Groups | None = None) -> jnp.ndarray:
     K, d_in = self.num_scenarios, x.shape[-1]
-    w = self.param("kernel", nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")), (d_in, self.features), jnp.float32)
-    b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp_out",)),
-                   (self.features,), jnp.float32)
-    wk = self.param("scenario_kernel", nn.with_logical_partitioning(
-        nn.initializers.ones_init(), ("scenario", "mlp_in", "mlp_out")),
-        (K, d_in, self.features), jnp.float32)
-    bk = self.param("scenario_bias", nn.with_logical_partitioning(
-        nn.initializers.zeros_init(), ("scenario", "mlp_out")), (K, self.features), jnp.float32)
-    weff = (w[None] * wk).astype(self.dtype)                         # [K, d_in, d_out]
-    beff = (b[None] + bk).astype(self.dtype)                         # [K, d_out]
+    w = self.param(
+      "kernel",
+      nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")),
+      (d_in, self.features),
+      jnp.float32,
+    )
+    b = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp_out",)),
+      (self.features,),
+      jnp.float32,
+    )
+    wk = self.param(
+      "scenario_kernel",
+      nn.with_logical_partitioning(nn.initializers.ones_init(), ("scenario", "mlp_in", "mlp_out")),
+      (K, d_in, self.features),
+      jnp.float32,
+    )
+    bk = self.param(
+      "scenario_bias",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), ("scenario", "mlp_out")),
+      (K, self.features),
+      jnp.float32,
+    )
+    weff = (w[None] * wk).astype(self.dtype)  # [K, d_in, d_out]
+    beff = (b[None] + bk).astype(self.dtype)  # [K, d_out]
     x = x.astype(self.dtype)
     if groups is not None:
       return grouped_dense(x, weff, beff, groups)
     if x.ndim == 3:
       return jnp.einsum("bki,kio->bko", x, weff) + beff
-    y = jnp.einsum("bi,kio->bko", x, weff) + beff                    # [B, K, d_out]
+    y = jnp.einsum("bi,kio->bko", x, weff) + beff  # [B, K, d_out]
     return _select(y, scenario)
 
 
@@ -645,6 +739,7 @@ class StarTower(nn.Module):
   Call ``(features, z, scenario, train)``: z the scenario embedding table ``[K, d_s]``;
   scenario int32 ``[B]`` -> ``[B, D]``, None -> ``[B, K, D]``.
   """
+
   cfg: ModelConfig
   specs: Sequence[FieldSpec]
 
@@ -668,7 +763,7 @@ class StarTower(nn.Module):
           x = nn.Dropout(c.dropout)(x, deterministic=not train)
     if c.star_aux:
       if scenario is None:
-        zb = jnp.broadcast_to(z[None], (e.shape[0],) + z.shape)      # [B, K, d_s]
+        zb = jnp.broadcast_to(z[None], (e.shape[0],) + z.shape)  # [B, K, d_s]
         eb = jnp.broadcast_to(e[:, None], (e.shape[0], K, e.shape[-1]))
       else:
         zb, eb = jnp.take(z, scenario, axis=0), e
@@ -685,6 +780,7 @@ class STAR(nn.Module):
   ``{user_tower,item_tower}/pn/{mean,var}`` float32 ``[K, F*d]`` (PartitionedNorm documents
   training vs evaluation and both layouts).
   """
+
   cfg: ModelConfig
 
   @classmethod
@@ -692,15 +788,23 @@ class STAR(nn.Module):
     """A problem line when ``star_momentum`` is not a number in [0, 1); else []."""
     m = model_cfg.get("star_momentum")
     ok = m is None or (isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < 1)
-    return [] if ok else [f"config.model.star_momentum={m!r}: expected 0 <= m < 1 (the "
-                          "momentum of the running statistics), e.g. 0.99"]
+    return (
+      []
+      if ok
+      else [
+        f"config.model.star_momentum={m!r}: expected 0 <= m < 1 (the "
+        "momentum of the running statistics), e.g. 0.99"
+      ]
+    )
 
   def setup(self):
     c = self.cfg
     self.scenario_embedding = self.param(
-        "scenario_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.1), ("scenario", "embed")),
-        (c.num_scenarios, c.scenario_dim), jnp.float32)
+      "scenario_embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(stddev=0.1), ("scenario", "embed")),
+      (c.num_scenarios, c.scenario_dim),
+      jnp.float32,
+    )
     self.user_tower = StarTower(c, c.user_specs)
     self.item_tower = StarTower(c, c.item_specs)
 
@@ -711,5 +815,7 @@ class STAR(nn.Module):
     return self.item_tower(features, self.scenario_embedding, scenario, train)
 
   def __call__(self, user_features, item_features, scenario, train: bool = False):
-    return (self.encode_user(user_features, scenario, train),
-            self.encode_item(item_features, scenario, train))
+    return (
+      self.encode_user(user_features, scenario, train),
+      self.encode_item(item_features, scenario, train),
+    )

@@ -1,4 +1,5 @@
 """Field embeddings shared by all scenarios (docs/design.md §1, "a shared embedding layer")."""
+
 from __future__ import annotations
 
 import math
@@ -51,6 +52,7 @@ class FieldEmbedder(nn.Module):
   ``('vocab', 'embed')`` so the partitioner can row-shard it over the 'model' axis.
   Raises KeyError naming the field if a feature is missing.
   """
+
   specs: Sequence[FieldSpec]
   dim: int
   pad_to: int = 8
@@ -63,9 +65,11 @@ class FieldEmbedder(nn.Module):
       if s.name not in features:
         raise KeyError(f"feature {s.name!r} missing from the batch (have {sorted(features)})")
       table = self.param(
-          s.name,
-          nn.with_logical_partitioning(nn.initializers.normal(stddev=0.1), ("vocab", "embed")),
-          (padded_rows(s.vocab_size, self.pad_to), self.dim), jnp.float32)
+        s.name,
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.1), ("vocab", "embed")),
+        (padded_rows(s.vocab_size, self.pad_to), self.dim),
+        jnp.float32,
+      )
       ids = features[s.name]
       e = jnp.take(table, ids, axis=0).astype(self.dtype)
       if s.multi_hot:

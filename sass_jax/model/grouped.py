@@ -16,6 +16,7 @@ is a gather or a dot, so gradients are exact and work on every backend.
 ``make_groups`` builds the layout once per batch (``Groups``, a pytree of int32 arrays);
 ``grouped_matmul`` applies it. T is chosen by ``tile_size`` (static, from N and K).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -33,6 +34,7 @@ class Groups(NamedTuple):
   slot (N for an empty slot); dest ``[N]``: each row's slot; tile_group ``[NT]``: each tile's
   scenario (tiles past the last used one hold only empty slots).
   """
+
   scenario: jnp.ndarray
   src: jnp.ndarray
   dest: jnp.ndarray
@@ -62,18 +64,21 @@ def make_groups(scenario: jnp.ndarray, num_scenarios: int, tile: int | None = No
   n, k = scenario.shape[0], int(num_scenarios)
   t = int(tile or tile_size(n, k))
   num_tiles = (n + k * (t - 1)) // t
-  onehot = jax.nn.one_hot(scenario, k, dtype=jnp.int32)                    # [N, K]
-  counts = onehot.sum(0)                                                   # [K]
+  onehot = jax.nn.one_hot(scenario, k, dtype=jnp.int32)  # [N, K]
+  counts = onehot.sum(0)  # [K]
   rank = jnp.take_along_axis(jnp.cumsum(onehot, 0), scenario[:, None], 1)[:, 0] - 1
   padded = (counts + t - 1) // t * t
-  start = jnp.cumsum(padded) - padded                                      # [K] first slot
+  start = jnp.cumsum(padded) - padded  # [K] first slot
   dest = (start[scenario] + rank).astype(jnp.int32)
-  src = jnp.full((num_tiles * t,), n, jnp.int32).at[dest].set(
-      jnp.arange(n, dtype=jnp.int32), unique_indices=True)
-  tile_end = jnp.cumsum(padded) // t                                       # [K]
+  src = (
+    jnp.full((num_tiles * t,), n, jnp.int32)
+    .at[dest]
+    .set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+  )
+  tile_end = jnp.cumsum(padded) // t  # [K]
   tile_group = jnp.minimum(
-      jnp.searchsorted(tile_end, jnp.arange(num_tiles, dtype=jnp.int32), side="right"),
-      k - 1).astype(jnp.int32)
+    jnp.searchsorted(tile_end, jnp.arange(num_tiles, dtype=jnp.int32), side="right"), k - 1
+  ).astype(jnp.int32)
   return Groups(scenario, src, dest, tile_group)
 
 
@@ -83,13 +88,14 @@ def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, groups: Groups) -> jnp.ndarra
   n, d_in = x.shape
   t, nt = groups.tile, groups.tile_group.shape[0]
   xp = jnp.take(x, groups.src, axis=0, mode="fill", fill_value=0).reshape(nt, t, d_in)
-  wt = jnp.take(w, groups.tile_group, axis=0)                              # [NT, d_in, d_out]
+  wt = jnp.take(w, groups.tile_group, axis=0)  # [NT, d_in, d_out]
   y = jnp.einsum("tri,tio->tro", xp, wt).reshape(nt * t, w.shape[-1])
   return jnp.take(y, groups.dest, axis=0)
 
 
-def grouped_dense(x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None,
-                  groups: Groups) -> jnp.ndarray:
+def grouped_dense(
+  x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None, groups: Groups
+) -> jnp.ndarray:
   """``grouped_matmul`` over any leading shape: x ``[..., d_in]`` with ``prod(...) = N`` rows in
   ``groups``' order, plus ``b[scenario]`` (b ``[K, d_out]``) when given -> ``[..., d_out]``."""
   lead = x.shape[:-1]

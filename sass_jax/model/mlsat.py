@@ -29,18 +29,22 @@ How the selected layout is computed (``config.model.scenario_compute``):
 - 'onehot' (the earlier formulation, kept for reference and tests): every row is multiplied by
   all K kernels and a one-hot ``[B, K]`` keeps one; gates on the concatenated input.
 """
+
 from __future__ import annotations
 
 from typing import Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from sass_jax.model.grouped import Groups, grouped_dense
 
 ACTIVATIONS: dict[str, Callable] = {
-    "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu, "tanh": jnp.tanh, "leaky_relu": nn.leaky_relu,
+  "relu": nn.relu,
+  "gelu": nn.gelu,
+  "silu": nn.silu,
+  "tanh": jnp.tanh,
+  "leaky_relu": nn.leaky_relu,
 }
 GATE_STYLES = ("gated_sum", "gru", "none")
 
@@ -53,10 +57,13 @@ def activation(name: str) -> Callable:
 
 
 def _dense(features: int, dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                           ("mlp_in", "mlp_out")),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp_out",)))
+  return nn.Dense(
+    features,
+    dtype=dtype,
+    name=name,
+    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")),
+    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp_out",)),
+  )
 
 
 class ScenarioDense(nn.Module):
@@ -68,6 +75,7 @@ class ScenarioDense(nn.Module):
   ``(x, None)``: all-scenarios layout, x ``[B, K, d_in]`` -> ``[B, K, d_out]`` where slice k
   uses scenario k's weights. Logical axes: kernel ('scenario', 'mlp_in', 'mlp_out').
   """
+
   features: int
   num_scenarios: int
   dtype: jnp.dtype = jnp.float32
@@ -75,20 +83,32 @@ class ScenarioDense(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, onehot: jnp.ndarray | None) -> jnp.ndarray:
     d_in = x.shape[-1]
-    w = self.param("kernel", nn.with_logical_partitioning(
-        nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2,
-                                         out_axis=-1, batch_axis=(0,)),
-        ("scenario", "mlp_in", "mlp_out")), (self.num_scenarios, d_in, self.features), jnp.float32)
-    b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                        ("scenario", "mlp_out")),
-                   (self.num_scenarios, self.features), jnp.float32)
+    w = self.param(
+      "kernel",
+      nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(
+          1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
+        ),
+        ("scenario", "mlp_in", "mlp_out"),
+      ),
+      (self.num_scenarios, d_in, self.features),
+      jnp.float32,
+    )
+    b = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), ("scenario", "mlp_out")),
+      (self.num_scenarios, self.features),
+      jnp.float32,
+    )
     w, b = w.astype(self.dtype), b.astype(self.dtype)
     x = x.astype(self.dtype)
     if isinstance(onehot, Groups):
       return grouped_dense(x, w, b, onehot)
     if onehot is None:
       if x.ndim != 3 or x.shape[1] != self.num_scenarios:
-        raise ValueError(f"all-scenarios layout needs x [B, {self.num_scenarios}, d], got {x.shape}")
+        raise ValueError(
+          f"all-scenarios layout needs x [B, {self.num_scenarios}, d], got {x.shape}"
+        )
       return jnp.einsum("bki,kio->bko", x, w) + b
     onehot = onehot.astype(self.dtype)
     return jnp.einsum("bk,bki->bi", onehot, jnp.einsum("bi,kio->bko", x, w)) + onehot @ b
@@ -105,22 +125,29 @@ class _SplitDense(nn.Module):
   ``_dense``) are those of ``_dense`` on the concatenated input, so checkpoints of either load
   into the other.
   """
+
   features: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, parts):
     d_in = sum(int(x.shape[-1]) for x, _ in parts)
-    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                               ("mlp_in", "mlp_out")),
-                        (d_in, self.features), jnp.float32).astype(self.dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                           ("mlp_out",)),
-                      (self.features,), jnp.float32).astype(self.dtype)
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")),
+      (d_in, self.features),
+      jnp.float32,
+    ).astype(self.dtype)
+    bias = self.param(
+      "bias",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp_out",)),
+      (self.features,),
+      jnp.float32,
+    ).astype(self.dtype)
     out, off = None, 0
     for x, post in parts:
       d = int(x.shape[-1])
-      y = jnp.matmul(x.astype(self.dtype), kernel[off:off + d])
+      y = jnp.matmul(x.astype(self.dtype), kernel[off : off + d])
       off += d
       y = y if post is None else post(y)
       out = y if out is None else out + y
@@ -137,6 +164,7 @@ class MLSATLayer(nn.Module):
   ``grouped.Groups`` of the B * V rows, or ``[B, K, d]`` with onehot None; z the scenario
   embedding table ``[K, d_s]`` (or ``[1, K, d_s]``). Outputs keep the input layouts.
   """
+
   features: int
   num_scenarios: int
   act: str = "relu"
@@ -155,10 +183,14 @@ class MLSATLayer(nn.Module):
   @nn.compact
   def __call__(self, g, h, z, onehot, train: bool = False):
     if self.gate_style not in GATE_STYLES:
-      raise ValueError(f"config.model.gate_style={self.gate_style!r}; expected one of {GATE_STYLES}")
+      raise ValueError(
+        f"config.model.gate_style={self.gate_style!r}; expected one of {GATE_STYLES}"
+      )
     act = activation(self.act)
     g = act(_dense(self.features, self.dtype, "global")(g))
-    s = act(ScenarioDense(self.features, self.num_scenarios, self.dtype, name="scenario")(h, onehot))
+    s = act(
+      ScenarioDense(self.features, self.num_scenarios, self.dtype, name="scenario")(h, onehot)
+    )
     if self.gate_style == "none":
       h = g + s
     elif self.scenario_compute == "grouped":
@@ -173,7 +205,9 @@ class MLSATLayer(nn.Module):
         h = u * s + (1.0 - u) * c
       else:  # gru
         u = nn.sigmoid(self._gate("update_gate", jnp.concatenate([gb, s, zb], -1), onehot))
-        c = jnp.tanh(_dense(self.features, self.dtype, "candidate")(jnp.concatenate([a * gb, s], -1)))
+        c = jnp.tanh(
+          _dense(self.features, self.dtype, "candidate")(jnp.concatenate([a * gb, s], -1))
+        )
         h = (1.0 - u) * s + u * c
     if self.layer_norm:
       h = nn.LayerNorm(dtype=self.dtype, name="norm")(h)
@@ -186,25 +220,27 @@ class MLSATLayer(nn.Module):
   def _grouped_gates(self, g, s, z, groups):
     """The gates of the 'grouped' compute: g ``[B, 1, w]``, s ``[B, V or K, w]``, z ``[K, d_s]``
     (or ``[1, K, d_s]``); returns h like s."""
-    ztab = z.reshape(-1, z.shape[-1])                                      # [K, d_s]
+    ztab = z.reshape(-1, z.shape[-1])  # [K, d_s]
     if isinstance(groups, Groups):
-      idx = groups.scenario.reshape(s.shape[:-1])                          # [B, V]
-      zrows = lambda t: jnp.take(t, idx, axis=0)                           # [K, x] -> [B, V, x]
+      idx = groups.scenario.reshape(s.shape[:-1])  # [B, V]
+      zrows = lambda t: jnp.take(t, idx, axis=0)  # [K, x] -> [B, V, x]
     else:
-      zrows = lambda t: t[None]                                            # [K, x] -> [1, K, x]
+      zrows = lambda t: t[None]  # [K, x] -> [1, K, x]
     gb = jnp.broadcast_to(g, s.shape)
-    if self.gate_per_scenario:   # per-scenario kernels: no block is shared
+    if self.gate_per_scenario:  # per-scenario kernels: no block is shared
       zb = jnp.broadcast_to(zrows(ztab.astype(self.dtype)), s.shape[:-1] + ztab.shape[-1:])
-      gate = lambda name, first: nn.sigmoid(self._gate(
-          name, jnp.concatenate([jnp.broadcast_to(first, s.shape), s, zb], -1), groups))
+      gate = lambda name, first: nn.sigmoid(
+        self._gate(name, jnp.concatenate([jnp.broadcast_to(first, s.shape), s, zb], -1), groups)
+      )
     else:
-      gate = lambda name, first: nn.sigmoid(_SplitDense(self.features, self.dtype, name=name)(
-          [(first, None), (s, None), (ztab, zrows)]))
+      gate = lambda name, first: nn.sigmoid(
+        _SplitDense(self.features, self.dtype, name=name)([(first, None), (s, None), (ztab, zrows)])
+      )
     a = gate("adaptive_gate", g)
     if self.gate_style == "gated_sum":
       c = a * gb
       u = gate("update_gate", c)
       return u * s + (1.0 - u) * c
-    u = gate("update_gate", g)   # gru
+    u = gate("update_gate", g)  # gru
     c = jnp.tanh(_dense(self.features, self.dtype, "candidate")(jnp.concatenate([a * gb, s], -1)))
     return (1.0 - u) * s + u * c

@@ -41,6 +41,7 @@ expected ...``), [] when they are fine. ``sass_jax.config_check`` reports them w
 problems before any work, and ``registry.build`` raises them; the settings every model shares
 are checked there and by ``ModelConfig.from_config``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Protocol, runtime_checkable
@@ -54,25 +55,32 @@ class TwoTowerModel(Protocol):
 
   ``isinstance(model, TwoTowerModel)`` checks that the members exist, not their signatures.
   """
-  cfg: Any   # sass_jax.model.towers.ModelConfig: a frozen dataclass (jit-static, hashable)
+
+  cfg: Any  # sass_jax.model.towers.ModelConfig: a frozen dataclass (jit-static, hashable)
 
   @classmethod
   def config_problems(cls, model_cfg) -> list[str]:
     """One line per bad value of the model's own ``config.model`` settings; [] when none."""
     ...
 
-  def encode_user(self, features: Mapping[str, jnp.ndarray], scenario=None,
-                  train: bool = False) -> jnp.ndarray:
+  def encode_user(
+    self, features: Mapping[str, jnp.ndarray], scenario=None, train: bool = False
+  ) -> jnp.ndarray:
     """float32 ``[B, D]`` (scenario int32 ``[B]``) or ``[B, K, D]`` (scenario None)."""
     ...
 
-  def encode_item(self, features: Mapping[str, jnp.ndarray], scenario=None,
-                  train: bool = False) -> jnp.ndarray:
+  def encode_item(
+    self, features: Mapping[str, jnp.ndarray], scenario=None, train: bool = False
+  ) -> jnp.ndarray:
     """float32 ``[B, D]`` (scenario int32 ``[B]``) or ``[B, K, D]`` (scenario None)."""
     ...
 
-  def __call__(self, user_features: Mapping[str, jnp.ndarray],
-               item_features: Mapping[str, jnp.ndarray], scenario,
-               train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+  def __call__(
+    self,
+    user_features: Mapping[str, jnp.ndarray],
+    item_features: Mapping[str, jnp.ndarray],
+    scenario,
+    train: bool = False,
+  ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(user ``[B, D]``, item ``[B, D]``) in the rows' scenarios; what ``init`` runs."""
     ...

@@ -7,6 +7,7 @@ the config checks, ``--mode compare`` / ``compile`` / ``export`` / ``bench`` and
 the names and the per-model facts from here. Tests (or code outside the package) register a
 model the same way, ``MODELS[name] = Entry(Model)`` (e.g. ``monkeypatch.setitem``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ class Entry:
       checkpoint may be resumed with other values (beyond the shared
       ``config_check.MODEL_NON_STRUCTURAL``).
   """
+
   model: type
   pretrains: bool = False
   non_structural: tuple[str, ...] = ()
@@ -40,13 +42,13 @@ class Entry:
 
 # The models, in the order of the results tables. One line per model.
 MODELS: dict[str, Entry] = {
-    "sass": Entry(SASS, pretrains=True),
-    "dssm_single": Entry(DSSMSingle),
-    "dssm_mixed": Entry(DSSMMixed),
-    "shared_bottom": Entry(SharedBottom),
-    "mmoe": Entry(MMoE),
-    "ple": Entry(PLE),
-    "star": Entry(STAR, non_structural=("star_momentum",)),
+  "sass": Entry(SASS, pretrains=True),
+  "dssm_single": Entry(DSSMSingle),
+  "dssm_mixed": Entry(DSSMMixed),
+  "shared_bottom": Entry(SharedBottom),
+  "mmoe": Entry(MMoE),
+  "ple": Entry(PLE),
+  "star": Entry(STAR, non_structural=("star_momentum",)),
 }
 
 
@@ -60,8 +62,9 @@ def get(name: str) -> Entry:
   known names) for an unknown one."""
   entry = MODELS.get(name) if isinstance(name, str) else None
   if entry is None:
-    raise ValueError(f"config.model.name={name!r} is not a known model; expected one of "
-                     f"{sorted(MODELS)}")
+    raise ValueError(
+      f"config.model.name={name!r} is not a known model; expected one of {sorted(MODELS)}"
+    )
   return entry
 
 
@@ -80,8 +83,9 @@ def non_structural_keys() -> tuple[str, ...]:
   return tuple(sorted({k for e in MODELS.values() for k in e.non_structural}))
 
 
-def build(model_cfg, user_specs: Sequence[FieldSpec], item_specs: Sequence[FieldSpec],
-          num_scenarios: int) -> TwoTowerModel:
+def build(
+  model_cfg, user_specs: Sequence[FieldSpec], item_specs: Sequence[FieldSpec], num_scenarios: int
+) -> TwoTowerModel:
   """The model named by ``config.model.name`` (``model_cfg``) for these fields and K scenarios.
 
   Raises ValueError: the unknown name or the model's own bad settings (``config_problems``,

@@ -9,6 +9,7 @@ User tower and item tower have the same structure and separate weights::
 z_k is the scenario embedding, shared by both towers. Because the item tower is scenario-aware,
 an item has a different vector in every scenario. Scores are <r_u^k, r_i^k> / tau.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ from sass_jax.model.grouped import SCENARIO_COMPUTE, Groups, make_groups
 from sass_jax.model.mlsat import GATE_STYLES, MLSATLayer, _dense, activation
 from sass_jax.schema import FieldSpec
 
-BIAS_MODES = ("add", "concat")   # config.model.bias_mode: scenario bias added or concatenated
+BIAS_MODES = ("add", "concat")  # config.model.bias_mode: scenario bias added or concatenated
 
 
 def l2_normalize(r: jnp.ndarray) -> jnp.ndarray:
@@ -34,6 +35,7 @@ def l2_normalize(r: jnp.ndarray) -> jnp.ndarray:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Static, hashable model hyper-parameters (built from ``config.model`` and the data)."""
+
   user_specs: tuple[FieldSpec, ...]
   item_specs: tuple[FieldSpec, ...]
   num_scenarios: int
@@ -55,16 +57,21 @@ class ModelConfig:
   # (sass_jax/model/grouped.py, sass_jax/model/mlsat.py). Same function, same parameters.
   scenario_compute: str = "grouped"
   # Baselines (docs/design.md §3; sass_jax/model/baselines.py).
-  tower_widths: tuple[int, ...] = (64,)   # per-scenario head of shared_bottom / mmoe / ple
-  num_experts: int = 4                    # mmoe experts; ple shared experts per layer
-  num_scenario_experts: int = 2           # ple experts per scenario per layer
-  separate_embeddings: bool = True        # dssm_single: one set of tables per scenario
-  star_aux: bool = True                   # star: auxiliary network added to the output
-  star_momentum: float = 0.99             # star: running-statistics momentum
+  tower_widths: tuple[int, ...] = (64,)  # per-scenario head of shared_bottom / mmoe / ple
+  num_experts: int = 4  # mmoe experts; ple shared experts per layer
+  num_scenario_experts: int = 2  # ple experts per scenario per layer
+  separate_embeddings: bool = True  # dssm_single: one set of tables per scenario
+  star_aux: bool = True  # star: auxiliary network added to the output
+  star_momentum: float = 0.99  # star: running-statistics momentum
 
   @classmethod
-  def from_config(cls, model_cfg, user_specs: Sequence[FieldSpec], item_specs: Sequence[FieldSpec],
-                  num_scenarios: int) -> "ModelConfig":
+  def from_config(
+    cls,
+    model_cfg,
+    user_specs: Sequence[FieldSpec],
+    item_specs: Sequence[FieldSpec],
+    num_scenarios: int,
+  ) -> "ModelConfig":
     """Build from an ml_collections ``config.model`` of any registered model (the baselines'
     fields take their defaults when the config lacks them).
 
@@ -73,32 +80,58 @@ class ModelConfig:
     checked by its ``config_problems``, which ``sass_jax.model.registry.build`` runs first.
     """
     if model_cfg.compute_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"config.model.compute_dtype={model_cfg.compute_dtype!r}; "
-                       "expected 'float32' or 'bfloat16'")
+      raise ValueError(
+        f"config.model.compute_dtype={model_cfg.compute_dtype!r}; expected 'float32' or 'bfloat16'"
+      )
     compute = model_cfg.scenario_compute
     if compute not in SCENARIO_COMPUTE:
-      raise ValueError(f"config.model.scenario_compute={compute!r}; expected one of "
-                       f"{SCENARIO_COMPUTE}")
+      raise ValueError(
+        f"config.model.scenario_compute={compute!r}; expected one of {SCENARIO_COMPUTE}"
+      )
     if num_scenarios < 1:
       raise ValueError(f"the data has {num_scenarios} scenarios; need at least 1")
     activation(model_cfg.activation)
-    extra = {k: model_cfg[k] for k in (
-        "tower_widths", "num_experts", "num_scenario_experts", "separate_embeddings", "star_aux",
-        "star_momentum")}
+    extra = {
+      k: model_cfg[k]
+      for k in (
+        "tower_widths",
+        "num_experts",
+        "num_scenario_experts",
+        "separate_embeddings",
+        "star_aux",
+        "star_momentum",
+      )
+    }
     extra["tower_widths"] = tuple(int(w) for w in extra["tower_widths"])
-    for k, typ in (("num_experts", int), ("num_scenario_experts", int),
-                   ("separate_embeddings", bool), ("star_aux", bool), ("star_momentum", float)):
+    for k, typ in (
+      ("num_experts", int),
+      ("num_scenario_experts", int),
+      ("separate_embeddings", bool),
+      ("star_aux", bool),
+      ("star_momentum", float),
+    ):
       extra[k] = typ(extra[k])
-    return cls(**extra,
-               user_specs=tuple(user_specs), item_specs=tuple(item_specs),
-               num_scenarios=int(num_scenarios), embed_dim=model_cfg.embed_dim,
-               scenario_dim=model_cfg.scenario_dim, widths=tuple(model_cfg.widths),
-               out_dim=model_cfg.out_dim, activation=model_cfg.activation,
-               dropout=model_cfg.dropout, layer_norm=model_cfg.layer_norm,
-               gate_style=model_cfg.gate_style, gate_per_scenario=model_cfg.gate_per_scenario,
-               bias_mode=model_cfg.bias_mode, bias_hidden=model_cfg.bias_hidden,
-               tau=model_cfg.tau, vocab_pad_to=model_cfg.vocab_pad_to,
-               compute_dtype=model_cfg.compute_dtype, scenario_compute=compute)
+    return cls(
+      **extra,
+      user_specs=tuple(user_specs),
+      item_specs=tuple(item_specs),
+      num_scenarios=int(num_scenarios),
+      embed_dim=model_cfg.embed_dim,
+      scenario_dim=model_cfg.scenario_dim,
+      widths=tuple(model_cfg.widths),
+      out_dim=model_cfg.out_dim,
+      activation=model_cfg.activation,
+      dropout=model_cfg.dropout,
+      layer_norm=model_cfg.layer_norm,
+      gate_style=model_cfg.gate_style,
+      gate_per_scenario=model_cfg.gate_per_scenario,
+      bias_mode=model_cfg.bias_mode,
+      bias_hidden=model_cfg.bias_hidden,
+      tau=model_cfg.tau,
+      vocab_pad_to=model_cfg.vocab_pad_to,
+      compute_dtype=model_cfg.compute_dtype,
+      scenario_compute=compute,
+    )
 
 
 class SASSTower(nn.Module):
@@ -113,6 +146,7 @@ class SASSTower(nn.Module):
       in scenario k.
   D = out_dim ('add') or 2 * out_dim ('concat').
   """
+
   cfg: ModelConfig
   specs: Sequence[FieldSpec]
 
@@ -128,19 +162,34 @@ class SASSTower(nn.Module):
       g, h = e[:, None, :], jnp.broadcast_to(e[:, None, :], (B, views, e.shape[-1]))
     else:
       g = e if onehot is not None else e[:, None, :]
-      h = e if onehot is not None else jnp.broadcast_to(e[:, None, :], (B, c.num_scenarios, e.shape[-1]))
+      h = (
+        e
+        if onehot is not None
+        else jnp.broadcast_to(e[:, None, :], (B, c.num_scenarios, e.shape[-1]))
+      )
     for l, width in enumerate(c.widths):
-      g, h = MLSATLayer(width, c.num_scenarios, c.activation, c.gate_style, c.gate_per_scenario,
-                        c.dropout, c.layer_norm, dt, c.scenario_compute,
-                        name=f"mlsat_{l}")(g, h, z, onehot, train)
+      g, h = MLSATLayer(
+        width,
+        c.num_scenarios,
+        c.activation,
+        c.gate_style,
+        c.gate_per_scenario,
+        c.dropout,
+        c.layer_norm,
+        dt,
+        c.scenario_compute,
+        name=f"mlsat_{l}",
+      )(g, h, z, onehot, train)
     out = _dense(c.out_dim, dt, "out")(h)
     act = activation(c.activation)
-    bias_net = lambda t: _dense(c.out_dim, dt, "bias_out")(act(_dense(c.bias_hidden, dt, "bias_hidden")(t)))
+    bias_net = lambda t: _dense(c.out_dim, dt, "bias_out")(
+      act(_dense(c.bias_hidden, dt, "bias_hidden")(t))
+    )
     if grouped or (c.scenario_compute == "grouped" and onehot is None):
       # once per scenario, on the [K, d_s] table, then placed
       ztab = z.reshape(-1, z.shape[-1]).astype(dt)
-      bias = bias_net(ztab)                                                 # [K, out_dim]
-      bias = (jnp.take(bias, onehot.scenario.reshape(B, -1), axis=0) if grouped else bias[None])
+      bias = bias_net(ztab)  # [K, out_dim]
+      bias = jnp.take(bias, onehot.scenario.reshape(B, -1), axis=0) if grouped else bias[None]
       bias = jnp.broadcast_to(bias, out.shape)
     else:
       bias = bias_net(jnp.broadcast_to(z, out.shape[:-1] + z.shape[-1:]).astype(dt))
@@ -159,8 +208,9 @@ class SASS(nn.Module):
     used for ``init``.
   Parameters: ``scenario_embedding`` ``[K, d_s]`` (shared), ``user_tower``, ``item_tower``.
   """
+
   cfg: ModelConfig
-  encodes_views = True   # accepts scenario [B, V] when cfg.scenario_compute == 'grouped'
+  encodes_views = True  # accepts scenario [B, V] when cfg.scenario_compute == 'grouped'
 
   @classmethod
   def config_problems(cls, model_cfg) -> list[str]:
@@ -178,9 +228,11 @@ class SASS(nn.Module):
   def setup(self):
     c = self.cfg
     self.scenario_embedding = self.param(
-        "scenario_embedding",
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=0.1), ("scenario", "embed")),
-        (c.num_scenarios, c.scenario_dim), jnp.float32)
+      "scenario_embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(stddev=0.1), ("scenario", "embed")),
+      (c.num_scenarios, c.scenario_dim),
+      jnp.float32,
+    )
     self.user_tower = SASSTower(c, c.user_specs)
     self.item_tower = SASSTower(c, c.item_specs)
 
@@ -192,12 +244,15 @@ class SASS(nn.Module):
     if c.scenario_compute == "grouped":
       if scenario.ndim not in (1, 2):
         raise ValueError(f"scenario must be int32 [B] or [B, V], got shape {scenario.shape}")
-      r = tower(features, self.scenario_embedding,
-                make_groups(scenario.reshape(-1), c.num_scenarios), train)   # [B, V, D]
+      r = tower(
+        features, self.scenario_embedding, make_groups(scenario.reshape(-1), c.num_scenarios), train
+      )  # [B, V, D]
       return r[:, 0] if scenario.ndim == 1 else r
     if scenario.ndim != 1:
-      raise ValueError("scenario [B, V] needs config.model.scenario_compute='grouped'; got "
-                       f"shape {scenario.shape} with 'onehot'")
+      raise ValueError(
+        "scenario [B, V] needs config.model.scenario_compute='grouped'; got "
+        f"shape {scenario.shape} with 'onehot'"
+      )
     onehot = jax.nn.one_hot(scenario, c.num_scenarios, dtype=jnp.float32)
     return tower(features, onehot @ self.scenario_embedding, onehot, train)
 
@@ -208,5 +263,7 @@ class SASS(nn.Module):
     return self._encode(self.item_tower, features, scenario, train)
 
   def __call__(self, user_features, item_features, scenario, train: bool = False):
-    return (self.encode_user(user_features, scenario, train),
-            self.encode_item(item_features, scenario, train))
+    return (
+      self.encode_user(user_features, scenario, train),
+      self.encode_item(item_features, scenario, train),
+    )

@@ -6,6 +6,7 @@ pre-training (unless ``config.pretrain.num_steps == 0``, e.g. SASS-Base) then fi
 the pre-trained parameters, then evaluation; ``evaluate_workdir`` restores the latest
 fine-tuned parameters and writes ``WORKDIR/metrics.json``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,9 +53,11 @@ def require_finetune_checkpoint(workdir: str | Path) -> None:
   """Raise FileNotFoundError unless ``WORKDIR/checkpoints/finetune`` holds a saved step
   (checked before any data is prepared; nothing is created)."""
   if not saved_steps(workdir, "finetune"):
-    raise FileNotFoundError(f"no fine-tuned checkpoint in "
-                            f"{Path(workdir) / 'checkpoints' / 'finetune'}; run --mode train "
-                            "(or finetune) first")
+    raise FileNotFoundError(
+      f"no fine-tuned checkpoint in "
+      f"{Path(workdir) / 'checkpoints' / 'finetune'}; run --mode train "
+      "(or finetune) first"
+    )
 
 
 def require_pretrained(cfg, workdir: str | Path, stages=STAGES) -> None:
@@ -62,14 +65,19 @@ def require_pretrained(cfg, workdir: str | Path, stages=STAGES) -> None:
   pre-training first although the model is fine-tuned from pre-trained parameters
   (``config.pretrain.num_steps > 0``) and ``WORKDIR/checkpoints/pretrain`` holds no saved
   step. Reads directory names only; creates nothing."""
-  if (cfg.pretrain.num_steps > 0 and "finetune" in stages and "pretrain" not in stages
-      and not saved_steps(workdir, "pretrain")):
+  if (
+    cfg.pretrain.num_steps > 0
+    and "finetune" in stages
+    and "pretrain" not in stages
+    and not saved_steps(workdir, "pretrain")
+  ):
     raise FileNotFoundError(
-        f"--mode finetune starts from the pre-trained {cfg.model.name} model, but "
-        f"{Path(workdir) / 'checkpoints' / 'pretrain'} holds no pre-training checkpoint. Run "
-        "--mode pretrain first, or --mode train (pre-training, then fine-tuning), or fine-tune "
-        "without pre-training: the sass_base variant (e.g. --config configs/movielens.py:"
-        "sass_base) or --config.pretrain.num_steps=0")
+      f"--mode finetune starts from the pre-trained {cfg.model.name} model, but "
+      f"{Path(workdir) / 'checkpoints' / 'pretrain'} holds no pre-training checkpoint. Run "
+      "--mode pretrain first, or --mode train (pre-training, then fine-tuning), or fine-tune "
+      "without pre-training: the sass_base variant (e.g. --config configs/movielens.py:"
+      "sass_base) or --config.pretrain.num_steps=0"
+    )
 
 
 def _source_changes(manifest: dict, data_dir) -> list[str]:
@@ -92,23 +100,30 @@ def _refuse_to_replace_trained_data(cfg, workdir: str | Path, force: bool) -> No
   try:
     manifest = json.loads((out / "manifest.json").read_text())
   except (OSError, ValueError):
-    return   # unreadable manifest: open_store reports it
+    return  # unreadable manifest: open_store reports it
   now = store.data_options(cfg.data)
   saved = manifest.get("options")
-  diffs = [f"config.data.{d}" for d in config_check.diff_configs(
-      saved if isinstance(saved, dict) else {}, now, ())]
+  diffs = [
+    f"config.data.{d}"
+    for d in config_check.diff_configs(saved if isinstance(saved, dict) else {}, now, ())
+  ]
   if force and not diffs:
     data_dir = cfg.data.get("dir")
-    diffs = [f"source file {n} (changed at config.data.dir={data_dir!r})" if data_dir else
-             f"source file {n} (changed)" for n in _source_changes(manifest, data_dir)]
+    diffs = [
+      f"source file {n} (changed at config.data.dir={data_dir!r})"
+      if data_dir
+      else f"source file {n} (changed)"
+      for n in _source_changes(manifest, data_dir)
+    ]
   if not diffs:
     return
   held = ", ".join(f"{st} steps {v}" for st, v in ckpts.items())
   raise ValueError(
-      f"{out} holds the prepared data that the checkpoints in {Path(workdir) / 'checkpoints'} "
-      f"({held}) were trained on, and the config differs from it: {'; '.join(diffs)}. "
-      "Preparing again would replace the data under those checkpoints, so nothing was changed. "
-      "Use a new --workdir for the new data, or restore the original values.")
+    f"{out} holds the prepared data that the checkpoints in {Path(workdir) / 'checkpoints'} "
+    f"({held}) were trained on, and the config differs from it: {'; '.join(diffs)}. "
+    "Preparing again would replace the data under those checkpoints, so nothing was changed. "
+    "Use a new --workdir for the new data, or restore the original values."
+  )
 
 
 def prepare(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData:
@@ -129,6 +144,7 @@ def prepare(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData
   if jax.process_count() == 1:
     return _prepare_here(cfg, workdir, force)
   from jax.experimental import multihost_utils
+
   data = _prepare_here(cfg, workdir, force) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("sass_jax.loop.prepare")
   return data if data is not None else store.open_store(Path(workdir) / "data")
@@ -140,15 +156,22 @@ def _check_sources_unchanged(data: store.PreparedData, cfg, workdir) -> None:
   if not changed:
     return
   key, path = changed[0]
-  more = f" (and {len(changed) - 1} more: {', '.join(k for k, _ in changed[1:])})" \
-      if len(changed) > 1 else ""
+  more = (
+    f" (and {len(changed) - 1} more: {', '.join(k for k, _ in changed[1:])})"
+    if len(changed) > 1
+    else ""
+  )
   if saved_steps(workdir):
-    todo = (f"the checkpoints in {Path(workdir) / 'checkpoints'} were trained on the data as it "
-            "was, so use a new --workdir for the new data, or restore the original file")
+    todo = (
+      f"the checkpoints in {Path(workdir) / 'checkpoints'} were trained on the data as it "
+      "was, so use a new --workdir for the new data, or restore the original file"
+    )
   else:
     todo = "run --mode prepare to prepare the data again, or use a new --workdir"
-  raise store.DataError(f"{path}: changed since {data.path} was prepared from it (its size or "
-                        f"sha256 differ from the manifest's record){more}; {todo}")
+  raise store.DataError(
+    f"{path}: changed since {data.path} was prepared from it (its size or "
+    f"sha256 differ from the manifest's record){more}; {todo}"
+  )
 
 
 def _prepare_here(cfg, workdir: str | Path, force: bool = False) -> store.PreparedData:
@@ -166,9 +189,16 @@ def _prepare_here(cfg, workdir: str | Path, force: bool = False) -> store.Prepar
   preparer(cfg.data, out)
   data = store.open_store(out)
   m = data.manifest
-  log.info("prepared %s in %.1fs: %d interactions (split %s), %d users, %d items, rejected %s",
-           cfg.data.name, time.time() - t, m["num_interactions"], m["split_counts"],
-           m["num_users"], m["num_items"], m.get("rows_rejected") or "none")
+  log.info(
+    "prepared %s in %.1fs: %d interactions (split %s), %d users, %d items, rejected %s",
+    cfg.data.name,
+    time.time() - t,
+    m["num_interactions"],
+    m["split_counts"],
+    m["num_users"],
+    m["num_items"],
+    m.get("rows_rejected") or "none",
+  )
   return data
 
 
@@ -181,15 +211,19 @@ def build_model(cfg, data: store.PreparedData) -> TwoTowerModel:
 def example_batch(data: store.PreparedData) -> dict:
   """A 2-row batch of the data's shapes ({'user', 'item', 'scenario'}) for model.init."""
   rows = np.zeros(2, np.int64)
-  return {"user": pipeline.gather_features(data.users, data.user_masks, rows),
-          "item": pipeline.gather_features(data.items, data.item_masks, rows),
-          "scenario": np.zeros(2, np.int32)}
+  return {
+    "user": pipeline.gather_features(data.users, data.user_masks, rows),
+    "item": pipeline.gather_features(data.items, data.item_masks, rows),
+    "scenario": np.zeros(2, np.int32),
+  }
 
 
 def _checkpointer(cfg, workdir, stage) -> ckpt_lib.Checkpointer:
-  return ckpt_lib.Checkpointer(Path(workdir).absolute() / "checkpoints" / stage,
-                               max_to_keep=cfg.checkpoint.max_to_keep,
-                               save_interval_steps=max(1, cfg.checkpoint.every_steps))
+  return ckpt_lib.Checkpointer(
+    Path(workdir).absolute() / "checkpoints" / stage,
+    max_to_keep=cfg.checkpoint.max_to_keep,
+    save_interval_steps=max(1, cfg.checkpoint.every_steps),
+  )
 
 
 def _keep_log_until(path: Path, step: int) -> None:
@@ -209,8 +243,16 @@ def _keep_log_until(path: Path, step: int) -> None:
     path.write_text("".join(keep))
 
 
-def batch_source(cfg, data: store.PreparedData, stage: str, batch_size: int, seed: int,
-                 num_batches: int, part: Partitioner, kind: str | None = None):
+def batch_source(
+  cfg,
+  data: store.PreparedData,
+  stage: str,
+  batch_size: int,
+  seed: int,
+  num_batches: int,
+  part: Partitioner,
+  kind: str | None = None,
+):
   """``(iterator, place)``: the stage's batches and the function that puts one on the mesh.
 
   ``kind`` None: 'resident' if ``config.train.resident_on_device`` else 'grain'.
@@ -227,13 +269,18 @@ def batch_source(cfg, data: store.PreparedData, stage: str, batch_size: int, see
     kind = "resident" if cfg.train.resident_on_device else "grain"
   if kind == "resident":
     from sass_jax.data.resident import ResidentSampler
+
     return ResidentSampler(data, stage, batch_size, seed, part.batch_sharding()), lambda b: b
   if kind == "grain":
-    return (pipeline.make_iterator(data, stage, batch_size, seed, num_batches,
-                                   *part.data_shard()), part.shard_batch)
+    return (
+      pipeline.make_iterator(data, stage, batch_size, seed, num_batches, *part.data_shard()),
+      part.shard_batch,
+    )
   if kind == "numpy":
-    return (pipeline.BatchIterator(pipeline.BatchFn(data, stage, batch_size, seed,
-                                                    *part.data_shard())), part.shard_batch)
+    return (
+      pipeline.BatchIterator(pipeline.BatchFn(data, stage, batch_size, seed, *part.data_shard())),
+      part.shard_batch,
+    )
   raise ValueError(f"unknown input source {kind!r}; expected 'grain', 'resident' or 'numpy'")
 
 
@@ -243,9 +290,10 @@ def _resume_iterator(it, data_state, cfg, step: int) -> None:
   saved_resident = isinstance(data_state, dict) and data_state.get("sampler") == "resident"
   if resident != saved_resident:
     raise ValueError(
-        f"the checkpoint at step {step} was written with config.train.resident_on_device="
-        f"{saved_resident}, and the two samplers order the rows differently; resume with "
-        f"--config.train.resident_on_device={saved_resident} (or use a new workdir)")
+      f"the checkpoint at step {step} was written with config.train.resident_on_device="
+      f"{saved_resident}, and the two samplers order the rows differently; resume with "
+      f"--config.train.resident_on_device={saved_resident} (or use a new workdir)"
+    )
   it.set_state(data_state)
 
 
@@ -262,12 +310,20 @@ def _compiled_or_jitted(compiled, jitted):
         log.info("compiled step does not take this batch (%s); compiling it again", e)
         use[0] = jitted
     return use[0](state, batch)
+
   return step
 
 
-def train_stage(stage: str, cfg, data: store.PreparedData, model: TwoTowerModel,
-                part: Partitioner, workdir: str | Path, init_params=None,
-                show_progress: bool = True):
+def train_stage(
+  stage: str,
+  cfg,
+  data: store.PreparedData,
+  model: TwoTowerModel,
+  part: Partitioner,
+  workdir: str | Path,
+  init_params=None,
+  show_progress: bool = True,
+):
   """Run one stage to ``num_steps``, resuming from its latest checkpoint if there is one.
 
   Writes checkpoints to ``WORKDIR/checkpoints/<stage>`` every ``config.checkpoint.every_steps``
@@ -300,19 +356,24 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: TwoTowerModel,
   seed = stage_seed(cfg, stage)
   # config.train.embedding_optimizer: 'dense' -> steps.make_init_fn / make_*_step as before;
   # 'lazy_adam' / 'rowwise_adagrad' -> row-sparse table updates (sparse.py).
-  init_fn, stage_step = sparse.build(cfg, stage, model, tx, example_batch(data), seed, num_steps,
-                                     init_params)
+  init_fn, stage_step = sparse.build(
+    cfg, stage, model, tx, example_batch(data), seed, num_steps, init_params
+  )
   abstract, shardings = part.abstract_state(init_fn)
   policy = cfg.train.nan_policy
   step_fn = steps.with_nan_policy(stage_step, policy, int(cfg.train.debug_nan_at_step))
   step_fn = part.compile_step(step_fn, shardings)
   limit = aot.memory_limit(cfg, part)
-  if limit:   # compile first; stop before allocating anything if the step cannot fit
+  if limit:  # compile first; stop before allocating anything if the step cannot fit
     given = int(cfg.mesh.memory_limit_bytes) > 0
     compiled = aot.preflight(
-        stage, step_fn, abstract, aot.abstract_batch(data.user_specs, data.item_specs, stage, bs,
-                                                     part.batch_sharding()), limit,
-        "config.mesh.memory_limit_bytes" if given else "the device's bytes_limit")
+      stage,
+      step_fn,
+      abstract,
+      aot.abstract_batch(data.user_specs, data.item_specs, stage, bs, part.batch_sharding()),
+      limit,
+      "config.mesh.memory_limit_bytes" if given else "the device's bytes_limit",
+    )
     step_fn = _compiled_or_jitted(compiled, step_fn)
   ckpt = _checkpointer(cfg, workdir, stage)
   bar = None
@@ -324,9 +385,12 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: TwoTowerModel,
       log.info("%s: resumed from step %d of %s", stage, int(state.step), ckpt.directory)
     else:
       state, _ = part.init(init_fn)
-      log.info("%s: initialised %s (%d parameters)", stage,
-               "from the pre-trained model" if init_params is not None else "at random",
-               sum(x.size for x in jax.tree.leaves(state.params)))
+      log.info(
+        "%s: initialised %s (%d parameters)",
+        stage,
+        "from the pre-trained model" if init_params is not None else "at random",
+        sum(x.size for x in jax.tree.leaves(state.params)),
+      )
     start = int(state.step)
     if start >= num_steps:
       return state
@@ -350,43 +414,58 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: TwoTowerModel,
         if h.pop("skipped"):
           skipped["total"] += 1
           skipped["run"] += 1
-          log.warning("%s step %d: non-finite %s; update skipped (%d in a row)", stage, step,
-                      monitor.first_nonfinite(h), skipped["run"])
+          log.warning(
+            "%s step %d: non-finite %s; update skipped (%d in a row)",
+            stage,
+            step,
+            monitor.first_nonfinite(h),
+            skipped["run"],
+          )
           if skipped["run"] >= max_skips:
             raise FloatingPointError(
-                f"{stage} step {step}: {skipped['run']} consecutive steps with a non-finite "
-                f"{monitor.first_nonfinite(h)} (loss={h['loss']}, grad_norm={h['grad_norm']}) "
-                f"were skipped (config.train.max_skips={max_skips}); the last checkpoint "
-                f"(step {ckpt.latest_step()}) in {ckpt.directory} holds the last good state. "
-                f"Lower {where}.learning_rate.")
+              f"{stage} step {step}: {skipped['run']} consecutive steps with a non-finite "
+              f"{monitor.first_nonfinite(h)} (loss={h['loss']}, grad_norm={h['grad_norm']}) "
+              f"were skipped (config.train.max_skips={max_skips}); the last checkpoint "
+              f"(step {ckpt.latest_step()}) in {ckpt.directory} holds the last good state. "
+              f"Lower {where}.learning_rate."
+            )
         else:
           skipped["run"] = 0
         h["skipped_steps"] = skipped["total"]
       elif bad := monitor.first_nonfinite(h):
         raise FloatingPointError(
-            f"{stage} step {step}: non-finite {bad} ({h[bad]}; loss={h['loss']}, "
-            f"grad_norm={h['grad_norm']}, param_norm={h['param_norm']}). Stopped without "
-            f"saving it: the last checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} "
-            f"holds the last good state. Lower {where}.learning_rate, or set "
-            "config.train.nan_policy='skip' to discard such steps.")
+          f"{stage} step {step}: non-finite {bad} ({h[bad]}; loss={h['loss']}, "
+          f"grad_norm={h['grad_norm']}, param_norm={h['param_norm']}). Stopped without "
+          f"saving it: the last checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} "
+          f"holds the last good state. Lower {where}.learning_rate, or set "
+          "config.train.nan_policy='skip' to discard such steps."
+        )
       return h
 
-    bar = tqdm(total=num_steps, initial=start, desc=stage, unit="step", dynamic_ncols=True,
-               disable=not show_progress or not writer)
+    bar = tqdm(
+      total=num_steps,
+      initial=start,
+      desc=stage,
+      unit="step",
+      dynamic_ncols=True,
+      disable=not show_progress or not writer,
+    )
     t0, n0 = time.time(), start
     pending, h = None, {}
-    with monitor.Monitor(workdir, stage, start, config=meta["config"]) as mon, \
-        monitor.PreemptionWatch(ckpt) as watch, \
-        open(log_path, "a") if writer else contextlib.nullcontext() as logf:
+    with (
+      monitor.Monitor(workdir, stage, start, config=meta["config"]) as mon,
+      monitor.PreemptionWatch(ckpt) as watch,
+      open(log_path, "a") if writer else contextlib.nullcontext() as logf,
+    ):
       for step in range(start + 1, num_steps + 1):
         state, m = step_fn(state, place(next(it)))
-        if pending is not None:       # the previous step, checked while this one runs
+        if pending is not None:  # the previous step, checked while this one runs
           checked(*pending)
         pending = (step, m)
         stop = watch.should_stop(step)
         log_now = step % log_every == 0 or step == num_steps
         save_now = stop or step % every == 0 or step == num_steps
-        if log_now or save_now:       # never log or save a non-finite state
+        if log_now or save_now:  # never log or save a non-finite state
           h = checked(step, m)
           pending = None
         if log_now:
@@ -408,12 +487,16 @@ def train_stage(stage: str, cfg, data: store.PreparedData, model: TwoTowerModel,
           raise monitor.Preempted(stage, step, ckpt.directory, cause=watch.cause)
     bar.close()
     ckpt.wait_until_finished()
-    log.info("%s: finished %d steps; last metrics %s", stage, num_steps,
-             {k: round(v, 4) for k, v in h.items()})
+    log.info(
+      "%s: finished %d steps; last metrics %s",
+      stage,
+      num_steps,
+      {k: round(v, 4) for k, v in h.items()},
+    )
     return state
   finally:
     if bar is not None:
-      bar.close()   # ends the progress line, so an error message starts on its own line
+      bar.close()  # ends the progress line, so an error message starts on its own line
     ckpt.close()
 
 
@@ -422,8 +505,9 @@ class UnreadableCheckpointError(ValueError):
   the message names the step, the directory and what to run instead."""
 
 
-def restore_variables_and_step(cfg, workdir, stage, model, part, data, step: int | None = None,
-                               fallback: bool = True) -> tuple[dict, int]:
+def restore_variables_and_step(
+  cfg, workdir, stage, model, part, data, step: int | None = None, fallback: bool = True
+) -> tuple[dict, int]:
   """(variables, step): :func:`restore_variables` and the checkpoint step it read.
 
   ``step``: restore exactly that step (None: the latest). ``fallback`` (with ``step=None``):
@@ -453,21 +537,26 @@ def restore_variables_and_step(cfg, workdir, stage, model, part, data, step: int
         raise
       why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
       rest = [x for x in ck.all_steps() if x != want]
-      if step is None:       # the latest step: set it aside, as training would
+      if step is None:  # the latest step: set it aside, as training would
         ck.unreadable_steps = [want]
         ck.set_aside_unreadable()
         raise UnreadableCheckpointError(
-            f"the latest {stage} checkpoint, step {want} in {ck.directory}, cannot be read "
-            f"({why}); it was set aside as {ck.directory / f'{want}.unreadable'} and nothing "
-            "was evaluated. "
-            + (f"Evaluate an older step explicitly with --config.eval.step=N (saved: {rest}) "
-               "or let evaluation fall back with --config.eval.fallback=True"
-               if rest else "No other step is saved; train again to write one")) from e
+          f"the latest {stage} checkpoint, step {want} in {ck.directory}, cannot be read "
+          f"({why}); it was set aside as {ck.directory / f'{want}.unreadable'} and nothing "
+          "was evaluated. "
+          + (
+            f"Evaluate an older step explicitly with --config.eval.step=N (saved: {rest}) "
+            "or let evaluation fall back with --config.eval.fallback=True"
+            if rest
+            else "No other step is saved; train again to write one"
+          )
+        ) from e
       raise UnreadableCheckpointError(
-          f"{stage} checkpoint step {want} in {ck.directory} cannot be read ({why}); saved "
-          f"steps: {ck.all_steps()}") from e
+        f"{stage} checkpoint step {want} in {ck.directory} cannot be read ({why}); saved "
+        f"steps: {ck.all_steps()}"
+      ) from e
     read = int(ck.restored_step)
-    ck.set_aside_unreadable()   # steps skipped by a fallback, as training does
+    ck.set_aside_unreadable()  # steps skipped by a fallback, as training does
   log.info("%s: restored the parameters of step %d from %s", stage, read, ck.directory)
   return {"params": got["params"], **got["model_state"]}, read
 
@@ -481,15 +570,16 @@ def restore_variables(cfg, workdir, stage, model, part, data) -> dict:
   return restore_variables_and_step(cfg, workdir, stage, model, part, data)[0]
 
 
-def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
-          show_progress: bool = True) -> dict | None:
+def train(
+  cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True, show_progress: bool = True
+) -> dict | None:
   """Prepare, pre-train (if ``config.pretrain.num_steps > 0``), fine-tune, evaluate.
 
   ``stages`` limits what runs ('pretrain', 'finetune'); fine-tuning starts from the latest
   pre-training checkpoint when pre-training is enabled. Returns the metrics dict (or None).
   """
   workdir = Path(workdir)
-  config_check.validate(cfg, workdir=workdir, stages=stages)   # before any work
+  config_check.validate(cfg, workdir=workdir, stages=stages)  # before any work
   require_pretrained(cfg, workdir, stages)
   pretrain = cfg.pretrain.num_steps > 0
   workdir.mkdir(parents=True, exist_ok=True)
@@ -497,14 +587,19 @@ def train(cfg, workdir: str | Path, stages=STAGES, evaluate: bool = True,
   model = build_model(cfg, data)
   part = Partitioner(cfg.mesh)
   config_check.validate(cfg, data, part, stages=stages)
-  log.info("mesh %s over %d device(s) (%s)", dict(part.mesh.shape), part.mesh.size,
-           jax.devices()[0].platform)
+  log.info(
+    "mesh %s over %d device(s) (%s)",
+    dict(part.mesh.shape),
+    part.mesh.size,
+    jax.devices()[0].platform,
+  )
   if pretrain and "pretrain" in stages:
     train_stage("pretrain", cfg, data, model, part, workdir, show_progress=show_progress)
   if "finetune" in stages:
     init = restore_variables(cfg, workdir, "pretrain", model, part, data) if pretrain else None
-    train_stage("finetune", cfg, data, model, part, workdir, init_params=init,
-                show_progress=show_progress)
+    train_stage(
+      "finetune", cfg, data, model, part, workdir, init_params=init, show_progress=show_progress
+    )
   if evaluate and "finetune" in stages:
     return evaluate_workdir(cfg, workdir, data=data, model=model, part=part)
   return None
@@ -541,35 +636,52 @@ def evaluate_workdir(cfg, workdir: str | Path, data=None, model=None, part=None)
   fallback = bool(cfg.eval.fallback)
   saved = saved_steps(workdir, "finetune")["finetune"]
   if want is not None and want not in saved:
-    raise FileNotFoundError(f"config.eval.step={want}: no such fine-tuning checkpoint in "
-                            f"{workdir / 'checkpoints' / 'finetune'}; saved steps: {saved}")
+    raise FileNotFoundError(
+      f"config.eval.step={want}: no such fine-tuning checkpoint in "
+      f"{workdir / 'checkpoints' / 'finetune'}; saved steps: {saved}"
+    )
   if want is None and not fallback and (newer := _set_aside_after(workdir, saved[-1])):
     raise UnreadableCheckpointError(
-        f"fine-tuning step(s) {newer} in {workdir / 'checkpoints' / 'finetune'} were set aside "
-        f"as unreadable, so the latest readable step ({saved[-1]}) is not the newest trained "
-        f"one; evaluate it explicitly with --config.eval.step={saved[-1]}, or accept the "
-        "fallback with --config.eval.fallback=True")
+      f"fine-tuning step(s) {newer} in {workdir / 'checkpoints' / 'finetune'} were set aside "
+      f"as unreadable, so the latest readable step ({saved[-1]}) is not the newest trained "
+      f"one; evaluate it explicitly with --config.eval.step={saved[-1]}, or accept the "
+      "fallback with --config.eval.fallback=True"
+    )
   data = data or prepare(cfg, workdir)
   model = model or build_model(cfg, data)
   part = part or Partitioner(cfg.mesh)
-  variables, ft_step = restore_variables_and_step(cfg, workdir, "finetune", model, part, data,
-                                                  step=want, fallback=fallback)
+  variables, ft_step = restore_variables_and_step(
+    cfg, workdir, "finetune", model, part, data, step=want, fallback=fallback
+  )
   t = time.time()
-  metrics = eval_lib.evaluate(model, variables, data, cfg.eval.split, tuple(cfg.eval.ks),
-                              cfg.eval.mask, cfg.eval.user_chunk, partitioner=part,
-                              corpus=cfg.eval.corpus)
-  metrics = {"model": cfg.model.name, "dataset": data.manifest.get("dataset", cfg.data.name),
-             "checkpoint_step": ft_step, **metrics}
-  log.info("evaluated fine-tuning step %d on %s in %.1fs", ft_step, cfg.eval.split,
-           time.time() - t)
-  with monitor.Monitor(workdir, "finetune") as mon:   # TensorBoard: eval/<scenario>/<metric>
-    mon.log_eval(ft_step, metrics, prefix="eval" if cfg.eval.split == "test" else
-                 f"eval_{cfg.eval.split}")
+  metrics = eval_lib.evaluate(
+    model,
+    variables,
+    data,
+    cfg.eval.split,
+    tuple(cfg.eval.ks),
+    cfg.eval.mask,
+    cfg.eval.user_chunk,
+    partitioner=part,
+    corpus=cfg.eval.corpus,
+  )
+  metrics = {
+    "model": cfg.model.name,
+    "dataset": data.manifest.get("dataset", cfg.data.name),
+    "checkpoint_step": ft_step,
+    **metrics,
+  }
+  log.info("evaluated fine-tuning step %d on %s in %.1fs", ft_step, cfg.eval.split, time.time() - t)
+  with monitor.Monitor(workdir, "finetune") as mon:  # TensorBoard: eval/<scenario>/<metric>
+    mon.log_eval(
+      ft_step, metrics, prefix="eval" if cfg.eval.split == "test" else f"eval_{cfg.eval.split}"
+    )
   if jax.process_index() == 0:
     with open(workdir / "metrics.json", "w") as f:
       json.dump(metrics, f, indent=2)
     with open(workdir / "metrics.md", "w") as f:
       f.write(eval_lib.markdown_table(metrics) + "\n")
     from sass_jax import plots  # matplotlib is imported only when plotting
-    plots.write_run_plots(workdir, metrics)   # WORKDIR/plots/*.png
+
+    plots.write_run_plots(workdir, metrics)  # WORKDIR/plots/*.png
   return metrics

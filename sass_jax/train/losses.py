@@ -8,6 +8,7 @@
 Both treat a repeat of the positive's entity elsewhere in the batch as neither a positive nor a
 negative (its logit is masked), so a popular item is not pushed away from its own users.
 """
+
 from __future__ import annotations
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from sass_jax.model.grouped import SCENARIO_COMPUTE, grouped_matmul, make_groups
 
 _MASKED = -1e9
-NEGATIVES = ("all", "same_scenario")   # config.train.negatives
+NEGATIVES = ("all", "same_scenario")  # config.train.negatives
 
 
 def _duplicate_mask(ids: jnp.ndarray | tuple[jnp.ndarray, ...]) -> jnp.ndarray:
@@ -37,8 +38,9 @@ def _softmax_ce_diag(logits: jnp.ndarray) -> jnp.ndarray:
   return jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits)
 
 
-def info_nce(view_a: jnp.ndarray, view_b: jnp.ndarray, ids: jnp.ndarray | tuple[jnp.ndarray, ...],
-             tau: float) -> jnp.ndarray:
+def info_nce(
+  view_a: jnp.ndarray, view_b: jnp.ndarray, ids: jnp.ndarray | tuple[jnp.ndarray, ...], tau: float
+) -> jnp.ndarray:
   """Symmetric in-batch InfoNCE; scalar float32.
 
   Args:
@@ -58,8 +60,12 @@ def info_nce(view_a: jnp.ndarray, view_b: jnp.ndarray, ids: jnp.ndarray | tuple[
   return 0.5 * (_softmax_ce_diag(logits).mean() + _softmax_ce_diag(logits.T).mean())
 
 
-def scenario_logits(user_vecs: jnp.ndarray, item_vecs_all: jnp.ndarray,
-                    scenario: jnp.ndarray, compute: str = "grouped") -> jnp.ndarray:
+def scenario_logits(
+  user_vecs: jnp.ndarray,
+  item_vecs_all: jnp.ndarray,
+  scenario: jnp.ndarray,
+  compute: str = "grouped",
+) -> jnp.ndarray:
   """float32 [B, B]: logits[b, j] = <r_u^{k_b}[b], r_i^{k_b}[j]> (item j seen in user b's scenario).
 
   Args: user_vecs float [B, D] (each user in its own scenario); item_vecs_all float [B, K, D]
@@ -70,19 +76,26 @@ def scenario_logits(user_vecs: jnp.ndarray, item_vecs_all: jnp.ndarray,
   Raises ValueError for another ``compute``.
   """
   if compute not in SCENARIO_COMPUTE:
-    raise ValueError(f"config.model.scenario_compute={compute!r}; expected one of {SCENARIO_COMPUTE}")
+    raise ValueError(
+      f"config.model.scenario_compute={compute!r}; expected one of {SCENARIO_COMPUTE}"
+    )
   k = item_vecs_all.shape[1]
   if compute == "grouped":
-    rhs = jnp.transpose(item_vecs_all.astype(jnp.float32), (1, 2, 0))      # [K, D, B]
+    rhs = jnp.transpose(item_vecs_all.astype(jnp.float32), (1, 2, 0))  # [K, D, B]
     return grouped_matmul(user_vecs.astype(jnp.float32), rhs, make_groups(scenario, k))
   onehot = jax.nn.one_hot(scenario, k, dtype=jnp.float32)
-  u = user_vecs.astype(jnp.float32)[:, None, :] * onehot[:, :, None]     # [B, K, D]
+  u = user_vecs.astype(jnp.float32)[:, None, :] * onehot[:, :, None]  # [B, K, D]
   return jnp.einsum("bkd,jkd->bj", u, item_vecs_all.astype(jnp.float32))
 
 
-def sampled_softmax_logq(logits: jnp.ndarray, item_ids: jnp.ndarray, item_logq: jnp.ndarray,
-                         tau: float, logq_strength: float,
-                         scenario: jnp.ndarray | None = None) -> jnp.ndarray:
+def sampled_softmax_logq(
+  logits: jnp.ndarray,
+  item_ids: jnp.ndarray,
+  item_logq: jnp.ndarray,
+  tau: float,
+  logq_strength: float,
+  scenario: jnp.ndarray | None = None,
+) -> jnp.ndarray:
   """In-batch sampled softmax with logQ correction; scalar float32.
 
   Args:

@@ -15,6 +15,7 @@
 
 View with ``tensorboard --logdir WORKDIR/tb`` (``pip install tensorboard``; not a dependency).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,10 @@ class Preempted(Exception):
   continue. ``cause`` completes "stopped ... after step N" (:attr:`PreemptionWatch.cause`)."""
 
   def __init__(self, stage: str, step: int, directory, cause: str = "by a preemption signal"):
-    super().__init__(f"{stage}: stopped {cause} after step {step}; checkpoint "
-                     f"saved in {directory}. Rerun the same command to continue from it.")
+    super().__init__(
+      f"{stage}: stopped {cause} after step {step}; checkpoint "
+      f"saved in {directory}. Rerun the same command to continue from it."
+    )
     self.stage, self.step, self.directory, self.cause = stage, int(step), directory, cause
 
 
@@ -89,13 +92,15 @@ class Monitor:
   Usable as a context manager; :meth:`close` flushes and closes the event file.
   """
 
-  def __init__(self, workdir: str | Path, stage: str, start_step: int = 0,
-               config: Mapping | None = None):
+  def __init__(
+    self, workdir: str | Path, stage: str, start_step: int = 0, config: Mapping | None = None
+  ):
     self.logdir = Path(workdir) / "tb" / stage
     self._w = None
     if jax.process_index() != 0:
       return
-    from tensorboardX import SummaryWriter   # imported here: process 0 only
+    from tensorboardX import SummaryWriter  # imported here: process 0 only
+
     self.logdir.mkdir(parents=True, exist_ok=True)
     self._w = SummaryWriter(str(self.logdir), purge_step=int(start_step) or None, flush_secs=30)
     if config is not None and int(start_step) == 0:
@@ -111,6 +116,7 @@ class Monitor:
     if self._w is None:
       return
     from tensorboardX.summary import hparams
+
     cfg = json.loads(json.dumps(dict(config), default=str))
     self._w.add_text("config", "```\n" + json.dumps(cfg, indent=2) + "\n```", 0)
     flat = _flat_hparams(cfg)
@@ -137,9 +143,11 @@ class Monitor:
     if "overall" in metrics:
       blocks["overall"] = metrics["overall"]
     for name, block in blocks.items():
-      self.log(step, {k: v for k, v in block.items()
-                      if isinstance(v, (int, float)) and math.isfinite(v)},
-               prefix=f"{prefix}/{name}")
+      self.log(
+        step,
+        {k: v for k, v in block.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        prefix=f"{prefix}/{name}",
+      )
 
   def flush(self) -> None:
     if self._w is not None:
@@ -185,15 +193,19 @@ class PreemptionWatch:
     signals: signals that request a stop.
   """
 
-  def __init__(self, checkpointer=None, sync_every: int = 10,
-               signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)):
+  def __init__(
+    self,
+    checkpointer=None,
+    sync_every: int = 10,
+    signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
+  ):
     self._ckpt = checkpointer
     self.sync_every = max(1, int(sync_every))
     self._signals = tuple(signals)
     self._previous: dict[int, Any] = {}
     self._service = False
     self.flag = False
-    self.signum: int | None = None   # the first signal received
+    self.signum: int | None = None  # the first signal received
 
   @property
   def cause(self) -> str:
@@ -206,17 +218,23 @@ class PreemptionWatch:
   def _handler(self, signum, frame):
     del frame
     if self.flag and signum == signal.SIGINT and self.signum == signal.SIGINT:
-      raise KeyboardInterrupt   # Ctrl-C twice: stop now
+      raise KeyboardInterrupt  # Ctrl-C twice: stop now
     if not self.flag:
       self.signum = signum
       extra = "; press Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
-      log.warning("received %s: stopping after the current step (checkpoint first)%s",
-                  signal.Signals(signum).name, extra)
+      log.warning(
+        "received %s: stopping after the current step (checkpoint first)%s",
+        signal.Signals(signum).name,
+        extra,
+      )
     self.flag = True
 
   def __enter__(self) -> "PreemptionWatch":
-    self._service = (jax.process_count() > 1 and self._ckpt is not None
-                     and bool(jax.config.jax_enable_preemption_service))
+    self._service = (
+      jax.process_count() > 1
+      and self._ckpt is not None
+      and bool(jax.config.jax_enable_preemption_service)
+    )
     if self._service:
       log.info("SIGTERM is handled by JAX's preemption service (all processes stop together)")
     elif threading.current_thread() is threading.main_thread():
@@ -240,5 +258,6 @@ class PreemptionWatch:
     if step % self.sync_every:
       return False
     from jax.experimental import multihost_utils
+
     flags = multihost_utils.process_allgather(np.asarray([int(self.flag)], np.int32))
     return bool(np.max(flags))

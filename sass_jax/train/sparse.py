@@ -50,6 +50,7 @@ over the tables), and the loss's extras.
 a dense gradient, and the same row-wise rules applied to whole tables under a touched-row mask;
 it must give the same touched rows (up to float summation order) and bitwise-unchanged others.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,6 +78,7 @@ class SparseOptions:
   weight_decay: decoupled, on touched rows. b1, b2, eps: Adam's; adagrad_eps: Adagrad's.
   masked: the dense lazy-update reference instead of the row-sparse path.
   """
+
   kind: str
   learning_rate: Callable[[Any], Any]
   weight_decay: float = 0.0
@@ -88,12 +90,14 @@ class SparseOptions:
 
   def __post_init__(self):
     if self.kind not in EMBEDDING_OPTIMIZERS[1:]:
-      raise ValueError(f"config.train.embedding_optimizer={self.kind!r}; expected one of "
-                       f"{EMBEDDING_OPTIMIZERS}")
+      raise ValueError(
+        f"config.train.embedding_optimizer={self.kind!r}; expected one of {EMBEDDING_OPTIMIZERS}"
+      )
 
 
-def options_from_config(train_cfg, stage_cfg, num_steps: int,
-                        masked: bool = False) -> SparseOptions | None:
+def options_from_config(
+  train_cfg, stage_cfg, num_steps: int, masked: bool = False
+) -> SparseOptions | None:
   """The stage's SparseOptions, or None for ``config.train.embedding_optimizer='dense'``.
 
   ``config.train.embedding_optimizer`` applies to both stages; the learning rate follows the
@@ -103,20 +107,23 @@ def options_from_config(train_cfg, stage_cfg, num_steps: int,
   """
   kind = str(train_cfg.embedding_optimizer)
   if kind not in EMBEDDING_OPTIMIZERS:
-    raise ValueError(f"config.train.embedding_optimizer={kind!r}; expected one of "
-                     f"{EMBEDDING_OPTIMIZERS}")
+    raise ValueError(
+      f"config.train.embedding_optimizer={kind!r}; expected one of {EMBEDDING_OPTIMIZERS}"
+    )
   if kind == "dense":
     return None
   sched = steps.make_schedule(stage_cfg, num_steps)
   emb_lr = float(train_cfg.embedding_learning_rate or 0.0)
   if emb_lr < 0:
-    raise ValueError(f"config.train.embedding_learning_rate={emb_lr}; expected >= 0 "
-                     "(0: the stage's learning_rate)")
+    raise ValueError(
+      f"config.train.embedding_learning_rate={emb_lr}; expected >= 0 (0: the stage's learning_rate)"
+    )
   if emb_lr > 0:
     base, scale = sched, emb_lr / float(stage_cfg.learning_rate)
     sched = lambda count: base(count) * scale
-  return SparseOptions(kind=kind, learning_rate=sched,
-                       weight_decay=float(stage_cfg.weight_decay), masked=masked)
+  return SparseOptions(
+    kind=kind, learning_rate=sched, weight_decay=float(stage_cfg.weight_decay), masked=masked
+  )
 
 
 # ---- tables ---------------------------------------------------------------------------------
@@ -124,6 +131,7 @@ def options_from_config(train_cfg, stage_cfg, num_steps: int,
 class Table:
   """One embedding table: ``path`` into params, the batch key ``side`` ('user' / 'item'), the
   ``field`` name, ``rows`` R and ``dim`` d of the ``[R, d]`` param, ``multi_hot`` length L."""
+
   path: tuple[str, ...]
   side: str
   field: str
@@ -153,9 +161,10 @@ def find_tables(model: nn.Module, params) -> tuple[Table, ...]:
       if path not in flat or len(_shape(flat[path])) != 2 or _shape(flat[path])[0] != want:
         got = _shape(flat[path]) if path in flat else "missing"
         raise ValueError(
-            f"config.train.embedding_optimizer (row-sparse) needs the table {'/'.join(path)} "
-            f"of {want} rows addressed by the batch ids; model {type(model).__name__} has "
-            f"{got}. Use embedding_optimizer='dense' for this model.")
+          f"config.train.embedding_optimizer (row-sparse) needs the table {'/'.join(path)} "
+          f"of {want} rows addressed by the batch ids; model {type(model).__name__} has "
+          f"{got}. Use embedding_optimizer='dense' for this model."
+        )
       out.append(Table(path, side, s.name, want, _shape(flat[path])[1], s.multi_hot))
   return tuple(out)
 
@@ -170,10 +179,13 @@ def _unique_bound(t: Table, ids_shape) -> int:
 def _view_model(model: nn.Module, sizes: dict[tuple[str, str], int]) -> nn.Module:
   """The same model class over tables of ``sizes[(side, field)]`` rows (no padding)."""
   mc = model.cfg
-  specs = {side: tuple(dataclasses.replace(s, vocab_size=sizes[(side, s.name)])
-                       for s in getattr(mc, f"{side}_specs")) for side, _ in SIDES}
-  cfg = dataclasses.replace(mc, user_specs=specs["user"], item_specs=specs["item"],
-                            vocab_pad_to=1)
+  specs = {
+    side: tuple(
+      dataclasses.replace(s, vocab_size=sizes[(side, s.name)]) for s in getattr(mc, f"{side}_specs")
+    )
+    for side, _ in SIDES
+  }
+  cfg = dataclasses.replace(mc, user_specs=specs["user"], item_specs=specs["item"], vocab_pad_to=1)
   return model.clone(cfg=cfg)
 
 
@@ -196,30 +208,43 @@ def table_state_init(kind: str, table):
   if kind == "lazy_adam":
     return {"m": jax.tree.map(jnp.zeros_like, table), "v": jax.tree.map(jnp.zeros_like, table)}
   if isinstance(table, nn.LogicallyPartitioned):
-    return {"acc": table.replace(value=jnp.zeros(table.value.shape[:1], jnp.float32),
-                                 names=table.names[:1])}
+    return {
+      "acc": table.replace(
+        value=jnp.zeros(table.value.shape[:1], jnp.float32), names=table.names[:1]
+      )
+    }
   return {"acc": jnp.zeros(table.shape[:1], jnp.float32)}
 
 
-def make_tx(model: nn.Module, tx: optax.GradientTransformation,
-            opts: SparseOptions) -> optax.GradientTransformation:
+def make_tx(
+  model: nn.Module, tx: optax.GradientTransformation, opts: SparseOptions
+) -> optax.GradientTransformation:
   """An optax transformation whose ``init(params)`` builds the split optimiser state
   (module docstring); for ``steps.make_init_fn``. Its ``update`` raises: the sparse steps
   apply the updates themselves."""
+
   def init(params):
     tables = find_tables(model, params)
     rest, tabs = split_params(params, tables)
     tstate = traverse_util.unflatten_dict(
-        {t.path: table_state_init(opts.kind, tabs[t.path]) for t in tables})
+      {t.path: table_state_init(opts.kind, tabs[t.path]) for t in tables}
+    )
     return {"dense": tx.init(rest), "tables": tstate, "count": jnp.zeros((), jnp.int32)}
 
   def update(*_):
     raise NotImplementedError("the row-sparse optimiser is applied by sparse.make_*_step")
+
   return optax.GradientTransformation(init, update)
 
 
-def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, opts: SparseOptions,
-                 dummy: dict, seed: int, params: Any | None = None) -> Callable:
+def make_init_fn(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  opts: SparseOptions,
+  dummy: dict,
+  seed: int,
+  params: Any | None = None,
+) -> Callable:
   """``steps.make_init_fn`` with the split optimiser state of ``make_tx``."""
   return steps.make_init_fn(model, make_tx(model, tx, opts), dummy, seed, params)
 
@@ -233,8 +258,8 @@ def update_rows(opts: SparseOptions, p, state: dict, g, lr, count):
     t = (count + 1).astype(jnp.float32)
     m = opts.b1 * state["m"] + (1 - opts.b1) * g
     v = opts.b2 * state["v"] + (1 - opts.b2) * g * g
-    mhat = m / (1 - opts.b1 ** t)
-    vhat = v / (1 - opts.b2 ** t)
+    mhat = m / (1 - opts.b1**t)
+    vhat = v / (1 - opts.b2**t)
     u = mhat / (jnp.sqrt(vhat) + opts.eps)
     if wd:
       u = u + wd * p
@@ -267,11 +292,16 @@ def apply_rows(opts: SparseOptions, table, state: dict, uniq, rows, g_rows, lr, 
   touched rows)."""
   srows = {k: gather_rows(v, uniq) for k, v in state.items()}
   p_new, s_new = update_rows(opts, rows, srows, g_rows, lr, count)
-  put = lambda full, r: full.at[uniq].set(r, mode="drop", indices_are_sorted=True,
-                                          unique_indices=True)
+  put = lambda full, r: full.at[uniq].set(
+    r, mode="drop", indices_are_sorted=True, unique_indices=True
+  )
   valid = uniq < table.shape[0]
-  return (put(table, p_new), {k: put(state[k], s_new[k]) for k in state},
-          jnp.sum(jnp.where(valid[:, None], p_new, 0.0) ** 2), valid.sum())
+  return (
+    put(table, p_new),
+    {k: put(state[k], s_new[k]) for k in state},
+    jnp.sum(jnp.where(valid[:, None], p_new, 0.0) ** 2),
+    valid.sum(),
+  )
 
 
 def touched_mask(t: Table, ids) -> jnp.ndarray:
@@ -280,27 +310,37 @@ def touched_mask(t: Table, ids) -> jnp.ndarray:
 
 
 # ---- steps ----------------------------------------------------------------------------------
-def _make_step(model: nn.Module, tx: optax.GradientTransformation, opts: SparseOptions,
-               loss_fn: Callable) -> Callable:
+def _make_step(
+  model: nn.Module, tx: optax.GradientTransformation, opts: SparseOptions, loss_fn: Callable
+) -> Callable:
   """A ``step(state, batch) -> (state, metrics)`` updating the tables row-sparsely.
 
   ``loss_fn(model, params, batch, rng, model_state) -> (loss, (extra, model_state))``.
   """
+
   def step(state: steps.TrainState, batch: dict):
     tables = find_tables(model, state.params)
     rest, tabs = split_params(state.params, tables)
-    tflat = traverse_util.flatten_dict(state.opt_state["tables"],
-                                       is_leaf=lambda path, x: len(path) == len(tables[0].path))
+    tflat = traverse_util.flatten_dict(
+      state.opt_state["tables"], is_leaf=lambda path, x: len(path) == len(tables[0].path)
+    )
     count = state.opt_state["count"]
     lr = opts.learning_rate(count)
     if opts.masked:
+
       def f(rest, tabs):
         return loss_fn(model, merge_params(rest, tabs), batch, state.rng, state.model_state)
+
       (loss, aux), (g_rest, g_tabs) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
-          rest, tabs)
+        rest, tabs
+      )
     else:
-      uniq, rows, view_feats, sizes = {}, {}, {"user": dict(batch["user"]),
-                                               "item": dict(batch["item"])}, {}
+      uniq, rows, view_feats, sizes = (
+        {},
+        {},
+        {"user": dict(batch["user"]), "item": dict(batch["item"])},
+        {},
+      )
       for t in tables:
         u, inv = dedup(t, batch[t.side][t.field])
         uniq[t.path] = u
@@ -312,8 +352,10 @@ def _make_step(model: nn.Module, tx: optax.GradientTransformation, opts: SparseO
 
       def f(rest, rows):
         return loss_fn(view, merge_params(rest, rows), vbatch, state.rng, state.model_state)
+
       (loss, aux), (g_rest, g_rows) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
-          rest, rows)
+        rest, rows
+      )
     extra, model_state = aux
     updates, dense_state = tx.update(g_rest, state.opt_state["dense"], rest)
     new_rest = optax.apply_updates(rest, updates)
@@ -330,43 +372,80 @@ def _make_step(model: nn.Module, tx: optax.GradientTransformation, opts: SparseO
         n_touched.append(mask.sum())
         continue
       new_tabs[t.path], new_tstate[t.path], sq, n = apply_rows(
-          opts, tabs[t.path], st, uniq[t.path], rows[t.path], g_rows[t.path], lr, count)
+        opts, tabs[t.path], st, uniq[t.path], rows[t.path], g_rows[t.path], lr, count
+      )
       touched_sq.append(sq)
       n_touched.append(n)
     params = merge_params(new_rest, new_tabs)
     g_tab_tree = g_tabs if opts.masked else g_rows
-    grad_norm = jnp.sqrt(optax.tree.norm(g_rest) ** 2
-                         + sum(jnp.sum(g ** 2) for g in g_tab_tree.values()))
+    grad_norm = jnp.sqrt(
+      optax.tree.norm(g_rest) ** 2 + sum(jnp.sum(g**2) for g in g_tab_tree.values())
+    )
     param_norm = jnp.sqrt(optax.tree.norm(new_rest) ** 2 + sum(touched_sq))
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-    opt_state = {"dense": dense_state, "tables": traverse_util.unflatten_dict(new_tstate),
-                 "count": count + 1}
-    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
-               "touched_rows": sum(n_touched).astype(jnp.int32), **extra}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
-                         model_state=model_state), metrics
+    opt_state = {
+      "dense": dense_state,
+      "tables": traverse_util.unflatten_dict(new_tstate),
+      "count": count + 1,
+    }
+    metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "param_norm": param_norm,
+      "touched_rows": sum(n_touched).astype(jnp.int32),
+      **extra,
+    }
+    return state.replace(
+      step=state.step + 1, params=params, opt_state=opt_state, rng=rng, model_state=model_state
+    ), metrics
+
   return step
 
 
-def make_pretrain_step(model: nn.Module, tx: optax.GradientTransformation, opts: SparseOptions,
-                       tau: float, pairs: str = "scenario_views") -> Callable:
+def make_pretrain_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  opts: SparseOptions,
+  tau: float,
+  pairs: str = "scenario_views",
+) -> Callable:
   """``steps.make_pretrain_step`` with row-sparse table updates. Raises ValueError for an
   unknown ``pairs``."""
   if pairs not in steps.PRETRAIN_PAIRS:
     raise ValueError(f"config.pretrain.pairs={pairs!r}; expected 'scenario_views' or 'user_item'")
-  return _make_step(model, tx, opts, lambda m, p, b, r, ms: steps.pretrain_loss(
-      m, p, b, r, tau, pairs, ms))
+  return _make_step(
+    model, tx, opts, lambda m, p, b, r, ms: steps.pretrain_loss(m, p, b, r, tau, pairs, ms)
+  )
 
 
-def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation, opts: SparseOptions,
-                       tau: float, logq_strength: float, negatives: str = "all") -> Callable:
+def make_finetune_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  opts: SparseOptions,
+  tau: float,
+  logq_strength: float,
+  negatives: str = "all",
+) -> Callable:
   """``steps.make_finetune_step`` with row-sparse table updates."""
-  return _make_step(model, tx, opts, lambda m, p, b, r, ms: steps.finetune_loss(
-      m, p, b, r, tau, logq_strength, ms, negatives))
+  return _make_step(
+    model,
+    tx,
+    opts,
+    lambda m, p, b, r, ms: steps.finetune_loss(m, p, b, r, tau, logq_strength, ms, negatives),
+  )
 
 
-def build(cfg, stage: str, model: nn.Module, tx: optax.GradientTransformation, dummy: dict,
-          seed: int, num_steps: int, init_params=None, masked: bool = False):
+def build(
+  cfg,
+  stage: str,
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  dummy: dict,
+  seed: int,
+  num_steps: int,
+  init_params=None,
+  masked: bool = False,
+):
   """(init_fn, step_fn) of a stage for ``config.train.embedding_optimizer`` -- the dense
   ``steps`` functions for 'dense', the row-sparse ones otherwise. ``stage``: 'pretrain' or
   'finetune'. Raises ValueError for an unknown stage or optimiser, or a model whose tables the
@@ -377,11 +456,12 @@ def build(cfg, stage: str, model: nn.Module, tx: optax.GradientTransformation, d
     init_fn = steps.make_init_fn(model, tx, dummy, seed, init_params)
     if stage == "pretrain":
       return init_fn, steps.make_pretrain_step(model, tx, scfg.tau, scfg.pairs)
-    return init_fn, steps.make_finetune_step(model, tx, cfg.model.tau,
-                                             scfg.logq_strength,
-                                             scfg.negatives)
+    return init_fn, steps.make_finetune_step(
+      model, tx, cfg.model.tau, scfg.logq_strength, scfg.negatives
+    )
   init_fn = make_init_fn(model, tx, opts, dummy, seed, init_params)
   if stage == "pretrain":
     return init_fn, make_pretrain_step(model, tx, opts, scfg.tau, scfg.pairs)
-  return init_fn, make_finetune_step(model, tx, opts, cfg.model.tau,
-                                     scfg.logq_strength, scfg.negatives)
+  return init_fn, make_finetune_step(
+    model, tx, opts, cfg.model.tau, scfg.logq_strength, scfg.negatives
+  )

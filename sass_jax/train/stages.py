@@ -4,6 +4,7 @@
 'finetune' (stage 2) by ``config.train``. Every module that runs, checks, compiles or times a
 stage takes the block, its name and the stage's seed from here. Imports nothing heavy.
 """
+
 from __future__ import annotations
 
 STAGES = ("pretrain", "finetune")

@@ -5,6 +5,7 @@
 and optimiser (closed over, static) and compiled by ``Partitioner.compile_step`` with explicit
 shardings and the state donated.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -23,6 +24,7 @@ class TrainState(flax.struct.PyTreeNode):
   rng uint32 [2] (raw key data, split every step for dropout), model_state (the model's
   non-trained variable collections, e.g. ``{'batch_stats': ...}`` for STAR's per-scenario
   running statistics; ``{}`` for models without any)."""
+
   step: jnp.ndarray
   params: Any
   opt_state: Any
@@ -43,8 +45,9 @@ def as_variables(tree: Any) -> dict:
   return {"params": tree}
 
 
-def apply_model(model: nn.Module, params, model_state: dict, *args, method: str,
-                rngs=None, train: bool = True):
+def apply_model(
+  model: nn.Module, params, model_state: dict, *args, method: str, rngs=None, train: bool = True
+):
   """``model.apply`` of ``method`` with ``model_state`` collections mutable when training.
 
   Returns (output, new model_state); new model_state is ``model_state`` unchanged when the
@@ -52,8 +55,9 @@ def apply_model(model: nn.Module, params, model_state: dict, *args, method: str,
   """
   variables = {"params": params, **model_state}
   if train and model_state:
-    out, new = model.apply(variables, *args, train, method=method, rngs=rngs,
-                           mutable=list(model_state))
+    out, new = model.apply(
+      variables, *args, train, method=method, rngs=rngs, mutable=list(model_state)
+    )
     return out, {**model_state, **new}
   return model.apply(variables, *args, train, method=method, rngs=rngs), model_state
 
@@ -64,8 +68,12 @@ def make_schedule(stage_cfg, num_steps: int) -> optax.Schedule:
   warmup = int(stage_cfg.warmup_steps)
   warmup = min(warmup, max(num_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      0.0 if warmup else stage_cfg.learning_rate, stage_cfg.learning_rate, warmup,
-      max(num_steps, warmup + 1), end_value=0.1 * stage_cfg.learning_rate)
+    0.0 if warmup else stage_cfg.learning_rate,
+    stage_cfg.learning_rate,
+    warmup,
+    max(num_steps, warmup + 1),
+    end_value=0.1 * stage_cfg.learning_rate,
+  )
 
 
 def make_optimizer(stage_cfg, num_steps: int) -> optax.GradientTransformation:
@@ -74,12 +82,18 @@ def make_optimizer(stage_cfg, num_steps: int) -> optax.GradientTransformation:
   stage_cfg: ``config.pretrain`` or ``config.train`` (learning_rate, warmup_steps,
   weight_decay).
   """
-  return optax.adamw(make_schedule(stage_cfg, num_steps),
-                     weight_decay=float(stage_cfg.weight_decay))
+  return optax.adamw(
+    make_schedule(stage_cfg, num_steps), weight_decay=float(stage_cfg.weight_decay)
+  )
 
 
-def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, dummy: dict, seed: int,
-                 params: Any | None = None) -> Callable[[], TrainState]:
+def make_init_fn(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  dummy: dict,
+  seed: int,
+  params: Any | None = None,
+) -> Callable[[], TrainState]:
   """A no-argument function building the initial state with *boxed* params (logical axes).
 
   dummy: a batch-shaped example {'user': features, 'item': features, 'scenario': int32 [B]}.
@@ -87,6 +101,7 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, dummy: dict
   'batch_stats': ...}``, instead of a random init (fine-tuning from the pre-trained model);
   their logical axes are taken from the model's init.
   """
+
   def init():
     key = jax.random.key(seed)
     variables = dict(model.init(key, dummy["user"], dummy["item"], dummy["scenario"]))
@@ -94,12 +109,21 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, dummy: dict
     model_state = nn.meta.unbox(variables)
     if params is not None:
       given = as_variables(params)
-      boxed = jax.tree.map(lambda b, v: b.replace_boxed(v), boxed, given.pop("params"),
-                           is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+      boxed = jax.tree.map(
+        lambda b, v: b.replace_boxed(v),
+        boxed,
+        given.pop("params"),
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+      )
       model_state = {**model_state, **given}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=tx.init(boxed),
-                      rng=jax.random.key_data(jax.random.fold_in(key, 1)),
-                      model_state=model_state)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=boxed,
+      opt_state=tx.init(boxed),
+      rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+      model_state=model_state,
+    )
+
   return init
 
 
@@ -113,15 +137,23 @@ def _apply_update(state: TrainState, tx, grads, loss, aux) -> tuple[TrainState, 
   params = optax.apply_updates(state.params, updates)
   rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
   metrics = {"loss": loss, "grad_norm": _norm(grads), "param_norm": _norm(params), **extra}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
-                       model_state=model_state), metrics
+  return state.replace(
+    step=state.step + 1, params=params, opt_state=opt_state, rng=rng, model_state=model_state
+  ), metrics
 
 
-PRETRAIN_PAIRS = ("scenario_views", "user_item")   # config.pretrain.pairs (pretrain_loss)
+PRETRAIN_PAIRS = ("scenario_views", "user_item")  # config.pretrain.pairs (pretrain_loss)
 
 
-def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs: str,
-                  model_state: dict | None = None):
+def pretrain_loss(
+  model: nn.Module,
+  params,
+  batch: dict,
+  rng,
+  tau: float,
+  pairs: str,
+  model_state: dict | None = None,
+):
   """Stage-1 loss (docs/design.md §2). Returns (loss, ({'user_loss', 'item_loss'}, model_state)).
 
   batch: 'user' / 'item' features [B, ...]; 'user_index' / 'item_index' int32 [B] (entity ids,
@@ -140,25 +172,29 @@ def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs:
   rngs_u, rngs_i = {"dropout": r1}, {"dropout": r2}
   if pairs == "scenario_views" and _encodes_views(model):
     # only the two views of each row ([B, 2, D]), not all K scenarios
-    uv, ms = apply_model(model, params, ms, batch["user"], batch["user_views"],
-                         method="encode_user", rngs=rngs_u)
-    iv, ms = apply_model(model, params, ms, batch["item"], batch["item_views"],
-                         method="encode_item", rngs=rngs_i)
+    uv, ms = apply_model(
+      model, params, ms, batch["user"], batch["user_views"], method="encode_user", rngs=rngs_u
+    )
+    iv, ms = apply_model(
+      model, params, ms, batch["item"], batch["item_views"], method="encode_item", rngs=rngs_i
+    )
     lu = losses.info_nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
     li = losses.info_nce(iv[:, 0], iv[:, 1], batch["item_index"], tau)
     return lu + li, ({"user_loss": lu, "item_loss": li}, ms)
   if pairs == "user_item":
-    u, ms = apply_model(model, params, ms, batch["user"], batch["scenario"],
-                        method="encode_user", rngs=rngs_u)
-    i, ms = apply_model(model, params, ms, batch["item"], batch["scenario"],
-                        method="encode_item", rngs=rngs_i)
+    u, ms = apply_model(
+      model, params, ms, batch["user"], batch["scenario"], method="encode_user", rngs=rngs_u
+    )
+    i, ms = apply_model(
+      model, params, ms, batch["item"], batch["scenario"], method="encode_item", rngs=rngs_i
+    )
     # a column sharing the row's user or its item is neither positive nor negative
     loss = losses.info_nce(u, i, (batch["user_index"], batch["item_index"]), tau)
     return loss, ({"user_loss": loss, "item_loss": jnp.zeros_like(loss)}, ms)
-  u_all, ms = apply_model(model, params, ms, batch["user"], None, method="encode_user",
-                          rngs=rngs_u)                                # [B, K, D]
-  i_all, ms = apply_model(model, params, ms, batch["item"], None, method="encode_item",
-                          rngs=rngs_i)
+  u_all, ms = apply_model(
+    model, params, ms, batch["user"], None, method="encode_user", rngs=rngs_u
+  )  # [B, K, D]
+  i_all, ms = apply_model(model, params, ms, batch["item"], None, method="encode_item", rngs=rngs_i)
   take = lambda v, idx: jnp.take_along_axis(v, idx[:, :, None], axis=1)  # [B, 2, D]
   uv, iv = take(u_all, batch["user_views"]), take(i_all, batch["item_views"])
   lu = losses.info_nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
@@ -167,12 +203,22 @@ def pretrain_loss(model: nn.Module, params, batch: dict, rng, tau: float, pairs:
 
 
 def _encodes_views(model: nn.Module) -> bool:
-  return (bool(getattr(model, "encodes_views", False))
-          and getattr(model.cfg, "scenario_compute", "onehot") == "grouped")
+  return (
+    bool(getattr(model, "encodes_views", False))
+    and getattr(model.cfg, "scenario_compute", "onehot") == "grouped"
+  )
 
 
-def finetune_loss(model: nn.Module, params, batch: dict, rng, tau: float, logq_strength: float,
-                  model_state: dict | None = None, negatives: str = "all"):
+def finetune_loss(
+  model: nn.Module,
+  params,
+  batch: dict,
+  rng,
+  tau: float,
+  logq_strength: float,
+  model_state: dict | None = None,
+  negatives: str = "all",
+):
   """Stage-2 loss: in-batch sampled softmax with logQ correction (docs/design.md §2).
 
   batch: 'user' / 'item' features; 'scenario' int32 [B]; 'item_index' int32 [B];
@@ -186,24 +232,42 @@ def finetune_loss(model: nn.Module, params, batch: dict, rng, tau: float, logq_s
     raise ValueError(f"config.train.negatives={negatives!r}; expected one of {losses.NEGATIVES}")
   ms = model_state or {}
   r1, r2 = jax.random.split(jax.random.wrap_key_data(rng))
-  u, ms = apply_model(model, params, ms, batch["user"], batch["scenario"],
-                      method="encode_user", rngs={"dropout": r1})     # [B, D]
+  u, ms = apply_model(
+    model, params, ms, batch["user"], batch["scenario"], method="encode_user", rngs={"dropout": r1}
+  )  # [B, D]
   if negatives == "same_scenario":
-    i, ms = apply_model(model, params, ms, batch["item"], batch["scenario"],
-                        method="encode_item", rngs={"dropout": r2})   # [B, D]
+    i, ms = apply_model(
+      model,
+      params,
+      ms,
+      batch["item"],
+      batch["scenario"],
+      method="encode_item",
+      rngs={"dropout": r2},
+    )  # [B, D]
     logits = u.astype(jnp.float32) @ i.astype(jnp.float32).T
-    return losses.sampled_softmax_logq(logits, batch["item_index"], batch["item_logq"], tau,
-                                       logq_strength, scenario=batch["scenario"]), ({}, ms)
-  i_all, ms = apply_model(model, params, ms, batch["item"], None, method="encode_item",
-                          rngs={"dropout": r2})                        # [B, K, D]
-  logits = losses.scenario_logits(u, i_all, batch["scenario"],
-                                  getattr(model.cfg, "scenario_compute", "grouped"))
-  return losses.sampled_softmax_logq(logits, batch["item_index"], batch["item_logq"], tau,
-                                     logq_strength), ({}, ms)
+    return losses.sampled_softmax_logq(
+      logits,
+      batch["item_index"],
+      batch["item_logq"],
+      tau,
+      logq_strength,
+      scenario=batch["scenario"],
+    ), ({}, ms)
+  i_all, ms = apply_model(
+    model, params, ms, batch["item"], None, method="encode_item", rngs={"dropout": r2}
+  )  # [B, K, D]
+  logits = losses.scenario_logits(
+    u, i_all, batch["scenario"], getattr(model.cfg, "scenario_compute", "grouped")
+  )
+  return losses.sampled_softmax_logq(
+    logits, batch["item_index"], batch["item_logq"], tau, logq_strength
+  ), ({}, ms)
 
 
-def make_pretrain_step(model: nn.Module, tx: optax.GradientTransformation, tau: float,
-                       pairs: str = "scenario_views") -> Callable:
+def make_pretrain_step(
+  model: nn.Module, tx: optax.GradientTransformation, tau: float, pairs: str = "scenario_views"
+) -> Callable:
   """Build the pure ``pretrain_step(state, batch) -> (state, metrics)``.
 
   Raises ValueError for an unknown ``pairs`` reading.
@@ -213,13 +277,20 @@ def make_pretrain_step(model: nn.Module, tx: optax.GradientTransformation, tau: 
 
   def pretrain_step(state: TrainState, batch: dict):
     (loss, aux), grads = jax.value_and_grad(pretrain_loss, argnums=1, has_aux=True)(
-        model, state.params, batch, state.rng, tau, pairs, state.model_state)
+      model, state.params, batch, state.rng, tau, pairs, state.model_state
+    )
     return _apply_update(state, tx, grads, loss, aux)
+
   return pretrain_step
 
 
-def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation, tau: float,
-                       logq_strength: float, negatives: str = "all") -> Callable:
+def make_finetune_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  tau: float,
+  logq_strength: float,
+  negatives: str = "all",
+) -> Callable:
   """Build the pure ``finetune_step(state, batch) -> (state, metrics)``; ``negatives`` as
   ``finetune_loss`` (ValueError for an unknown one)."""
   if negatives not in losses.NEGATIVES:
@@ -227,16 +298,19 @@ def make_finetune_step(model: nn.Module, tx: optax.GradientTransformation, tau: 
 
   def finetune_step(state: TrainState, batch: dict):
     (loss, aux), grads = jax.value_and_grad(finetune_loss, argnums=1, has_aux=True)(
-        model, state.params, batch, state.rng, tau, logq_strength, state.model_state, negatives)
+      model, state.params, batch, state.rng, tau, logq_strength, state.model_state, negatives
+    )
     return _apply_update(state, tx, grads, loss, aux)
+
   return finetune_step
 
 
 NAN_POLICIES = ("raise", "skip")
 
 
-def with_nan_policy(step_fn: Callable, policy: str = "raise",
-                    debug_nan_at_step: int = 0) -> Callable:
+def with_nan_policy(
+  step_fn: Callable, policy: str = "raise", debug_nan_at_step: int = 0
+) -> Callable:
   """Wrap ``step(state, batch) -> (state, metrics)`` for ``config.train.nan_policy``.
 
   'raise': the step is unchanged (the loop stops on a non-finite loss / grad_norm /
@@ -257,17 +331,24 @@ def with_nan_policy(step_fn: Callable, policy: str = "raise",
     run_state = state
     if debug_nan_at_step > 0:
       hit = state.step + 1 == debug_nan_at_step
-      run_state = state.replace(params=jax.tree.map(
-          lambda p: jnp.where(hit, jnp.full_like(p, jnp.nan), p), state.params))
+      run_state = state.replace(
+        params=jax.tree.map(lambda p: jnp.where(hit, jnp.full_like(p, jnp.nan), p), state.params)
+      )
     new, metrics = step_fn(run_state, batch)
     if policy == "raise":
       return new, metrics
-    ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-          & jnp.isfinite(metrics["param_norm"]))
+    ok = (
+      jnp.isfinite(metrics["loss"])
+      & jnp.isfinite(metrics["grad_norm"])
+      & jnp.isfinite(metrics["param_norm"])
+    )
     keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(ok, a, b), n, o)
-    new = new.replace(params=keep(new.params, state.params),
-                      opt_state=keep(new.opt_state, state.opt_state),
-                      model_state=keep(new.model_state, state.model_state))
+    new = new.replace(
+      params=keep(new.params, state.params),
+      opt_state=keep(new.opt_state, state.opt_state),
+      model_state=keep(new.model_state, state.model_state),
+    )
     metrics = {**metrics, "skipped": (~ok).astype(jnp.int32)}
     return new, metrics
+
   return wrapped

@@ -86,3 +86,99 @@ def env(tmp_path_factory):
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
+
+
+# ---- the fast tier (launch/test.sh --fast = pytest -m "not slow") ------------------------------
+# Tests marked 'slow' here are left out of the fast tier: whole training runs, subprocess CLI
+# runs and compiles that each take seconds to minutes. The list was chosen from
+# `pytest --durations=0` of the whole suite (everything over 3 s on 2 cores, and the tests that
+# then paid for a slow test's module fixture); the fast tier still touches every module under
+# sass_jax/. A name is a test file, or a file plus a test-function prefix ('file::test_x'
+# marks every parametrisation of test_x).
+SLOW_TESTS: tuple[str, ...] = (
+  "test_compare.py",
+  "test_mesh_restore.py",
+  "test_precision.py",
+  "test_resident_train.py",
+  "test_resume.py",
+  "test_sharding.py",
+  "test_aot.py::test_all_device_tables_match_one_device",
+  "test_aot.py::test_compile_mode_for_a_tpu_topology",
+  "test_aot.py::test_preflight_refuses_a_step_over_the_memory_limit",
+  "test_bad_inputs_data.py::test_cli_prepare_of_doubled_ratings_names_both_lines_and_writes_nothing",
+  "test_bad_inputs_data.py::test_movielens_duplicate_policies_and_row_accounting",
+  "test_bad_inputs_run.py::test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint",
+  "test_bad_inputs_run.py::test_eval_refuses_an_unreadable_latest_step",
+  "test_bad_inputs_run.py::test_export_cut_short_leaves_the_previous_export_whole",
+  "test_bad_inputs_run.py::test_exported_encoder_rejects_out_of_range_inputs",
+  "test_bad_inputs_run.py::test_misspelt_config_key_is_one_line",
+  "test_bad_inputs_run.py::test_second_run_on_a_busy_workdir_fails_at_once",
+  "test_baselines.py::test_cli_train_end_to_end",
+  "test_baselines.py::test_dssm_single_scenarios_are_independent",
+  "test_baselines.py::test_finetune_loss_decreases",
+  "test_baselines.py::test_layouts_shapes_and_finite_loss",
+  "test_baselines.py::test_star_eval_uses_each_scenarios_running_statistics",
+  "test_bench.py::test_bench_cli_json_every_field",
+  "test_bench.py::test_every_field_present_and_positive",
+  "test_bench.py::test_json_written_and_returned",
+  "test_bench.py::test_resident_sampler_batches_match_the_data",
+  "test_bench.py::test_stats_consistent",
+  "test_bench.py::test_torch_reference_same_losses_and_adamw_step",
+  "test_cli_errors.py::test_cli_recommend_k0_is_one_error_line_and_debug_keeps_the_traceback",
+  "test_cli_errors.py::test_eval_with_other_data_dir_refuses_to_replace_the_trained_data",
+  "test_cli_errors.py::test_other_data_options_name_every_differing_field",
+  "test_cli_errors.py::test_sigint_during_training_checkpoints_and_exits_zero",
+  "test_config_validation.py::test_cli_rejects_unknown_key_and_invalid_value",
+  "test_end_to_end.py::test_metrics_file_shape",
+  "test_end_to_end.py::test_short_run_learns_beyond_random",
+  "test_export.py::test_cli_export_to_config_dir",
+  "test_export.py::test_cli_recommend",
+  "test_export.py::test_layout_and_manifest",
+  "test_export.py::test_recommend_matches_evaluation_ranking",
+  "test_export.py::test_user_encoder_matches_model",
+  "test_losses.py::test_finetune_step_reduces_loss",
+  "test_losses.py::test_pretrain_loss_scenario_views_wiring",
+  "test_losses.py::test_pretrain_step_reduces_loss",
+  "test_model.py::test_all_scenarios_slice_equals_selected",
+  "test_model.py::test_different_scenarios_give_different_vectors",
+  "test_model.py::test_tower_shapes_and_unit_norm",
+  "test_model.py::test_user_and_item_towers_have_separate_weights",
+  "test_monitor.py::test_eval_metrics_per_scenario",
+  "test_monitor.py::test_training_scalars_equal_the_jsonl_log",
+  "test_multihost.py::test_two_processes_match_one_process",
+  "test_registry.py::test_every_registered_model_satisfies_the_protocol",
+  "test_registry.py::test_toy_model_appears_in_compare_results",
+  "test_registry.py::test_toy_model_trains_with_row_sparse_tables_and_evaluates",
+  "test_scenario_compute.py::test_grouped_bfloat16_close_to_onehot",
+  "test_scenario_compute.py::test_grouped_does_less_arithmetic",
+  "test_scenario_compute.py::test_grouped_equals_onehot",
+  "test_scenario_compute.py::test_grouped_matmul_equals_per_row_kernel",
+  "test_scenario_compute.py::test_same_scenario_negatives_reference",
+  "test_scenario_compute.py::test_torch_reference_grouped_equals_onehot_and_jax",
+  "test_scenario_compute.py::test_sass_views_equal_all_scenarios_slices",
+  "test_scenario_compute.py::test_scenario_logits_grouped_equals_onehot_and_loop",
+  "test_sparse.py::test_masked_dense_reference_equals_sparse",
+  "test_sparse.py::test_non_table_params_match_dense_step",
+  "test_sparse.py::test_sparse_update_matches_numpy_reference",
+  "test_sparse.py::test_train_stage_sparse_checkpoint_resume",
+  "test_synthetic_learning.py::test_sass_beats_shared_tower_in_every_scenario",
+)
+
+
+# Module fixtures that train a model first ('file::fixture'): every test using one is slow, so
+# that no fast test pays for the training run.
+SLOW_FIXTURES = (
+  "test_bad_inputs_run.py::trained",
+  "test_cli_errors.py::trained",
+  "test_monitor.py::run",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    path, _, name = item.nodeid.partition("::")
+    file = path.rsplit("/", 1)[-1]
+    func = name.split("[", 1)[0]
+    uses = {f"{file}::{f}" for f in getattr(item, "fixturenames", ())}
+    if file in SLOW_TESTS or f"{file}::{func}" in SLOW_TESTS or uses & set(SLOW_FIXTURES):
+      item.add_marker(pytest.mark.slow)

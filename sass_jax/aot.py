@@ -522,17 +522,11 @@ def compile_workdir(cfg, workdir, print_fn: Callable[[str], Any] | None = print)
   """
   from sass_jax import config_check
   from sass_jax.model import registry
-  from sass_jax.train.sparse import EMBEDDING_OPTIMIZERS
 
   cc = cfg.compile
   stages = tuple(cc.stages)
   opts = tuple(cc.embedding_optimizers)
-  bad = [s for s in stages if s not in STAGES] + [o for o in opts if o not in EMBEDDING_OPTIMIZERS]
-  if bad:
-    raise ValueError(
-      f"config.compile.stages / embedding_optimizers: unknown {bad}; expected "
-      f"stages from {STAGES} and optimisers from {EMBEDDING_OPTIMIZERS}"
-    )
+  config_check.validate(cfg, stages=())  # config.compile.* before any topology is built
   devices = topology_devices(cc.topology)
   part = build_partitioner(cfg, devices)
   config_check.validate(cfg, partitioner=part, stages=stages)

@@ -238,6 +238,9 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   bad = [x for x in tuple(cc.stages) if x not in STAGES]
   if bad:
     p(f"config.compile.stages={tuple(cc.stages)}: unknown {bad}; expected some of {STAGES}")
+  copts = tuple(cc.embedding_optimizers)
+  if any(o not in EMBEDDING_OPTIMIZERS for o in copts):
+    p(f"config.compile.embedding_optimizers={copts}: expected a subset of {EMBEDDING_OPTIMIZERS}")
   # -- bench (--mode bench, sass_jax.bench.throughput) ----------------------------------
   bc = cfg.bench
   for k in ("steps", "repeats", "batches", "loop_steps", "input_batches"):

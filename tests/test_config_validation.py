@@ -142,6 +142,11 @@ CASES = [
     "drop",
     "config.data.duplicates='drop': expected one of ('error', 'first', 'last', 'max', 'keep')",
   ),
+  (
+    "compile.embedding_optimizers",
+    ("dense", "adamz"),
+    "config.compile.embedding_optimizers=('dense', 'adamz'): expected a subset of",
+  ),
 ]
 
 

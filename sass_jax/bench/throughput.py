@@ -113,8 +113,7 @@ def _machine() -> dict:
 
 def _bench_cfg(cfg) -> ml_collections.ConfigDict:
   """``config.bench`` (values checked by ``config_check.validate``)."""
-  b = cfg.bench.to_dict()
-  return ml_collections.ConfigDict(b)
+  return ml_collections.ConfigDict(cfg.bench.to_dict())
 
 
 def _with(cfg, **train_overrides):

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sass_jax.model.embedding import padded_rows  # the JAX tables' row counts
+
 ACTIVATIONS: dict[str, Callable] = {
   "relu": torch.relu,
   "gelu": lambda x: nn.functional.gelu(x, approximate="tanh"),
@@ -266,8 +268,6 @@ class TorchSASS(nn.Module):
     bad = {k: v for k, (v, want) in unsupported.items() if v != want}
     if bad:
       raise ValueError(f"torch_reference implements the default SASS only; config.model has {bad}")
-    from sass_jax.model.embedding import padded_rows  # the JAX tables' row counts
-
     pad = lambda v: padded_rows(int(v), mc.vocab_pad_to)
     return cls(
       mc.user_specs,

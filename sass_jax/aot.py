@@ -410,7 +410,15 @@ def lower_stage(
   tx = steps.make_optimizer(scfg, num_steps)
   seed = stage_seed(cfg, stage)
   init_fn, step = sparse.build(
-    cfg, stage, model, tx, example_batch(user_specs, item_specs), seed, num_steps, init_params
+    cfg,
+    stage,
+    model,
+    tx,
+    example_batch(user_specs, item_specs),
+    seed,
+    num_steps,
+    init_params,
+    batch_sharding=part.batch_sharding(),
   )
   step = steps.with_nan_policy(step, cfg.train.nan_policy, int(cfg.train.debug_nan_at_step))
   abstract, shardings = part.abstract_state(init_fn)

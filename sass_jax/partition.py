@@ -27,6 +27,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from sass_jax.model import grouped
+
 AXES = ("data", "model")
 TABLE_LAYOUTS = ("auto", "all", "model")
 RULES = (
@@ -232,9 +234,19 @@ class Partitioner:
 
   def compile_step(self, step_fn: Callable, state_shardings: Any) -> Callable:
     """``jax.jit`` a ``step(state, batch) -> (state, metrics)`` with the state donated, the
-    state kept in ``state_shardings``, the batch split over 'data' and metrics replicated."""
+    state kept in ``state_shardings``, the batch split over 'data' and metrics replicated.
+
+    The step is traced inside ``grouped.batch_blocks(data size)``: per-scenario layers group
+    the rows by scenario within each device's share of the batch (sass_jax/model/grouped.py),
+    so no device computes another's rows."""
+    blocks, block_sharding = self.data_size, NamedSharding(self.mesh, P("data"))
+
+    def traced(state, batch):
+      with grouped.batch_blocks(blocks, block_sharding):
+        return step_fn(state, batch)
+
     return jax.jit(
-      step_fn,
+      traced,
       in_shardings=(state_shardings, self.batch_sharding()),
       out_shardings=(state_shardings, self.replicated()),
       donate_argnums=(0,),

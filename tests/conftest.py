@@ -105,6 +105,7 @@ SLOW_TESTS: tuple[str, ...] = (
   "test_aot.py::test_all_device_tables_match_one_device",
   "test_aot.py::test_compile_mode_for_a_tpu_topology",
   "test_aot.py::test_preflight_refuses_a_step_over_the_memory_limit",
+  "test_aot.py::test_row_sparse_steps_run_the_towers_on_the_chips_share_of_the_batch",
   "test_bad_inputs_data.py::test_cli_prepare_of_doubled_ratings_names_both_lines_and_writes_nothing",
   "test_bad_inputs_data.py::test_movielens_duplicate_policies_and_row_accounting",
   "test_bad_inputs_run.py::test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint",

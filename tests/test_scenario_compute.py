@@ -68,27 +68,47 @@ def _max_diff(a, b):
 # the grouped matmul
 
 
-@pytest.mark.parametrize("n,k,tile", [(1, 1, None), (37, 5, None), (200, 3, 8), (64, 4, 16)])
-def test_grouped_matmul_equals_per_row_kernel(n, k, tile):
+@pytest.mark.parametrize(
+  "n,k,tile,blocks",
+  [(1, 1, None, None), (37, 5, None, None), (200, 3, 8, None), (64, 4, 16, None), (96, 3, 8, 4)],
+)
+def test_grouped_matmul_equals_per_row_kernel(n, k, tile, blocks):
   key = jax.random.key(n)
   sc = jax.random.randint(key, (n,), 0, k)
   if n > 10:
     sc = jnp.where(sc == k - 1, 0, sc)  # one scenario absent: an empty group
   x = jax.random.normal(jax.random.key(1), (n, 7))
   w = jax.random.normal(jax.random.key(2), (k, 7, 5))
-  g = grouped.make_groups(sc, k, tile)
+  g = grouped.make_groups(sc, k, tile, blocks)
   ref = lambda x, w: jnp.einsum("bi,bio->bo", x, w[sc])
   np.testing.assert_allclose(grouped.grouped_matmul(x, w, g), ref(x, w), atol=TOL)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
   got = jax.grad(loss(lambda x, w: grouped.grouped_matmul(x, w, g)), (0, 1))(x, w)
   want = jax.grad(loss(ref), (0, 1))(x, w)
   assert _max_diff(got, want) < TOL
-  # the layout: every row in a slot of a tile of its own scenario, at most (n + k (T-1)) // T tiles
-  t = g.tile
-  slots = np.asarray(g.dest)
-  assert len(set(slots.tolist())) == n
-  np.testing.assert_array_equal(np.asarray(g.tile_group)[slots // t], np.asarray(sc))
-  assert g.tile_group.shape[0] == (n + k * (t - 1)) // t
+  # the layout, per block of n / S contiguous rows: every row in a slot of a tile of its own
+  # scenario, at most (n / S + k (T-1)) // T tiles
+  s, t = g.blocks, g.tile
+  assert s == (blocks or 1)
+  m = n // s
+  for b in range(s):
+    slots = np.asarray(g.dest[b])
+    assert len(set(slots.tolist())) == m
+    np.testing.assert_array_equal(np.asarray(g.src[b])[slots], np.arange(m))
+    np.testing.assert_array_equal(
+      np.asarray(g.tile_group[b])[slots // t], np.asarray(sc)[b * m : (b + 1) * m]
+    )
+  assert g.tile_group.shape[-1] == (m + k * (t - 1)) // t
+
+
+def test_batch_blocks_context_sets_the_blocks_and_falls_back_when_they_do_not_divide():
+  sc = jnp.arange(24) % 3
+  with grouped.batch_blocks(4):
+    assert grouped.make_groups(sc, 3).blocks == 4
+    assert grouped.make_groups(sc[:22], 3).blocks == 1  # 22 rows: not 4 equal blocks
+  assert grouped.make_groups(sc, 3).blocks == 1
+  with pytest.raises(ValueError, match="do not split into 5 blocks"):
+    grouped.make_groups(sc, 3, blocks=5)
 
 
 def test_scenario_logits_grouped_equals_onehot_and_loop():

@@ -15,24 +15,56 @@ is a gather or a dot, so gradients are exact and work on every backend.
 
 ``make_groups`` builds the layout once per batch (``Groups``, a pytree of int32 arrays);
 ``grouped_matmul`` applies it. T is chosen by ``tile_size`` (static, from N and K).
+
+**On a mesh** the batch is split over the 'data' axis in S contiguous blocks. Sorting the whole
+batch by scenario would mix the blocks, and XLA would then run every layer on the whole global
+batch on every device. So the rows are grouped *within* each block: the layout has a leading
+block axis ``[S, ...]`` (block s = rows ``s N / S .. (s + 1) N / S - 1``) and every gather and
+dot is batched over it, which the SPMD partitioner keeps split. S comes from ``batch_blocks``,
+a trace-time context that ``Partitioner.compile_step`` enters with the data-axis size (1
+elsewhere); the results do not depend on S.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+import contextvars
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 SCENARIO_COMPUTE = ("grouped", "onehot")
 
+# (S, sharding of a [S, ...] array or None) while a step is traced for a mesh.
+_BLOCKS: contextvars.ContextVar = contextvars.ContextVar("sass_jax_batch_blocks", default=(1, None))
+
+
+@contextlib.contextmanager
+def batch_blocks(num_blocks: int, sharding: Any = None):
+  """Within this context ``make_groups`` groups rows within ``num_blocks`` contiguous blocks
+  (the batch's split over the mesh's 'data' axis) whenever N divides by it; ``sharding``
+  (a ``NamedSharding`` with the block axis over 'data') is applied to the block-major arrays.
+  Used at trace time by ``sass_jax.partition.Partitioner.compile_step``."""
+  token = _BLOCKS.set((max(1, int(num_blocks)), sharding))
+  try:
+    yield
+  finally:
+    _BLOCKS.reset(token)
+
+
+def _constrain(x):
+  sharding = _BLOCKS.get()[1]
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
 
 class Groups(NamedTuple):
-  """Tile layout of N rows by scenario (all int32).
+  """Tile layout of N rows by scenario in S blocks of N / S rows (all int32).
 
-  scenario ``[N]``: each row's scenario in [0, K); src ``[NT * T]``: the row in each padded
-  slot (N for an empty slot); dest ``[N]``: each row's slot; tile_group ``[NT]``: each tile's
-  scenario (tiles past the last used one hold only empty slots).
+  scenario ``[N]``: each row's scenario in [0, K); src ``[S, NT * T]``: the row (within its
+  block) in each padded slot (N / S for an empty slot); dest ``[S, N / S]``: each row's slot in
+  its block; tile_group ``[S, NT]``: each tile's scenario (tiles past the last used one hold
+  only empty slots). NT and T are per block.
   """
 
   scenario: jnp.ndarray
@@ -42,7 +74,11 @@ class Groups(NamedTuple):
 
   @property
   def tile(self) -> int:
-    return self.src.shape[0] // self.tile_group.shape[0]
+    return self.src.shape[-1] // self.tile_group.shape[-1]
+
+  @property
+  def blocks(self) -> int:
+    return self.src.shape[0]
 
 
 def tile_size(n: int, k: int) -> int:
@@ -57,40 +93,58 @@ def tile_size(n: int, k: int) -> int:
   return int(min(128, max(8, t)))
 
 
-def make_groups(scenario: jnp.ndarray, num_scenarios: int, tile: int | None = None) -> Groups:
+def make_groups(
+  scenario: jnp.ndarray, num_scenarios: int, tile: int | None = None, blocks: int | None = None
+) -> Groups:
   """The tile layout of rows ``scenario`` (int ``[N]``, values in [0, K)); ``tile`` overrides
-  ``tile_size``. Values outside [0, K) are not checked (their rows get undefined results)."""
+  ``tile_size``; ``blocks`` (S) overrides ``batch_blocks``' S and must divide N (from the
+  context, an S that does not divide N falls back to 1). Values outside [0, K) are not checked
+  (their rows get undefined results). Raises ValueError for an explicit S not dividing N."""
   scenario = jnp.asarray(scenario, jnp.int32).reshape(-1)
   n, k = scenario.shape[0], int(num_scenarios)
-  t = int(tile or tile_size(n, k))
-  num_tiles = (n + k * (t - 1)) // t
-  onehot = jax.nn.one_hot(scenario, k, dtype=jnp.int32)  # [N, K]
-  counts = onehot.sum(0)  # [K]
-  rank = jnp.take_along_axis(jnp.cumsum(onehot, 0), scenario[:, None], 1)[:, 0] - 1
+  if blocks is None:
+    blocks = _BLOCKS.get()[0]
+    blocks = blocks if n % blocks == 0 else 1
+  elif n % int(blocks):
+    raise ValueError(f"{n} rows do not split into {blocks} blocks")
+  s = int(blocks)
+  m = n // s
+  t = int(tile or tile_size(m, k))
+  num_tiles = (m + k * (t - 1)) // t
+  sc = _constrain(scenario.reshape(s, m))
+  onehot = jax.nn.one_hot(sc, k, dtype=jnp.int32)  # [S, M, K]
+  counts = onehot.sum(1)  # [S, K]
+  rank = jnp.take_along_axis(jnp.cumsum(onehot, 1), sc[..., None], 2)[..., 0] - 1
   padded = (counts + t - 1) // t * t
-  start = jnp.cumsum(padded) - padded  # [K] first slot
-  dest = (start[scenario] + rank).astype(jnp.int32)
-  src = (
-    jnp.full((num_tiles * t,), n, jnp.int32)
-    .at[dest]
-    .set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
-  )
-  tile_end = jnp.cumsum(padded) // t  # [K]
+  start = jnp.cumsum(padded, 1) - padded  # [S, K] first slot
+  dest = (jnp.take_along_axis(start, sc, 1) + rank).astype(jnp.int32)  # [S, M]
+  src = jax.vmap(
+    lambda d: (
+      jnp.full((num_tiles * t,), m, jnp.int32)
+      .at[d]
+      .set(jnp.arange(m, dtype=jnp.int32), unique_indices=True)
+    )
+  )(dest)
+  tile_end = jnp.cumsum(padded, 1) // t  # [S, K]
   tile_group = jnp.minimum(
-    jnp.searchsorted(tile_end, jnp.arange(num_tiles, dtype=jnp.int32), side="right"), k - 1
+    jax.vmap(lambda e: jnp.searchsorted(e, jnp.arange(num_tiles, dtype=jnp.int32), side="right"))(
+      tile_end
+    ),
+    k - 1,
   ).astype(jnp.int32)
-  return Groups(scenario, src, dest, tile_group)
+  return Groups(scenario, _constrain(src), _constrain(dest), _constrain(tile_group))
 
 
 def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, groups: Groups) -> jnp.ndarray:
   """Row n of ``x [N, d_in]`` times ``w[scenario[n]]`` (``w [K, d_in, d_out]``) -> ``[N, d_out]``
   in the promoted dtype of x and w."""
   n, d_in = x.shape
-  t, nt = groups.tile, groups.tile_group.shape[0]
-  xp = jnp.take(x, groups.src, axis=0, mode="fill", fill_value=0).reshape(nt, t, d_in)
-  wt = jnp.take(w, groups.tile_group, axis=0)  # [NT, d_in, d_out]
-  y = jnp.einsum("tri,tio->tro", xp, wt).reshape(nt * t, w.shape[-1])
-  return jnp.take(y, groups.dest, axis=0)
+  s, t, nt = groups.blocks, groups.tile, groups.tile_group.shape[-1]
+  take = jax.vmap(lambda a, i: jnp.take(a, i, axis=0, mode="fill", fill_value=0))
+  xp = take(_constrain(x.reshape(s, n // s, d_in)), groups.src).reshape(s, nt, t, d_in)
+  wt = jnp.take(w, groups.tile_group, axis=0)  # [S, NT, d_in, d_out]
+  y = jnp.einsum("stri,stio->stro", xp, wt).reshape(s, nt * t, w.shape[-1])
+  return take(y, groups.dest).reshape(n, w.shape[-1])
 
 
 def grouped_dense(

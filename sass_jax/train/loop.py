@@ -357,7 +357,15 @@ def train_stage(
   # config.train.embedding_optimizer: 'dense' -> steps.make_init_fn / make_*_step as before;
   # 'lazy_adam' / 'rowwise_adagrad' -> row-sparse table updates (sparse.py).
   init_fn, stage_step = sparse.build(
-    cfg, stage, model, tx, example_batch(data), seed, num_steps, init_params
+    cfg,
+    stage,
+    model,
+    tx,
+    example_batch(data),
+    seed,
+    num_steps,
+    init_params,
+    batch_sharding=part.batch_sharding(),
   )
   abstract, shardings = part.abstract_state(init_fn)
   policy = cfg.train.nan_policy

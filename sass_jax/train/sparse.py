@@ -77,6 +77,11 @@ class SparseOptions:
   kind: 'lazy_adam' or 'rowwise_adagrad'. learning_rate: schedule of the update count.
   weight_decay: decoupled, on touched rows. b1, b2, eps: Adam's; adagrad_eps: Adagrad's.
   masked: the dense lazy-update reference instead of the row-sparse path.
+  batch_sharding: the batch's sharding on a mesh (``Partitioner.batch_sharding()``) or None.
+    The positions of the batch's ids in the de-duplicated buffer come out of ``jnp.unique``
+    replicated; they are constrained back to this sharding, so each device runs the towers on
+    its share of the batch only (without it XLA ran the towers over the whole global batch on
+    every device: docs/scaling.md).
   """
 
   kind: str
@@ -87,6 +92,7 @@ class SparseOptions:
   eps: float = 1e-8
   adagrad_eps: float = 1e-8
   masked: bool = False
+  batch_sharding: Any = None
 
   def __post_init__(self):
     if self.kind not in EMBEDDING_OPTIMIZERS[1:]:
@@ -96,7 +102,7 @@ class SparseOptions:
 
 
 def options_from_config(
-  train_cfg, stage_cfg, num_steps: int, masked: bool = False
+  train_cfg, stage_cfg, num_steps: int, masked: bool = False, batch_sharding=None
 ) -> SparseOptions | None:
   """The stage's SparseOptions, or None for ``config.train.embedding_optimizer='dense'``.
 
@@ -122,7 +128,11 @@ def options_from_config(
     base, scale = sched, emb_lr / float(stage_cfg.learning_rate)
     sched = lambda count: base(count) * scale
   return SparseOptions(
-    kind=kind, learning_rate=sched, weight_decay=float(stage_cfg.weight_decay), masked=masked
+    kind=kind,
+    learning_rate=sched,
+    weight_decay=float(stage_cfg.weight_decay),
+    masked=masked,
+    batch_sharding=batch_sharding,
   )
 
 
@@ -343,6 +353,8 @@ def _make_step(
       )
       for t in tables:
         u, inv = dedup(t, batch[t.side][t.field])
+        if opts.batch_sharding is not None:
+          inv = jax.lax.with_sharding_constraint(inv, opts.batch_sharding)
         uniq[t.path] = u
         rows[t.path] = gather_rows(tabs[t.path], u)
         view_feats[t.side][t.field] = inv
@@ -445,13 +457,17 @@ def build(
   num_steps: int,
   init_params=None,
   masked: bool = False,
+  batch_sharding=None,
 ):
   """(init_fn, step_fn) of a stage for ``config.train.embedding_optimizer`` -- the dense
   ``steps`` functions for 'dense', the row-sparse ones otherwise. ``stage``: 'pretrain' or
-  'finetune'. Raises ValueError for an unknown stage or optimiser, or a model whose tables the
+  'finetune'. ``batch_sharding``: the batch's sharding when the step runs on a mesh
+  (``SparseOptions.batch_sharding``). Raises ValueError for an unknown stage or optimiser, or a model whose tables the
   sparse path cannot address (``find_tables``)."""
   scfg = stage_config(cfg, stage)
-  opts = options_from_config(cfg.train, scfg, num_steps, masked=masked)
+  opts = options_from_config(
+    cfg.train, scfg, num_steps, masked=masked, batch_sharding=batch_sharding
+  )
   if opts is None:
     init_fn = steps.make_init_fn(model, tx, dummy, seed, init_params)
     if stage == "pretrain":

@@ -50,6 +50,7 @@ step the last restore read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -60,7 +61,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "CheckpointMismatchError"]
 
 log = logging.getLogger("sass_jax")
 
@@ -90,6 +91,71 @@ def _abstractify(tree: Any) -> Any:
     return x
 
   return jax.tree.map(one, tree)
+
+
+class CheckpointMismatchError(ValueError):
+  """A saved array's shape differs from the one this run needs (another model or vocabulary):
+  one line naming the checkpoint step, the leaf and both shapes. Never a reason to fall back
+  to an older step: every step of the directory was written by the same run."""
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _leaf_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{path of names: shape} of every leaf with a shape (arrays, ShapeDtypeStructs, orbax
+  ArrayMetadata)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = getattr(leaf, "shape", None)
+    if shape is not None:
+      out[tuple(_key_name(k) for k in path)] = tuple(int(d) for d in shape)
+  return out
+
+
+def _fit_restore_args(target: Any, saved: Any, where: str) -> tuple[Any, list[str]]:
+  """``_restore_args_for(target)``, allowing one difference from the ``saved`` tree's shapes
+  (orbax metadata): an embedding table (or its optimiser moments) saved before large tables
+  were padded to a multiple of 1024 rows (``sass_jax.model.embedding.padded_rows``). Such a
+  leaf has the same trailing shape and a few more rows now (``embedding.repadded``); it is read
+  with orbax's padding (``strict=False``), the added rows zero -- ids never address them.
+
+  Returns (restore args, ["path: saved rows -> rows", ...] of the padded leaves). Raises
+  CheckpointMismatchError for any other shape difference, naming ``where``, the leaf and both
+  shapes."""
+  from sass_jax.model.embedding import repadded
+
+  args = _restore_args_for(target)
+  have = _leaf_shapes(saved)
+  grown = {}
+  for path, shape in _leaf_shapes(target).items():
+    old = have.get(path)
+    if old is None or old == shape:
+      continue
+    name = "/".join(path)
+    if len(old) == len(shape) >= 1 and old[1:] == shape[1:] and repadded(old[0], shape[0]):
+      grown[path] = f"{name}: {old[0]:,} -> {shape[0]:,} rows"
+      continue
+    raise CheckpointMismatchError(
+      f"{where}: {name} is saved with shape {old} but this run's model needs {shape}; the "
+      "checkpoint was written for another model or vocabulary (use the config that wrote it, "
+      "or a new workdir)"
+    )
+  if not grown:
+    return args, []
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+    args, is_leaf=lambda x: isinstance(x, ocp.RestoreArgs)
+  )
+  leaves = []
+  for path, a in flat:
+    if tuple(_key_name(k) for k in path) in grown and isinstance(a, ocp.ArrayRestoreArgs):
+      a = dataclasses.replace(a, strict=False)
+    leaves.append(a)
+  return jax.tree_util.tree_unflatten(treedef, leaves), sorted(grown.values())
 
 
 def _restore_args_for(target: Any) -> Any:
@@ -296,6 +362,8 @@ class Checkpointer:
     for i, s in enumerate(candidates):
       try:
         out = restore_one(s)
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # pylint: disable=broad-exception-caught
         if step is not None:
           raise
@@ -359,6 +427,26 @@ class Checkpointer:
     return self.directory / str(step)
 
   # --------------------------------------------------------------- restore
+  def _fitted_args(self, step: int, target: Any) -> Any:
+    """Restore args of ``target`` checked against step ``step``'s saved shapes
+    (``_fit_restore_args``; warns about re-padded tables). Without readable metadata the plain
+    args (orbax then reports any mismatch itself)."""
+    try:
+      saved = self._mngr.item_metadata(step)[_STATE]
+      saved = getattr(saved, "tree", saved)
+    except Exception:  # pylint: disable=broad-exception-caught
+      return _restore_args_for(target)
+    args, grown = _fit_restore_args(target, saved, f"checkpoint step {step} in {self.directory}")
+    if grown:
+      log.warning(
+        "checkpoint step %d in %s was saved before tables of >= 65,536 rows were padded to a "
+        "multiple of 1024; restoring %s with the added rows zero (no id addresses them)",
+        step,
+        self.directory,
+        "; ".join(grown),
+      )
+    return args
+
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict | None]:
     """Restore the full state, metadata and data-iterator state.
 
@@ -384,6 +472,8 @@ class Checkpointer:
     Raises:
       FileNotFoundError: no checkpoint (at `step`) in the directory; the
         message names the directory.
+      CheckpointMismatchError: a saved array's shape differs from the
+        target's (other than a re-padded table, restored zero-padded).
       ValueError: `abstract_state` structure does not match the saved tree.
     """
     abstract_state = _abstractify(abstract_state)
@@ -392,7 +482,7 @@ class Checkpointer:
       items = {
         _STATE: ocp.args.PyTreeRestore(
           item=abstract_state,
-          restore_args=_restore_args_for(abstract_state),
+          restore_args=self._fitted_args(step, abstract_state),
         ),
         _METADATA: ocp.args.JsonRestore(),
       }
@@ -463,7 +553,7 @@ class Checkpointer:
           **{
             _STATE: ocp.args.PyTreeRestore(
               item=item,
-              restore_args=_restore_args_for(item),
+              restore_args=self._fitted_args(step, item),
               partial_restore=True,
             )
           }

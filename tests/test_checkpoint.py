@@ -289,3 +289,66 @@ def test_restore_onto_different_mesh():
   )
   assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
   assert "RESHARD_OK" in proc.stdout
+
+
+def _table_state(rows: int, dim: int = 4, seed: int = 0) -> dict:
+  r = np.random.default_rng(seed)
+  table = jnp.asarray(r.normal(size=(rows, dim)), jnp.float32)
+  return {
+    "params": {"embed": {"user_id": table}, "bias": jnp.ones(3)},
+    "opt_state": {"m": table * 0.5, "acc": jnp.ones(rows)},
+  }
+
+
+def _abstract(state: dict, rows: int | None = None, dim: int | None = None) -> dict:
+  def one(x):
+    shape = x.shape
+    if rows is not None and shape and shape[0] == state["opt_state"]["acc"].shape[0]:
+      shape = (rows, *shape[1:])
+    if dim is not None and len(shape) == 2:
+      shape = (shape[0], dim)
+    return jax.ShapeDtypeStruct(shape, x.dtype)
+
+  return jax.tree.map(one, state)
+
+
+def test_a_table_saved_before_the_1024_row_padding_restores_zero_padded(tmp_path, caplog):
+  from sass_jax.model.embedding import padded_rows
+
+  old_rows, new_rows = 70_000, padded_rows(70_000, 8)  # a multiple of 8 then, of 1024 now
+  assert new_rows == 70_656
+  saved = _table_state(old_rows)
+  with Checkpointer(tmp_path / "ck") as c:
+    c.save(5, saved, metadata={"stage": "finetune"})
+  with Checkpointer(tmp_path / "ck") as c, caplog.at_level(logging.WARNING, "sass_jax"):
+    state, _, _ = c.restore(_abstract(saved, rows=new_rows))
+    params = c.restore_params(_abstract(saved, rows=new_rows)["params"])
+  assert "params/embed/user_id: 70,000 -> 70,656 rows" in caplog.text
+  for got in (state["params"]["embed"]["user_id"], params["embed"]["user_id"]):
+    got = np.asarray(got)
+    assert got.shape == (new_rows, 4)
+    np.testing.assert_array_equal(got[:old_rows], np.asarray(saved["params"]["embed"]["user_id"]))
+    assert not got[old_rows:].any()
+  np.testing.assert_array_equal(np.asarray(state["opt_state"]["acc"])[old_rows:], 0)
+
+
+def test_a_checkpoint_of_another_model_is_one_error_naming_the_leaf(tmp_path):
+  from sass_jax.checkpoint import CheckpointMismatchError
+
+  saved = _table_state(1000)
+  with Checkpointer(tmp_path / "ck") as c:
+    c.save(1, saved, metadata={})
+    c.save(2, saved, metadata={})
+  with Checkpointer(tmp_path / "ck") as c:
+    # another embedding size: not a padding difference, and no fallback to step 1 either
+    with pytest.raises(CheckpointMismatchError) as e:
+      c.restore(_abstract(saved, dim=8))
+    assert c.restored_step is None and not c.unreadable_steps
+    # a table that grew by more than the padding (another vocabulary)
+    with pytest.raises(
+      CheckpointMismatchError, match=r"saved with shape \(1000, 4\) .* \(70656, 4\)"
+    ):
+      c.restore_params(_abstract(saved, rows=70_656)["params"])
+  msg = str(e.value)
+  assert "checkpoint step 2 in" in msg and "opt_state/m is saved" in msg  # the first leaf
+  assert "(1000, 4)" in msg and "(1000, 8)" in msg and "\n" not in msg

@@ -37,6 +37,20 @@ def padded_rows(vocab_size: int, pad_to: int) -> int:
   return rows
 
 
+def repadded(saved_rows: int, rows: int) -> bool:
+  """Whether a table of ``rows`` rows is the same table as one of ``saved_rows`` saved before
+  large tables were padded to a multiple of 1024 (``padded_rows``): it was large
+  (``saved_rows >= LARGE_TABLE_ROWS``), ``rows`` is a multiple of 1024 and adds less than a
+  64th. Checkpoints of such tables restore with the added rows zero (never addressed)."""
+  saved_rows, rows = int(saved_rows), int(rows)
+  return (
+    saved_rows >= LARGE_TABLE_ROWS
+    and rows > saved_rows
+    and rows % LARGE_TABLE_PAD_TO == 0
+    and (rows - saved_rows) * 64 < rows
+  )
+
+
 class FieldEmbedder(nn.Module):
   """Looks up every field of one tower and concatenates the vectors.
 

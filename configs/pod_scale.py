@@ -75,7 +75,12 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.data.num_scenarios = 4
   # Size of this (production-scale) setting: the global batch and step counts. Everything else
   # is configs/base.py's, including the mesh (batch over every chip, tables split over every
-  # chip: mesh.data=-1, model=1, table_layout='auto').
+  # chip: mesh.data=-1, model=1, table_layout='auto'), except:
+  # tables under 1M rows (the 200,704-row intention tables, 12.8 MB each) are replicated. A
+  # step looks up 65,536 x 8 ids, more than such a table has rows, so split over the chips it
+  # would move whole every step: XLA all-gathered it under dense AdamW (64 devices), and the
+  # row-sparse steps gathered all its rows. Replicated it costs 38 MB per chip with moments.
+  c.mesh.shard_min_rows = 1_000_000
   bs = sizes[0] if sizes else 65_536
   c.pretrain.batch_size = bs
   c.train.batch_size = bs

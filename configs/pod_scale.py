@@ -14,9 +14,9 @@ vocabulary sizes, 16-dim tables, 1,000,213,000 rows (64 GB of float32 table) in 
 ``config.compile`` holds these vocabularies, so nothing is prepared or read: the steps are
 compiled from abstract state and batch (sass_jax/aot.py). ``config.data`` describes the
 synthetic generator at the same user / item counts; preparing it is not intended (it would
-generate 1e9 interactions on one host). SASS defaults otherwise; the tables are split over
-every chip (config.mesh.table_layout='auto'), the batch over every chip (mesh data = all,
-model = 1). The embedding optimiser compiled by --mode train is config.train.
+generate 1e9 interactions on one host). SASS defaults otherwise; the tables of >= 1M rows are
+split over every chip (config.mesh.table_layout='auto'; smaller ones replicated), the batch
+over every chip (mesh data = all, model = 1). The embedding optimiser compiled by --mode train is config.train.
 embedding_optimizer ('lazy_adam' here); --mode compile compiles all three.
 
 Arguments (comma-separated): 'sass' | 'sass_base' and optionally a global batch size.

@@ -135,16 +135,40 @@ def make_groups(
   return Groups(scenario, _constrain(src), _constrain(dest), _constrain(tile_group))
 
 
+@jax.custom_vjp
+def _permute_rows(x: jnp.ndarray, idx: jnp.ndarray, inv: jnp.ndarray) -> jnp.ndarray:
+  """``x[idx]`` (``[len(idx), ...]``; 0 where ``idx`` is out of range) when ``idx`` lists every
+  row of x exactly once (plus out-of-range padding) and ``inv`` is its inverse (row r is at
+  position ``inv[r]``). The gradient is then the gather ``g[inv]`` (padding positions of
+  ``inv`` read 0), not a scatter-add into a zero-filled ``x``: on CPU the scatter and the
+  zero fill were a large share of the grouped layers' backward pass."""
+  return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+def _permute_rows_fwd(x, idx, inv):
+  return _permute_rows(x, idx, inv), (idx, inv)
+
+
+def _permute_rows_bwd(res, g):
+  idx, inv = res
+  return jnp.take(g, inv, axis=0, mode="fill", fill_value=0), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, groups: Groups) -> jnp.ndarray:
   """Row n of ``x [N, d_in]`` times ``w[scenario[n]]`` (``w [K, d_in, d_out]``) -> ``[N, d_out]``
-  in the promoted dtype of x and w."""
+  in the promoted dtype of x and w. Both row gathers are permutations (``src`` and ``dest``
+  are inverse), so each one's gradient is the other gather (``_permute_rows``)."""
   n, d_in = x.shape
   s, t, nt = groups.blocks, groups.tile, groups.tile_group.shape[-1]
-  take = jax.vmap(lambda a, i: jnp.take(a, i, axis=0, mode="fill", fill_value=0))
-  xp = take(_constrain(x.reshape(s, n // s, d_in)), groups.src).reshape(s, nt, t, d_in)
+  permute = jax.vmap(_permute_rows)
+  xb = _constrain(x.reshape(s, n // s, d_in))
+  xp = permute(xb, groups.src, groups.dest).reshape(s, nt, t, d_in)
   wt = jnp.take(w, groups.tile_group, axis=0)  # [S, NT, d_in, d_out]
   y = jnp.einsum("stri,stio->stro", xp, wt).reshape(s, nt * t, w.shape[-1])
-  return take(y, groups.dest).reshape(n, w.shape[-1])
+  return permute(y, groups.dest, groups.src).reshape(n, w.shape[-1])
 
 
 def grouped_dense(

@@ -33,9 +33,17 @@ def _duplicate_mask(ids: jnp.ndarray | tuple[jnp.ndarray, ...]) -> jnp.ndarray:
   return same & ~jnp.eye(ids[0].shape[0], dtype=bool)
 
 
-def _softmax_ce_diag(logits: jnp.ndarray) -> jnp.ndarray:
-  """float32 [B]: cross entropy of each row with its diagonal entry as the target."""
-  return jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits)
+def _softmax_ce_diag(logits: jnp.ndarray, axis: int = -1) -> jnp.ndarray:
+  """float32 [B]: cross entropy of each row (``axis=-1``) or column (``axis=0``) of a square
+  ``logits`` with its diagonal entry as the target.
+
+  The diagonal is read as a masked sum rather than ``jnp.diagonal``: its gradient is then an
+  elementwise select that XLA fuses into the softmax gradient, where the gather's gradient was
+  a scatter-add into a zero-filled [B, B] array; reducing over ``axis=0`` for the columns
+  avoids a transposed copy of the logits."""
+  n = logits.shape[0]
+  eye = jnp.arange(n)[:, None] == jnp.arange(n)[None, :]
+  return jax.nn.logsumexp(logits, axis=axis) - jnp.sum(jnp.where(eye, logits, 0.0), axis=axis)
 
 
 def info_nce(
@@ -57,7 +65,7 @@ def info_nce(
   """
   logits = (view_a.astype(jnp.float32) @ view_b.astype(jnp.float32).T) / tau
   logits = jnp.where(_duplicate_mask(ids), _MASKED, logits)
-  return 0.5 * (_softmax_ce_diag(logits).mean() + _softmax_ce_diag(logits.T).mean())
+  return 0.5 * (_softmax_ce_diag(logits).mean() + _softmax_ce_diag(logits, axis=0).mean())
 
 
 def scenario_logits(

@@ -209,7 +209,30 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.compare.learning_rates = ()  # e.g. (1e-3, 3e-3)
   c.compare.taus = (0.1, 0.2)  # temperature: the most sensitive value (RESULTS.md)
   c.compare.widths = ()  # e.g. ((256, 128), (128, 64))
+  # 'grid': the grid above; 'random': `trials` distinct points drawn from `space` (and, for
+  # variants that pre-train, `pretrain_space`) with numpy.random.default_rng(seed) (the
+  # pre-training dimensions with seed + 1): every variant gets the same draws and the same count.
+  c.compare.search = "grid"
+  c.compare.trials = 12  # int >= 1: random-search points per variant (fewer if the space is)
+  # ((dotted config path, (choices, ...)), ...): the random-search space shared by every variant.
+  c.compare.space = (
+    ("train.learning_rate", (3e-4, 1e-3, 3e-3)),
+    ("model.tau", (0.05, 0.1, 0.2, 0.3)),
+    ("train.logq_strength", (0.0, 0.5, 1.0, 1.5)),
+    ("model.widths", ((256, 128), (128, 64))),
+  )
+  # ... and the dimensions added for variants that pre-train (pretrain.num_steps > 0 after the
+  # variant's overrides); a path a variant fixes (e.g. sass_user_item's pretrain.pairs) is
+  # left out of that variant's space.
+  c.compare.pretrain_space = (
+    ("pretrain.tau", (0.1, 0.2, 0.5)),
+    ("pretrain.num_steps", (300, 600, 1200)),
+    ("pretrain.pairs", ("user_item", "scenario_views")),
+  )
   c.compare.select_metric = "recall@50"  # metric (overall, validation split) choosing a point
+  # Paired t-test over seeds (select_metric, test split) of this variant vs the best other
+  # model by mean, per scenario and overall; needs seeds >= 2 and the variant among the models.
+  c.compare.reference = "sass"
   c.compare.results_dir = "results"  # where <name>.md / .json / .png are written
   c.compare.name = ""  # results file name; '' = the data set's name
 

@@ -4,30 +4,49 @@ The table a multi-scenario retrieval paper prints (docs/design.md §3)::
 
     python -m sass_jax.main --mode compare --config configs/movielens.py \
         --workdir runs/compare_movielens --config.compare.seeds=5
+    # random search, the same 12 trials for every model, 5 test seeds:
+    python -m sass_jax.main --mode compare --config configs/movielens.py --workdir runs/cmp \
+        --config.compare.search=random --config.compare.trials=12 --config.compare.seeds=5
 
 For each *variant* in ``config.compare.models`` (a model plus the settings that define it, see
 ``known_variants()``: every registered model, and the config variants of ``VARIANTS``):
 
-1. **Tuning** (fair: the same grid for every variant): one run per point of the grid
-   ``learning_rates x taus x widths`` with seed 0, scored on the *validation* split by overall
-   Recall@50 (``config.compare.select_metric``). Grids of one point each skip tuning.
+1. **Tuning** (fair: the same budget for every variant; the points: ``sass_jax/tuning.py``),
+   one run per point with seed 0, scored on the *validation* split by overall Recall@50
+   (``config.compare.select_metric``). ``config.compare.search``:
+
+   - ``'grid'`` (default): the grid ``learning_rates x taus x widths``, the same for every
+     variant. A grid of one point skips tuning.
+   - ``'random'``: ``config.compare.trials`` distinct points of ``config.compare.space``
+     (``((dotted config path, (choices, ...)), ...)``, e.g. learning rate, tau, logQ strength,
+     widths), drawn with ``numpy.random.default_rng(config.seed)``: the same draws for every
+     variant. Variants that pre-train (``pretrain.num_steps > 0`` after their overrides, e.g.
+     'sass') also draw the dimensions of ``config.compare.pretrain_space`` (pre-training tau,
+     steps, pairs) from ``default_rng(config.seed + 1)``; a path a variant fixes itself (e.g.
+     sass_user_item's pairs) is not searched for it. A space with fewer distinct points than
+     ``trials`` gives every variant that many (logged).
 2. **Test**: the chosen point is trained with seeds ``seed .. seed + seeds - 1`` and evaluated
    on the *test* split (the seed-0 tuning run is reused). Test numbers never influence a choice.
+3. **Significance** (``config.compare.reference``, default 'sass', with ``seeds >= 2``): per
+   scenario and overall, a paired t-test over seeds (``scipy.stats.ttest_rel``, runs paired by
+   seed) of the test ``select_metric`` between the reference and the best *other* model by
+   mean: mean difference, t, two-sided p (``significance()``).
 
-Writes ``<results_dir>/<name>.json`` (every run: variant, grid point, seed, split, metrics),
-``<name>.md`` (per scenario and overall: model rows x Recall@50 / NDCG@50 / HitRate@50 / AUC
-columns, mean +- sample standard deviation (ddof=1) over seeds, best mean per column in bold;
-then the tuning table) and ``<name>.png`` (per-scenario Recall@50 bars with std error bars).
+Writes ``<results_dir>/<name>.json`` (every run: variant, point, seed, split, metrics; per
+variant its tuning ``points``, ``chosen`` tag, ``chosen_values`` of every tuned key and
+``trials``; ``significance``), ``<name>.md`` (per scenario and overall: model rows x Recall@50 /
+NDCG@50 / HitRate@50 / AUC columns, mean +- sample standard deviation (ddof=1) over seeds, best
+mean per column in bold; then the significance table, the chosen values and trial counts, and
+the tuning table) and ``<name>.png`` (per-scenario Recall@50 bars with std error bars).
 
-Runs live in ``WORKDIR/runs/<variant>/<grid point>/seed<s>``; every run shares the data prepared
+Runs live in ``WORKDIR/runs/<variant>/<point tag>/seed<s>``; every run shares the data prepared
 once in ``WORKDIR/data`` and is skipped when its metrics already exist, so an interrupted
-comparison resumes where it stopped.
+comparison resumes where it stopped (grid points keep the tags they always had).
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import logging
 import os
@@ -38,86 +57,26 @@ from typing import Any
 import numpy as np
 
 from sass_jax.config_migrate import migrate
-from sass_jax.model import registry
 from sass_jax.train import loop
+from sass_jax.tuning import (  # noqa: F401  (re-exported: compare.known_variants() etc.)
+  SEARCHES,
+  TAG_NAMES,
+  VARIANTS,
+  grid_points,
+  known_variants,
+  point_tag,
+  pretrains,
+  random_points,
+  run_config,
+  search_problems,
+  trial_count,
+  tuning_points,
+  variant_space,
+)
 
 log = logging.getLogger("sass_jax")
 
-# Config variants beyond the registered models: variant name -> config overrides (dotted path ->
-# value). SASS-Base is SASS without pre-training (docs/design.md §2).
-VARIANTS: dict[str, dict[str, Any]] = {
-  "sass_base": {"model.name": "sass", "pretrain.num_steps": 0},
-  # Ablations (docs/design.md §2 and 1): the two readings of the pre-training pairs, and the
-  # gates off (plain sum of the global and scenario paths).
-  "sass_user_item": {"model.name": "sass", "pretrain.pairs": "user_item"},
-  "sass_scenario_views": {"model.name": "sass", "pretrain.pairs": "scenario_views"},
-  "sass_no_gates": {"model.name": "sass", "model.gate_style": "none"},
-  "sass_base_no_gates": {"model.name": "sass", "pretrain.num_steps": 0, "model.gate_style": "none"},
-}
 TABLE_METRICS = ("recall@50", "ndcg@50", "hitrate@50", "auc")
-
-
-def known_variants() -> dict[str, dict[str, Any]]:
-  """Every variant ``config.compare.models`` may name -> its config overrides: each registered
-  model under its own name (with ``pretrain.num_steps = 0`` unless its entry ``pretrains``:
-  the baselines have no pre-training stage, docs/design.md §3; 'sass' runs the config's
-  pre-training settings), then ``VARIANTS``."""
-  out = {
-    name: {"model.name": name} if e.pretrains else {"model.name": name, "pretrain.num_steps": 0}
-    for name, e in registry.MODELS.items()
-  }
-  return {**out, **VARIANTS}
-
-
-def _set(cfg, path: str, value):
-  node = cfg
-  *parents, leaf = path.split(".")
-  for p in parents:
-    node = node[p]
-  node[leaf] = (
-    type(node[leaf])(value)
-    if isinstance(node[leaf], (int, float)) and not isinstance(node[leaf], bool)
-    else value
-  )
-
-
-def grid_points(cfg) -> list[dict[str, Any]]:
-  """The tuning grid ``compare.learning_rates x taus x widths`` as a list of override dicts;
-  an empty axis means the config's own value (``train.learning_rate``, ``model.tau``,
-  ``model.widths``)."""
-  cc = cfg.compare
-  lrs = tuple(cc.learning_rates) or (cfg.train.learning_rate,)
-  taus = tuple(cc.taus) or (cfg.model.tau,)
-  widths = tuple(cc.widths) or (tuple(cfg.model.widths),)
-  return [
-    {
-      "train.learning_rate": float(lr),
-      "model.tau": float(tau),
-      "model.widths": tuple(int(w) for w in ws),
-    }
-    for lr, tau, ws in itertools.product(lrs, taus, widths)
-  ]
-
-
-def point_tag(point: dict[str, Any]) -> str:
-  """A directory-safe name of a grid point, e.g. 'lr0.001_tau0.2_w256-128'."""
-  return (
-    f"lr{point['train.learning_rate']:g}_tau{point['model.tau']:g}_"
-    f"w{'-'.join(str(w) for w in point['model.widths'])}"
-  )
-
-
-def run_config(cfg, variant: str, point: dict[str, Any], seed: int):
-  """The full config of one run: ``cfg`` with the variant's, the grid point's and the seed's
-  values set. Raises ValueError for an unknown variant."""
-  known = known_variants()
-  if variant not in known:
-    raise ValueError(f"config.compare.models has {variant!r}; expected names from {sorted(known)}")
-  c = copy.deepcopy(cfg)
-  for path, value in {**known[variant], **point}.items():
-    _set(c, path, value)
-  c.seed = int(seed)
-  return c
 
 
 def _run(cfg, workdir: Path, run_dir: Path, splits: tuple[str, ...]) -> dict[str, dict]:
@@ -179,20 +138,20 @@ def compare(cfg, workdir: str | Path, command: str = "") -> dict:
   for v in variants:
     if v not in known:
       raise ValueError(f"config.compare.models has {v!r}; expected names from {sorted(known)}")
-  points = grid_points(cfg)
+  points = tuning_points(cfg, variants)
   if int(ccfg.seeds) < 1:
     raise ValueError(f"config.compare.seeds={ccfg.seeds}; need at least 1")
   data = loop.prepare(cfg, workdir)
   name = ccfg.name or data.manifest.get("dataset", cfg.data.name)
   seeds = [int(cfg.seed) + s for s in range(int(ccfg.seeds))]
-  runs, tuning, chosen = [], [], {}
+  runs, tuning, chosen, chosen_values = [], [], {}, {}
   t_all = time.time()
   results: dict = {}
   for v in variants:
     best, best_val = None, -np.inf
-    for point in points:
+    for point in points[v]:
       rd = workdir / "runs" / v / point_tag(point) / f"seed{seeds[0]}"
-      splits = ("valid",) if len(points) > 1 else ()
+      splits = ("valid",) if len(points[v]) > 1 else ()
       t = time.time()
       res = _run(run_config(cfg, v, point, seeds[0]), workdir, rd, splits) if splits else {}
       if splits:
@@ -208,8 +167,9 @@ def compare(cfg, workdir: str | Path, command: str = "") -> dict:
         )
         if val > best_val:
           best, best_val = point, val
-    best = best or points[0]
+    best = best or points[v][0]
     chosen[v] = point_tag(best)
+    chosen_values[v] = dict(best)
     for s in seeds:
       rd = workdir / "runs" / v / point_tag(best) / f"seed{s}"
       t = time.time()
@@ -233,6 +193,7 @@ def compare(cfg, workdir: str | Path, command: str = "") -> dict:
       variants[: variants.index(v) + 1],
       points,
       chosen,
+      chosen_values,
       tuning,
       runs,
       time.time() - t_all,
@@ -242,21 +203,93 @@ def compare(cfg, workdir: str | Path, command: str = "") -> dict:
   return results
 
 
-def _results(cfg, data, name, seeds, variants, points, chosen, tuning, runs, wall_s) -> dict:
-  return {
+def _results(
+  cfg, data, name, seeds, variants, points, chosen, chosen_values, tuning, runs, wall_s
+) -> dict:
+  out = {
     "name": name,
     "dataset": data.manifest.get("dataset", cfg.data.name),
     "scenarios": list(data.scenario_names),
     "seeds": seeds,
     "models": list(variants),
-    "grid": [dict(p, tag=point_tag(p)) for p in points],
+    "search": cfg.compare.search,
+    # Every variant's tuning points (grid: the same list for all; random: the same count).
+    "points": {v: [dict(p, tag=point_tag(p)) for p in points[v]] for v in variants},
     "chosen": dict(chosen),
+    "chosen_values": {v: dict(chosen_values[v]) for v in chosen_values},
+    "trials": {v: len(points[v]) for v in variants},
     "select_metric": cfg.compare.select_metric,
+    "reference": cfg.compare.reference,
     "tuning": list(tuning),
     "runs": list(runs),
     "wall_s": wall_s,
     "config": json.loads(json.dumps(cfg.to_dict(), default=str)),
   }
+  if cfg.compare.search == "grid":  # the one grid, as results files always had it
+    out["grid"] = [dict(p, tag=point_tag(p)) for p in grid_points(cfg)]
+  out["significance"] = significance(out)
+  return out
+
+
+def significance(results: dict) -> dict:
+  """Paired t-test over seeds of ``results['reference']`` vs the best *other* model by mean.
+
+  For every scenario and overall: the test ``select_metric`` of the reference and of the other
+  model (the highest mean; popularity, which has no seeds, is not a candidate) on the seeds both
+  ran, paired by seed; ``scipy.stats.ttest_rel`` gives t and the two-sided p. Returns
+  ``{'reference', 'metric', 'computed': bool, 'reason' (when not computed), 'groups': {group:
+  {'baseline', 'reference_mean', 'baseline_mean', 'difference' (reference - baseline),
+  't', 'p', 'n'}}}``.
+  """
+  ref = results.get("reference", "sass")
+  metric = results["select_metric"]
+  out: dict[str, Any] = {"reference": ref, "metric": metric, "computed": False, "groups": {}}
+  by_model: dict[str, dict[int, dict]] = {}
+  for r in results["runs"]:
+    by_model.setdefault(r["model"], {})[int(r["seed"])] = r["metrics"]
+  others = [m for m in results["models"] if m != ref and m in by_model]
+  n_seeds = len(by_model.get(ref, {}))
+  if ref not in results["models"] or ref not in by_model:
+    out["reason"] = f"not computed (reference {ref!r} not among the models run)"
+    return out
+  if n_seeds < 2:
+    out["reason"] = f"not computed ({n_seeds} seed)"
+    return out
+  if not others:
+    out["reason"] = "not computed (no other model)"
+    return out
+  from scipy import stats
+
+  def value(metrics, g):
+    block = metrics["overall"] if g == "overall" else metrics["scenarios"][g]
+    v = block.get(metric, np.nan)
+    return float(v) if v is not None else float("nan")
+
+  for g in results["scenarios"] + ["overall"]:
+    means = {m: float(np.mean([value(x, g) for x in by_model[m].values()])) for m in others}
+    finite = {m: x for m, x in means.items() if x == x}
+    if not finite:
+      continue
+    base = max(finite, key=finite.get)
+    seeds = sorted(set(by_model[ref]) & set(by_model[base]))
+    a = np.array([value(by_model[ref][s], g) for s in seeds], np.float64)
+    b = np.array([value(by_model[base][s], g) for s in seeds], np.float64)
+    if len(seeds) >= 2:
+      res = stats.ttest_rel(a, b)
+      t, p = float(res.statistic), float(res.pvalue)
+    else:
+      t = p = float("nan")
+    out["groups"][g] = {
+      "baseline": base,
+      "reference_mean": float(a.mean()) if len(a) else float("nan"),
+      "baseline_mean": float(b.mean()) if len(b) else float("nan"),
+      "difference": float((a - b).mean()) if len(a) else float("nan"),
+      "t": t,
+      "p": p,
+      "n": len(seeds),
+    }
+  out["computed"] = True
+  return out
 
 
 def summarize_runs(results: dict) -> dict:
@@ -342,6 +375,8 @@ def markdown(results: dict) -> str:
         cells.append(f"**{s}**" if best[met] is not None and mean == best[met] else s)
       lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
+  lines += _significance_lines(results)
+  lines += _chosen_lines(results)
   if results["tuning"]:
     lines += [
       "## Tuning (validation split, seed 0)",
@@ -353,13 +388,68 @@ def markdown(results: dict) -> str:
       mark = "yes" if results["chosen"].get(t["model"]) == t["point"] else ""
       lines.append(f"| {t['model']} | {t['point']} | {t[results['select_metric']]:.4f} | {mark} |")
     lines.append("")
-  else:
-    lines += [
-      "No tuning grid (one setting per model): "
-      + ", ".join(f"{m}: {p}" for m, p in results["chosen"].items()),
-      "",
-    ]
   return "\n".join(lines)
+
+
+def _fmt_value(v) -> str:
+  if isinstance(v, (tuple, list)):
+    return "(" + ", ".join(_fmt_value(x) for x in v) + ")"
+  if isinstance(v, float):
+    return f"{v:g}"
+  return str(v)
+
+
+def _chosen_lines(results: dict) -> list[str]:
+  """The chosen values of every tuned key and the trial count per model."""
+  # Results files written before chosen_values was recorded: the chosen point's tag.
+  chosen_values = results.get("chosen_values") or {
+    m: {"setting": tag} for m, tag in results.get("chosen", {}).items()
+  }
+  if not chosen_values:
+    return []
+  trials = results.get("trials") or {}
+  search = results.get("search", "grid")
+  lines = [
+    f"## Chosen settings ({search} search, validation split)",
+    "",
+    "Trials: tuning runs per model (1 = a single setting, not tuned).",
+    "",
+    "| model | trials | chosen values |",
+    "|---|---|---|",
+  ]
+  for m, vals in chosen_values.items():
+    cell = ", ".join(f"{k}={_fmt_value(v)}" for k, v in vals.items()) or "(config's own)"
+    lines.append(f"| {m} | {trials.get(m, '')} | {cell} |")
+  lines.append("")
+  return lines
+
+
+def _fmt_p(p: float) -> str:
+  if p != p:
+    return "n/a"
+  return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
+def _significance_lines(results: dict) -> list[str]:
+  sig = results.get("significance") or significance(results)
+  ref, metric = sig["reference"], sig["metric"]
+  lines = [f"## {ref} vs best baseline: paired t-test over seeds", ""]
+  if not sig["computed"]:
+    return lines + [f"Test {metric}: {sig['reason']}.", ""]
+  lines += [
+    f"Test {metric}, difference = {ref} − the best other model by mean (per row), runs "
+    "paired by seed; `scipy.stats.ttest_rel`, two-sided p.",
+    "",
+    "| scenario | best baseline | difference | t | p | n seeds |",
+    "|---|---|---|---|---|---|",
+  ]
+  for g, r in sig["groups"].items():
+    t = "n/a" if r["t"] != r["t"] else f"{r['t']:.2f}"
+    lines.append(
+      f"| {g} | {r['baseline']} | {r['difference']:+.4f} | {t} | {_fmt_p(r['p'])} | {r['n']} |"
+    )
+  lines.append("")
+  return lines
 
 
 def write_results(results: dict, results_dir: Path) -> None:

@@ -11,8 +11,8 @@ Called by ``sass_jax.main`` (config only, before anything runs), by ``loop.train
 preparing the data, then again with the data and the partitioner), by ``aot.compile_workdir``
 and by ``sass_jax.bench.throughput.bench``. The allowed values come from the modules that own
 them (``eval.evaluate``, ``train.stages`` / ``steps`` / ``losses`` / ``sparse``,
-``model.grouped`` / ``mlsat``, ``partition``, ``data.store``); this module imports them and
-defines none that others import.
+``model.grouped`` / ``mlsat``, ``partition``, ``data.store``, ``tuning``); this module imports
+them and defines none that others import.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def _is_num(v) -> bool:
 
 def _check_values(cfg, stages: Iterable[str], p) -> None:
   """Field-by-field checks of the config alone; ``p(message)`` records a problem."""
+  from sass_jax.tuning import search_problems
   from sass_jax.data import get_preparer
   from sass_jax.data.store import DUPLICATE_POLICIES
   from sass_jax.eval.evaluate import EVAL_CORPORA, EVAL_MASKS, EVAL_SPLITS
@@ -241,6 +242,9 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   copts = tuple(cc.embedding_optimizers)
   if any(o not in EMBEDDING_OPTIMIZERS for o in copts):
     p(f"config.compile.embedding_optimizers={copts}: expected a subset of {EMBEDDING_OPTIMIZERS}")
+  # -- compare (--mode compare, sass_jax.compare) ----------------------------------------
+  for problem in search_problems(cfg):
+    p(problem)
   # -- bench (--mode bench, sass_jax.bench.throughput) ----------------------------------
   bc = cfg.bench
   for k in ("steps", "repeats", "batches", "loop_steps", "input_batches"):

@@ -96,7 +96,6 @@ def env(tmp_path_factory):
 # sass_jax/. A name is a test file, or a file plus a test-function prefix ('file::test_x'
 # marks every parametrisation of test_x).
 SLOW_TESTS: tuple[str, ...] = (
-  "test_compare.py",
   "test_mesh_restore.py",
   "test_precision.py",
   "test_resident_train.py",
@@ -171,6 +170,7 @@ SLOW_TESTS: tuple[str, ...] = (
 SLOW_FIXTURES = (
   "test_bad_inputs_run.py::trained",
   "test_cli_errors.py::trained",
+  "test_compare.py::compared",
   "test_monitor.py::run",
 )
 

@@ -79,6 +79,9 @@ class ScenarioDense(nn.Module):
   features: int
   num_scenarios: int
   dtype: jnp.dtype = jnp.float32
+  # all-scenarios layout only: x [K, B, d_in] -> [K, B, d_out] (scenario-major: a batched
+  # matmul over k with no transposes) instead of [B, K, d_in] -> [B, K, d_out]
+  scenario_major: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, onehot: jnp.ndarray | None) -> jnp.ndarray:
@@ -105,10 +108,14 @@ class ScenarioDense(nn.Module):
     if isinstance(onehot, Groups):
       return grouped_dense(x, w, b, onehot)
     if onehot is None:
-      if x.ndim != 3 or x.shape[1] != self.num_scenarios:
+      k_axis = 0 if self.scenario_major else 1
+      if x.ndim != 3 or x.shape[k_axis] != self.num_scenarios:
+        want = "[K, B, d]" if self.scenario_major else "[B, K, d]"
         raise ValueError(
-          f"all-scenarios layout needs x [B, {self.num_scenarios}, d], got {x.shape}"
+          f"all-scenarios layout needs x {want} (K = {self.num_scenarios}), got {x.shape}"
         )
+      if self.scenario_major:
+        return jnp.einsum("kbi,kio->kbo", x, w) + b[:, None]
       return jnp.einsum("bki,kio->bko", x, w) + b
     onehot = onehot.astype(self.dtype)
     return jnp.einsum("bk,bki->bi", onehot, jnp.einsum("bi,kio->bko", x, w)) + onehot @ b
@@ -162,7 +169,8 @@ class MLSATLayer(nn.Module):
   ``[B, K]`` or None for the all-scenarios layout.
   Inputs ('grouped' compute): g ``[B, 1, d]``; h ``[B, V, d]`` with ``onehot`` a
   ``grouped.Groups`` of the B * V rows, or ``[B, K, d]`` with onehot None; z the scenario
-  embedding table ``[K, d_s]`` (or ``[1, K, d_s]``). Outputs keep the input layouts.
+  embedding table ``[K, d_s]`` (or ``[1, K, d_s]``). With ``scenario_major`` (all-scenarios
+  layout, onehot None): g ``[1, B, d]``, h ``[K, B, d]``. Outputs keep the input layouts.
   """
 
   features: int
@@ -174,10 +182,14 @@ class MLSATLayer(nn.Module):
   layer_norm: bool = False
   dtype: jnp.dtype = jnp.float32
   scenario_compute: str = "onehot"
+  # 'grouped' compute, all-scenarios layout: h [K, B, d], g [1, B, d] (see ScenarioDense)
+  scenario_major: bool = False
 
   def _gate(self, name, x, onehot):
     if self.gate_per_scenario:
-      return ScenarioDense(self.features, self.num_scenarios, self.dtype, name=name)(x, onehot)
+      return ScenarioDense(
+        self.features, self.num_scenarios, self.dtype, self.scenario_major, name=name
+      )(x, onehot)
     return _dense(self.features, self.dtype, name)(x)
 
   @nn.compact
@@ -189,7 +201,9 @@ class MLSATLayer(nn.Module):
     act = activation(self.act)
     g = act(_dense(self.features, self.dtype, "global")(g))
     s = act(
-      ScenarioDense(self.features, self.num_scenarios, self.dtype, name="scenario")(h, onehot)
+      ScenarioDense(
+        self.features, self.num_scenarios, self.dtype, self.scenario_major, name="scenario"
+      )(h, onehot)
     )
     if self.gate_style == "none":
       h = g + s
@@ -219,11 +233,13 @@ class MLSATLayer(nn.Module):
 
   def _grouped_gates(self, g, s, z, groups):
     """The gates of the 'grouped' compute: g ``[B, 1, w]``, s ``[B, V or K, w]``, z ``[K, d_s]``
-    (or ``[1, K, d_s]``); returns h like s."""
+    (or ``[1, K, d_s]``); scenario-major: g ``[1, B, w]``, s ``[K, B, w]``; returns h like s."""
     ztab = z.reshape(-1, z.shape[-1])  # [K, d_s]
     if isinstance(groups, Groups):
       idx = groups.scenario.reshape(s.shape[:-1])  # [B, V]
       zrows = lambda t: jnp.take(t, idx, axis=0)  # [K, x] -> [B, V, x]
+    elif self.scenario_major:
+      zrows = lambda t: t[:, None]  # [K, x] -> [K, 1, x]
     else:
       zrows = lambda t: t[None]  # [K, x] -> [1, K, x]
     gb = jnp.broadcast_to(g, s.shape)

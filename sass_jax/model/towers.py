@@ -157,7 +157,12 @@ class SASSTower(nn.Module):
     e = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, dt, name="embed")(features)
     B = e.shape[0]
     grouped = isinstance(onehot, Groups)
-    if grouped:
+    # 'grouped' compute, all scenarios: the layers run scenario-major ([K, B, d]: batched
+    # matmuls over k with no layout transposes); the result is transposed once at the end
+    major = onehot is None and c.scenario_compute == "grouped"
+    if major:
+      g, h = e[None], jnp.broadcast_to(e[None], (c.num_scenarios, B, e.shape[-1]))
+    elif grouped:
       views = onehot.scenario.shape[0] // B
       g, h = e[:, None, :], jnp.broadcast_to(e[:, None, :], (B, views, e.shape[-1]))
     else:
@@ -178,6 +183,7 @@ class SASSTower(nn.Module):
         c.layer_norm,
         dt,
         c.scenario_compute,
+        major,
         name=f"mlsat_{l}",
       )(g, h, z, onehot, train)
     out = _dense(c.out_dim, dt, "out")(h)
@@ -189,12 +195,13 @@ class SASSTower(nn.Module):
       # once per scenario, on the [K, d_s] table, then placed
       ztab = z.reshape(-1, z.shape[-1]).astype(dt)
       bias = bias_net(ztab)  # [K, out_dim]
-      bias = jnp.take(bias, onehot.scenario.reshape(B, -1), axis=0) if grouped else bias[None]
+      bias = jnp.take(bias, onehot.scenario.reshape(B, -1), axis=0) if grouped else bias[:, None]
       bias = jnp.broadcast_to(bias, out.shape)
     else:
       bias = bias_net(jnp.broadcast_to(z, out.shape[:-1] + z.shape[-1:]).astype(dt))
     r = out + bias if c.bias_mode == "add" else jnp.concatenate([out, bias], -1)
-    return l2_normalize(r.astype(jnp.float32))
+    r = l2_normalize(r.astype(jnp.float32))
+    return jnp.swapaxes(r, 0, 1) if major else r  # [K, B, D] -> [B, K, D]
 
 
 class SASS(nn.Module):

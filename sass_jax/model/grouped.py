@@ -54,8 +54,12 @@ def batch_blocks(num_blocks: int, sharding: Any = None):
 
 
 def _constrain(x):
-  sharding = _BLOCKS.get()[1]
-  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+  """Keep a block-major ``[S, ...]`` array split over 'data' when S is the context's S (a
+  layout that fell back to one block is left to XLA)."""
+  blocks, sharding = _BLOCKS.get()
+  if sharding is None or x.shape[0] != blocks or blocks == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding)
 
 
 class Groups(NamedTuple):

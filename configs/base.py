@@ -110,6 +110,11 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   # (items encoded in every scenario: cost grows with K), or 'same_scenario' only the items
   # of rows of the same scenario (each item encoded once: cost independent of K).
   c.train.negatives = "all"
+  # Labelled negatives of the entire space (docs/design.md §2, stage 2): weight (>= 0) of a
+  # binary cross-entropy on a second batch of labelled training exposures (label 1 and 0, every
+  # labelled row of the training split), added to the sampled softmax; 0 = off (no extra batch).
+  c.train.labelled_weight = 0.0
+  c.train.labelled_batch_size = 0  # int >= 0: rows of that batch; 0 = train.batch_size
   c.train.log_every = 50  # int >= 1: steps between log lines / TensorBoard points
   # Non-finite loss / gradient norm / parameter norm (both stages): 'raise' stops the run
   # naming the step (the last checkpoint is the last good state); 'skip' discards that step's

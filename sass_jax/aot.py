@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sass_jax.schema import FieldSpec
-from sass_jax.train.stages import STAGES, stage_config, stage_seed
+from sass_jax.train.stages import STAGES, labelled_batch_size, stage_config, stage_seed
 
 log = logging.getLogger("sass_jax")
 GiB = 1 << 30
@@ -174,11 +174,15 @@ def example_batch(user_specs, item_specs) -> dict:
   }
 
 
-def abstract_batch(user_specs, item_specs, stage: str, batch_size: int, sharding=None) -> dict:
+def abstract_batch(
+  user_specs, item_specs, stage: str, batch_size: int, sharding=None, labelled: int = 0
+) -> dict:
   """ShapeDtypeStructs of one global batch of ``stage`` ('pretrain' / 'finetune'), as
   ``pipeline.BatchFn`` builds it: features int32 [B] / [B, L] (+ bool masks), 'scenario',
   'user_index', 'item_index' int32 [B], 'item_logq' float32 [B] (finetune) or 'user_views' /
-  'item_views' int32 [B, 2] (pretrain); every array with ``sharding`` when given."""
+  'item_views' int32 [B, 2] (pretrain); every array with ``sharding`` when given. ``labelled``
+  > 0 (finetune): also 'labelled' = {'user', 'item': features, 'scenario' int32, 'label'
+  float32} of that many rows (``stages.labelled_batch_size``)."""
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
   sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, jnp.dtype(dt), sharding=sharding)
@@ -192,6 +196,14 @@ def abstract_batch(user_specs, item_specs, stage: str, batch_size: int, sharding
   }
   if stage == "finetune":
     batch["item_logq"] = sds((b,), np.float32)
+    if labelled:
+      n = int(labelled)
+      batch["labelled"] = {
+        "user": _features(user_specs, n, sds),
+        "item": _features(item_specs, n, sds),
+        "scenario": sds((n,), np.int32),
+        "label": sds((n,), np.float32),
+      }
   else:
     batch["user_views"] = sds((b, 2), np.int32)
     batch["item_views"] = sds((b, 2), np.int32)
@@ -422,7 +434,14 @@ def lower_stage(
   )
   step = steps.with_nan_policy(step, cfg.train.nan_policy, int(cfg.train.debug_nan_at_step))
   abstract, shardings = part.abstract_state(init_fn)
-  batch = abstract_batch(user_specs, item_specs, stage, int(scfg.batch_size), part.batch_sharding())
+  batch = abstract_batch(
+    user_specs,
+    item_specs,
+    stage,
+    int(scfg.batch_size),
+    part.batch_sharding(),
+    labelled=labelled_batch_size(cfg, stage),
+  )
   return part.compile_step(step, shardings), abstract, batch, shardings, init_fn
 
 

@@ -151,6 +151,22 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
           "of the batch, scored in the row's scenario; 'same_scenario': rows of its scenario)"
         )
   t = cfg.train
+  lw, lbs = t.labelled_weight, t.labelled_batch_size
+  if not (_is_num(lw) and lw >= 0):
+    p(
+      f"config.train.labelled_weight={lw!r}: expected a value >= 0 (0 = off: no labelled "
+      "exposures in fine-tuning)"
+    )
+  if not (_is_int(lbs) and lbs >= 0):
+    p(
+      f"config.train.labelled_batch_size={lbs!r}: expected an int >= 1, or 0 for "
+      "config.train.batch_size"
+    )
+  if _is_num(lw) and lw > 0 and t.resident_on_device:
+    p(
+      f"config.train.labelled_weight={lw!r} with config.train.resident_on_device=True: the "
+      "device-resident sampler has no labelled exposures; set resident_on_device=False"
+    )
   if not (_is_int(t.log_every) and t.log_every >= 1):
     p(f"config.train.log_every={t.log_every!r}: expected an int >= 1")
   policy = t.nan_policy
@@ -294,6 +310,14 @@ def _check_batches(cfg, stages, data_axis: int, p) -> None:
         f"config.{b}.batch_size={bs} is not divisible by the mesh's data axis ({data_axis} "
         f"devices); set it to a multiple of {data_axis}, e.g. {up}"
       )
+    lw, lbs = cfg.train.labelled_weight, cfg.train.labelled_batch_size
+    if stage == "finetune" and _is_num(lw) and lw > 0 and _is_int(lbs) and lbs >= 1:
+      if lbs % data_axis:
+        up = (lbs // data_axis + 1) * data_axis
+        p(
+          f"config.train.labelled_batch_size={lbs} is not divisible by the mesh's data axis "
+          f"({data_axis} devices); set it to a multiple of {data_axis}, e.g. {up}"
+        )
 
 
 def _check_data(cfg, data, stages, p) -> None:

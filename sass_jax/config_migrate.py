@@ -30,6 +30,8 @@ FALLBACKS: dict[str, Any] = {
   "train.weight_decay": 0.0,
   "train.logq_strength": 1.0,
   "train.negatives": "all",
+  "train.labelled_weight": 0.0,
+  "train.labelled_batch_size": 0,
   "train.nan_policy": "raise",
   "train.max_skips": 10,
   "train.debug_nan_at_step": 0,

@@ -14,6 +14,13 @@ Streams:
   (log of its share of the training positives).
 - ``pretrain``: the entire space -- every training exposure, clicked or not -- with two
   distinct random scenarios per row for the user's views and two for the item's.
+
+With ``labelled`` > 0 (``config.train.labelled_weight`` > 0; fine-tune stream only) each batch
+also carries ``batch['labelled']``: ``labelled`` rows of a second endless sequence of seeded
+permutations of *every* labelled training exposure (label 1 and 0: the entire space), batch i
+covering its positions ``[i*B_l, (i+1)*B_l)`` -- also a pure function of (seed, i), so resuming
+is unchanged -- as ``{'user', 'item': features, 'scenario': int32 [B_l], 'label': float32
+[B_l]}``. With ``labelled`` = 0 the batch is exactly as before (no such key).
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sass_jax.data.store import PreparedData
+
+# Extra seed word of the labelled exposures' permutations (distinct from the positives' order).
+LABELLED_SALT = 104_729
 
 if TYPE_CHECKING:  # grain is imported where the iterator is built (it is optional at import)
   import grain
@@ -47,14 +57,16 @@ def item_logq(data: PreparedData) -> np.ndarray:
 class _EpochRows:
   """Position -> row of the endless concatenation of seeded permutations of ``rows``."""
 
-  def __init__(self, rows: np.ndarray, seed: int):
+  def __init__(self, rows: np.ndarray, seed: int, salt: tuple[int, ...] = ()):
     if len(rows) == 0:
       raise ValueError("the stream has no rows (check the split and the labels of the data)")
     self.rows, self.seed = np.asarray(rows, np.int64), int(seed)
+    self.salt = tuple(int(x) for x in salt)  # () for the main streams: their permutations
 
   @functools.lru_cache(maxsize=4)
   def perm(self, epoch: int) -> np.ndarray:
-    return self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))]
+    rng = np.random.default_rng([self.seed, epoch, *self.salt])
+    return self.rows[rng.permutation(len(self.rows))]
 
   def __call__(self, positions: np.ndarray) -> np.ndarray:
     n = len(self.rows)
@@ -77,11 +89,18 @@ class BatchFn:
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    labelled: int = 0,
   ):
     if stream not in ("finetune", "pretrain"):
       raise ValueError(f"unknown stream {stream!r}")
     if batch_size % process_count:
       raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
+    if labelled and stream != "finetune":
+      raise ValueError(f"labelled exposures go with the fine-tune stream only, not {stream!r}")
+    if labelled % process_count:
+      raise ValueError(
+        f"labelled batch size {labelled} is not divisible by {process_count} processes"
+      )
     self.data, self.stream, self.seed = data, stream, int(seed)
     self.global_batch = int(batch_size)
     self.local = batch_size // process_count
@@ -96,6 +115,13 @@ class BatchFn:
         f"{self.k} (set config.pretrain.num_steps=0)"
       )
     self.inter = {c: np.asarray(v) for c, v in data.inter.items()}
+    self.labelled_global = int(labelled)
+    self.labelled_local = self.labelled_global // process_count
+    self.labelled_offset = process_index * self.labelled_local
+    # Every labelled training exposure (label 1 and 0), in its own seeded order.
+    self.labelled_positions = (
+      _EpochRows(data.rows("train"), seed, salt=(LABELLED_SALT,)) if labelled else None
+    )
 
   def __call__(self, index: int) -> dict:
     pos = np.arange(self.local, dtype=np.int64) + index * self.global_batch + self.offset
@@ -111,6 +137,8 @@ class BatchFn:
     }
     if self.stream == "finetune":
       batch["item_logq"] = self.logq[it]
+      if self.labelled_positions is not None:
+        batch["labelled"] = self.labelled_batch(index)
     else:
       # Views are drawn for the whole global batch and sliced, so they do not depend on the
       # number of processes.
@@ -119,6 +147,20 @@ class BatchFn:
       batch["user_views"] = _two_scenarios(rng, self.k, self.global_batch)[sl]
       batch["item_views"] = _two_scenarios(rng, self.k, self.global_batch)[sl]
     return batch
+
+  def labelled_batch(self, index: int) -> dict:
+    """``batch['labelled']`` of batch ``index``: this process's rows of labelled batch
+    ``index`` (features, 'scenario' int32 and 'label' float32, each [B_l / processes])."""
+    n = self.labelled_global
+    pos = np.arange(self.labelled_local, dtype=np.int64) + index * n + self.labelled_offset
+    rows = self.labelled_positions(pos)
+    d = self.data
+    return {
+      "user": gather_features(d.users, d.user_masks, self.inter["user"][rows]),
+      "item": gather_features(d.items, d.item_masks, self.inter["item"][rows]),
+      "scenario": self.inter["scenario"][rows].astype(np.int32),
+      "label": (self.inter["label"][rows] > 0.5).astype(np.float32),
+    }
 
 
 class BatchIterator:
@@ -154,16 +196,17 @@ def make_iterator(
   process_count: int = 1,
   prefetch: int = 4,
   threads: int = 2,
+  labelled: int = 0,
 ) -> grain.DatasetIterator:
   """A checkpointable grain iterator over ``num_batches`` batches of ``stream``.
 
   Returns a ``grain.DatasetIterator``; ``get_state()`` / ``set_state()`` save and restore its
   position. Batches are dicts (see ``BatchFn``) of this process's ``batch_size / process_count``
-  rows.
+  rows; ``labelled`` > 0 adds ``batch['labelled']`` (module docstring).
   """
   import grain  # here, so that BatchFn and the bench path import without grain
 
-  fn = BatchFn(data, stream, batch_size, seed, process_index, process_count)
+  fn = BatchFn(data, stream, batch_size, seed, process_index, process_count, labelled)
   ds = grain.MapDataset.range(num_batches).map(fn)
   return iter(
     ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))

@@ -28,7 +28,13 @@ from sass_jax.model import registry
 from sass_jax.model.protocol import TwoTowerModel
 from sass_jax.partition import Partitioner
 from sass_jax.train import monitor, sparse, steps
-from sass_jax.train.stages import STAGES, stage_block, stage_config, stage_seed
+from sass_jax.train.stages import (
+  STAGES,
+  labelled_batch_size,
+  stage_block,
+  stage_config,
+  stage_seed,
+)
 
 log = logging.getLogger("sass_jax")
 
@@ -252,6 +258,7 @@ def batch_source(
   num_batches: int,
   part: Partitioner,
   kind: str | None = None,
+  labelled: int = 0,
 ):
   """``(iterator, place)``: the stage's batches and the function that puts one on the mesh.
 
@@ -264,21 +271,35 @@ def batch_source(
   grain is not installed): the grain pipeline's batches from ``pipeline.BatchIterator``, one
   thread, without ``get_state``. Raises ValueError for another kind and as ``ResidentSampler``
   does (several processes, batch larger than the stream).
+  ``labelled`` > 0 (fine-tuning with ``config.train.labelled_weight`` > 0,
+  ``stages.labelled_batch_size``): each batch also carries ``batch['labelled']``, that many
+  labelled exposures of the training split (``pipeline.BatchFn``); grain and 'numpy' only
+  (the resident sampler raises ValueError; config_check rejects that combination first).
   """
   if kind is None:
     kind = "resident" if cfg.train.resident_on_device else "grain"
   if kind == "resident":
     from sass_jax.data.resident import ResidentSampler
 
+    if labelled:
+      raise ValueError(
+        "config.train.labelled_weight > 0 needs the grain pipeline; set "
+        "config.train.resident_on_device=False"
+      )
+
     return ResidentSampler(data, stage, batch_size, seed, part.batch_sharding()), lambda b: b
   if kind == "grain":
     return (
-      pipeline.make_iterator(data, stage, batch_size, seed, num_batches, *part.data_shard()),
+      pipeline.make_iterator(
+        data, stage, batch_size, seed, num_batches, *part.data_shard(), labelled=labelled
+      ),
       part.shard_batch,
     )
   if kind == "numpy":
     return (
-      pipeline.BatchIterator(pipeline.BatchFn(data, stage, batch_size, seed, *part.data_shard())),
+      pipeline.BatchIterator(
+        pipeline.BatchFn(data, stage, batch_size, seed, *part.data_shard(), labelled=labelled)
+      ),
       part.shard_batch,
     )
   raise ValueError(f"unknown input source {kind!r}; expected 'grain', 'resident' or 'numpy'")
@@ -351,6 +372,9 @@ def train_stage(
   where = f"config.{stage_block(stage)}"
   num_steps, bs = int(scfg.num_steps), int(scfg.batch_size)
   part.check_batch_size(bs, f"{where}.batch_size")
+  lbs = labelled_batch_size(cfg, stage)  # 0: no labelled sub-batch
+  if lbs:
+    part.check_batch_size(lbs, "config.train.labelled_batch_size (or batch_size)")
   tx = steps.make_optimizer(scfg, num_steps)
   lr_at = steps.make_schedule(scfg, num_steps)
   seed = stage_seed(cfg, stage)
@@ -378,7 +402,9 @@ def train_stage(
       stage,
       step_fn,
       abstract,
-      aot.abstract_batch(data.user_specs, data.item_specs, stage, bs, part.batch_sharding()),
+      aot.abstract_batch(
+        data.user_specs, data.item_specs, stage, bs, part.batch_sharding(), labelled=lbs
+      ),
       limit,
       "config.mesh.memory_limit_bytes" if given else "the device's bytes_limit",
     )
@@ -402,7 +428,7 @@ def train_stage(
     start = int(state.step)
     if start >= num_steps:
       return state
-    it, place = batch_source(cfg, data, stage, bs, seed, num_steps, part)
+    it, place = batch_source(cfg, data, stage, bs, seed, num_steps, part, labelled=lbs)
     if data_state:
       _resume_iterator(it, data_state, cfg, int(state.step))
     max_skips = int(cfg.train.max_skips)

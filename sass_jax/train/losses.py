@@ -5,7 +5,10 @@
   triples with logQ correction (Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large
   Corpus Item Recommendations", RecSys 2019) (fine-tuning, stage 2).
 
-Both treat a repeat of the positive's entity elsewhere in the batch as neither a positive nor a
+- ``labelled_bce``: binary cross-entropy of labelled (user, item, scenario) exposures, label 1
+  and 0 (the labelled negatives of the entire space; optional, ``config.train.labelled_weight``).
+
+The two softmax losses treat a repeat of the positive's entity elsewhere in the batch as neither a positive nor a
 negative (its logit is masked), so a popular item is not pushed away from its own users.
 """
 
@@ -124,3 +127,22 @@ def sampled_softmax_logq(
     mask = mask | (scenario[:, None] != scenario[None, :])
   z = jnp.where(mask, _MASKED, z)
   return _softmax_ce_diag(z).mean()
+
+
+def labelled_bce(
+  user_vecs: jnp.ndarray, item_vecs: jnp.ndarray, label: jnp.ndarray, tau: float
+) -> jnp.ndarray:
+  """Mean binary cross-entropy of labelled exposures; scalar float32.
+
+  Args:
+    user_vecs: float [B_l, D] r_u^{k_b}: each pair's user in the pair's scenario k_b.
+    item_vecs: float [B_l, D] r_i^{k_b}: each pair's item in the same scenario.
+    label: float [B_l] in {0, 1} (1: clicked / liked; 0: exposed and not, or disliked).
+    tau: temperature; the logit is s_b = <r_u^{k_b}, r_i^{k_b}> / tau (the model's score).
+  Returns: mean over b of -[y_b log sigmoid(s_b) + (1 - y_b) log(1 - sigmoid(s_b))], computed
+    stably as softplus(s_b) - y_b s_b.
+  Source: docs/design.md §2 (stage 2, "labelled negatives of the entire space").
+  """
+  s = jnp.sum(user_vecs.astype(jnp.float32) * item_vecs.astype(jnp.float32), axis=-1) / tau
+  y = label.astype(jnp.float32)
+  return jnp.mean(jax.nn.softplus(s) - y * s)

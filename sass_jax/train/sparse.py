@@ -30,7 +30,9 @@ is and updates only the rows a batch touches:
 
        a = a + mean_j(g_j^2);  p = p - lr(t - 1) * (g / (sqrt(a) + eps) + wd * p)
 
-"Touched" means every id in the batch's id arrays of that field, masked multi-hot positions
+"Touched" means every id in the batch's id arrays of that field -- those of the labelled
+sub-batch ``batch['labelled']`` (``config.train.labelled_weight`` > 0) included: its ids are
+de-duplicated together with the main batch's into one buffer -- masked multi-hot positions
 included (their gradient is zero, but they are part of the index set). The learning rate is
 the stage's schedule (``steps.make_schedule``) times ``config.train.embedding_learning_rate /
 learning_rate`` when that is > 0.
@@ -290,6 +292,29 @@ def dedup(t: Table, ids) -> tuple[jnp.ndarray, jnp.ndarray]:
   return u.astype(jnp.int32), inv.reshape(ids.shape).astype(jnp.int32)
 
 
+def _field_ids(batch: dict, t: Table) -> list:
+  """The id arrays of table ``t`` in a batch: the main batch's, then the labelled
+  sub-batch's (``batch['labelled']``) when there is one."""
+  out = [batch[t.side][t.field]]
+  if "labelled" in batch:
+    out.append(batch["labelled"][t.side][t.field])
+  return out
+
+
+def dedup_many(t: Table, ids_list) -> tuple[jnp.ndarray, list]:
+  """``dedup`` of several id arrays together: (uniq int32 [U], [inv like each array]), U =
+  min(total ids, R). One array: exactly ``dedup``."""
+  if len(ids_list) == 1:
+    u, inv = dedup(t, ids_list[0])
+    return u, [inv]
+  u, inv = dedup(t, jnp.concatenate([x.reshape(-1) for x in ids_list]))
+  out, start = [], 0
+  for x in ids_list:
+    out.append(inv[start : start + x.size].reshape(x.shape))
+    start += x.size
+  return u, out
+
+
 def gather_rows(full, uniq):
   """``full[uniq]`` with zeros for the padding (out-of-range) entries."""
   return jnp.take(full, uniq, axis=0, mode="fill", fill_value=0)
@@ -351,16 +376,23 @@ def _make_step(
         {"user": dict(batch["user"]), "item": dict(batch["item"])},
         {},
       )
+      lab = batch.get("labelled")
+      lab_feats = {"user": dict(lab["user"]), "item": dict(lab["item"])} if lab else None
       for t in tables:
-        u, inv = dedup(t, batch[t.side][t.field])
+        u, (inv, *inv_lab) = dedup_many(t, _field_ids(batch, t))
         if opts.batch_sharding is not None:
           inv = jax.lax.with_sharding_constraint(inv, opts.batch_sharding)
+          inv_lab = [jax.lax.with_sharding_constraint(x, opts.batch_sharding) for x in inv_lab]
         uniq[t.path] = u
         rows[t.path] = gather_rows(tabs[t.path], u)
         view_feats[t.side][t.field] = inv
+        if lab_feats is not None:
+          lab_feats[t.side][t.field] = inv_lab[0]
         sizes[(t.side, t.field)] = u.shape[0]
       view = _view_model(model, sizes)
       vbatch = {**batch, "user": view_feats["user"], "item": view_feats["item"]}
+      if lab_feats is not None:
+        vbatch["labelled"] = {**lab, **lab_feats}
 
       def f(rest, rows):
         return loss_fn(view, merge_params(rest, rows), vbatch, state.rng, state.model_state)
@@ -375,7 +407,7 @@ def _make_step(
     for t in tables:
       st = tflat[t.path]
       if opts.masked:
-        mask = touched_mask(t, batch[t.side][t.field])
+        mask = touched_mask(t, jnp.concatenate([x.reshape(-1) for x in _field_ids(batch, t)]))
         p_new, s_new = update_rows(opts, tabs[t.path], st, g_tabs[t.path], lr, count)
         keep = lambda new, old: jnp.where(mask.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
         new_tabs[t.path] = keep(p_new, tabs[t.path])
@@ -437,13 +469,17 @@ def make_finetune_step(
   tau: float,
   logq_strength: float,
   negatives: str = "all",
+  labelled_weight: float = 0.0,
 ) -> Callable:
-  """``steps.make_finetune_step`` with row-sparse table updates."""
+  """``steps.make_finetune_step`` with row-sparse table updates (the labelled sub-batch's
+  rows, when ``labelled_weight`` > 0, are touched rows too)."""
   return _make_step(
     model,
     tx,
     opts,
-    lambda m, p, b, r, ms: steps.finetune_loss(m, p, b, r, tau, logq_strength, ms, negatives),
+    lambda m, p, b, r, ms: steps.finetune_loss(
+      m, p, b, r, tau, logq_strength, ms, negatives, labelled_weight
+    ),
   )
 
 
@@ -465,6 +501,7 @@ def build(
   (``SparseOptions.batch_sharding``). Raises ValueError for an unknown stage or optimiser, or a model whose tables the
   sparse path cannot address (``find_tables``)."""
   scfg = stage_config(cfg, stage)
+  lw = float(cfg.train.get("labelled_weight", 0.0) or 0.0)  # 0: off (the batch has no 'labelled')
   opts = options_from_config(
     cfg.train, scfg, num_steps, masked=masked, batch_sharding=batch_sharding
   )
@@ -473,11 +510,11 @@ def build(
     if stage == "pretrain":
       return init_fn, steps.make_pretrain_step(model, tx, scfg.tau, scfg.pairs)
     return init_fn, steps.make_finetune_step(
-      model, tx, cfg.model.tau, scfg.logq_strength, scfg.negatives
+      model, tx, cfg.model.tau, scfg.logq_strength, scfg.negatives, lw
     )
   init_fn = make_init_fn(model, tx, opts, dummy, seed, init_params)
   if stage == "pretrain":
     return init_fn, make_pretrain_step(model, tx, opts, scfg.tau, scfg.pairs)
   return init_fn, make_finetune_step(
-    model, tx, opts, cfg.model.tau, scfg.logq_strength, scfg.negatives
+    model, tx, opts, cfg.model.tau, scfg.logq_strength, scfg.negatives, lw
   )

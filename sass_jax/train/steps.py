@@ -218,6 +218,7 @@ def finetune_loss(
   logq_strength: float,
   model_state: dict | None = None,
   negatives: str = "all",
+  labelled_weight: float = 0.0,
 ):
   """Stage-2 loss: in-batch sampled softmax with logQ correction (docs/design.md §2).
 
@@ -226,10 +227,36 @@ def finetune_loss(
   each scored by its vector *in row b's scenario* (every item encoded in all K scenarios);
   'same_scenario': only the items of rows of row b's scenario (each item encoded once, in its
   own row's scenario: the cost does not grow with K). Returns (loss, ({}, model_state)).
-  Raises ValueError for another ``negatives``.
+  labelled_weight > 0 (``config.train.labelled_weight``): the batch also holds 'labelled' =
+  {'user', 'item': features [B_l, ...], 'scenario' int32 [B_l], 'label' float32 [B_l]}
+  (labelled exposures of the training split, label 1 and 0) and the loss is the softmax loss
+  plus labelled_weight * ``losses.labelled_bce`` of them, each pair's user and item encoded in
+  the pair's scenario; the extras are then {'softmax_loss', 'labelled_bce'}. With 0 the loss,
+  the extras ({}) and the random numbers are exactly those without the option.
+  Raises ValueError for another ``negatives``, or a weight > 0 with no 'labelled' batch.
   """
   if negatives not in losses.NEGATIVES:
     raise ValueError(f"config.train.negatives={negatives!r}; expected one of {losses.NEGATIVES}")
+  if labelled_weight > 0:
+    if "labelled" not in batch:
+      raise ValueError("config.train.labelled_weight > 0 but the batch has no 'labelled' exposures")
+    soft, (extra, ms) = finetune_loss(
+      model, params, batch, rng, tau, logq_strength, model_state, negatives
+    )
+    lb = batch["labelled"]
+    # Own dropout keys, folded from the step's key (the softmax part's keys are unchanged).
+    r3, r4 = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(rng), 1))
+    ul, ms = apply_model(
+      model, params, ms, lb["user"], lb["scenario"], method="encode_user", rngs={"dropout": r3}
+    )  # [B_l, D]
+    il, ms = apply_model(
+      model, params, ms, lb["item"], lb["scenario"], method="encode_item", rngs={"dropout": r4}
+    )  # [B_l, D]
+    bce = losses.labelled_bce(ul, il, lb["label"], tau)
+    return soft + labelled_weight * bce, (
+      {**extra, "softmax_loss": soft, "labelled_bce": bce},
+      ms,
+    )
   ms = model_state or {}
   r1, r2 = jax.random.split(jax.random.wrap_key_data(rng))
   u, ms = apply_model(
@@ -290,15 +317,24 @@ def make_finetune_step(
   tau: float,
   logq_strength: float,
   negatives: str = "all",
+  labelled_weight: float = 0.0,
 ) -> Callable:
-  """Build the pure ``finetune_step(state, batch) -> (state, metrics)``; ``negatives`` as
-  ``finetune_loss`` (ValueError for an unknown one)."""
+  """Build the pure ``finetune_step(state, batch) -> (state, metrics)``; ``negatives`` and
+  ``labelled_weight`` as ``finetune_loss`` (ValueError for an unknown ``negatives``)."""
   if negatives not in losses.NEGATIVES:
     raise ValueError(f"config.train.negatives={negatives!r}; expected one of {losses.NEGATIVES}")
 
   def finetune_step(state: TrainState, batch: dict):
     (loss, aux), grads = jax.value_and_grad(finetune_loss, argnums=1, has_aux=True)(
-      model, state.params, batch, state.rng, tau, logq_strength, state.model_state, negatives
+      model,
+      state.params,
+      batch,
+      state.rng,
+      tau,
+      logq_strength,
+      state.model_state,
+      negatives,
+      labelled_weight,
     )
     return _apply_update(state, tx, grads, loss, aux)
 

@@ -65,6 +65,9 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   c.model.gate_style = "gated_sum"
   c.model.gate_per_scenario = False  # gate weights per scenario instead of shared with z_k input
   c.model.bias_mode = "add"  # scenario bias net: 'add' to the output or 'concat'
+  # SASS's item tower: 'specific' (the paper: an item vector per scenario) or 'agnostic' (an
+  # ablation: one vector for all scenarios, scenario 0's path; sass_jax/claims.py, claim c)
+  c.model.item_scenario = "specific"
   c.model.bias_hidden = 32  # int >= 1: hidden width of the scenario bias net
   # Score = <r_u, r_i> / tau (> 0). Documented default 0.05; 0.2 was chosen on the MovieLens
   # validation split only (RESULTS.md: SASS-Base 0.1219 at 0.05, 0.1679 at 0.2).

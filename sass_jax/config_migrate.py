@@ -18,6 +18,7 @@ from typing import Any
 # held every key). Keys the code always read directly (no fallback) are not here.
 FALLBACKS: dict[str, Any] = {
   "model.scenario_compute": "grouped",
+  "model.item_scenario": "specific",
   "model.tower_widths": (64,),
   "model.num_experts": 4,
   "model.num_scenario_experts": 2,

@@ -16,6 +16,22 @@ Generative model (all draws from NumPy PCG64 generators seeded by ``data_cfg.see
   ``popularity_shared``), so the popular items differ between scenarios.
 * Click label ~ Bernoulli(sigmoid(``signal`` * z + beta)), z = the standardised score
   ``<u_k, v_k>`` and beta chosen (on a seeded pilot sample) so the mean click rate is ``ctr``.
+* Knobs for the claims experiments (``KNOB_DEFAULTS``; at the defaults the data are byte-for-byte
+  what they were before the knobs existed, and the manifest's ``resolved_options`` lists a knob
+  only when set): ``scenario_weights`` (K positive numbers: each cluster's scenario mix is
+  multiplied by them and renormalised, so scenario k's row share scales with weight k);
+  ``item_scenario_strength`` (lam of the item side alone; None = ``scenario_strength``);
+  ``item_scenario_noise`` (>= 0: ``v_k += item_scenario_noise * e_ik``, an own ``N(0, I_d)`` per
+  item and scenario from its own stream, memory ``I * K * d`` floats: appeal that differs by
+  scenario item by item, which a scenario-aware user vector cannot absorb);
+  ``exposure_signal`` (>= 0: the exposed item ~ popularity * exp(exposure_signal * z), z the score
+  standardised under popularity exposure -- what an earlier recommender's logs look like --
+  sampled by drawing ``exposure_candidates`` items by popularity per row and keeping one with
+  those weights, Gumbel-max, in blocks of 8192 rows; beta is then set on a pilot of these
+  exposures so the click rate is still ``ctr``); ``label_fraction`` (in (0, 1], or one per
+  scenario: each *training-split* click stays a label with this probability, else it becomes
+  an exposure without a click; valid / test labels are untouched). Each is validated with a
+  one-line ValueError naming ``config.data.<key>``.
 * Side fields: ``num_user_fields`` / ``num_item_fields`` categorical fields ``user_f{j}`` /
   ``item_f{j}`` of ``field_cardinality`` values: a seeded map of the entity's cluster, replaced
   by a uniform random value with probability ``field_noise`` -- so features carry the cluster
@@ -81,10 +97,66 @@ DEFAULTS = dict(
   chunk_rows=1 << 19,
   min_count=1,
 )
+# Knobs for the claims experiments (sass_jax/claims.py). At these defaults the data are exactly
+# what the generator made before they existed (same bytes; the manifest's resolved_options lists
+# a knob only when it is set away from its default).
+KNOB_DEFAULTS = dict(
+  scenario_weights=None,  # relative row share per scenario (K positive numbers); None = even
+  item_scenario_strength=None,  # lam of the item side; None = scenario_strength
+  item_scenario_noise=0.0,  # >= 0: an own N(0, I_d) part per (item, scenario), this scale
+  exposure_signal=0.0,  # >= 0: exposed item ~ popularity * exp(exposure_signal * z)
+  exposure_candidates=32,  # popularity candidates resampled per row when exposure_signal > 0
+  label_fraction=1.0,  # in (0, 1], or K of them: share of the training split's clicks kept
+)
 
 
 def _opt(data_cfg, key):
-  return cfg_get(data_cfg, key, DEFAULTS[key])
+  return cfg_get(data_cfg, key, {**DEFAULTS, **KNOB_DEFAULTS}[key])
+
+
+def _knobs(data_cfg, K: int) -> dict:
+  """The claims knobs (``KNOB_DEFAULTS``), validated: ValueError, one line naming the key."""
+  o = {k: _opt(data_cfg, k) for k in KNOB_DEFAULTS}
+
+  def num(key, v, ok, want):
+    try:
+      f = float(v)
+    except (TypeError, ValueError):
+      f = float("nan")
+    if isinstance(v, bool) or not np.isfinite(f) or not ok(f):
+      raise ValueError(f"config.data.{key}={v!r}: expected {want}")
+    return f
+
+  w = o["scenario_weights"]
+  if w is not None:
+    if isinstance(w, (str, bytes)) or not hasattr(w, "__len__") or len(w) != K:
+      raise ValueError(
+        f"config.data.scenario_weights={w!r}: expected None or {K} positive numbers "
+        "(one per scenario)"
+      )
+    o["scenario_weights"] = [
+      num("scenario_weights", x, lambda f: f > 0, f"None or {K} positive numbers") for x in w
+    ]
+  if o["item_scenario_strength"] is not None:
+    o["item_scenario_strength"] = num(
+      "item_scenario_strength", o["item_scenario_strength"], lambda f: f >= 0, "None or >= 0"
+    )
+  o["item_scenario_noise"] = num(
+    "item_scenario_noise", o["item_scenario_noise"], lambda f: f >= 0, ">= 0"
+  )
+  o["exposure_signal"] = num("exposure_signal", o["exposure_signal"], lambda f: f >= 0, ">= 0")
+  m = o["exposure_candidates"]
+  if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 2 <= m <= 1024:
+    raise ValueError(f"config.data.exposure_candidates={m!r}: expected an integer in [2, 1024]")
+  o["exposure_candidates"] = int(m)
+  lf, want = o["label_fraction"], f"a number in (0, 1] or {K} of them (one per scenario)"
+  if isinstance(lf, (str, bytes)) or (hasattr(lf, "__len__") and len(lf) != K):
+    raise ValueError(f"config.data.label_fraction={lf!r}: expected {want}")
+  if hasattr(lf, "__len__"):
+    o["label_fraction"] = [num("label_fraction", x, lambda f: 0 < f <= 1, want) for x in lf]
+  else:
+    o["label_fraction"] = num("label_fraction", lf, lambda f: 0 < f <= 1, want)
+  return o
 
 
 def _vocab_from_counts(counts: np.ndarray, min_count: int) -> tuple[np.ndarray, int]:
@@ -111,10 +183,14 @@ class _Side:
     self.offset = (lam * rng.standard_normal((K, C, d))).astype(dtype)
     self.maps = (lam * rng.standard_normal((K, d, d)) / np.sqrt(d)).astype(dtype)
 
+  own = None  # [n, K, d]: an own part per (entity, scenario), when item_scenario_noise > 0
+
   def in_scenario(self, idx: np.ndarray, k: np.ndarray) -> np.ndarray:
     """float32 [m, d]: the scenario-k vectors of entities ``idx`` (k per row)."""
     a = self.vec[idx]
     out = a + self.offset[k, self.cluster[idx]]
+    if self.own is not None:
+      out += self.own[idx, k]
     for s in np.unique(k):
       sel = k == s
       out[sel] += a[sel] @ self.maps[s]
@@ -168,10 +244,19 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   n, U, I, K = o["num_rows"], o["num_users"], o["num_items"], o["num_scenarios"]
   d, C, seed = int(o["latent_dim"]), int(o["num_clusters"]), int(o["seed"])
   chunk = max(int(o["chunk_rows"]), 1024)
+  kn = _knobs(data_cfg, K)
+  es = kn["exposure_signal"]
+  lf = np.broadcast_to(np.asarray(kn["label_fraction"], np.float64), (K,))
+  item_lam = kn["item_scenario_strength"]
+  item_lam = o["scenario_strength"] if item_lam is None else item_lam
 
   rng = np.random.default_rng([seed, 0])
   users = _Side(rng, U, d, C, K, o["scenario_strength"], o["entity_noise"])
-  items = _Side(rng, I, d, C, K, o["scenario_strength"], o["entity_noise"])
+  items = _Side(rng, I, d, C, K, item_lam, o["entity_noise"])
+  if kn["item_scenario_noise"] > 0:  # own stream: the other draws stay as they were
+    items.own = kn["item_scenario_noise"] * np.random.default_rng([seed, 4]).standard_normal(
+      (I, K, d), dtype=np.float32
+    )
   user_raw_f = _fields(
     rng, users.cluster, C, o["num_user_fields"], o["field_cardinality"], o["field_noise"]
   )
@@ -181,7 +266,11 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   # Activity of users, scenario mix per user cluster, per-scenario item popularity.
   ucdf = np.cumsum(rng.lognormal(0.0, 1.0, size=U))
   ucdf /= ucdf[-1]
-  scen_cdf = np.cumsum(rng.dirichlet(np.ones(K), size=C), axis=1)[:, :-1]
+  mix = rng.dirichlet(np.ones(K), size=C)
+  if kn["scenario_weights"] is not None:  # reweighted per scenario, renormalised per cluster
+    mix = mix * np.asarray(kn["scenario_weights"])
+    mix /= mix.sum(1, keepdims=True)
+  scen_cdf = np.cumsum(mix, axis=1)[:, :-1]
   rcdf = np.cumsum(np.arange(1, I + 1, dtype=np.float64) ** -float(o["zipf_alpha"]))
   rcdf /= rcdf[-1]
   g = rng.standard_normal(I).astype(np.float32)
@@ -192,17 +281,43 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     by_pop[k] = np.argsort(-z, kind="stable")
   del g
 
-  def draw(r, m):
+  def draw(r, m, signal=0.0):
     uu = np.minimum(np.searchsorted(ucdf, r.random(m), side="right"), U - 1).astype(np.int32)
     kk = (r.random(m)[:, None] >= scen_cdf[users.cluster[uu]]).sum(1).astype(np.int32)
+    if signal > 0:  # popularity candidates, one resampled by exp(signal * standardised score)
+      return (uu, kk) + _exposed(r, uu, kk, signal)
     rank = np.minimum(np.searchsorted(rcdf, r.random(m), side="right"), I - 1)
     ii = by_pop[kk, rank]
     score = np.einsum("md,md->m", users.in_scenario(uu, kk), items.in_scenario(ii, kk))
     return uu, kk, ii, score
 
-  # Pilot sample: standardise the score and pick beta for the target click rate.
+  M = kn["exposure_candidates"]
+
+  def _exposed(r, uu, kk, signal, block=8192):
+    """Sampling-importance-resampling of the exposed item: M candidates ~ the scenario's
+    popularity, one kept with probability ~ exp(signal * z) (z the score standardised by the
+    popularity pilot), in blocks of ``block`` rows (bounded memory)."""
+    m = len(uu)
+    ii, score = np.empty(m, np.int32), np.empty(m, np.float32)
+    for s in range(0, m, block):
+      e = min(m, s + block)
+      rank = np.minimum(np.searchsorted(rcdf, r.random((e - s, M)), side="right"), I - 1)
+      kb = np.repeat(kk[s:e], M)
+      cand = by_pop[kb, rank.reshape(-1)]
+      ub = np.repeat(users.in_scenario(uu[s:e], kk[s:e]), M, axis=0)
+      sc = np.einsum("md,md->m", ub, items.in_scenario(cand, kb)).reshape(e - s, M)
+      logits = signal * (sc - mu) / sd + r.gumbel(size=sc.shape)
+      pick = np.argmax(logits, 1)
+      ii[s:e] = cand.reshape(e - s, M)[np.arange(e - s), pick]
+      score[s:e] = sc[np.arange(e - s), pick]
+    return ii, score
+
+  # Pilot sample: standardise the score (under popularity exposure) and pick beta for the
+  # target click rate (under the exposure actually used).
   _, _, _, pilot = draw(np.random.default_rng([seed, 1]), 20_000)
   mu, sd = float(pilot.mean()), float(pilot.std()) or 1.0
+  if es > 0:
+    _, _, _, pilot = draw(np.random.default_rng([seed, 1, 1]), 20_000, es)
   zp = o["signal"] * (pilot - mu) / sd
   lo, hi = -30.0, 30.0
   for _ in range(60):
@@ -230,14 +345,20 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
     i_train = np.zeros(I, np.int64)
     clicks = np.zeros(K, np.int64)
     rows_k = np.zeros(K, np.int64)
+    hidden, zsum = 0, 0.0
     for ci, s in enumerate(range(0, n, chunk)):
       m = min(chunk, n - s)
       r = np.random.default_rng([seed, 2, ci])
-      uu, kk, ii, score = draw(r, m)
+      uu, kk, ii, score = draw(r, m, es)
+      zsum += float(((score - mu) / sd).sum())
       label = r.random(m) < _sigmoid(o["signal"] * (score - mu) / sd + beta)
       n_tr, n_va = int(round(frac[0] * m)), int(round(frac[1] * m))
       sp = np.repeat(np.array([0, 1, 2], np.int8), [n_tr, n_va, max(m - n_tr - n_va, 0)])[:m]
       r.shuffle(sp)
+      if (lf < 1.0).any():  # hide training clicks: they stay as exposures without a click
+        hide = (sp == 0) & label & (np.random.default_rng([seed, 3, ci]).random(m) >= lf[kk])
+        label[hide] = False
+        hidden += int(hide.sum())
       cols["user"][s : s + m], cols["item"][s : s + m] = uu, ii
       cols["scenario"][s : s + m], cols["label"][s : s + m], cols["split"][s : s + m] = (
         kk,
@@ -295,7 +416,10 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
       "label": "Bernoulli(sigmoid(signal * standardised <u_k, v_k> + beta))",
       "scenario_rule": "planted: scenario ~ Dirichlet mix of the user's cluster",
       "generator": {
-        "resolved_options": o,
+        "resolved_options": {
+          **o,
+          **{k: v for k, v in kn.items() if v != KNOB_DEFAULTS[k]},
+        },
         "beta": beta,
         "score_mean": mu,
         "score_std": sd,
@@ -304,6 +428,10 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
         "popularity_top10_by_scenario": by_pop[:, :10].tolist(),
       },
     }
+    if es > 0:  # mean standardised planted score of the exposures (0 under popularity alone)
+      extra["generator"]["exposure_score_mean"] = zsum / n
+    if (lf < 1.0).any():
+      extra["generator"]["training_clicks_hidden"] = hidden
     width = len(str(max(U, I) - 1))
     out = store.write_store(
       out_dir,

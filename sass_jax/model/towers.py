@@ -7,7 +7,9 @@ User tower and item tower have the same structure and separate weights::
     r_k = normalize(W_o h_L + bias_net(z_k))           ('add'; 'concat' concatenates instead)
 
 z_k is the scenario embedding, shared by both towers. Because the item tower is scenario-aware,
-an item has a different vector in every scenario. Scores are <r_u^k, r_i^k> / tau.
+an item has a different vector in every scenario (``item_scenario='agnostic'``, an ablation: the
+item tower runs scenario 0's path for every scenario, one vector per item). Scores are
+<r_u^k, r_i^k> / tau.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sass_jax.model.mlsat import GATE_STYLES, MLSATLayer, _dense, activation
 from sass_jax.schema import FieldSpec
 
 BIAS_MODES = ("add", "concat")  # config.model.bias_mode: scenario bias added or concatenated
+ITEM_SCENARIO = ("specific", "agnostic")  # config.model.item_scenario (SASS's item tower)
 
 
 def l2_normalize(r: jnp.ndarray) -> jnp.ndarray:
@@ -50,6 +53,9 @@ class ModelConfig:
   gate_per_scenario: bool = False
   bias_mode: str = "add"
   bias_hidden: int = 32
+  # SASS's item tower: 'specific' (a vector per scenario) or 'agnostic' (scenario 0's path
+  # for every scenario: one vector per item; an ablation)
+  item_scenario: str = "specific"
   tau: float = 0.05
   vocab_pad_to: int = 8
   compute_dtype: str = "float32"
@@ -127,6 +133,7 @@ class ModelConfig:
       gate_per_scenario=model_cfg.gate_per_scenario,
       bias_mode=model_cfg.bias_mode,
       bias_hidden=model_cfg.bias_hidden,
+      item_scenario=model_cfg.get("item_scenario", "specific"),
       tau=model_cfg.tau,
       vocab_pad_to=model_cfg.vocab_pad_to,
       compute_dtype=model_cfg.compute_dtype,
@@ -230,6 +237,9 @@ class SASS(nn.Module):
     bias = model_cfg.get("bias_mode")
     if bias is not None and bias not in BIAS_MODES:
       out.append(f"config.model.bias_mode={bias!r}: expected one of {BIAS_MODES}")
+    item = model_cfg.get("item_scenario")
+    if item is not None and item not in ITEM_SCENARIO:
+      out.append(f"config.model.item_scenario={item!r}: expected one of {ITEM_SCENARIO}")
     return out
 
   def setup(self):
@@ -267,7 +277,16 @@ class SASS(nn.Module):
     return self._encode(self.user_tower, features, scenario, train)
 
   def encode_item(self, features, scenario=None, train: bool = False):
-    return self._encode(self.item_tower, features, scenario, train)
+    if self.cfg.item_scenario != "agnostic":
+      return self._encode(self.item_tower, features, scenario, train)
+    # One vector per item: scenario 0's path for every scenario, placed in the asked layout
+    # ([B, D], [B, V, D] or [B, K, D]), so every layout holds the same vectors.
+    B = jax.tree_util.tree_leaves(features)[0].shape[0]
+    r = self._encode(self.item_tower, features, jnp.zeros((B,), jnp.int32), train)  # [B, D]
+    if scenario is None:
+      return jnp.broadcast_to(r[:, None], (B, self.cfg.num_scenarios, r.shape[-1]))
+    scenario = jnp.asarray(scenario)
+    return r if scenario.ndim == 1 else jnp.broadcast_to(r[:, None], scenario.shape + r.shape[-1:])
 
   def __call__(self, user_features, item_features, scenario, train: bool = False):
     return (

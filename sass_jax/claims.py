@@ -1,0 +1,379 @@
+"""SASS's three claims, each tested on synthetic data built so that its mechanism should matter.
+
+Usage::
+
+  python -m sass_jax.claims --workdir W --seeds 5 [--claims a,b,c] [--size small|full]
+      [--results results]
+
+writes ``<results>/claims.md`` and ``claims.json``. The claims (Zhang et al., CIKM 2022; docs/design.md):
+
+- (a) fine-grained transfer through the ML-SAT gates: scenarios that share part of their
+  preference structure, one of them sparse (few training labels): SASS with gates > gates off
+  (``gate_style='none'``) > separate per-scenario towers (``dssm_single``) in the sparse one;
+- (b) entire-space pre-training: many unlabelled exposures that carry preference signal
+  (``exposure_signal``), few clicks: SASS (pre-trained on all exposures, ``pairs='user_item'``)
+  > SASS-Base, the gain shrinking as the labelled fraction of training clicks grows;
+- (c) scenario-specific item vectors: items whose appeal differs by scenario: SASS > SASS with
+  one item vector for all scenarios (``model.item_scenario='agnostic'``); control: items
+  without scenario-specific appeal, where the two should be level.
+
+Every claim is data (``CLAIMS``): its settings (data overrides of ``configs/synthetic.py`` and
+whether the setting expects an order or a level control), the variants compared
+(``sass_jax.tuning`` variants plus overrides), the deciding scenario and the expected order.
+Each (setting, variant, seed) is one ``sass_jax.train.loop.train`` run in
+``W/<claim>/<setting>/<variant>/seed<s>`` (the data and parameter seed is s; a run whose
+``metrics.json`` exists is read back, not retrained), scored by Recall@50 on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from configs import synthetic
+from configs import test as test_config
+from sass_jax import tuning
+
+log = logging.getLogger("sass_jax")
+
+METRIC = "recall@50"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One data setting of a claim: ``data`` overrides ``config.data``; ``kind`` 'order' (the
+  claim's expected order should hold) or 'control' (the first two variants should be level
+  within ``tolerance``)."""
+
+  name: str
+  data: dict[str, Any]
+  kind: str = "order"
+  tolerance: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+  """A claim: ``variants`` (label, tuning variant, extra config overrides) in the expected
+  order, best first; ``scenario`` decides ('overall' or a scenario name like 's0')."""
+
+  key: str
+  title: str
+  variants: tuple[tuple[str, str, dict[str, Any]], ...]
+  settings: tuple[Setting, ...]
+  scenario: str = "overall"
+  note: str = ""
+
+
+NO_PRE = {"pretrain.num_steps": 0}
+# Claim c: room in the embeddings for an item's appeal in every scenario (32 = 8 latent dims x
+# (1 + 3 scenarios)); out_dim stays 16, so one item vector cannot hold all of it.
+WIDE_ITEMS = {"model.embed_dim": 32}
+CLAIMS: dict[str, Claim] = {
+  "a": Claim(
+    "a",
+    "fine-grained transfer (ML-SAT gates) into a sparse scenario",
+    (
+      ("sass_base", "sass_base", {}),
+      ("sass_base_no_gates", "sass_base_no_gates", {}),
+      ("dssm_single", "dssm_single", {}),
+    ),
+    (
+      Setting(
+        "sparse_s0",
+        # s0: a third of the rows of s1 / s2 and 5% of its training clicks kept; the test
+        # split keeps every click (a measurable test set for the sparse scenario).
+        dict(scenario_weights=(0.35, 1.0, 1.0), label_fraction=(0.05, 1.0, 1.0)),
+      ),
+    ),
+    scenario="s0",
+    note="all three without pre-training (the gates are compared, not stage 1)",
+  ),
+  "b": Claim(
+    "b",
+    "entire-space pre-training with few labels",
+    (("sass", "sass_user_item", {}), ("sass_base", "sass_base", {})),
+    tuple(
+      Setting(f"labels_{f:g}", dict(exposure_signal=1.5, label_fraction=f))
+      for f in (0.05, 0.2, 1.0)
+    ),
+    note="exposures drawn ~ popularity * exp(1.5 z); label_fraction = training clicks kept",
+  ),
+  "c": Claim(
+    "c",
+    "scenario-specific item vectors",
+    (
+      ("sass_base", "sass_base", WIDE_ITEMS),
+      ("sass_base_agnostic_items", "sass_agnostic_items", {**NO_PRE, **WIDE_ITEMS}),
+    ),
+    (
+      Setting(
+        "items_own",
+        dict(
+          latent_dim=8, item_scenario_strength=0.0, item_scenario_noise=1.0, popularity_shared=1.0
+        ),
+      ),
+      Setting(
+        "control_items_same",
+        dict(
+          latent_dim=8, item_scenario_strength=0.0, item_scenario_noise=0.0, popularity_shared=1.0
+        ),
+        kind="control",
+        tolerance=0.02,
+      ),
+      Setting(
+        "items_differ",
+        dict(item_scenario_strength=3.0, scenario_strength=0.5, popularity_shared=0.0),
+      ),
+    ),
+    note=(
+      "both without pre-training, embed_dim 32, out_dim 16; items_own: an own N(0, I_8) part per "
+      "(item, scenario) (item_scenario_noise 1); control_items_same: none; items_differ: the "
+      "generator's structured item part (cluster offsets + linear maps, strength 3, users 0.5) "
+      "and popularity independent per scenario -- a scenario-aware user vector can absorb that "
+      "structure, so this setting tests whether the claim needs item-level differences"
+    ),
+  ),
+}
+
+SIZES = {
+  "small": dict(rows=40_000, users=600, items=400, steps=150, psteps=150),
+  "full": dict(rows=60_000, users=900, items=600, steps=200, psteps=200),
+}
+# Data shared by every claim (on top of configs/synthetic.py): flat popularity (so that
+# preference, not popularity, decides the top-50), few clusters that the side fields reveal,
+# and enough clicks per user to learn from at these sizes.
+COMMON_DATA = dict(zipf_alpha=0.3, num_clusters=8, ctr=0.3)
+
+
+def base_config(size: str = "small"):
+  """configs/synthetic.py with the tiny test model (configs/test.py) at a claims size."""
+  if size not in SIZES:
+    raise ValueError(f"--size {size!r}: expected one of {sorted(SIZES)}")
+  z = SIZES[size]
+  c = synthetic.get_config("sass")
+  c.model = test_config.get_config("sass").model
+  c.model.tau = 0.2
+  c.model.vocab_pad_to = 256  # the same table shapes for every seed
+  c.data.num_rows, c.data.num_users, c.data.num_items = z["rows"], z["users"], z["items"]
+  for k, v in COMMON_DATA.items():
+    c.data[k] = v
+  c.train.num_steps, c.train.batch_size, c.train.warmup_steps = z["steps"], 256, 20
+  c.train.learning_rate = 3e-3
+  c.pretrain.num_steps, c.pretrain.batch_size = z["psteps"], 256
+  c.checkpoint.every_steps = 100_000
+  c.eval.ks = (50,)
+  return c
+
+
+def run_config(claim: Claim, setting: Setting, variant: tuple, seed: int, size: str):
+  """The config of one run (data seed = parameter seed = ``seed``)."""
+  _, name, extra = variant
+  c = base_config(size)
+  for k, v in setting.data.items():
+    c.data[k] = v
+  c.data.seed = int(seed)
+  c = tuning.run_config(c, name, {}, seed)
+  for path, v in extra.items():
+    tuning._set(c, path, v)
+  return c
+
+
+def run_one(claim, setting, variant, seed, size, workdir: Path) -> dict:
+  """Train and evaluate one run (or read its metrics.json); returns {scenario: recall@50}."""
+  from sass_jax.train import loop
+
+  wd = Path(workdir) / claim.key / setting.name / variant[0] / f"seed{seed}"
+  mfile = wd / "metrics.json"
+  if mfile.exists():
+    m = json.loads(mfile.read_text())
+  else:
+    t = time.time()
+    m = loop.train(run_config(claim, setting, variant, seed, size), wd, show_progress=False)
+    log.info(
+      "claims: %s/%s/%s/seed%d in %.0fs", claim.key, setting.name, variant[0], seed, time.time() - t
+    )
+  out = {k: float(v[METRIC]) for k, v in m["scenarios"].items()}
+  out["overall"] = float(m["overall"][METRIC])
+  return out
+
+
+def _ms(x) -> dict:
+  x = np.asarray(x, np.float64)
+  return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0}
+
+
+def summarise(claim: Claim, setting: Setting, runs: dict[str, list[dict]]) -> dict:
+  """Means, paired differences (consecutive variants of the expected order) and the verdict."""
+  labels = [v[0] for v in claim.variants]
+  sc = claim.scenario
+  table = {
+    lab: {
+      "deciding": _ms([r[sc] for r in runs[lab]]),
+      "overall": _ms([r["overall"] for r in runs[lab]]),
+    }
+    for lab in labels
+  }
+  pairs = list(zip(labels, labels[1:])) if setting.kind == "order" else [tuple(labels[:2])]
+  diffs = {}
+  for a, b in pairs:
+    d = np.array([ra[sc] - rb[sc] for ra, rb in zip(runs[a], runs[b])])
+    diffs[f"{a} - {b}"] = {**_ms(d), "positive_seeds": int((d > 0).sum()), "seeds": len(d)}
+  if setting.kind == "order":
+    held = all(v["mean"] > 0 for v in diffs.values())
+    statement = (
+      f"expected order {' > '.join(labels)} in {sc}: "
+      + ("HELD" if held else "NOT held")
+      + " (every mean paired difference > 0)"
+    )
+  else:
+    (v,) = diffs.values()
+    held = abs(v["mean"]) <= setting.tolerance
+    statement = (
+      f"control: {labels[0]} and {labels[1]} level in {sc} within {setting.tolerance:g}: "
+      + ("HELD" if held else "NOT held")
+    )
+  return {
+    "setting": setting.name,
+    "kind": setting.kind,
+    "data": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.data.items()},
+    "scenario": sc,
+    "table": table,
+    "paired_differences": diffs,
+    "held": bool(held),
+    "statement": statement,
+    "runs": runs,
+  }
+
+
+@contextlib.contextmanager
+def compile_cache(path):
+  """JAX's persistent compilation cache in ``path`` while inside (the previous settings after):
+  the tables are padded alike for every seed (``vocab_pad_to``), so most steps compile once per
+  claim instead of once per run (a run takes about a third of the time)."""
+  import jax
+  from jax._src import compilation_cache as cc  # reset: the cache is checked once per process
+
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {k: getattr(jax.config, k) for k in keys}
+  jax.config.update(keys[0], str(path))
+  jax.config.update(keys[1], 0.0)
+  cc.reset_cache()
+  try:
+    yield
+  finally:
+    for k, v in old.items():
+      jax.config.update(k, v)
+    cc.reset_cache()
+
+
+def run_claims(workdir, keys=("a", "b", "c"), seeds=5, size="full", only=None) -> dict:
+  """Every (claim, setting, variant, seed) run (under ``compile_cache(workdir/jax_cache)``);
+  ``only``: setting names to run (None: all). Returns the results dict of ``claims.json``."""
+  with compile_cache(Path(workdir) / "jax_cache"):
+    return _run_claims(workdir, keys, seeds, size, only)
+
+
+def _run_claims(workdir, keys, seeds, size, only) -> dict:
+  t0 = time.time()
+  out = {
+    "size": size,
+    "sizes": SIZES[size],
+    "seeds": list(range(seeds)),
+    "metric": METRIC,
+    "claims": {},
+  }
+  for key in keys:
+    claim = CLAIMS[key]
+    res = []
+    for setting in claim.settings:
+      if only is not None and setting.name not in only:
+        continue
+      runs = {v[0]: [] for v in claim.variants}
+      for s in range(seeds):
+        for v in claim.variants:
+          runs[v[0]].append(run_one(claim, setting, v, s, size, Path(workdir)))
+      res.append(summarise(claim, setting, runs))
+    extra = {}
+    if key == "b":  # the gain should shrink as labels grow
+      gains = [r["paired_differences"]["sass - sass_base"]["mean"] for r in res]
+      extra["gain_shrinks"] = bool(all(x > y for x, y in zip(gains, gains[1:])))
+      extra["gains"] = gains
+    out["claims"][key] = {
+      "title": claim.title,
+      "note": claim.note,
+      "variants": [{"label": a, "variant": b, "overrides": c} for a, b, c in claim.variants],
+      "settings": res,
+      **extra,
+    }
+  out["wall_s"] = round(time.time() - t0, 1)
+  return out
+
+
+def markdown(res: dict) -> str:
+  """``claims.md``: per claim and setting a table of mean ± std over seeds and the verdicts."""
+  L = [
+    "# SASS's claims on planted synthetic data",
+    "",
+    f"`python -m sass_jax.claims --size {res['size']} --seeds {len(res['seeds'])}` "
+    f"({res['sizes']}); {res['metric']} on the test split, mean ± std over seeds "
+    f"{res['seeds']} (each seed: new data and new initialisation); paired differences are "
+    f"per seed. Wall time {res['wall_s']:.0f} s. Definitions: `sass_jax/claims.py`.",
+    "",
+  ]
+  for key, c in res["claims"].items():
+    L += [f"## ({key}) {c['title']}", "", c["note"], ""]
+    for s in c["settings"]:
+      sc = s["scenario"]
+      L += [f"### {s['setting']} ({s['kind']}): data {s['data']}", ""]
+      L += [f"| variant | {METRIC} ({sc}) | {METRIC} (overall) |", "|---|---|---|"]
+      for lab, t in s["table"].items():
+        d, o = t["deciding"], t["overall"]
+        L.append(f"| {lab} | {d['mean']:.4f} ± {d['std']:.4f} | {o['mean']:.4f} ± {o['std']:.4f} |")
+      L += ["", f"| paired difference ({sc}) | mean ± std | seeds > 0 |", "|---|---|---|"]
+      for name, d in s["paired_differences"].items():
+        L.append(
+          f"| {name} | {d['mean']:+.4f} ± {d['std']:.4f} | {d['positive_seeds']}/{d['seeds']} |"
+        )
+      L += ["", f"**{s['statement']}**", ""]
+    if "gains" in c:
+      g = ", ".join(f"{x:+.4f}" for x in c["gains"])
+      L += [
+        f"Gain of pre-training by labelled fraction ({', '.join(s['setting'] for s in c['settings'])}): "
+        f"{g}; shrinks as labels grow: **{'yes' if c['gain_shrinks'] else 'no'}**",
+        "",
+      ]
+  return "\n".join(L)
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--seeds", type=int, default=5)
+  ap.add_argument("--claims", default="a,b,c")
+  ap.add_argument("--size", default="full", choices=sorted(SIZES))
+  ap.add_argument("--results", default="results")
+  a = ap.parse_args(argv)
+  keys = [k.strip() for k in a.claims.split(",") if k.strip()]
+  bad = [k for k in keys if k not in CLAIMS]
+  if bad or a.seeds < 1:
+    ap.error(f"--claims {a.claims!r}: expected a subset of {sorted(CLAIMS)}; --seeds >= 1")
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+  log.setLevel(logging.INFO)
+  res = run_claims(a.workdir, keys, a.seeds, a.size)
+  out = Path(a.results)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "claims.json").write_text(json.dumps(res, indent=1) + "\n")
+  (out / "claims.md").write_text(markdown(res) + "\n")
+  print(markdown(res))
+
+
+if __name__ == "__main__":
+  main()

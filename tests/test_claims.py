@@ -1,0 +1,199 @@
+"""SASS's claims on planted synthetic data (sass_jax/claims.py) and the generator knobs they use."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from sass_jax import claims, tuning
+from sass_jax.data import synthetic
+from sass_jax.train import loop
+
+SMALL = dict(num_rows=5000, num_users=300, num_items=200, chunk_rows=2048, seed=3)
+
+
+def _digest(out: Path) -> str:
+  h = hashlib.sha256()
+  for p in sorted(Path(out).rglob("*.npy")):
+    h.update(p.name.encode())
+    h.update(np.load(p).tobytes())
+  return h.hexdigest()
+
+
+def _inter(out: Path) -> dict:
+  return {
+    c: np.load(Path(out) / "interactions" / f"{c}.npy")
+    for c in ("user", "item", "scenario", "label", "split")
+  }
+
+
+def test_default_knobs_leave_the_data_unchanged(tmp_path):
+  """Every column (interactions, users, items) of a default data set has the bytes the generator
+  wrote before the claims knobs existed (digest taken then), and so has the manifest's options."""
+  out = synthetic.prepare(SMALL, tmp_path / "a")
+  assert _digest(out) == "3a19a886bb50c47de1a65c3b5852129fac6e8c9f58a0bb13e65bd9c9bbc142e8"
+  explicit = dict(
+    SMALL,
+    scenario_weights=None,
+    item_scenario_strength=None,
+    exposure_signal=0.0,
+    label_fraction=1.0,
+  )
+  out2 = synthetic.prepare(explicit, tmp_path / "b")
+  assert _digest(out2) == _digest(out)
+  gen = json.loads((Path(out) / "manifest.json").read_text())["generator"]
+  assert not set(synthetic.KNOB_DEFAULTS) & set(gen["resolved_options"])
+
+
+@pytest.mark.parametrize(
+  "key,value",
+  [
+    ("scenario_weights", (1.0, 2.0)),
+    ("scenario_weights", (1.0, 0.0, 1.0)),
+    ("scenario_weights", "abc"),
+    ("item_scenario_strength", -1.0),
+    ("exposure_signal", -0.5),
+    ("exposure_signal", float("nan")),
+    ("exposure_candidates", 1),
+    ("label_fraction", 0.0),
+    ("label_fraction", 1.5),
+    ("label_fraction", (0.5, 1.0)),
+  ],
+)
+def test_knob_validation_names_the_key(tmp_path, key, value):
+  with pytest.raises(ValueError, match=rf"^config\.data\.{key}=") as e:
+    synthetic.prepare(dict(SMALL, **{key: value}), tmp_path / "x")
+  assert "\n" not in str(e.value)
+
+
+def test_knobs_change_what_they_say(tmp_path):
+  base = _inter(synthetic.prepare(SMALL, tmp_path / "base"))
+  # scenario_weights: the row share follows the weights
+  w = _inter(synthetic.prepare(dict(SMALL, scenario_weights=(0.1, 1.0, 1.0)), tmp_path / "w"))
+  share = np.bincount(w["scenario"], minlength=3) / len(w["scenario"])
+  share0 = np.bincount(base["scenario"], minlength=3) / len(base["scenario"])
+  assert share[0] < 0.5 * share0[0]
+  # label_fraction: only training clicks are hidden (here in s0 only), other rows untouched
+  h = _inter(synthetic.prepare(dict(SMALL, label_fraction=(0.2, 1.0, 1.0)), tmp_path / "h"))
+  for c in ("user", "item", "scenario", "split"):
+    np.testing.assert_array_equal(h[c], base[c])
+  changed = h["label"] != base["label"]
+  assert changed.any() and (base["label"][changed] == 1).all()
+  assert (base["split"][changed] == 0).all() and (base["scenario"][changed] == 0).all()
+  kept = h["label"][(base["split"] == 0) & (base["scenario"] == 0) & (base["label"] == 1)].mean()
+  assert 0.05 < kept < 0.4
+  # exposure_signal: the exposed item depends on the user (the click rate target still holds)
+  e = synthetic.prepare(dict(SMALL, exposure_signal=2.0), tmp_path / "e")
+  ei = _inter(e)
+  assert (ei["item"] != base["item"]).mean() > 0.5
+  assert abs(ei["label"].mean() - 0.1) < 0.03
+  gen = json.loads((Path(e) / "manifest.json").read_text())["generator"]
+  assert gen["resolved_options"]["exposure_signal"] == 2.0
+
+
+def test_exposure_signal_puts_preference_into_exposures(tmp_path):
+  """With exposure_signal the exposed items score higher under the planted preference than
+  under popularity alone (mean standardised score 0), more so for a larger signal."""
+  means = []
+  for es in (1.0, 2.0):
+    out = synthetic.prepare(dict(SMALL, exposure_signal=es), tmp_path / f"e{es}")
+    means.append(
+      json.loads((Path(out) / "manifest.json").read_text())["generator"]["exposure_score_mean"]
+    )
+  assert 0.5 < means[0] < means[1], means
+
+
+def test_agnostic_item_tower_has_one_vector_for_all_scenarios(tmp_path):
+  claim = claims.CLAIMS["c"]
+  cfg = claims.run_config(claim, claim.settings[0], claim.variants[1], 0, "small")
+  assert cfg.model.item_scenario == "agnostic" and cfg.pretrain.num_steps == 0
+  cfg.data.num_rows = 5000
+  data = loop.prepare(cfg, tmp_path)
+  model = loop.build_model(cfg, data)
+  feats = loop.example_batch(data)
+  params = model.init(jax.random.key(0), feats["user"], feats["item"], feats["scenario"])
+  v = np.asarray(model.apply(params, feats["item"], None, method="encode_item"))  # [B, K, D]
+  assert v.shape == (2, data.num_scenarios, cfg.model.out_dim)
+  for k in range(1, data.num_scenarios):
+    np.testing.assert_array_equal(v[:, k], v[:, 0])
+  for k in range(data.num_scenarios):  # the per-row layout agrees with the all-scenarios one
+    sel = np.asarray(
+      model.apply(params, feats["item"], np.full(2, k, np.int32), method="encode_item")
+    )
+    np.testing.assert_allclose(sel, v[:, k], rtol=1e-5, atol=1e-6)
+  views = np.asarray(
+    model.apply(params, feats["item"], np.array([[0, 2], [1, 0]], np.int32), method="encode_item")
+  )
+  np.testing.assert_allclose(views, v[:, :2], rtol=1e-5, atol=1e-6)
+  # the specific tower (default) differs across scenarios
+  spec = claims.run_config(claim, claim.settings[0], claim.variants[0], 0, "small")
+  m2 = loop.build_model(spec, data)
+  v2 = np.asarray(m2.apply(params, feats["item"], None, method="encode_item"))
+  assert not np.allclose(v2[:, 0], v2[:, 1])
+
+
+def test_item_scenario_is_checked_and_a_variant():
+  assert tuning.VARIANTS["sass_agnostic_items"]["model.item_scenario"] == "agnostic"
+  from sass_jax.model.towers import SASS
+
+  cfg = claims.base_config("small")
+  cfg.model.item_scenario = "sometimes"
+  (msg,) = SASS.config_problems(cfg.model)
+  assert msg.startswith("config.model.item_scenario='sometimes': expected one of")
+
+
+# ---- the claims, trained (size 'small', 2 seeds, shared across assertions) ------------------
+# Margins and tolerances come from the paired differences measured at size 'small' over seeds
+# 0 and 1 (and results/claims.md at size 'full', 5 seeds); only effects that held there with
+# room are asserted. Not asserted (they did not hold; results/claims.md has the numbers):
+# gates > gates off in the sparse scenario (a), the pre-training gain shrinking as labels grow
+# (b), scenario-specific > agnostic item vectors (c).
+
+RUN = {"a": ("sparse_s0",), "b": ("labels_0.05",), "c": ("control_items_same",)}
+
+
+@pytest.fixture(scope="module")
+def claim_results(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("claims")
+  return {
+    k: claims.run_claims(wd, (k,), seeds=2, size="small", only=only)["claims"][k]
+    for k, only in RUN.items()
+  }
+
+
+def _setting(res, name):
+  return next(s for s in res["settings"] if s["setting"] == name)
+
+
+def _paired(setting, a, b):
+  sc = setting["scenario"]
+  return np.array([x[sc] - y[sc] for x, y in zip(setting["runs"][a], setting["runs"][b])])
+
+
+def test_claim_a_shared_model_beats_separate_towers_in_the_sparse_scenario(claim_results):
+  """Sparse s0 (5% of its training clicks): SASS-Base, with and without gates, beats separate
+  per-scenario towers (DSSM-S) there (small: +0.03 / +0.03 and +0.05 / +0.03 on 20k rows)."""
+  s = _setting(claim_results["a"], "sparse_s0")
+  assert s["scenario"] == "s0"
+  for v in ("sass_base", "sass_base_no_gates"):
+    d = _paired(s, v, "dssm_single")
+    assert d.mean() > 0.01, (v, d, s["table"])
+
+
+def test_claim_b_pretraining_helps_with_few_labels(claim_results):
+  """5% of the training clicks, exposures carrying preference: pre-trained SASS beats SASS-Base
+  (small: +0.046 / +0.034 overall)."""
+  s = _setting(claim_results["b"], "labels_0.05")
+  d = s["paired_differences"]["sass - sass_base"]
+  assert d["mean"] > 0.015, (d, s["table"])
+
+
+def test_claim_c_control_is_level(claim_results):
+  """Items with no scenario-specific appeal: one item vector for all scenarios is as good as
+  one per scenario (within 0.03; small: +0.014 on seed 0)."""
+  s = _setting(claim_results["c"], "control_items_same")
+  d = s["paired_differences"]["sass_base - sass_base_agnostic_items"]
+  assert abs(d["mean"]) < 0.03, (d, s["table"])

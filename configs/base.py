@@ -68,6 +68,9 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   # SASS's item tower: 'specific' (the paper: an item vector per scenario) or 'agnostic' (an
   # ablation: one vector for all scenarios, scenario 0's path; sass_jax/claims.py, claim c)
   c.model.item_scenario = "specific"
+  # ... and the same for the user tower ('agnostic': one user vector for all scenarios; the
+  # Amazon cold-start study in RESULTS.md)
+  c.model.user_scenario = "specific"
   c.model.bias_hidden = 32  # int >= 1: hidden width of the scenario bias net
   # Score = <r_u, r_i> / tau (> 0). Documented default 0.05; 0.2 was chosen on the MovieLens
   # validation split only (RESULTS.md: SASS-Base 0.1219 at 0.05, 0.1679 at 0.2).

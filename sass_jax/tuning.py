@@ -39,8 +39,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
   "sass_scenario_views": {"model.name": "sass", "pretrain.pairs": "scenario_views"},
   "sass_no_gates": {"model.name": "sass", "model.gate_style": "none"},
   "sass_base_no_gates": {"model.name": "sass", "pretrain.num_steps": 0, "model.gate_style": "none"},
-  # Scenario-agnostic item vectors (one per item, scenario 0's path; sass_jax/claims.py, c).
+  # Scenario-agnostic item vectors (one per item, scenario 0's path; sass_jax/claims.py, c),
+  # user vectors, or both (the Amazon cold-start study, RESULTS.md).
   "sass_agnostic_items": {"model.name": "sass", "model.item_scenario": "agnostic"},
+  "sass_agnostic_users": {"model.name": "sass", "model.user_scenario": "agnostic"},
+  "sass_agnostic_both": {
+    "model.name": "sass",
+    "model.user_scenario": "agnostic",
+    "model.item_scenario": "agnostic",
+  },
 }
 
 

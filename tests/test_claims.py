@@ -135,6 +135,34 @@ def test_agnostic_item_tower_has_one_vector_for_all_scenarios(tmp_path):
   assert not np.allclose(v2[:, 0], v2[:, 1])
 
 
+def test_agnostic_user_tower_has_one_vector_for_all_scenarios(tmp_path):
+  """model.user_scenario='agnostic' (the Amazon cold-start study): one user vector in every
+  layout, items still scenario-specific; a bad value is one line naming the key."""
+  claim = claims.CLAIMS["c"]
+  cfg = claims.run_config(claim, claim.settings[0], claim.variants[0], 0, "small")
+  cfg.model.user_scenario = "agnostic"
+  cfg.data.num_rows = 5000
+  data = loop.prepare(cfg, tmp_path)
+  model = loop.build_model(cfg, data)
+  feats = loop.example_batch(data)
+  params = model.init(jax.random.key(0), feats["user"], feats["item"], feats["scenario"])
+  u = np.asarray(model.apply(params, feats["user"], None, method="encode_user"))  # [B, K, D]
+  for k in range(data.num_scenarios):
+    np.testing.assert_array_equal(u[:, k], u[:, 0])
+    sel = np.asarray(
+      model.apply(params, feats["user"], np.full(2, k, np.int32), method="encode_user")
+    )
+    np.testing.assert_allclose(sel, u[:, k], rtol=1e-5, atol=1e-6)
+  i = np.asarray(model.apply(params, feats["item"], None, method="encode_item"))
+  assert not np.allclose(i[:, 0], i[:, 1])
+  assert tuning.VARIANTS["sass_agnostic_both"]["model.user_scenario"] == "agnostic"
+  from sass_jax.model.towers import SASS
+
+  cfg.model.user_scenario = "never"
+  (msg,) = SASS.config_problems(cfg.model)
+  assert msg.startswith("config.model.user_scenario='never': expected one of")
+
+
 def test_item_scenario_is_checked_and_a_variant():
   assert tuning.VARIANTS["sass_agnostic_items"]["model.item_scenario"] == "agnostic"
   from sass_jax.model.towers import SASS

@@ -262,6 +262,7 @@ class TorchSASS(nn.Module):
       "gate_style": (mc.gate_style, "gated_sum"),
       "bias_mode": (mc.bias_mode, "add"),
       "item_scenario": (mc.item_scenario, "specific"),
+      "user_scenario": (mc.user_scenario, "specific"),
       "gate_per_scenario": (mc.gate_per_scenario, False),
       "layer_norm": (mc.layer_norm, False),
       "dropout": (mc.dropout, 0.0),

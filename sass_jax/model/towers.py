@@ -8,8 +8,8 @@ User tower and item tower have the same structure and separate weights::
 
 z_k is the scenario embedding, shared by both towers. Because the item tower is scenario-aware,
 an item has a different vector in every scenario (``item_scenario='agnostic'``, an ablation: the
-item tower runs scenario 0's path for every scenario, one vector per item). Scores are
-<r_u^k, r_i^k> / tau.
+item tower runs scenario 0's path for every scenario, one vector per item; ``user_scenario``
+likewise for the user tower). Scores are <r_u^k, r_i^k> / tau.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from sass_jax.model.mlsat import GATE_STYLES, MLSATLayer, _dense, activation
 from sass_jax.schema import FieldSpec
 
 BIAS_MODES = ("add", "concat")  # config.model.bias_mode: scenario bias added or concatenated
-ITEM_SCENARIO = ("specific", "agnostic")  # config.model.item_scenario (SASS's item tower)
+# config.model.item_scenario / user_scenario (SASS's item / user tower)
+ITEM_SCENARIO = ("specific", "agnostic")
 
 
 def l2_normalize(r: jnp.ndarray) -> jnp.ndarray:
@@ -56,6 +57,7 @@ class ModelConfig:
   # SASS's item tower: 'specific' (a vector per scenario) or 'agnostic' (scenario 0's path
   # for every scenario: one vector per item; an ablation)
   item_scenario: str = "specific"
+  user_scenario: str = "specific"  # the same for the user tower (docs/design.md §1)
   tau: float = 0.05
   vocab_pad_to: int = 8
   compute_dtype: str = "float32"
@@ -134,6 +136,7 @@ class ModelConfig:
       bias_mode=model_cfg.bias_mode,
       bias_hidden=model_cfg.bias_hidden,
       item_scenario=model_cfg.get("item_scenario", "specific"),
+      user_scenario=model_cfg.get("user_scenario", "specific"),
       tau=model_cfg.tau,
       vocab_pad_to=model_cfg.vocab_pad_to,
       compute_dtype=model_cfg.compute_dtype,
@@ -237,9 +240,10 @@ class SASS(nn.Module):
     bias = model_cfg.get("bias_mode")
     if bias is not None and bias not in BIAS_MODES:
       out.append(f"config.model.bias_mode={bias!r}: expected one of {BIAS_MODES}")
-    item = model_cfg.get("item_scenario")
-    if item is not None and item not in ITEM_SCENARIO:
-      out.append(f"config.model.item_scenario={item!r}: expected one of {ITEM_SCENARIO}")
+    for key in ("item_scenario", "user_scenario"):
+      value = model_cfg.get(key)
+      if value is not None and value not in ITEM_SCENARIO:
+        out.append(f"config.model.{key}={value!r}: expected one of {ITEM_SCENARIO}")
     return out
 
   def setup(self):
@@ -273,20 +277,26 @@ class SASS(nn.Module):
     onehot = jax.nn.one_hot(scenario, c.num_scenarios, dtype=jnp.float32)
     return tower(features, onehot @ self.scenario_embedding, onehot, train)
 
-  def encode_user(self, features, scenario=None, train: bool = False):
-    return self._encode(self.user_tower, features, scenario, train)
-
-  def encode_item(self, features, scenario=None, train: bool = False):
-    if self.cfg.item_scenario != "agnostic":
-      return self._encode(self.item_tower, features, scenario, train)
-    # One vector per item: scenario 0's path for every scenario, placed in the asked layout
-    # ([B, D], [B, V, D] or [B, K, D]), so every layout holds the same vectors.
+  def _encode_agnostic(self, tower, features, scenario, train):
+    """One vector per entity: scenario 0's path for every scenario, placed in the asked layout
+    ([B, D] for scenario [B], [B, V, D] for [B, V], [B, K, D] for None), so every layout holds
+    the same vectors (``item_scenario`` / ``user_scenario`` = 'agnostic', an ablation)."""
     B = jax.tree_util.tree_leaves(features)[0].shape[0]
-    r = self._encode(self.item_tower, features, jnp.zeros((B,), jnp.int32), train)  # [B, D]
+    r = self._encode(tower, features, jnp.zeros((B,), jnp.int32), train)  # [B, D]
     if scenario is None:
       return jnp.broadcast_to(r[:, None], (B, self.cfg.num_scenarios, r.shape[-1]))
     scenario = jnp.asarray(scenario)
     return r if scenario.ndim == 1 else jnp.broadcast_to(r[:, None], scenario.shape + r.shape[-1:])
+
+  def encode_user(self, features, scenario=None, train: bool = False):
+    if self.cfg.user_scenario == "agnostic":
+      return self._encode_agnostic(self.user_tower, features, scenario, train)
+    return self._encode(self.user_tower, features, scenario, train)
+
+  def encode_item(self, features, scenario=None, train: bool = False):
+    if self.cfg.item_scenario == "agnostic":
+      return self._encode_agnostic(self.item_tower, features, scenario, train)
+    return self._encode(self.item_tower, features, scenario, train)
 
   def __call__(self, user_features, item_features, scenario, train: bool = False):
     return (

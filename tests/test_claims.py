@@ -176,11 +176,12 @@ def test_item_scenario_is_checked_and_a_variant():
 # ---- the claims, trained (size 'small', 2 seeds, shared across assertions) ------------------
 # Margins and tolerances come from the paired differences measured at size 'small' over seeds
 # 0 and 1 (and results/claims.md at size 'full', 5 seeds); only effects that held there with
-# room are asserted. Not asserted (they did not hold; results/claims.md has the numbers):
-# gates > gates off in the sparse scenario (a), the pre-training gain shrinking as labels grow
-# (b), scenario-specific > agnostic item vectors (c).
+# room are asserted. Not asserted (not held, or not with a margin, at both sizes;
+# results/claims.md has the full-size numbers): claim (a) at all (small, 2 seeds: SASS-Base
+# minus DSSM-S in s0 = -0.025 / -0.032, while full, 5 seeds: +0.013 +- 0.021), the
+# pre-training gain shrinking as labels grow (b), scenario-specific > agnostic item vectors (c).
 
-RUN = {"a": ("sparse_s0",), "b": ("labels_0.05",), "c": ("control_items_same",)}
+RUN = {"b": ("labels_0.05",), "c": ("control_items_same",)}
 
 
 @pytest.fixture(scope="module")
@@ -199,16 +200,6 @@ def _setting(res, name):
 def _paired(setting, a, b):
   sc = setting["scenario"]
   return np.array([x[sc] - y[sc] for x, y in zip(setting["runs"][a], setting["runs"][b])])
-
-
-def test_claim_a_shared_model_beats_separate_towers_in_the_sparse_scenario(claim_results):
-  """Sparse s0 (5% of its training clicks): SASS-Base, with and without gates, beats separate
-  per-scenario towers (DSSM-S) there (small: +0.03 / +0.03 and +0.05 / +0.03 on 20k rows)."""
-  s = _setting(claim_results["a"], "sparse_s0")
-  assert s["scenario"] == "s0"
-  for v in ("sass_base", "sass_base_no_gates"):
-    d = _paired(s, v, "dssm_single")
-    assert d.mean() > 0.01, (v, d, s["table"])
 
 
 def test_claim_b_pretraining_helps_with_few_labels(claim_results):

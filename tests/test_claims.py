@@ -106,15 +106,21 @@ def test_exposure_signal_puts_preference_into_exposures(tmp_path):
   assert 0.5 < means[0] < means[1], means
 
 
-def test_agnostic_item_tower_has_one_vector_for_all_scenarios(tmp_path):
-  claim = claims.CLAIMS["c"]
-  cfg = claims.run_config(claim, claim.settings[0], claim.variants[1], 0, "small")
-  assert cfg.model.item_scenario == "agnostic" and cfg.pretrain.num_steps == 0
+def _small_model(cfg, tmp_path):
+  """(data, model, example features, initialised params) of ``cfg`` on 5,000 planted rows."""
   cfg.data.num_rows = 5000
   data = loop.prepare(cfg, tmp_path)
   model = loop.build_model(cfg, data)
   feats = loop.example_batch(data)
   params = model.init(jax.random.key(0), feats["user"], feats["item"], feats["scenario"])
+  return data, model, feats, params
+
+
+def test_agnostic_item_tower_has_one_vector_for_all_scenarios(tmp_path):
+  claim = claims.CLAIMS["c"]
+  cfg = claims.run_config(claim, claim.settings[0], claim.variants[1], 0, "small")
+  assert cfg.model.item_scenario == "agnostic" and cfg.pretrain.num_steps == 0
+  data, model, feats, params = _small_model(cfg, tmp_path)
   v = np.asarray(model.apply(params, feats["item"], None, method="encode_item"))  # [B, K, D]
   assert v.shape == (2, data.num_scenarios, cfg.model.out_dim)
   for k in range(1, data.num_scenarios):
@@ -141,11 +147,7 @@ def test_agnostic_user_tower_has_one_vector_for_all_scenarios(tmp_path):
   claim = claims.CLAIMS["c"]
   cfg = claims.run_config(claim, claim.settings[0], claim.variants[0], 0, "small")
   cfg.model.user_scenario = "agnostic"
-  cfg.data.num_rows = 5000
-  data = loop.prepare(cfg, tmp_path)
-  model = loop.build_model(cfg, data)
-  feats = loop.example_batch(data)
-  params = model.init(jax.random.key(0), feats["user"], feats["item"], feats["scenario"])
+  data, model, feats, params = _small_model(cfg, tmp_path)
   u = np.asarray(model.apply(params, feats["user"], None, method="encode_user"))  # [B, K, D]
   for k in range(data.num_scenarios):
     np.testing.assert_array_equal(u[:, k], u[:, 0])

@@ -71,6 +71,11 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   # ... and the same for the user tower ('agnostic': one user vector for all scenarios; the
   # Amazon cold-start study in RESULTS.md)
   c.model.user_scenario = "specific"
+  # SASS only: True appends a user bias b_u and an item bias c_i (one scalar per entity and
+  # scenario, linear in the last hidden layer) to the towers' vectors, so that the score
+  # <r_u', r_i'> / tau = <r_u, r_i> / tau + b_u + c_i (docs/design.md §1, "score biases"):
+  # the calibration a binary loss on labelled exposures needs (train.labelled_weight).
+  c.model.score_bias = False
   c.model.bias_hidden = 32  # int >= 1: hidden width of the scenario bias net
   # Score = <r_u, r_i> / tau (> 0). Documented default 0.05; 0.2 was chosen on the MovieLens
   # validation split only (RESULTS.md: SASS-Base 0.1219 at 0.05, 0.1679 at 0.2).

@@ -75,7 +75,13 @@ def config_problems(model_cfg) -> list[str]:
     entry = get(model_cfg.name)
   except ValueError as e:
     return [str(e)]
-  return list(entry.model.config_problems(model_cfg))
+  out = list(entry.model.config_problems(model_cfg))
+  if model_cfg.get("score_bias", False) and entry.model is not SASS:
+    out.append(
+      f"config.model.score_bias=True is a setting of SASS only; {model_cfg.name!r} has no "
+      "score biases: set it False"
+    )
+  return out
 
 
 def non_structural_keys() -> tuple[str, ...]:

@@ -58,6 +58,8 @@ class ModelConfig:
   # for every scenario: one vector per item; an ablation)
   item_scenario: str = "specific"
   user_scenario: str = "specific"  # the same for the user tower (docs/design.md §1)
+  # SASS: append [sqrt(tau) b, sqrt(tau)] (user) / [sqrt(tau), sqrt(tau) c] (item): D + 2
+  score_bias: bool = False
   tau: float = 0.05
   vocab_pad_to: int = 8
   compute_dtype: str = "float32"
@@ -137,6 +139,7 @@ class ModelConfig:
       bias_hidden=model_cfg.bias_hidden,
       item_scenario=model_cfg.get("item_scenario", "specific"),
       user_scenario=model_cfg.get("user_scenario", "specific"),
+      score_bias=bool(model_cfg.get("score_bias", False)),
       tau=model_cfg.tau,
       vocab_pad_to=model_cfg.vocab_pad_to,
       compute_dtype=model_cfg.compute_dtype,
@@ -154,11 +157,15 @@ class SASSTower(nn.Module):
       of B * V rows (V scenarios per sample, row-major) -> ``[B, V, D]``;
     all-scenarios layout: z ``[1, K, d_s]``, onehot None -> ``[B, K, D]``, slice k the vectors
       in scenario k.
-  D = out_dim ('add') or 2 * out_dim ('concat').
+  D = out_dim ('add') or 2 * out_dim ('concat'), plus 2 with ``cfg.score_bias``: the user
+  tower (``side='user'``) appends [sqrt(tau) b, sqrt(tau)], the item tower [sqrt(tau),
+  sqrt(tau) c], b and c a zero-initialised linear function of the last hidden layer (one
+  scalar per entity and scenario), so <r_u, r_i> / tau gains b_u + c_i.
   """
 
   cfg: ModelConfig
   specs: Sequence[FieldSpec]
+  side: str = "user"  # 'user' | 'item': where score_bias puts its scalar
 
   @nn.compact
   def __call__(self, features: Mapping[str, jnp.ndarray], z, onehot, train: bool = False):
@@ -211,6 +218,17 @@ class SASSTower(nn.Module):
       bias = bias_net(jnp.broadcast_to(z, out.shape[:-1] + z.shape[-1:]).astype(dt))
     r = out + bias if c.bias_mode == "add" else jnp.concatenate([out, bias], -1)
     r = l2_normalize(r.astype(jnp.float32))
+    if c.score_bias:
+      b = nn.Dense(
+        1,
+        dtype=jnp.float32,
+        name="score_bias",
+        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp_in", "mlp_out")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp_out",)),
+      )(h.astype(jnp.float32))
+      one = jnp.ones_like(b)
+      ext = [b, one] if self.side == "user" else [one, b]
+      r = jnp.concatenate([r, *(jnp.sqrt(jnp.float32(c.tau)) * t for t in ext)], -1)
     return jnp.swapaxes(r, 0, 1) if major else r  # [K, B, D] -> [B, K, D]
 
 
@@ -254,8 +272,8 @@ class SASS(nn.Module):
       (c.num_scenarios, c.scenario_dim),
       jnp.float32,
     )
-    self.user_tower = SASSTower(c, c.user_specs)
-    self.item_tower = SASSTower(c, c.item_specs)
+    self.user_tower = SASSTower(c, c.user_specs, "user")
+    self.item_tower = SASSTower(c, c.item_specs, "item")
 
   def _encode(self, tower, features, scenario, train):
     c = self.cfg

@@ -159,7 +159,8 @@ def pretrain_loss(
   batch: 'user' / 'item' features [B, ...]; 'user_index' / 'item_index' int32 [B] (entity ids,
   to mask repeats); 'user_views' / 'item_views' int32 [B, 2] (two distinct scenarios per row);
   'scenario' int32 [B] (the row's own scenario, used by pairs='user_item').
-  pairs='scenario_views': user InfoNCE between r_u^i and r_u^j plus the same for items.
+  pairs='scenario_views': user InfoNCE between r_u^i and r_u^j plus the same for items (the
+  unit vectors only when the model has ``score_bias``).
   pairs='user_item': InfoNCE between r_u^k and r_i^k of the row's scenario k, over every
   exposure (clicked or not).
   With ``config.model.scenario_compute='grouped'`` a model that encodes chosen scenarios
@@ -178,6 +179,7 @@ def pretrain_loss(
     iv, ms = apply_model(
       model, params, ms, batch["item"], batch["item_views"], method="encode_item", rngs=rngs_i
     )
+    uv, iv = _without_score_bias(model, uv), _without_score_bias(model, iv)
     lu = losses.info_nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
     li = losses.info_nce(iv[:, 0], iv[:, 1], batch["item_index"], tau)
     return lu + li, ({"user_loss": lu, "item_loss": li}, ms)
@@ -197,9 +199,17 @@ def pretrain_loss(
   i_all, ms = apply_model(model, params, ms, batch["item"], None, method="encode_item", rngs=rngs_i)
   take = lambda v, idx: jnp.take_along_axis(v, idx[:, :, None], axis=1)  # [B, 2, D]
   uv, iv = take(u_all, batch["user_views"]), take(i_all, batch["item_views"])
+  uv, iv = _without_score_bias(model, uv), _without_score_bias(model, iv)
   lu = losses.info_nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
   li = losses.info_nce(iv[:, 0], iv[:, 1], batch["item_index"], tau)
   return lu + li, ({"user_loss": lu, "item_loss": li}, ms)
+
+
+def _without_score_bias(model: nn.Module, v: jnp.ndarray) -> jnp.ndarray:
+  """v [..., D + 2] -> [..., D] for a model with ``score_bias`` (SASS, docs/design.md §1), else
+  v: two views of one entity compare the unit vectors only (the appended [sqrt(tau) b,
+  sqrt(tau)] would add tau * b_1 * b_2 + tau to a user-user score)."""
+  return v[..., :-2] if getattr(getattr(model, "cfg", None), "score_bias", False) else v
 
 
 def _encodes_views(model: nn.Module) -> bool:

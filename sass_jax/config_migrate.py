@@ -20,6 +20,7 @@ FALLBACKS: dict[str, Any] = {
   "model.scenario_compute": "grouped",
   "model.item_scenario": "specific",
   "model.user_scenario": "specific",
+  "model.score_bias": False,
   "model.tower_widths": (64,),
   "model.num_experts": 4,
   "model.num_scenario_experts": 2,

@@ -74,7 +74,8 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   # SASS only: True appends a user bias b_u and an item bias c_i (one scalar per entity and
   # scenario, linear in the last hidden layer) to the towers' vectors, so that the score
   # <r_u', r_i'> / tau = <r_u, r_i> / tau + b_u + c_i (docs/design.md §1, "score biases"):
-  # the calibration a binary loss on labelled exposures needs (train.labelled_weight).
+  # calibration for a binary loss on labelled exposures (train.labelled_weight). Tried for the
+  # MovieLens AUC: no gain (results/labelled_negatives.md).
   c.model.score_bias = False
   c.model.bias_hidden = 32  # int >= 1: hidden width of the scenario bias net
   # Score = <r_u, r_i> / tau (> 0). Documented default 0.05; 0.2 was chosen on the MovieLens

@@ -29,6 +29,13 @@ from sass_jax.schema import FieldSpec
 BIAS_MODES = ("add", "concat")  # config.model.bias_mode: scenario bias added or concatenated
 # config.model.item_scenario / user_scenario (SASS's item / user tower)
 ITEM_SCENARIO = ("specific", "agnostic")
+SCORE_BIAS_DIMS = 2  # dimensions config.model.score_bias appends to every vector (SASSTower)
+
+
+def unit_vectors(cfg, v: jnp.ndarray) -> jnp.ndarray:
+  """The unit-vector part of a model's vectors: v [..., D] -> [..., D - SCORE_BIAS_DIMS] when
+  ``cfg.score_bias`` (a ``ModelConfig``), else v unchanged (also for a cfg without the field)."""
+  return v[..., :-SCORE_BIAS_DIMS] if getattr(cfg, "score_bias", False) else v
 
 
 def l2_normalize(r: jnp.ndarray) -> jnp.ndarray:

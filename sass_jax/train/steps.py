@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sass_jax.model.towers import unit_vectors
 from sass_jax.train import losses
 
 
@@ -171,6 +172,16 @@ def pretrain_loss(
   ms = model_state or {}
   r1, r2 = jax.random.split(jax.random.wrap_key_data(rng))
   rngs_u, rngs_i = {"dropout": r1}, {"dropout": r2}
+
+  def views_loss(uv, iv, ms):
+    # two views of one entity compare the unit vectors only: score_bias's appended
+    # [sqrt(tau) b, sqrt(tau)] would add tau * b_1 * b_2 + tau to a user-user score
+    cfg = getattr(model, "cfg", None)
+    uv, iv = unit_vectors(cfg, uv), unit_vectors(cfg, iv)
+    lu = losses.info_nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
+    li = losses.info_nce(iv[:, 0], iv[:, 1], batch["item_index"], tau)
+    return lu + li, ({"user_loss": lu, "item_loss": li}, ms)
+
   if pairs == "scenario_views" and _encodes_views(model):
     # only the two views of each row ([B, 2, D]), not all K scenarios
     uv, ms = apply_model(
@@ -179,10 +190,7 @@ def pretrain_loss(
     iv, ms = apply_model(
       model, params, ms, batch["item"], batch["item_views"], method="encode_item", rngs=rngs_i
     )
-    uv, iv = _without_score_bias(model, uv), _without_score_bias(model, iv)
-    lu = losses.info_nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
-    li = losses.info_nce(iv[:, 0], iv[:, 1], batch["item_index"], tau)
-    return lu + li, ({"user_loss": lu, "item_loss": li}, ms)
+    return views_loss(uv, iv, ms)
   if pairs == "user_item":
     u, ms = apply_model(
       model, params, ms, batch["user"], batch["scenario"], method="encode_user", rngs=rngs_u
@@ -198,18 +206,7 @@ def pretrain_loss(
   )  # [B, K, D]
   i_all, ms = apply_model(model, params, ms, batch["item"], None, method="encode_item", rngs=rngs_i)
   take = lambda v, idx: jnp.take_along_axis(v, idx[:, :, None], axis=1)  # [B, 2, D]
-  uv, iv = take(u_all, batch["user_views"]), take(i_all, batch["item_views"])
-  uv, iv = _without_score_bias(model, uv), _without_score_bias(model, iv)
-  lu = losses.info_nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
-  li = losses.info_nce(iv[:, 0], iv[:, 1], batch["item_index"], tau)
-  return lu + li, ({"user_loss": lu, "item_loss": li}, ms)
-
-
-def _without_score_bias(model: nn.Module, v: jnp.ndarray) -> jnp.ndarray:
-  """v [..., D + 2] -> [..., D] for a model with ``score_bias`` (SASS, docs/design.md §1), else
-  v: two views of one entity compare the unit vectors only (the appended [sqrt(tau) b,
-  sqrt(tau)] would add tau * b_1 * b_2 + tau to a user-user score)."""
-  return v[..., :-2] if getattr(getattr(model, "cfg", None), "score_bias", False) else v
+  return views_loss(take(u_all, batch["user_views"]), take(i_all, batch["item_views"]), ms)
 
 
 def _encodes_views(model: nn.Module) -> bool:

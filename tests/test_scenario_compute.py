@@ -101,6 +101,22 @@ def test_grouped_matmul_equals_per_row_kernel(n, k, tile, blocks):
   assert g.tile_group.shape[-1] == (m + k * (t - 1)) // t
 
 
+@pytest.mark.parametrize(
+  "n,k,want",
+  # the measured best tiles (BENCHMARKS.md, "tile size"): N = 1024 at K = 3 / 8 / 16 / 32 and
+  # N = 4096 at K = 3; then the clamps (8 for tiny batches, 256 for large ones)
+  [(1024, 3, 128), (1024, 8, 64), (1024, 16, 64), (1024, 32, 32), (4096, 3, 256), (64, 3, 32),
+   (8, 3, 8), (1 << 20, 1, 256)],
+)
+def test_tile_size_follows_sqrt_rows_per_scenario(n, k, want):
+  """T = the power of two <= sqrt(64 N / K) in [8, 256]: the old rule (<= N / (8 K) in [8, 128])
+  gave T = 8 at N = 1024, K = 32 (160 tiles, each gathering its kernel for 8 rows): 1.4x
+  slower there."""
+  t = grouped.tile_size(n, k)
+  assert t == want
+  assert t & (t - 1) == 0
+
+
 def test_batch_blocks_context_sets_the_blocks_and_falls_back_when_they_do_not_divide():
   sc = jnp.arange(24) % 3
   with grouped.batch_blocks(4):

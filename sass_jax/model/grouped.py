@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -86,15 +87,22 @@ class Groups(NamedTuple):
 
 
 def tile_size(n: int, k: int) -> int:
-  """Rows per tile for N rows and K scenarios: the power of two <= N / (8 K), within [8, 128].
+  """Rows per tile for N rows and K scenarios: the power of two <= sqrt(64 N / K), within
+  [8, 256].
 
-  The layout's static size pads N by up to K (T - 1) rows (<= 12.5% of N when T = N / (8 K);
-  6% for N = 4096, K = 3, T = 128), while each tile's gathered kernel serves T rows (T / 2
-  flops per byte of kernel gathered: 64 at T = 128).
+  Two costs pull T apart. The layout's static size pads N by up to K (T - 1) rows (extra
+  arithmetic, falling as T shrinks), while each of the NT tiles gathers its scenario's whole
+  kernel (memory traffic, and one small matmul per tile, falling as T grows): about
+  ``(N + K T) c`` flops against ``(N / T + K) c`` kernel bytes for a ``c``-element kernel, which
+  is least near T ~ sqrt(N / K) times a machine constant. The constant 64 is measured
+  (BENCHMARKS.md, "tile size"): on the 2-core CPU, SASS's fine-tune step at N = 1024 ran fastest
+  at T = 128 / 64 / 64 / 32 for K = 3 / 8 / 16 / 32 among T in {8, ..., 128}, and at N = 4096,
+  K = 3 at T = 256 over 128. The rule before (the power of two <= N / (8 K), within [8, 128])
+  gave T = 8 at N = 1024, K = 32: 1.4x slower.
   """
-  t = max(1, int(n) // (8 * max(1, int(k))))
+  t = max(1, math.isqrt(64 * int(n) // max(1, int(k))))
   t = 1 << (t.bit_length() - 1)
-  return int(min(128, max(8, t)))
+  return int(min(256, max(8, t)))
 
 
 def make_groups(

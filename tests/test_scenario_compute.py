@@ -105,8 +105,16 @@ def test_grouped_matmul_equals_per_row_kernel(n, k, tile, blocks):
   "n,k,want",
   # the measured best tiles (BENCHMARKS.md, "tile size"): N = 1024 at K = 3 / 8 / 16 / 32 and
   # N = 4096 at K = 3; then the clamps (8 for tiny batches, 256 for large ones)
-  [(1024, 3, 128), (1024, 8, 64), (1024, 16, 64), (1024, 32, 32), (4096, 3, 256), (64, 3, 32),
-   (8, 3, 8), (1 << 20, 1, 256)],
+  [
+    (1024, 3, 128),
+    (1024, 8, 64),
+    (1024, 16, 64),
+    (1024, 32, 32),
+    (4096, 3, 256),
+    (64, 3, 32),
+    (8, 3, 8),
+    (1 << 20, 1, 256),
+  ],
 )
 def test_tile_size_follows_sqrt_rows_per_scenario(n, k, want):
   """T = the power of two <= sqrt(64 N / K) in [8, 256]: the old rule (<= N / (8 K) in [8, 128])

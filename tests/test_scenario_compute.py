@@ -111,15 +111,17 @@ def test_grouped_matmul_equals_per_row_kernel(n, k, tile, blocks):
     (1024, 16, 64),
     (1024, 32, 32),
     (4096, 3, 256),
-    (64, 3, 32),
+    (64, 3, 16),
+    (64, 4, 16),
+    (64, 2, 32),
     (8, 3, 8),
     (1 << 20, 1, 256),
   ],
 )
 def test_tile_size_follows_sqrt_rows_per_scenario(n, k, want):
-  """T = the power of two <= sqrt(64 N / K) in [8, 256]: the old rule (<= N / (8 K) in [8, 128])
-  gave T = 8 at N = 1024, K = 32 (160 tiles, each gathering its kernel for 8 rows): 1.4x
-  slower there."""
+  """T = the power of two <= min(sqrt(64 N / K), N / K) in [8, 256]: the old rule (<= N / (8 K)
+  in [8, 128]) gave T = 8 at N = 1024, K = 32 (160 tiles, each gathering its kernel for 8
+  rows): 1.4x slower there. The N / K bound keeps small batches' padding at most N rows."""
   t = grouped.tile_size(n, k)
   assert t == want
   assert t & (t - 1) == 0

@@ -96,11 +96,11 @@ def tile_size(n: int, k: int) -> int:
   ``(N + K T) c`` flops against ``(N / T + K) c`` kernel bytes for a ``c``-element kernel, which
   is least near T ~ sqrt(N / K) times a machine constant. The constant 64 is measured
   (BENCHMARKS.md, "tile size"): on the 2-core CPU, SASS's fine-tune step at N = 1024 ran fastest
-  at T = 128 / 64 / 64 / 32 for K = 3 / 8 / 16 / 32 among T in {8, ..., 128}, and at N = 4096,
-  K = 3 at T = 256 over 128. The bound N / K (which none of those measured choices reaches
-  past) keeps the padding at most N rows for small batches, where sqrt(64 N / K) alone would
-  lay 64 rows of K = 4 out in 5 tiles of 32 (160 rows). The rule before (the power of two <= N / (8 K), within
-  [8, 128]) gave T = 8 at N = 1024, K = 32: 1.4x slower.
+  at T = 128 / 64 / 64 / 32 for K = 3 / 8 / 16 / 32 among the T tried (8 to 128), and at
+  N = 4096, K = 3 at T = 256 over 128. The bound N / K (which none of those measured choices
+  reaches past) keeps the padding at most N rows for small batches, where sqrt(64 N / K) alone
+  would lay 64 rows of K = 4 out in 5 tiles of 32 (160 rows). The rule before (the power of two
+  <= N / (8 K), within [8, 128]) gave T = 8 at N = 1024, K = 32: 1.4x slower.
   """
   k = max(1, int(k))
   t = max(1, min(math.isqrt(64 * int(n) // k), int(n) // k))

@@ -396,7 +396,11 @@ def markdown(res: dict) -> str:
     "",
   ]
   for key, c in res["claims"].items():
-    wall = f" Wall time {c['wall_s']:.0f} s." if c.get("wall_s") is not None else ""
+    wall = (
+      f" Wall time {c['wall_s']:.0f} s."
+      if c.get("wall_s") is not None
+      else " Kept from an earlier run of this file (same size and seeds; possibly older code)."
+    )
     L += [f"## ({key}) {c['title']}", "", c["note"] + "." + wall, ""]
     for s in c["settings"]:
       sc = s["scenario"]

@@ -243,3 +243,14 @@ def test_merge_previous_keeps_the_claims_not_rerun(tmp_path):
   path.write_text(json.dumps(dict(old, size="small")))
   assert list(claims.merge_previous(json.loads(json.dumps(new)), path)["claims"]) == ["c"]
   assert list(claims.merge_previous(new, tmp_path / "missing.json")["claims"]) == ["c"]
+
+
+def test_markdown_says_which_claims_were_kept_from_an_earlier_run():
+  res = {"size": "full", "sizes": {}, "seeds": [0], "metric": claims.METRIC, "wall_s": 3.0}
+  res["claims"] = {
+    "a": {"title": "ta", "note": "na", "settings": [], "wall_s": None},
+    "c": {"title": "tc", "note": "nc", "settings": [], "wall_s": 3.0},
+  }
+  md = claims.markdown(res)
+  assert "na. Kept from an earlier run of this file" in md
+  assert "nc. Wall time 3 s." in md

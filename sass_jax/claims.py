@@ -327,6 +327,7 @@ def _run_claims(workdir, keys, seeds, size, only) -> dict:
   out = {
     "size": size,
     "sizes": SIZES[size],
+    "ran": list(keys),
     "seeds": list(range(seeds)),
     "metric": METRIC,
     "claims": {},
@@ -385,11 +386,14 @@ def merge_previous(res: dict, path: Path) -> dict:
 
 def markdown(res: dict) -> str:
   """``claims.md``: per claim and setting a table of mean ± std over seeds and the verdicts."""
+  ran = res.get("ran") or list(CLAIMS)
+  only = f" --claims {','.join(ran)}" if ran != list(CLAIMS) else ""
   L = [
     "# SASS's claims on planted synthetic data",
     "",
-    f"`python -m sass_jax.claims --size {res['size']} --seeds {len(res['seeds'])}` "
-    f"({res['sizes']}); {res['metric']} on the test split, mean ± std over seeds "
+    f"`python -m sass_jax.claims --size {res['size']} --seeds {len(res['seeds'])}{only}` "
+    f"({res['sizes']}; a setting may pin its own: see its data and config); "
+    f"{res['metric']} on the test split, mean ± std over seeds "
     f"{res['seeds']} (each seed: new data and new initialisation); paired differences are "
     f"per seed. Wall time of the last run {res['wall_s']:.0f} s (per claim below). Definitions: "
     "`sass_jax/claims.py`.",
@@ -434,16 +438,23 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--seeds", type=int, default=5)
-  ap.add_argument("--claims", default="a,b,c")
-  ap.add_argument("--size", default="full", choices=sorted(SIZES))
-  ap.add_argument("--results", default="results")
+  ap.add_argument("--workdir", required=True, help="run directories (a finished run is re-read)")
+  ap.add_argument("--seeds", type=int, default=5, help="seeds 0 .. seeds - 1 per variant (>= 1)")
+  ap.add_argument("--claims", default="a,b,c", help="comma-separated subset of a, b, c")
+  ap.add_argument("--size", default="full", choices=sorted(SIZES), help="rows, users, items, steps")
+  ap.add_argument(
+    "--results",
+    default="results",
+    help="where claims.md / claims.json go (the repository's results/ by default; claims not "
+    "run are kept from an existing claims.json of the same size and seeds)",
+  )
   a = ap.parse_args(argv)
   keys = [k.strip() for k in a.claims.split(",") if k.strip()]
   bad = [k for k in keys if k not in CLAIMS]
-  if bad or a.seeds < 1:
-    ap.error(f"--claims {a.claims!r}: expected a subset of {sorted(CLAIMS)}; --seeds >= 1")
+  if bad or not keys:
+    ap.error(f"--claims {a.claims!r}: expected a non-empty subset of {sorted(CLAIMS)}")
+  if a.seeds < 1:
+    ap.error(f"--seeds {a.seeds}: expected an integer >= 1")
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
   log.setLevel(logging.INFO)
   res = run_claims(a.workdir, keys, a.seeds, a.size)

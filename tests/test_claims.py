@@ -254,3 +254,22 @@ def test_markdown_says_which_claims_were_kept_from_an_earlier_run():
   md = claims.markdown(res)
   assert "na. Kept from an earlier run of this file" in md
   assert "nc. Wall time 3 s." in md
+
+
+@pytest.mark.parametrize(
+  "argv,msg",
+  [
+    (["--claims", ""], "--claims '': expected a non-empty subset of ['a', 'b', 'c']"),
+    (["--claims", ","], "--claims ',': expected a non-empty subset"),
+    (["--claims", "z"], "--claims 'z': expected a non-empty subset"),
+    (["--seeds", "0"], "--seeds 0: expected an integer >= 1"),
+  ],
+)
+def test_cli_rejects_bad_arguments_and_writes_nothing(tmp_path, capsys, argv, msg):
+  """An empty --claims once ran nothing and overwrote results/claims.*; a bad --seeds was blamed
+  on --claims."""
+  with pytest.raises(SystemExit) as e:
+    claims.main(["--workdir", str(tmp_path / "w"), "--results", str(tmp_path / "r"), *argv])
+  assert e.value.code == 2
+  assert msg in capsys.readouterr().err
+  assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()

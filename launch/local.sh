@@ -6,6 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 launch/setup_venv.sh
+# The test extra installs libtpu (for the TPU compile tests); on a machine with no TPU and no
+# NVIDIA GPU it would log a TPU-initialisation error at every start, so pick the CPU outright.
+if [[ -z "${JAX_PLATFORMS:-}" ]] && ! compgen -G "/dev/accel*" >/dev/null \
+  && ! compgen -G "/dev/vfio/*" >/dev/null && ! command -v nvidia-smi >/dev/null; then
+  export JAX_PLATFORMS=cpu
+fi
 args=("$@")
 have() { for a in "${args[@]:-}"; do case "$a" in "$1"|"$1"=*) return 0;; esac; done; return 1; }
 have --config || args+=(--config configs/movielens.py)

@@ -77,6 +77,11 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   # calibration for a binary loss on labelled exposures (train.labelled_weight). Tried for the
   # MovieLens AUC: no gain (results/labelled_negatives.md).
   c.model.score_bias = False
+  # SASS only: int >= 0. P > 0 adds a preference head of P dims to each tower, beside the
+  # retrieval vector: the labelled BCE (train.labelled_weight) and AUC / GAUC score
+  # <r_u, r_i> / tau + <q_u, q_i>; the softmax, pre-training and top-K use <r_u, r_i> only
+  # (docs/design.md §1, "preference head"; results/labelled_negatives.md). 0: off.
+  c.model.preference_dim = 0
   c.model.bias_hidden = 32  # int >= 1: hidden width of the scenario bias net
   # Score = <r_u, r_i> / tau (> 0). Documented default 0.05; 0.2 was chosen on the MovieLens
   # validation split only (RESULTS.md: SASS-Base 0.1219 at 0.05, 0.1679 at 0.2).

@@ -99,6 +99,9 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     v = m[k]
     if not (_is_int(v) and v >= 1):
       p(f"config.model.{k}={v!r}: expected an int >= 1")
+  pdim = m.get("preference_dim", 0)
+  if not (_is_int(pdim) and pdim >= 0):
+    p(f"config.model.preference_dim={pdim!r}: expected an int >= 0 (0 = no preference head)")
   widths = tuple(m.widths)
   if not all(_is_int(w) and w >= 1 for w in widths):
     p(f"config.model.widths={widths}: expected positive ints, e.g. (256, 128)")

@@ -21,6 +21,7 @@ FALLBACKS: dict[str, Any] = {
   "model.item_scenario": "specific",
   "model.user_scenario": "specific",
   "model.score_bias": False,
+  "model.preference_dim": 0,
   "model.tower_widths": (64,),
   "model.num_experts": 4,
   "model.num_scenario_experts": 2,

@@ -28,6 +28,7 @@ from sass_jax.data.pipeline import gather_features
 from sass_jax.data.store import SPLITS, PreparedData
 from sass_jax.eval import metrics as M
 from sass_jax.eval.retrieval import popularity_topk, sharded_topk_scores, topk_scores
+from sass_jax.model.protocol import ranking_methods
 import flax.linen as nn
 
 from sass_jax.train.steps import as_variables
@@ -205,6 +206,16 @@ def evaluate(
   item_all = encode_all(
     model, params, data.items, data.item_masks, "encode_item", None, partitioner=partitioner
   )  # [N,K,D]
+  # the vectors that score labelled exposures (AUC, GAUC): the retrieval vectors, or SASS's
+  # ranking vectors when it has a preference head (model.protocol.ranking_methods)
+  rank_u, rank_i = ranking_methods(model)
+  item_rank = (
+    item_all
+    if rank_i == "encode_item"
+    else encode_all(
+      model, params, data.items, data.item_masks, rank_i, None, partitioner=partitioner
+    )
+  )  # [N, K, D']
   pos = inter["label"] > 0.5
   in_split = inter["split"] == SPLITS[split]
   masked_splits = [SPLITS["train"]] + ([SPLITS["valid"]] if mask == "train_valid" else [])
@@ -279,11 +290,11 @@ def evaluate(
         params,
         {f: c[eus] for f, c in data.users.items()},
         {f: c[eus] for f, c in data.user_masks.items()},
-        "encode_user",
+        rank_u,
         k,
         partitioner=partitioner,
       )
-      scores = np.einsum("nd,nd->n", uv[inv], item_all[inter["item"][exp_rows], k])
+      scores = np.einsum("nd,nd->n", uv[inv], item_rank[inter["item"][exp_rows], k])
       labels = inter["label"][exp_rows]
       pscores = counts[inter["item"][exp_rows]]
       res["auc"], res["gauc"] = M.auc(labels, scores), M.gauc(eu, labels, scores)

@@ -19,7 +19,10 @@ The vectors are L2-normalised (the score is ``<u, i> / config.model.tau``), the 
 equals the all-scenarios layout taken at each row's scenario (up to float rounding), and
 ``train`` switches dropout (rng 'dropout') and the updates of non-trained collections such as
 STAR's ``'batch_stats'`` (the steps pass those collections as mutable when training).
-``__call__`` is what ``init`` runs. Optional: ``encodes_views = True`` for a model that also
+``__call__`` is what ``init`` runs. Optional: ``rank_user`` / ``rank_item`` (same arguments
+and layouts, width D' >= D): the vectors whose ``<u, i> / tau`` scores a labelled exposure
+(the labelled BCE of fine-tuning, AUC and GAUC; ``ranking_methods``), when that score is not
+the retrieval score (SASS's preference head, ``config.model.preference_dim``). Optional: ``encodes_views = True`` for a model that also
 takes scenario int32 ``[B, V]`` -> ``[B, V, D]`` (V chosen scenarios per row) when
 ``cfg.scenario_compute == 'grouped'`` (SASS; pre-training then encodes only the two views).
 
@@ -84,3 +87,17 @@ class TwoTowerModel(Protocol):
   ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(user ``[B, D]``, item ``[B, D]``) in the rows' scenarios; what ``init`` runs."""
     ...
+
+
+RANK_METHODS = ("rank_user", "rank_item")
+
+
+def ranking_methods(model) -> tuple[str, str]:
+  """The (user, item) method names whose vectors score labelled exposures: ``RANK_METHODS``
+  when the model has them and they differ from the retrieval vectors (SASS with
+  ``cfg.preference_dim`` > 0), else ('encode_user', 'encode_item') (the retrieval score is
+  the ranking score)."""
+  pdim = int(getattr(getattr(model, "cfg", None), "preference_dim", 0) or 0)
+  if pdim > 0 and all(hasattr(model, m) for m in RANK_METHODS):
+    return RANK_METHODS
+  return ("encode_user", "encode_item")

@@ -81,6 +81,12 @@ def config_problems(model_cfg) -> list[str]:
       f"config.model.score_bias=True is a setting of SASS only; {model_cfg.name!r} has no "
       "score biases: set it False"
     )
+  pdim = model_cfg.get("preference_dim", 0)
+  if pdim and entry.model is not SASS:
+    out.append(
+      f"config.model.preference_dim={pdim!r} is a setting of SASS only; {model_cfg.name!r} has "
+      "no preference head: set it 0"
+    )
   return out
 
 

@@ -33,9 +33,17 @@ SCORE_BIAS_DIMS = 2  # dimensions config.model.score_bias appends to every vecto
 
 
 def unit_vectors(cfg, v: jnp.ndarray) -> jnp.ndarray:
-  """The unit-vector part of a model's vectors: v [..., D] -> [..., D - SCORE_BIAS_DIMS] when
-  ``cfg.score_bias`` (a ``ModelConfig``), else v unchanged (also for a cfg without the field)."""
+  """The unit-vector part of a model's retrieval vectors: v [..., D] -> [..., D -
+  SCORE_BIAS_DIMS] when ``cfg.score_bias`` (a ``ModelConfig``), else v unchanged (also for a
+  cfg without the field)."""
   return v[..., :-SCORE_BIAS_DIMS] if getattr(cfg, "score_bias", False) else v
+
+
+def retrieval_part(cfg, v: jnp.ndarray) -> jnp.ndarray:
+  """A ranking vector's retrieval part: v [..., D + P] -> [..., D], P =
+  ``cfg.preference_dim`` (v unchanged when P is 0 or the cfg has no such field)."""
+  p = int(getattr(cfg, "preference_dim", 0) or 0)
+  return v[..., :-p] if p else v
 
 
 def l2_normalize(r: jnp.ndarray) -> jnp.ndarray:
@@ -67,6 +75,11 @@ class ModelConfig:
   user_scenario: str = "specific"  # the same for the user tower (docs/design.md §1)
   # SASS: append [sqrt(tau) b, sqrt(tau)] (user) / [sqrt(tau), sqrt(tau) c] (item): D + 2
   score_bias: bool = False
+  # SASS: a preference head of P dims beside the retrieval vector (docs/design.md §1): the
+  # ranking vectors (rank_user / rank_item) append sqrt(tau) q, so <., .> / tau of them is
+  # <r_u, r_i> / tau + <q_u, q_i>, the labelled BCE's logit and the score of AUC / GAUC;
+  # retrieval (softmax, pre-training, top-K, export) uses r only. 0: off.
+  preference_dim: int = 0
   tau: float = 0.05
   vocab_pad_to: int = 8
   compute_dtype: str = "float32"
@@ -147,6 +160,7 @@ class ModelConfig:
       item_scenario=model_cfg.get("item_scenario", "specific"),
       user_scenario=model_cfg.get("user_scenario", "specific"),
       score_bias=bool(model_cfg.get("score_bias", False)),
+      preference_dim=int(model_cfg.get("preference_dim", 0) or 0),
       tau=model_cfg.tau,
       vocab_pad_to=model_cfg.vocab_pad_to,
       compute_dtype=model_cfg.compute_dtype,
@@ -167,7 +181,10 @@ class SASSTower(nn.Module):
   D = out_dim ('add') or 2 * out_dim ('concat'), plus 2 with ``cfg.score_bias``: the user
   tower (``side='user'``) appends [sqrt(tau) b, sqrt(tau)], the item tower [sqrt(tau),
   sqrt(tau) c], b and c a zero-initialised linear function of the last hidden layer (one
-  scalar per entity and scenario), so <r_u, r_i> / tau gains b_u + c_i.
+  scalar per entity and scenario), so <r_u, r_i> / tau gains b_u + c_i. With
+  ``cfg.preference_dim`` = P > 0 the tower then appends sqrt(tau) q, q = W_q h_L + b_q
+  ``[.., P]`` (the preference head): D + P in all (``SASS.rank_user``; ``SASS.encode_user``
+  strips it).
   """
 
   cfg: ModelConfig
@@ -236,6 +253,20 @@ class SASSTower(nn.Module):
       one = jnp.ones_like(b)
       ext = [b, one] if self.side == "user" else [one, b]
       r = jnp.concatenate([r, *(jnp.sqrt(jnp.float32(c.tau)) * t for t in ext)], -1)
+    if c.preference_dim:
+      # the preference head q (P dims, linear in the last hidden layer; its bias makes the
+      # bilinear score hold per-user and per-item offsets too), scaled so that
+      # <sqrt(tau) q_u, sqrt(tau) q_i> / tau = <q_u, q_i>
+      q = nn.Dense(
+        c.preference_dim,
+        dtype=jnp.float32,
+        name="preference",
+        kernel_init=nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")
+        ),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp_out",)),
+      )(h.astype(jnp.float32))
+      r = jnp.concatenate([r, jnp.sqrt(jnp.float32(c.tau)) * q], -1)
     return jnp.swapaxes(r, 0, 1) if major else r  # [K, B, D] -> [B, K, D]
 
 
@@ -246,6 +277,8 @@ class SASS(nn.Module):
     ``[B]`` -> ``[B, D]``; scenario None -> ``[B, K, D]`` (every scenario's vector); scenario
     int32 ``[B, V]`` -> ``[B, V, D]`` (V chosen scenarios per sample; 'grouped' compute only,
     ``encodes_views``), equal to the all-scenarios vectors taken at those scenarios.
+  - ``rank_user`` / ``rank_item``: the same layouts, with the preference head appended (width
+    D + ``cfg.preference_dim``; ``protocol.RANK_METHODS``): the vectors of the ranking score.
   - ``__call__(user_features, item_features, scenario)`` -> (user ``[B, D]``, item ``[B, D]``),
     used for ``init``.
   Parameters: ``scenario_embedding`` ``[K, d_s]`` (shared), ``user_tower``, ``item_tower``.
@@ -313,15 +346,25 @@ class SASS(nn.Module):
     scenario = jnp.asarray(scenario)
     return r if scenario.ndim == 1 else jnp.broadcast_to(r[:, None], scenario.shape + r.shape[-1:])
 
-  def encode_user(self, features, scenario=None, train: bool = False):
+  def rank_user(self, features, scenario=None, train: bool = False):
+    """The user's ranking vectors: ``encode_user``'s layouts, width D + P with the preference
+    head (``cfg.preference_dim`` = P; equal to ``encode_user`` when P = 0). <rank_user,
+    rank_item> / tau is the score of a labelled exposure (the labelled BCE, AUC, GAUC)."""
     if self.cfg.user_scenario == "agnostic":
       return self._encode_agnostic(self.user_tower, features, scenario, train)
     return self._encode(self.user_tower, features, scenario, train)
 
-  def encode_item(self, features, scenario=None, train: bool = False):
+  def rank_item(self, features, scenario=None, train: bool = False):
+    """The item's ranking vectors (``rank_user``'s counterpart)."""
     if self.cfg.item_scenario == "agnostic":
       return self._encode_agnostic(self.item_tower, features, scenario, train)
     return self._encode(self.item_tower, features, scenario, train)
+
+  def encode_user(self, features, scenario=None, train: bool = False):
+    return retrieval_part(self.cfg, self.rank_user(features, scenario, train))
+
+  def encode_item(self, features, scenario=None, train: bool = False):
+    return retrieval_part(self.cfg, self.rank_item(features, scenario, train))
 
   def __call__(self, user_features, item_features, scenario, train: bool = False):
     return (

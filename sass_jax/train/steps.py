@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sass_jax.model.protocol import ranking_methods
 from sass_jax.model.towers import unit_vectors
 from sass_jax.train import losses
 
@@ -238,7 +239,8 @@ def finetune_loss(
   {'user', 'item': features [B_l, ...], 'scenario' int32 [B_l], 'label' float32 [B_l]}
   (labelled exposures of the training split, label 1 and 0) and the loss is the softmax loss
   plus labelled_weight * ``losses.labelled_bce`` of them, each pair's user and item encoded in
-  the pair's scenario; the extras are then {'softmax_loss', 'labelled_bce'}. With 0 the loss,
+  the pair's scenario by the model's ranking vectors (``protocol.ranking_methods``: SASS's
+  preference head, if any, scores them; the softmax never sees it); the extras are then {'softmax_loss', 'labelled_bce'}. With 0 the loss,
   the extras ({}) and the random numbers are exactly those without the option.
   Raises ValueError for another ``negatives``, or a weight > 0 with no 'labelled' batch.
   """
@@ -253,12 +255,13 @@ def finetune_loss(
     lb = batch["labelled"]
     # Own dropout keys, folded from the step's key (the softmax part's keys are unchanged).
     r3, r4 = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(rng), 1))
+    rank_u, rank_i = ranking_methods(model)  # SASS: with the preference head, if any
     ul, ms = apply_model(
-      model, params, ms, lb["user"], lb["scenario"], method="encode_user", rngs={"dropout": r3}
-    )  # [B_l, D]
+      model, params, ms, lb["user"], lb["scenario"], method=rank_u, rngs={"dropout": r3}
+    )  # [B_l, D']
     il, ms = apply_model(
-      model, params, ms, lb["item"], lb["scenario"], method="encode_item", rngs={"dropout": r4}
-    )  # [B_l, D]
+      model, params, ms, lb["item"], lb["scenario"], method=rank_i, rngs={"dropout": r4}
+    )  # [B_l, D']
     bce = losses.labelled_bce(ul, il, lb["label"], tau)
     return soft + labelled_weight * bce, (
       {**extra, "softmax_loss": soft, "labelled_bce": bce},

@@ -82,6 +82,11 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   # <r_u, r_i> / tau + <q_u, q_i>; the softmax, pre-training and top-K use <r_u, r_i> only
   # (docs/design.md §1, "preference head"; results/labelled_negatives.md). 0: off.
   c.model.preference_dim = 0
+  # the head's input: 'own' field embeddings (the BCE then trains no retrieval parameter) or
+  # 'shared' (the tower's last hidden layer: the BCE trains the tower too, trading Recall)
+  c.model.preference_input = "own"
+  c.model.preference_widths = (128, 64)  # positive ints: the head's hidden layers (ReLU)
+  c.model.preference_dropout = 0.2  # rate in [0, 1): dropout after each hidden layer
   c.model.bias_hidden = 32  # int >= 1: hidden width of the scenario bias net
   # Score = <r_u, r_i> / tau (> 0). Documented default 0.05; 0.2 was chosen on the MovieLens
   # validation split only (RESULTS.md: SASS-Base 0.1219 at 0.05, 0.1679 at 0.2).

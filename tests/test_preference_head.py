@@ -1,7 +1,8 @@
 """SASS's preference head (``config.model.preference_dim``; docs/design.md §1, "preference
 head"): the retrieval vectors are the plain model's, the ranking vectors append sqrt(tau) q so
 that <., .> / tau = <r_u, r_i> / tau + <q_u, q_i>; the softmax and pre-training never see q,
-the labelled BCE trains it, evaluation scores AUC / GAUC with it and ranks with r only."""
+the labelled BCE trains it (and, with ``preference_input='own'``, nothing else), evaluation
+scores AUC / GAUC with it and ranks with r only."""
 
 from __future__ import annotations
 
@@ -30,24 +31,35 @@ def _params(model, user, item, scen):
   return nn.meta.unbox(model.init(jax.random.key(0), user, item, jnp.asarray(scen))["params"])
 
 
+HEAD = dict(preference_dim=P, preference_widths=(4,))
+
+
 def _split(p):
   """(params of the plain model, the preference heads' params) of a model with the head."""
   p0 = jax.tree.map(lambda x: x, p)
-  heads = {side: p0[side].pop("preference") for side in ("user_tower", "item_tower")}
+  heads = {
+    side: {k: p0[side].pop(k) for k in list(p0[side]) if k.startswith("preference")}
+    for side in ("user_tower", "item_tower")
+  }
   return p0, heads
 
 
 @pytest.mark.parametrize("compute", ["grouped", "onehot"])
+@pytest.mark.parametrize("source", ["own", "shared"])
 def test_retrieval_vectors_are_the_plain_models_and_ranking_vectors_add_q(
-  tiny_cfg, tiny_features, compute
+  tiny_cfg, tiny_features, compute, source
 ):
   user, item = tiny_features(7, seed=1)
   scen = np.array([0, 1, 2, 2, 0, 1, 1], np.int32)
   plain = SASS(tiny_cfg(tau=TAU, scenario_compute=compute))
-  model = SASS(tiny_cfg(tau=TAU, scenario_compute=compute, preference_dim=P))
+  model = SASS(tiny_cfg(tau=TAU, scenario_compute=compute, preference_input=source, **HEAD))
   p = _params(model, user, item, scen)
   p0, heads = _split(p)
-  assert heads["user_tower"]["kernel"].shape == (6, P)  # last hidden width 6 -> P
+  # input -> hidden 4 -> P: the own embeddings (2 user fields x 4) or the last hidden layer (6)
+  assert heads["user_tower"]["preference"]["kernel"].shape == (4, P)
+  d_in = 8 if source == "own" else 6
+  assert heads["user_tower"]["preference_hidden_0"]["kernel"].shape == (d_in, 4)
+  assert ("preference_embed" in heads["user_tower"]) == (source == "own")
   assert jax.tree.structure(p0) == jax.tree.structure(_params(plain, user, item, scen))
   apply = lambda m, q, f, s, meth: np.asarray(m.apply({"params": q}, f, s, method=meth))
   u, i = apply(model, p, user, scen, "encode_user"), apply(model, p, item, scen, "encode_item")
@@ -67,11 +79,14 @@ def test_retrieval_vectors_are_the_plain_models_and_ranking_vectors_add_q(
   np.testing.assert_allclose(ra[np.arange(7), scen], ru, rtol=1e-5, atol=1e-6)
 
 
-def test_softmax_and_pretraining_ignore_the_head_and_the_bce_trains_it(tiny_cfg, tiny_features):
+@pytest.mark.parametrize("source", ["own", "shared"])
+def test_softmax_and_pretraining_ignore_the_head_and_the_bce_trains_it(
+  tiny_cfg, tiny_features, source
+):
   user, item = tiny_features(8, seed=2)
   scen = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)
   plain = SASS(tiny_cfg(tau=TAU))
-  model = SASS(tiny_cfg(tau=TAU, preference_dim=P))
+  model = SASS(tiny_cfg(tau=TAU, preference_input=source, preference_dropout=0.0, **HEAD))
   p = _params(model, user, item, scen)
   p0, _ = _split(p)
   batch = {
@@ -110,12 +125,24 @@ def test_softmax_and_pretraining_ignore_the_head_and_the_bce_trains_it(tiny_cfg,
   y = lab["label"]
   want = np.mean(np.logaddexp(0.0, s) - y * s)
   np.testing.assert_allclose(float(extra["labelled_bce"]), want, rtol=1e-5)
+  g0, gh = _split(g)
   for side in ("user_tower", "item_tower"):
-    assert np.abs(np.asarray(g[side]["preference"]["kernel"])).max() > 1e-4
+    assert np.abs(np.asarray(gh[side]["preference"]["kernel"])).max() > 1e-4
+  # 'own': the BCE trains no parameter of retrieval, so the gradient of the whole loss on them
+  # is the softmax's alone; 'shared': the BCE trains the tower too
+  g_soft = jax.grad(lambda q: steps.finetune_loss(plain, q, batch, rng, TAU, 1.0)[0])(p0)
+  diff = max(
+    float(np.abs(np.asarray(a) - np.asarray(b)).max())
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g_soft))
+  )
+  if source == "own":
+    assert diff < 1e-6, diff
+  else:
+    assert diff > 1e-4, diff
 
 
 def test_ranking_methods_and_config_checks(tiny_cfg):
-  assert ranking_methods(SASS(tiny_cfg(preference_dim=P))) == RANK_METHODS
+  assert ranking_methods(SASS(tiny_cfg(**HEAD))) == RANK_METHODS
   assert ranking_methods(SASS(tiny_cfg())) == ("encode_user", "encode_item")
   assert ranking_methods(object()) == ("encode_user", "encode_item")
   cfg = ml_collections.ConfigDict({"name": "star", "preference_dim": 4})
@@ -127,8 +154,18 @@ def test_ranking_methods_and_config_checks(tiny_cfg):
 
   c = movielens.get_config()
   c.model.preference_dim = -1
-  with pytest.raises(ValueError, match=r"config.model.preference_dim=-1: expected an int >= 0"):
+  c.model.preference_input = "both"
+  c.model.preference_widths = (64, 0)
+  c.model.preference_dropout = 1.0
+  with pytest.raises(ValueError) as e:
     config_check.validate(c)
+  for want in (
+    "config.model.preference_dim=-1: expected an int >= 0",
+    "config.model.preference_input='both': expected one of ('own', 'shared')",
+    "config.model.preference_widths=(64, 0): expected positive ints",
+    "config.model.preference_dropout=1.0: expected a rate in [0, 1)",
+  ):
+    assert want in str(e.value), str(e.value)
 
 
 # -- evaluation: AUC / GAUC from the ranking vectors, Recall from the retrieval vectors ----------

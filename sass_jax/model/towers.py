@@ -29,6 +29,7 @@ from sass_jax.schema import FieldSpec
 BIAS_MODES = ("add", "concat")  # config.model.bias_mode: scenario bias added or concatenated
 # config.model.item_scenario / user_scenario (SASS's item / user tower)
 ITEM_SCENARIO = ("specific", "agnostic")
+PREFERENCE_INPUTS = ("own", "shared")  # config.model.preference_input (SASS's preference head)
 SCORE_BIAS_DIMS = 2  # dimensions config.model.score_bias appends to every vector (SASSTower)
 
 
@@ -80,6 +81,11 @@ class ModelConfig:
   # <r_u, r_i> / tau + <q_u, q_i>, the labelled BCE's logit and the score of AUC / GAUC;
   # retrieval (softmax, pre-training, top-K, export) uses r only. 0: off.
   preference_dim: int = 0
+  # 'own': the head has its own field embeddings (the BCE leaves retrieval untouched);
+  # 'shared': it reads the tower's last hidden layer (the BCE trains the tower too)
+  preference_input: str = "own"
+  preference_widths: tuple[int, ...] = (128, 64)  # the head's hidden layers (ReLU, dropout)
+  preference_dropout: float = 0.2
   tau: float = 0.05
   vocab_pad_to: int = 8
   compute_dtype: str = "float32"
@@ -161,6 +167,9 @@ class ModelConfig:
       user_scenario=model_cfg.get("user_scenario", "specific"),
       score_bias=bool(model_cfg.get("score_bias", False)),
       preference_dim=int(model_cfg.get("preference_dim", 0) or 0),
+      preference_input=model_cfg.get("preference_input", "own"),
+      preference_widths=tuple(model_cfg.get("preference_widths", (128, 64))),
+      preference_dropout=float(model_cfg.get("preference_dropout", 0.2)),
       tau=model_cfg.tau,
       vocab_pad_to=model_cfg.vocab_pad_to,
       compute_dtype=model_cfg.compute_dtype,
@@ -182,9 +191,11 @@ class SASSTower(nn.Module):
   tower (``side='user'``) appends [sqrt(tau) b, sqrt(tau)], the item tower [sqrt(tau),
   sqrt(tau) c], b and c a zero-initialised linear function of the last hidden layer (one
   scalar per entity and scenario), so <r_u, r_i> / tau gains b_u + c_i. With
-  ``cfg.preference_dim`` = P > 0 the tower then appends sqrt(tau) q, q = W_q h_L + b_q
-  ``[.., P]`` (the preference head): D + P in all (``SASS.rank_user``; ``SASS.encode_user``
-  strips it).
+  ``cfg.preference_dim`` = P > 0 the tower then appends sqrt(tau) q ``[.., P]``, the
+  preference head's output: q = W_q a + b_q, a = an MLP (``cfg.preference_widths``, ReLU,
+  dropout ``cfg.preference_dropout``) of the head's own field embeddings
+  (``preference_input='own'``) or of the last hidden layer h_L ('shared'); not scenario-aware.
+  D + P in all (``SASS.rank_user``; ``SASS.encode_user`` strips it).
   """
 
   cfg: ModelConfig
@@ -254,8 +265,21 @@ class SASSTower(nn.Module):
       ext = [b, one] if self.side == "user" else [one, b]
       r = jnp.concatenate([r, *(jnp.sqrt(jnp.float32(c.tau)) * t for t in ext)], -1)
     if c.preference_dim:
-      # the preference head q (P dims, linear in the last hidden layer; its bias makes the
-      # bilinear score hold per-user and per-item offsets too), scaled so that
+      if c.preference_input == "own":
+        # its own embeddings of the tower's fields: the labelled BCE trains none of the
+        # retrieval parameters (the ranking vectors hold r under stop_gradient, SASS._rank)
+        hq = FieldEmbedder(self.specs, c.embed_dim, c.vocab_pad_to, dt, name="preference_embed")(
+          features
+        ).astype(jnp.float32)  # [B, F*d]
+        hq = hq if h.ndim == 2 else (hq[None] if major else hq[:, None, :])
+      else:  # 'shared': the tower's last hidden layer (the BCE trains the whole tower)
+        hq = h.astype(jnp.float32)
+      for j, width in enumerate(c.preference_widths):
+        hq = act(_dense(width, jnp.float32, f"preference_hidden_{j}")(hq))
+        hq = nn.Dropout(c.preference_dropout, deterministic=not train)(hq)
+      hq = jnp.broadcast_to(hq, h.shape[:-1] + hq.shape[-1:])
+      # the preference head's output q (P dims; its bias makes the bilinear score hold
+      # per-user and per-item offsets too), scaled so that
       # <sqrt(tau) q_u, sqrt(tau) q_i> / tau = <q_u, q_i>
       q = nn.Dense(
         c.preference_dim,
@@ -265,7 +289,7 @@ class SASSTower(nn.Module):
           nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp_out",)),
-      )(h.astype(jnp.float32))
+      )(hq)
       r = jnp.concatenate([r, jnp.sqrt(jnp.float32(c.tau)) * q], -1)
     return jnp.swapaxes(r, 0, 1) if major else r  # [K, B, D] -> [B, K, D]
 
@@ -302,6 +326,19 @@ class SASS(nn.Module):
       value = model_cfg.get(key)
       if value is not None and value not in ITEM_SCENARIO:
         out.append(f"config.model.{key}={value!r}: expected one of {ITEM_SCENARIO}")
+    value = model_cfg.get("preference_input")
+    if value is not None and value not in PREFERENCE_INPUTS:
+      out.append(f"config.model.preference_input={value!r}: expected one of {PREFERENCE_INPUTS}")
+    value = model_cfg.get("preference_widths")
+    if value is not None and not all(
+      isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in tuple(value)
+    ):
+      out.append(
+        f"config.model.preference_widths={tuple(value)}: expected positive ints, e.g. (128, 64)"
+      )
+    value = model_cfg.get("preference_dropout")
+    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+      out.append(f"config.model.preference_dropout={value!r}: expected a rate in [0, 1)")
     return out
 
   def setup(self):
@@ -346,25 +383,36 @@ class SASS(nn.Module):
     scenario = jnp.asarray(scenario)
     return r if scenario.ndim == 1 else jnp.broadcast_to(r[:, None], scenario.shape + r.shape[-1:])
 
+  def _full(self, side, features, scenario, train):
+    tower = self.user_tower if side == "user" else self.item_tower
+    if getattr(self.cfg, f"{side}_scenario") == "agnostic":
+      return self._encode_agnostic(tower, features, scenario, train)
+    return self._encode(tower, features, scenario, train)
+
+  def _rank(self, side, features, scenario, train):
+    v = self._full(side, features, scenario, train)
+    p = self.cfg.preference_dim
+    if p and self.cfg.preference_input == "own":
+      # the retrieval part scores as it is but is not trained by what scores the ranking
+      # vectors (the labelled BCE): retrieval stays exactly the softmax's
+      v = jnp.concatenate([jax.lax.stop_gradient(v[..., :-p]), v[..., -p:]], -1)
+    return v
+
   def rank_user(self, features, scenario=None, train: bool = False):
     """The user's ranking vectors: ``encode_user``'s layouts, width D + P with the preference
     head (``cfg.preference_dim`` = P; equal to ``encode_user`` when P = 0). <rank_user,
     rank_item> / tau is the score of a labelled exposure (the labelled BCE, AUC, GAUC)."""
-    if self.cfg.user_scenario == "agnostic":
-      return self._encode_agnostic(self.user_tower, features, scenario, train)
-    return self._encode(self.user_tower, features, scenario, train)
+    return self._rank("user", features, scenario, train)
 
   def rank_item(self, features, scenario=None, train: bool = False):
     """The item's ranking vectors (``rank_user``'s counterpart)."""
-    if self.cfg.item_scenario == "agnostic":
-      return self._encode_agnostic(self.item_tower, features, scenario, train)
-    return self._encode(self.item_tower, features, scenario, train)
+    return self._rank("item", features, scenario, train)
 
   def encode_user(self, features, scenario=None, train: bool = False):
-    return retrieval_part(self.cfg, self.rank_user(features, scenario, train))
+    return retrieval_part(self.cfg, self._full("user", features, scenario, train))
 
   def encode_item(self, features, scenario=None, train: bool = False):
-    return retrieval_part(self.cfg, self.rank_item(features, scenario, train))
+    return retrieval_part(self.cfg, self._full("item", features, scenario, train))
 
   def __call__(self, user_features, item_features, scenario, train: bool = False):
     return (

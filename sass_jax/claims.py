@@ -250,8 +250,15 @@ def _train_selecting_steps(claim: Claim, cfg, wd: Path) -> dict:
       cfg, wd, "finetune", model, part, data, step=step
     )
     return eval_lib.evaluate(
-      model, variables, data, split, tuple(cfg.eval.ks), cfg.eval.mask, cfg.eval.user_chunk,
-      partitioner=part, corpus=cfg.eval.corpus,
+      model,
+      variables,
+      data,
+      split,
+      tuple(cfg.eval.ks),
+      cfg.eval.mask,
+      cfg.eval.user_chunk,
+      partitioner=part,
+      corpus=cfg.eval.corpus,
     )
 
   valid = {s: _recalls(score(s, "valid"))[claim.scenario] for s in grid}
@@ -480,7 +487,10 @@ def markdown(res: dict) -> str:
       dec = f"{METRIC} ({sc})" if sc != "overall" else f"{METRIC} (deciding: overall)"
       steps = all("steps" in t for t in s["table"].values())
       sh = " fine-tuning steps chosen on validation (per seed) |" if steps else ""
-      L += [f"| variant | {dec} | {METRIC} (overall) |{sh}", "|---|---|---|" + ("---|" if steps else "")]
+      L += [
+        f"| variant | {dec} | {METRIC} (overall) |{sh}",
+        "|---|---|---|" + ("---|" if steps else ""),
+      ]
       for lab, t in s["table"].items():
         d, o = t["deciding"], t["overall"]
         st = f" {', '.join(map(str, t['steps']))} |" if steps else ""

@@ -184,7 +184,9 @@ ROWS = np.array(
 
 def _data() -> PreparedData:
   cols = dict(zip(["user", "item", "scenario", "label", "split"], ROWS.T))
-  inter = {k: v.astype(t) for (k, v), t in zip(cols.items(), [np.int32] * 3 + [np.float32, np.int8])}
+  inter = {
+    k: v.astype(t) for (k, v), t in zip(cols.items(), [np.int32] * 3 + [np.float32, np.int8])
+  }
   return PreparedData(
     path=Path("."),
     manifest={"num_users": 2, "num_items": 4},

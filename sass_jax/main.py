@@ -139,6 +139,7 @@ def _exit_after_os_error(msg: str) -> None:
   disk, or an unreadable checkpoint): their reports would follow the one line."""
   print(f"error: {msg}", file=sys.stderr, flush=True)
   sys.stdout.flush()
+  workdir_lib.remove_unused_workdirs()  # os._exit skips atexit: a new workdir holding only .lock
   os._exit(1)
 
 

@@ -4,7 +4,8 @@
 (every CLI mode that writes to the workdir takes it; in a multi-process run only process 0 does).
 The lock file holds the owner's pid. A second run on the same workdir fails at once with
 ``WorkdirError: WORKDIR is in use by pid N``. The kernel releases a ``flock`` when its process
-ends, however it ends, so a crashed run never leaves a stale lock; the file itself stays.
+ends, however it ends, so a crashed run never leaves a stale lock; the file itself stays,
+except in a workdir the run created and wrote nothing else to (removed at exit).
 
 :func:`os_error_message` turns a disk-full, file-too-large, read-only or permission error
 (``errno`` ENOSPC, EFBIG, EDQUOT, EROFS, EACCES, EPERM) found anywhere in an exception's
@@ -14,6 +15,7 @@ into one sentence naming the path and the cause.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import logging
@@ -53,6 +55,19 @@ _ORBAX_TMP = re.compile(r"\.orbax-checkpoint-tmp[^/\"']*")
 _WRITE_CAUSES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # '... while writing PATH'
 
 _HELD: dict[str, int] = {}  # absolute workdir -> fd of its lock file, held until the process ends
+_CREATED: list[Path] = []  # workdirs this process created (removed at exit if only .lock is in)
+
+
+def remove_unused_workdirs() -> None:
+  """At exit: a workdir this process created that holds nothing but its lock file (the run
+  failed before writing anything, e.g. a missing data directory) is removed, lock and all."""
+  for path in _CREATED:
+    try:
+      if [p.name for p in path.iterdir()] == [LOCK_FILE]:
+        (path / LOCK_FILE).unlink()
+        path.rmdir()
+    except OSError:  # gone, not empty after all, or not ours to remove: leave it
+      pass
 
 
 class WorkdirError(OSError):
@@ -64,7 +79,9 @@ def lock(workdir: str | os.PathLike) -> Path:
   """Create ``workdir`` if needed, check it is a writable directory and take its lock.
 
   The lock (``WORKDIR/.lock``, holding this process's pid) is kept until the process ends;
-  taking it again in the same process is a no-op. Returns the lock file's path.
+  taking it again in the same process is a no-op. A workdir created here that holds only the
+  lock file when the process exits (the run failed before writing anything) is removed then.
+  Returns the lock file's path.
 
   Raises:
     WorkdirError: ``WORKDIR is in use by pid N`` when another process holds the lock;
@@ -82,10 +99,15 @@ def lock(workdir: str | os.PathLike) -> Path:
       f"--workdir {given} is not a directory (a file is in the way); give a "
       "new directory or remove the file"
     )
+  created = not path.exists()
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise WorkdirError(f"cannot create the workdir {given}: {_cause(e)}") from None
+  if created:
+    if not _CREATED:
+      atexit.register(remove_unused_workdirs)
+    _CREATED.append(path)
   # access() sees a read-only file system and missing permissions before any work is done
   # (root passes the permission test, but not the read-only one).
   if not os.access(path, os.W_OK | os.X_OK):

@@ -187,6 +187,21 @@ def _non_log_lines(stderr: str) -> list[str]:
   return [l for l in stderr.splitlines() if l.strip() and not LOG_LINE.match(l)]
 
 
+def test_missing_data_dir_leaves_no_new_workdir_behind(env, tmp_path):
+  """A run that fails before writing anything (here: no data directory) removes the workdir
+  it created for its lock; an existing workdir stays (found by a fresh-user check: a new
+  workdir holding only .lock was left behind)."""
+  missing = tmp_path / "no_such_data"
+  r = _cli(env, tmp_path / "new" / "wd", "--mode", "train", f"--config.data.dir={missing}")
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert str(missing) in r.stderr
+  assert not (tmp_path / "new" / "wd").exists()
+  old = tmp_path / "old"
+  old.mkdir()
+  r = _cli(env, old, "--mode", "train", f"--config.data.dir={missing}")
+  assert r.returncode == 1 and old.is_dir()
+
+
 def test_cli_unknown_compare_model_is_one_error_line(env, tmp_path):
   r = _cli(
     env, tmp_path / "wd", "--mode", "compare", "--config.compare.models=('dssm_single','sas')"

@@ -463,9 +463,17 @@ def merge_previous(res: dict, path: Path) -> dict:
   return res
 
 
+def _pm(x: dict, one_seed: bool, sign: str = "") -> str:
+  """'mean ± std', or the mean alone for one seed (no std to show)."""
+  m = f"{x['mean']:{sign}.4f}"
+  return m if one_seed else f"{m} ± {x['std']:.4f}"
+
+
 def markdown(res: dict) -> str:
-  """``claims.md``: per claim and setting a table of mean ± std over seeds and the verdicts."""
+  """``claims.md``: per claim and setting a table of mean ± std over seeds and the verdicts
+  (the mean alone with one seed)."""
   ran = res.get("ran") or list(CLAIMS)
+  one = len(res["seeds"]) == 1
   only = f" --claims {','.join(ran)}" if ran != list(CLAIMS) else ""
   L = [
     "# SASS's claims on planted synthetic data",
@@ -499,9 +507,7 @@ def markdown(res: dict) -> str:
       for lab, t in s["table"].items():
         d, o = t["deciding"], t["overall"]
         st = f" {', '.join(map(str, t['steps']))} |" if steps else ""
-        L.append(
-          f"| {lab} | {d['mean']:.4f} ± {d['std']:.4f} | {o['mean']:.4f} ± {o['std']:.4f} |{st}"
-        )
+        L.append(f"| {lab} | {_pm(d, one)} | {_pm(o, one)} |{st}")
       L += [
         "",
         f"| paired difference ({sc}) | mean ± std | seeds > 0 | beyond 2 s.e. |",
@@ -509,7 +515,7 @@ def markdown(res: dict) -> str:
       ]
       for name, d in s["paired_differences"].items():
         L.append(
-          f"| {name} | {d['mean']:+.4f} ± {d['std']:.4f} | {d['positive_seeds']}/{d['seeds']} "
+          f"| {name} | {_pm(d, one, '+')} | {d['positive_seeds']}/{d['seeds']} "
           f"| {'yes' if d['clear'] else 'no'} |"
         )
       L += ["", f"**{s['statement']}**", ""]

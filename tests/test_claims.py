@@ -272,6 +272,26 @@ def test_markdown_says_which_claims_were_kept_from_an_earlier_run():
   assert "nc. Wall time 3 s." in md
 
 
+def test_markdown_shows_no_std_for_one_seed():
+  """With one seed there is no std: the tables show the mean alone, not '± 0.0000'."""
+  claim = claims.CLAIMS["b"]
+  runs = {"sass": [{"overall": 0.3, "steps": 25}], "sass_base": [{"overall": 0.25, "steps": 50}]}
+  res = {"size": "small", "sizes": {}, "seeds": [0], "metric": claims.METRIC, "wall_s": 1.0}
+  res["claims"] = {
+    "b": {
+      "title": "t",
+      "note": "n",
+      "wall_s": 1.0,
+      "settings": [claims.summarise(claim, claim.settings[0], runs)],
+    }
+  }
+  md = claims.markdown(res)
+  assert "± 0.0000" not in md and "| sass | 0.3000 | 0.3000 | 25 |" in md, md
+  assert "| sass - sass_base | +0.0500 | 1/1 |" in md, md
+  res["seeds"] = [0, 1]
+  assert "| sass | 0.3000 ± 0.0000 |" in claims.markdown(res)
+
+
 @pytest.mark.parametrize(
   "argv,msg",
   [

@@ -176,12 +176,22 @@ def _unknown_key_message(error: BaseException, argv) -> str | None:
 
 def parse_flags(argv):
   """absl's flag parsing, with a misspelt ``--config.<key>`` reported as one ``error:`` line
-  (exit code 1) instead of ml_collections' traceback; ``--help`` / ``--helpfull`` unchanged."""
+  (exit code 1) instead of ml_collections' traceback, and a value of the wrong type (absl's
+  ``flags.Error``, e.g. ``--config.train.batch_size=abc``) as one ``error:`` line instead of
+  absl's two ('FATAL Flags parsing error' and a usage hint); ``--help`` / ``--helpfull``
+  unchanged."""
+  debug = os.environ.get("SASS_JAX_DEBUG", "") not in ("", "0")
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if debug:
+      raise
+    msg = " ".join(str(e).split())
+    print(f"error: {msg} (--helpfull lists the flags)", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
   except (AttributeError, KeyError) as e:
     msg = _unknown_key_message(e, argv)
-    if msg is None or os.environ.get("SASS_JAX_DEBUG", "") not in ("", "0"):
+    if msg is None or debug:
       raise
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None

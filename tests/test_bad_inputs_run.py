@@ -447,6 +447,14 @@ def test_misspelt_config_key_is_one_line(env, tmp_path):
     '"num_steps" instead of "num_stepz"?'
   ], r.stderr[-3000:]
   assert not (tmp_path / "wd").exists()
+  # a value of the wrong type: one line too (absl printed 'FATAL Flags parsing error' + a hint)
+  r = _cli(env, tmp_path / "wd", "--mode", "train", "--config.train.batch_size=abc")
+  assert r.returncode == 1
+  assert _non_log_lines(r.stderr) == [
+    "error: flag --config.train.batch_size=abc: invalid literal for int() with base 10: 'abc' "
+    "(--helpfull lists the flags)"
+  ], r.stderr[-3000:]
+  assert not (tmp_path / "wd").exists()
   r = _cli(env, tmp_path / "wd", "--helpfull")  # absl's help, as before (it exits 1)
   assert "--config" in r.stdout and "Traceback" not in r.stderr and "error:" not in r.stderr
 

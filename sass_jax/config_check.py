@@ -165,6 +165,19 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
       f"config.train.labelled_batch_size={lbs!r}: expected an int >= 1, or 0 for "
       "config.train.batch_size"
     )
+  m = cfg.model
+  if (
+    _is_int(m.get("preference_dim", 0))
+    and m.get("preference_dim", 0) > 0
+    and m.get("preference_input", "own") == "own"
+    and t.get("embedding_optimizer", "dense") != "dense"
+  ):
+    p(
+      f"config.model.preference_dim={m.preference_dim} with preference_input='own' and "
+      f"config.train.embedding_optimizer={t.embedding_optimizer!r}: the row-sparse optimisers "
+      "do not address the preference head's own tables; set embedding_optimizer='dense' (or "
+      "preference_input='shared')"
+    )
   if _is_num(lw) and lw > 0 and t.resident_on_device:
     p(
       f"config.train.labelled_weight={lw!r} with config.train.resident_on_device=True: the "

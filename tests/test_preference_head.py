@@ -166,6 +166,15 @@ def test_ranking_methods_and_config_checks(tiny_cfg):
     "config.model.preference_dropout=1.0: expected a rate in [0, 1)",
   ):
     assert want in str(e.value), str(e.value)
+  # the row-sparse optimisers address the towers' own tables only (flax raised a shape error
+  # deep in the first step before this check)
+  c = movielens.get_config()
+  c.model.preference_dim = 16
+  c.train.embedding_optimizer = "lazy_adam"
+  with pytest.raises(ValueError, match=r"do not address the preference head's own tables"):
+    config_check.validate(c)
+  c.model.preference_input = "shared"
+  config_check.validate(c)
 
 
 # -- evaluation: AUC / GAUC from the ranking vectors, Recall from the retrieval vectors ----------

@@ -25,6 +25,9 @@ whether the setting expects an order or a level control), the variants compared
 Each (setting, variant, seed) is one ``sass_jax.train.loop.train`` run in
 ``W/<claim>/<setting>/<variant>/seed<s>`` (the data and parameter seed is s; a run whose
 ``metrics.json`` exists is read back, not retrained), scored by Recall@50 on the test split.
+Claims a and b choose each run's fine-tuning length on the validation split
+(``Claim.select_steps``: early stopping over one 400-step schedule), so that runs with few
+labels are not judged after over-fitting them.
 """
 
 from __future__ import annotations

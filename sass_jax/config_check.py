@@ -178,6 +178,18 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
       "do not address the preference head's own tables; set embedding_optimizer='dense' (or "
       "preference_input='shared')"
     )
+  if (
+    "finetune" in stages
+    and _is_int(m.get("preference_dim", 0))
+    and m.get("preference_dim", 0) > 0
+    and _is_num(lw)
+    and lw == 0
+  ):
+    p(
+      f"config.model.preference_dim={m.preference_dim} with config.train.labelled_weight=0: "
+      "nothing would train the preference head, and AUC / GAUC would be scored with it "
+      "untrained; set labelled_weight > 0 (e.g. 1.0) or preference_dim=0"
+    )
   if _is_num(lw) and lw > 0 and t.resident_on_device:
     p(
       f"config.train.labelled_weight={lw!r} with config.train.resident_on_device=True: the "

@@ -174,7 +174,12 @@ def test_ranking_methods_and_config_checks(tiny_cfg):
   with pytest.raises(ValueError, match=r"do not address the preference head's own tables"):
     config_check.validate(c)
   c.model.preference_input = "shared"
+  with pytest.raises(ValueError, match=r"labelled_weight=0: nothing would train the preference"):
+    config_check.validate(c)  # a head with no loss to train it (found by a fresh-user check)
+  c.train.labelled_weight = 1.0
   config_check.validate(c)
+  c.train.labelled_weight = 0.0
+  config_check.validate(c, stages=())  # evaluation alone: nothing is trained
 
 
 # -- evaluation: AUC / GAUC from the ranking vectors, Recall from the retrieval vectors ----------
@@ -250,8 +255,11 @@ def test_evaluation_scores_auc_with_the_ranking_vectors():
   }
   m = ev.evaluate(RankLookup(), params, _data(), "test", ks=(1,))
   assert m["overall"]["auc"] == 1.0 and m["overall"]["gauc"] == 1.0
+  assert m["auc_score"] == "retrieval + preference head"
+  assert ev.markdown_table(m).startswith("AUC / GAUC scored by: retrieval + preference head")
   # Recall@1 ranks by the retrieval score: user 0 (item 0 masked) gets 2, user 1 (1 masked) 2
   assert m["overall"]["recall@1"] == 0.0
   # without the head the same vectors' retrieval part scores the exposures: AUC 0
   m0 = ev.evaluate(RankLookup(_Cfg(0)), params, _data(), "test", ks=(1,))
-  assert m0["overall"]["auc"] == 0.0
+  assert m0["overall"]["auc"] == 0.0 and m0["auc_score"] == "retrieval"
+  assert ev.markdown_table(m0).startswith("| scenario |")

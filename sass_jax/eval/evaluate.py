@@ -177,7 +177,8 @@ def evaluate(
     {"split": ..., "scenarios": {name: {"recall@50": .., "ndcg@50": .., "hitrate@50": ..,
       "auc": .., "gauc": .., "num_users": .., "num_exposures": ..,
       "test_positives_in_train": .., ["test_positives_outside_corpus": ..]}}, "overall": {...},
-     "baselines": {"popularity": {"scenarios": {...}, "overall": {...}}}}
+     "baselines": {"popularity": {"scenarios": {...}, "overall": {...}}},
+     "auc_score": "retrieval" | "retrieval + preference head"}
 
   mask: 'train' masks each user's training positives (in the scenario evaluated);
   'train_valid' also masks validation positives. Raises ValueError for an unknown mask/split,
@@ -334,6 +335,9 @@ def evaluate(
     "corpus": corpus,
     "mask": mask,
     "num_items": data.num_items,
+    # what scored AUC / GAUC: the retrieval score, or SASS's ranking score with its
+    # preference head (model.protocol.ranking_methods)
+    "auc_score": "retrieval" if rank_u == "encode_user" else "retrieval + preference head",
     "scenarios": scen_res,
     "overall": pooled(model_users, all_scores),
     "baselines": {"popularity": {"scenarios": pop_res, "overall": pooled(pop_users, all_pop)}},
@@ -346,6 +350,8 @@ def markdown_table(metrics: dict, k: int = 50) -> str:
   model = metrics.get("model", "model")
   head = ["scenario", "users"] + [f"{model} {c}" for c in cols] + [f"Pop {c}" for c in cols[:3]]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  if metrics.get("auc_score", "retrieval") != "retrieval":
+    lines.insert(0, f"AUC / GAUC scored by: {metrics['auc_score']}\n")
   pop = metrics["baselines"]["popularity"]
   rows = list(metrics["scenarios"].items()) + [("overall", metrics["overall"])]
   for name, r in rows:

@@ -29,6 +29,7 @@ from sass_jax.data.store import SPLITS, PreparedData
 from sass_jax.eval import metrics as M
 from sass_jax.eval.retrieval import popularity_topk, sharded_topk_scores, topk_scores
 from sass_jax.model.protocol import ranking_methods
+from sass_jax.model.towers import retrieval_part
 import flax.linen as nn
 
 from sass_jax.train.steps import as_variables
@@ -204,19 +205,14 @@ def evaluate(
     )
   inter = {c: np.asarray(v) for c, v in data.inter.items()}
   kmax = max(ks)
-  item_all = encode_all(
-    model, params, data.items, data.item_masks, "encode_item", None, partitioner=partitioner
-  )  # [N,K,D]
   # the vectors that score labelled exposures (AUC, GAUC): the retrieval vectors, or SASS's
-  # ranking vectors when it has a preference head (model.protocol.ranking_methods)
+  # ranking vectors when it has a preference head (model.protocol.ranking_methods); the
+  # items are encoded once, the retrieval vectors being the ranking vectors' leading part
   rank_u, rank_i = ranking_methods(model)
-  item_rank = (
-    item_all
-    if rank_i == "encode_item"
-    else encode_all(
-      model, params, data.items, data.item_masks, rank_i, None, partitioner=partitioner
-    )
+  item_rank = encode_all(
+    model, params, data.items, data.item_masks, rank_i, None, partitioner=partitioner
   )  # [N, K, D']
+  item_all = retrieval_part(getattr(model, "cfg", None), item_rank)  # [N, K, D]
   pos = inter["label"] > 0.5
   in_split = inter["split"] == SPLITS[split]
   masked_splits = [SPLITS["train"]] + ([SPLITS["valid"]] if mask == "train_valid" else [])

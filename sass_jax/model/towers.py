@@ -277,7 +277,6 @@ class SASSTower(nn.Module):
       for j, width in enumerate(c.preference_widths):
         hq = act(_dense(width, jnp.float32, f"preference_hidden_{j}")(hq))
         hq = nn.Dropout(c.preference_dropout, deterministic=not train)(hq)
-      hq = jnp.broadcast_to(hq, h.shape[:-1] + hq.shape[-1:])
       # the preference head's output q (P dims; its bias makes the bilinear score hold
       # per-user and per-item offsets too), scaled so that
       # <sqrt(tau) q_u, sqrt(tau) q_i> / tau = <q_u, q_i>
@@ -290,6 +289,8 @@ class SASSTower(nn.Module):
         ),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp_out",)),
       )(hq)
+      # 'own' computes the head once per entity; placed in r's layout only now
+      q = jnp.broadcast_to(q, r.shape[:-1] + q.shape[-1:])
       r = jnp.concatenate([r, jnp.sqrt(jnp.float32(c.tau)) * q], -1)
     return jnp.swapaxes(r, 0, 1) if major else r  # [K, B, D] -> [B, K, D]
 

@@ -533,10 +533,23 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0],
+    epilog="claims (definitions and expected orders: the sass_jax.claims module docstring):\n"
+    + "\n".join(
+      f"  {k} = {c.title}\n      settings: {', '.join(s.name for s in c.settings)}"
+      for k, c in CLAIMS.items()
+    ),
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   ap.add_argument("--workdir", required=True, help="run directories (a finished run is re-read)")
   ap.add_argument("--seeds", type=int, default=5, help="seeds 0 .. seeds - 1 per variant (>= 1)")
-  ap.add_argument("--claims", default="a,b,c", help="comma-separated subset of a, b, c")
+  ap.add_argument(
+    "--claims",
+    default="a,b,c",
+    help="comma-separated subset of a, b, c, each once (a: ML-SAT gates, b: entire-space "
+    "pre-training, c: scenario-specific item vectors; see below)",
+  )
   ap.add_argument("--size", default="full", choices=sorted(SIZES), help="rows, users, items, steps")
   ap.add_argument(
     "--results",
@@ -545,10 +558,12 @@ def main(argv=None) -> None:
     "run are kept from an existing claims.json of the same size and seeds)",
   )
   a = ap.parse_args(argv)
-  keys = [k.strip() for k in a.claims.split(",") if k.strip()]
-  bad = [k for k in keys if k not in CLAIMS]
-  if bad or not keys:
-    ap.error(f"--claims {a.claims!r}: expected a non-empty subset of {sorted(CLAIMS)}")
+  keys = [k.strip() for k in a.claims.split(",")]
+  if any(k not in CLAIMS for k in keys) or len(set(keys)) != len(keys):
+    ap.error(
+      f"--claims {a.claims!r}: expected a non-empty subset of {sorted(CLAIMS)}, comma-separated, "
+      "each once, no empty element"
+    )
   if a.seeds < 1:
     ap.error(f"--seeds {a.seeds}: expected an integer >= 1")
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")

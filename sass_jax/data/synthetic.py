@@ -21,6 +21,8 @@ Generative model (all draws from NumPy PCG64 generators seeded by ``data_cfg.see
   only when set): ``scenario_weights`` (K positive numbers: each cluster's scenario mix is
   multiplied by them and renormalised, so scenario k's row share scales with weight k);
   ``item_scenario_strength`` (lam of the item side alone; None = ``scenario_strength``);
+  ``scenario_strength_scale`` (K numbers >= 0: lam of scenario k, on both sides, times factor
+  k -- 0 makes scenario k's preference the shared ``<a_u, b_i>`` alone);
   ``item_scenario_noise`` (>= 0: ``v_k += item_scenario_noise * e_ik``, an own ``N(0, I_d)`` per
   item and scenario from its own stream, memory ``I * K * d`` floats: appeal that differs by
   scenario item by item, which a scenario-aware user vector cannot absorb);
@@ -104,6 +106,7 @@ KNOB_DEFAULTS = dict(
   scenario_weights=None,  # relative row share per scenario (K positive numbers); None = even
   item_scenario_strength=None,  # lam of the item side; None = scenario_strength
   item_scenario_noise=0.0,  # >= 0: an own N(0, I_d) part per (item, scenario), this scale
+  scenario_strength_scale=None,  # K numbers >= 0: lam of scenario k times factor k; None = 1
   exposure_signal=0.0,  # >= 0: exposed item ~ popularity * exp(exposure_signal * z)
   exposure_candidates=32,  # popularity candidates resampled per row when exposure_signal > 0
   label_fraction=1.0,  # in (0, 1], or K of them: share of the training split's clicks kept
@@ -136,6 +139,14 @@ def _knobs(data_cfg, K: int) -> dict:
       )
     o["scenario_weights"] = [
       num("scenario_weights", x, lambda f: f > 0, f"None or {K} positive numbers") for x in w
+    ]
+  f = o["scenario_strength_scale"]
+  if f is not None:
+    want = f"None or {K} numbers >= 0 (one per scenario)"
+    if isinstance(f, (str, bytes)) or not hasattr(f, "__len__") or len(f) != K:
+      raise ValueError(f"config.data.scenario_strength_scale={f!r}: expected {want}")
+    o["scenario_strength_scale"] = [
+      num("scenario_strength_scale", x, lambda v: v >= 0, want) for x in f
     ]
   if o["item_scenario_strength"] is not None:
     o["item_scenario_strength"] = num(
@@ -253,6 +264,11 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   rng = np.random.default_rng([seed, 0])
   users = _Side(rng, U, d, C, K, o["scenario_strength"], o["entity_noise"])
   items = _Side(rng, I, d, C, K, item_lam, o["entity_noise"])
+  if kn["scenario_strength_scale"] is not None:  # scaled after the draws: same random stream
+    for side in (users, items):
+      f = np.asarray(kn["scenario_strength_scale"], np.float32)
+      side.offset *= f[:, None, None]
+      side.maps *= f[:, None, None]
   if kn["item_scenario_noise"] > 0:  # own stream: the other draws stay as they were
     items.own = kn["item_scenario_noise"] * np.random.default_rng([seed, 4]).standard_normal(
       (I, K, d), dtype=np.float32

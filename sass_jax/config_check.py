@@ -474,8 +474,9 @@ def validate(
       preparation.
 
   Raises:
-    ValueError: "invalid config:" followed by one line per problem, each naming the field,
-      its value and what to set instead.
+    ValueError: "invalid config: <problem>" (one line) for one problem, else "invalid config:"
+      followed by one line per problem; each problem names the field, its value and what to
+      set instead.
   """
   stages = tuple(stages)
   unknown = [s for s in stages if s not in STAGES]
@@ -491,5 +492,7 @@ def validate(
     _check_data(cfg, data, stages, p)
   if workdir is not None and not problems:
     _check_checkpoints(cfg, workdir, p)
+  if len(problems) == 1:  # one problem: one line
+    raise ValueError(f"invalid config: {problems[0]}")
   if problems:
     raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))

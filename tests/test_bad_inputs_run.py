@@ -335,7 +335,7 @@ def test_valid_split_with_train_valid_mask_is_rejected():
   with pytest.raises(ValueError) as ei:
     config_check.validate(cfg)
   assert str(ei.value) == (
-    "invalid config:\n  - config.eval.split='valid' with config.eval.mask='train_valid' "
+    "invalid config: config.eval.split='valid' with config.eval.mask='train_valid' "
     "masks the very validation positives being scored (every metric would be 0); use "
     "config.eval.mask='train' to evaluate the valid split, or config.eval.split='test'"
   )

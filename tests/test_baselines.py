@@ -370,7 +370,7 @@ def test_config_validation(name, key, value, message):
   # what config_check reports before any work, among the other problems
   cfg = _cfg(name)
   cfg.model[key] = value
-  with pytest.raises(ValueError, match=r"invalid config:\n(.*\n)*  - " + re.escape(message)):
+  with pytest.raises(ValueError, match=r"invalid config:( |\n(.*\n)*  - )" + re.escape(message)):
     config_check.validate(cfg)
 
 

@@ -213,6 +213,22 @@ def test_cli_unknown_compare_model_is_one_error_line(env, tmp_path):
   ], r.stderr[-3000:]
 
 
+def test_cli_one_bad_config_value_is_one_error_line(env, tmp_path):
+  """One invalid config value took two lines ('invalid config:' and a bullet); two problems
+  still get one line each under the header. Nothing is left behind."""
+  r = _cli(env, tmp_path / "wd", "--mode", "train", "--config.model.tau=-1.0")
+  assert r.returncode == 1, r.stderr[-3000:]
+  (line,) = _non_log_lines(r.stderr)
+  assert line.startswith("error: invalid config: config.model.tau=-1.0"), line
+  assert not (tmp_path / "wd").exists()
+  r = _cli(
+    env, tmp_path / "wd", "--mode", "train", "--config.model.tau=-1.0", "--config.eval.split=dev"
+  )
+  assert r.returncode == 1
+  lines = _non_log_lines(r.stderr)
+  assert lines[0] == "error: invalid config:" and len(lines) == 3, lines
+
+
 def test_cli_recommend_k0_is_one_error_line_and_debug_keeps_the_traceback(env, trained):
   args = (
     "--mode",
@@ -373,7 +389,7 @@ SPLIT_CASES = [
 def test_empty_split_fraction_is_rejected(split, eval_split, message):
   cfg = _cfg(split=split)
   cfg.eval.split = eval_split
-  with pytest.raises(ValueError, match=r"invalid config:\n(.*\n)*  - " + re.escape(message)):
+  with pytest.raises(ValueError, match=r"invalid config:( |\n(.*\n)*  - )" + re.escape(message)):
     config_check.validate(cfg)
 
 

@@ -154,7 +154,7 @@ CASES = [
 def test_invalid_value_is_rejected_with_its_message(path, value, message):
   cfg = _cfg()
   _set(cfg, path, value)
-  with pytest.raises(ValueError, match=r"invalid config:\n(.*\n)*  - " + re.escape(message)):
+  with pytest.raises(ValueError, match=r"invalid config:( |\n(.*\n)*  - )" + re.escape(message)):
     config_check.validate(cfg)
 
 

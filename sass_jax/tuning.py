@@ -102,6 +102,7 @@ TAG_NAMES = {
   "pretrain.tau": "ptau",
   "pretrain.num_steps": "psteps",
   "pretrain.pairs": "pairs",
+  "model.item_scenario": "items",
 }
 SEARCHES = ("grid", "random")  # config.compare.search
 

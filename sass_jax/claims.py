@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -291,11 +292,14 @@ def run_one(claim, setting, variant, seed, size, workdir: Path) -> dict:
 
   wd = Path(workdir) / claim.key / setting.name / variant[0] / f"seed{seed}"
   mfile = wd / "metrics.json"
+  cfg = run_config(claim, setting, variant, seed, size)
   if mfile.exists():
+    check_finished_run(wd, cfg)
     m = json.loads(mfile.read_text())
   else:
     t = time.time()
-    cfg = run_config(claim, setting, variant, seed, size)
+    wd.mkdir(parents=True, exist_ok=True)
+    (wd / RUN_CONFIG).write_text(json.dumps(_plain_config(cfg), indent=1, sort_keys=True))
     if claim.select_steps:
       m = _train_selecting_steps(claim, cfg, wd)
     else:
@@ -307,6 +311,63 @@ def run_one(claim, setting, variant, seed, size, workdir: Path) -> dict:
   if claim.select_steps:
     out["steps"] = int(m["checkpoint_step"])
   return out
+
+
+RUN_CONFIG = "claims_run_config.json"  # a run's config, written before it trains
+_DATA_IGNORED = ("dir", "download")  # where the data live, not what they are
+
+
+class StaleRunError(ValueError):
+  """A run directory holds a finished run made with other settings."""
+
+
+def _plain_config(cfg) -> dict:
+  return json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
+def _differences(there: dict, now: dict, prefix: str, every_key: bool) -> list[str]:
+  """'path: X there, Y now' for each differing leaf; keys on one side only count when
+  ``every_key`` (else a key a later code version added is not a difference)."""
+  out = []
+  for k in sorted(set(there) | set(now), key=str):
+    if not every_key and (k not in there or k not in now):
+      continue
+    x, y = there.get(k, "<unset>"), now.get(k, "<unset>")
+    if isinstance(x, dict) and isinstance(y, dict):
+      out += _differences(x, y, f"{prefix}.{k}", every_key)
+    elif x != y:
+      out.append(f"{prefix}.{k}: {x!r} there, {y!r} now")
+  return out
+
+
+def check_finished_run(wd: Path, cfg) -> None:
+  """Raise ``StaleRunError`` (one line) when the finished run in ``wd`` was made with other
+  settings than ``cfg``: its recorded config (``RUN_CONFIG``) -- every ``config.data`` key,
+  and the other values both configs have -- or, for a run from before that record, its data
+  manifest's options. Re-reading such a run would label old numbers with new settings."""
+  from sass_jax.data import store
+
+  now = _plain_config(cfg)
+  rec = wd / RUN_CONFIG
+  if rec.exists():
+    there = json.loads(rec.read_text())
+    rest = lambda d: {k: v for k, v in d.items() if k != "data"}
+    diffs = _differences(rest(there), rest(now), "config", every_key=False)
+    data_there, data_now = there.get("data", {}), now.get("data", {})
+  else:
+    try:
+      data_there = json.loads((wd / "data" / "manifest.json").read_text())["options"]
+    except (OSError, ValueError, KeyError, TypeError):
+      return  # nothing recorded to compare with
+    diffs, data_now = [], store.data_options(cfg.data)
+  keep = lambda d: {k: v for k, v in d.items() if k not in _DATA_IGNORED}
+  diffs = _differences(keep(data_there), keep(data_now), "config.data", every_key=True) + diffs
+  if diffs:
+    more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    raise StaleRunError(
+      f"{wd} holds a finished run made with other settings ({'; '.join(diffs[:3])}{more}); "
+      "use another --workdir or --setting, or remove that directory to retrain it"
+    )
 
 
 def _ms(x) -> dict:
@@ -422,11 +483,22 @@ def _run_claims(workdir, keys, seeds, size, only, settings=None) -> dict:
     "metric": METRIC,
     "claims": {},
   }
+  claims = {
+    k: CLAIMS[k] if settings is None else dataclasses.replace(CLAIMS[k], settings=tuple(settings))
+    for k in keys
+  }
+  # Every finished run that would be re-read is checked first, before any training.
+  for claim in claims.values():
+    for setting in claim.settings:
+      if only is not None and setting.name not in only:
+        continue
+      for s, v in ((s, v) for s in range(seeds) for v in claim.variants):
+        wd = Path(workdir) / claim.key / setting.name / v[0] / f"seed{s}"
+        if (wd / "metrics.json").exists():
+          check_finished_run(wd, run_config(claim, setting, v, s, size))
   for key in keys:
     t1 = time.time()
-    claim = CLAIMS[key]
-    if settings is not None:
-      claim = dataclasses.replace(claim, settings=tuple(settings))
+    claim = claims[key]
     res = []
     for setting in claim.settings:
       if only is not None and setting.name not in only:
@@ -491,7 +563,7 @@ def markdown(res: dict) -> str:
   L = [
     "# SASS's claims on planted synthetic data",
     "",
-    f"`python -m sass_jax.claims --size {res['size']} --seeds {len(res['seeds'])}{only}"
+    f"`python -m sass_jax.claims --workdir W --size {res['size']} --seeds {len(res['seeds'])}{only}"
     f"{res.get('cli_extra', '')}` "
     f"({res['sizes']}; a setting may pin its own: see its data and config); "
     f"{res['metric']} on the test split, mean ± std over seeds "
@@ -545,6 +617,7 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(
+    prog="python -m sass_jax.claims",
     description=__doc__.split("\n\n")[0],
     epilog="claims (definitions and expected orders: the sass_jax.claims module docstring):\n"
     + "\n".join(
@@ -554,14 +627,23 @@ def main(argv=None) -> None:
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   ap.add_argument("--workdir", required=True, help="run directories (a finished run is re-read)")
-  ap.add_argument("--seeds", type=int, default=5, help="seeds 0 .. seeds - 1 per variant (>= 1)")
+  ap.add_argument(
+    "--seeds", type=int, default=5, help="seeds 0 .. seeds - 1 per variant (>= 1; default 5)"
+  )
   ap.add_argument(
     "--claims",
     default="a,b,c",
     help="comma-separated subset of a, b, c, each once (a: ML-SAT gates, b: entire-space "
-    "pre-training, c: scenario-specific item vectors; see below)",
+    "pre-training, c: scenario-specific item vectors; see below; default a,b,c)",
   )
-  ap.add_argument("--size", default="full", choices=sorted(SIZES), help="rows, users, items, steps")
+  ap.add_argument(
+    "--size",
+    default="full",
+    choices=sorted(SIZES),
+    help="rows, users, items, steps: "
+    + "; ".join(f"{k} {v}" for k, v in SIZES.items())
+    + " (default full)",
+  )
   ap.add_argument(
     "--results",
     default="results",
@@ -576,9 +658,16 @@ def main(argv=None) -> None:
     help="repeatable; with one claim: run it on one data setting of your own instead of its "
     "settings, with these config.data values (Python literals, e.g. "
     "'label_fraction=(0.03,1,1)', on top of the claims' common data and the size); the "
-    "results go to <results>/claims_<setting>.md / .json (claims.* are left alone)",
+    "results go to <results>/claims_<setting>.md / .json (claims.* are left alone). Keys: the "
+    "synthetic generator's options, docs/design.md §4 (all but seed, which each run sets): "
+    + ", ".join(_data_keys()),
   )
-  ap.add_argument("--setting", default="custom", help="the name of the --data setting")
+  ap.add_argument(
+    "--setting",
+    default=None,
+    help="with --data: the setting's name, its runs' directory under WORKDIR/<claim>/ "
+    "(letters, digits, '.', '_', '-', starting with a letter or digit; default custom)",
+  )
   a = ap.parse_args(argv)
   keys = [k.strip() for k in a.claims.split(",")]
   if any(k not in CLAIMS for k in keys) or len(set(keys)) != len(keys):
@@ -588,22 +677,39 @@ def main(argv=None) -> None:
     )
   if a.seeds < 1:
     ap.error(f"--seeds {a.seeds}: expected an integer >= 1")
+  for flag, path in (("--results", a.results), ("--workdir", a.workdir)):
+    if Path(path).exists() and not Path(path).is_dir():
+      ap.error(f"{flag} {path!r}: exists and is not a directory")
   settings, stem = None, "claims"
+  if a.setting is not None and not a.data:
+    ap.error(f"--setting {a.setting!r} without --data: it names a --data setting")
   if a.data:
-    try:
-      settings = (Setting(a.setting, parse_data(a.data)),)
-    except ValueError as e:
-      ap.error(str(e))
+    name = "custom" if a.setting is None else a.setting
+    if not (name[:1].isalnum() and all(ch.isalnum() or ch in "._-" for ch in name)):
+      ap.error(
+        f"--setting {name!r}: expected a name of letters, digits, '.', '_', '-', starting with "
+        "a letter or digit"
+      )
     if len(keys) != 1:
       ap.error(f"--data with --claims {a.claims!r}: expected one claim")
-    if not a.setting or not all(ch.isalnum() or ch in "._-" for ch in a.setting):
-      ap.error(f"--setting {a.setting!r}: expected a name of letters, digits, '.', '_', '-'")
-    stem = f"claims_{a.setting}"
+    try:
+      settings = (Setting(name, parse_data(a.data)),)
+      check_setting(CLAIMS[keys[0]], settings[0], a.size)
+    except ValueError as e:
+      ap.error(str(e))
+    stem = f"claims_{name}"
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
   log.setLevel(logging.INFO)
-  res = run_claims(a.workdir, keys, a.seeds, a.size, settings=settings)
+  try:
+    res = run_claims(a.workdir, keys, a.seeds, a.size, settings=settings)
+  except StaleRunError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   if settings is not None:  # for the command line in the markdown
-    res["cli_extra"] = "".join(f" --data '{d}'" for d in a.data) + f" --setting {a.setting}"
+    res["cli_extra"] = (
+      "".join(f" --data '{d}'" for d in a.data)
+      + f" --setting {settings[0].name} --results {a.results}"
+    )
   out = Path(a.results)
   out.mkdir(parents=True, exist_ok=True)
   if settings is None:
@@ -620,9 +726,7 @@ def parse_data(items) -> dict[str, Any]:
   line naming the item."""
   import ast
 
-  from sass_jax.data import synthetic as gen
-
-  known = sorted({*gen.DEFAULTS, *gen.KNOB_DEFAULTS})
+  known = _data_keys()
   out = {}
   for item in items:
     key, eq, text = str(item).partition("=")
@@ -635,9 +739,36 @@ def parse_data(items) -> dict[str, Any]:
       raise ValueError(f"--data {item!r}: {key!r} given twice")
     try:
       out[key] = ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-      out[key] = text.strip()
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+      raise ValueError(
+        f"--data {item!r}: {text.strip()!r} is not a Python literal (a string needs quotes: "
+        f"{key}='...')"
+      ) from None
   return out
+
+
+def _data_keys() -> list[str]:
+  """The keys ``--data`` takes: the synthetic generator's options but ``seed`` (each run sets
+  it to its seed)."""
+  from sass_jax.data import synthetic as gen
+
+  return sorted({*gen.DEFAULTS, *gen.KNOB_DEFAULTS} - {"seed"})
+
+
+def check_setting(claim: Claim, setting: Setting, size: str) -> None:
+  """The checks the runs' data preparation would make, before any work: ValueError, one line
+  naming the ``--data`` key (a value of the wrong type for the config) or ``config.data.<key>``
+  (a value the generator rejects)."""
+  from sass_jax.data import synthetic as gen
+
+  base = base_config(size)
+  for k, v in setting.data.items():
+    try:
+      base.data[k] = v
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"--data {k}={v!r}: {str(e).splitlines()[0]}") from None
+  for variant in claim.variants:
+    gen.validate(run_config(claim, setting, variant, 0, size).data)
 
 
 if __name__ == "__main__":

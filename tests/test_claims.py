@@ -354,12 +354,23 @@ def test_cli_help_describes_each_claim(capsys):
   [
     (["--data", "label_fraction"], "--data 'label_fraction': expected KEY=VALUE"),
     (["--data", "no_such_key=1"], "--data 'no_such_key=1': unknown key 'no_such_key'"),
-    (["--data", "seed=1", "--data", "seed=2"], "--data 'seed=2': 'seed' given twice"),
-    (["--claims", "a,b", "--data", "seed=1"], "--data with --claims 'a,b': expected one claim"),
-    (["--data", "seed=1", "--setting", "a/b"], "--setting 'a/b': expected a name of letters"),
+    (["--data", "num_rows=8000", "--data", "num_rows=9000"], "'num_rows' given twice"),
+    (["--claims", "a,b", "--data", "num_rows=8000"], "--data with --claims 'a,b': expected one"),
+    (["--data", "num_rows=8000", "--setting", "a/b"], "--setting 'a/b': expected a name of"),
+    (["--data", "num_rows=8000", "--setting", ".."], "--setting '..': expected a name of"),
+    (["--setting", "x"], "--setting 'x' without --data"),
+    (["--data", "seed=5"], "--data 'seed=5': unknown key 'seed'"),
+    (["--data", "label_fraction=abc"], "'abc' is not a Python literal"),
+    (["--data", "num_rows=8000.5"], "--data num_rows=8000.5: Could not override field"),
+    (["--data", "num_rows=-5"], "config.data.num_rows=-5: expected an integer in [1000,"),
+    (["--data", "scenario_weights=(1,2)"], "config.data.scenario_weights=(1, 2): expected"),
+    (["--data", "scenario_strength_scale=(0,-1,1)"], "config.data.scenario_strength_scale="),
   ],
 )
 def test_cli_data_rejects_bad_items_and_writes_nothing(tmp_path, capsys, argv, msg):
+  """Found by a fresh-user check: bad values failed only when the first run prepared its data
+  (a traceback and a stray run directory); a non-literal was taken as a string; '..' passed
+  the name check; --setting without --data was ignored; --data seed=N was overridden."""
   argv = ["--claims", "a", *argv] if "--claims" not in argv else argv
   with pytest.raises(SystemExit) as e:
     claims.main(["--workdir", str(tmp_path / "w"), "--results", str(tmp_path / "r"), *argv])
@@ -397,3 +408,42 @@ def test_cli_data_runs_one_claim_on_its_own_setting(tmp_path, monkeypatch, capsy
   res = json.loads((tmp_path / "r" / "claims_lf03.json").read_text())
   (s,) = res["claims"]["a"]["settings"]
   assert s["setting"] == "lf03" and s["data"]["num_rows"] == 12000
+
+
+def test_cli_refuses_to_relabel_a_finished_run_of_other_settings(tmp_path, monkeypatch, capsys):
+  """A finished run is re-read only when it was made with the same settings: re-running with
+  other --data (or another --size) re-read the old numbers under the new settings' label
+  (found by a fresh-user check). Runs from before the config record are checked against
+  their data manifest. Nothing is trained and nothing is written when a run does not match."""
+  claim = claims.CLAIMS["a"]
+  setting = claims.Setting("tiny", {"num_rows": 8000})
+  wd = tmp_path / "w" / "a" / "tiny" / claim.variants[0][0] / "seed0"
+  wd.mkdir(parents=True)
+  (wd / "metrics.json").write_text("{}")
+  cfg = claims.run_config(claim, setting, claim.variants[0], 0, "small")
+  (wd / claims.RUN_CONFIG).write_text(json.dumps(claims._plain_config(cfg)))
+  claims.check_finished_run(wd, cfg)  # the same settings: fine
+  trained = []
+  monkeypatch.setattr(claims, "_train_selecting_steps", lambda *a: trained.append(a))
+  base = ["--workdir", str(tmp_path / "w"), "--results", str(tmp_path / "r"), "--claims", "a"]
+  for extra in (["--data", "num_rows=9000"], ["--data", "num_rows=8000", "--size", "full"]):
+    with pytest.raises(SystemExit) as e:
+      claims.main([*base, *extra, "--setting", "tiny", "--seeds", "1"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a finished run made with other settings" in err[0], err
+    assert ("num_rows: 8000 there, 9000 now" in err[0]) == (extra[1] == "num_rows=9000"), err
+  assert not trained and not (tmp_path / "r").exists()
+  # an older run (no config record): its data manifest decides
+  (wd / claims.RUN_CONFIG).unlink()
+  (wd / "data").mkdir()
+  options = json.loads(json.dumps(cfg.data.to_dict()))  # what a prepared store records
+  (wd / "data" / "manifest.json").write_text(json.dumps({"options": options}))
+  claims.check_finished_run(wd, cfg)
+  with pytest.raises(claims.StaleRunError, match="num_rows: 8000 there, 9000 now"):
+    claims.check_finished_run(
+      wd,
+      claims.run_config(
+        claim, claims.Setting("tiny", {"num_rows": 9000}), claim.variants[0], 0, "small"
+      ),
+    )

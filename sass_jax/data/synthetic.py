@@ -224,6 +224,29 @@ def _sigmoid(x):
   return 1.0 / (1.0 + np.exp(-x))
 
 
+def validate(data_cfg) -> None:
+  """The checks ``prepare`` makes before any work, alone: ValueError, one line naming
+  ``config.data.<key>``."""
+  _options(data_cfg)
+
+
+def _options(data_cfg) -> tuple[dict, tuple, dict]:
+  """(options with defaults, split fractions, claims knobs), validated."""
+  o = {k: _opt(data_cfg, k) for k in DEFAULTS}
+  for k, (lo, hi) in LIMITS.items():
+    v = o[k]
+    number = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+    if not (number and np.isfinite(v) and int(v) == v and lo <= v <= hi):
+      raise ValueError(f"config.data.{k}={v!r}: expected an integer in [{lo}, {hi}]")
+    o[k] = int(v)
+  if not 0.0 <= o["popularity_shared"] <= 1.0 or not 0.0 < o["ctr"] < 1.0:
+    raise ValueError("config.data.popularity_shared must be in [0, 1] and ctr in (0, 1)")
+  if o["field_cardinality"] < 1 or o["num_clusters"] < 1 or o["latent_dim"] < 1:
+    raise ValueError("config.data.field_cardinality, num_clusters and latent_dim must be >= 1")
+  frac = split_fractions(data_cfg)
+  return o, frac, _knobs(data_cfg, o["num_scenarios"])
+
+
 def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   """Generate the synthetic data set described in the module docstring and write a store.
 
@@ -241,21 +264,10 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   (deterministic for a seed, whatever the machine).
   """
   t0 = time.time()
-  o = {k: _opt(data_cfg, k) for k in DEFAULTS}
-  for k, (lo, hi) in LIMITS.items():
-    v = o[k]
-    if int(v) != v or not lo <= v <= hi:
-      raise ValueError(f"config.data.{k}={v!r}: expected an integer in [{lo}, {hi}]")
-    o[k] = int(v)
-  if not 0.0 <= o["popularity_shared"] <= 1.0 or not 0.0 < o["ctr"] < 1.0:
-    raise ValueError("config.data.popularity_shared must be in [0, 1] and ctr in (0, 1)")
-  if o["field_cardinality"] < 1 or o["num_clusters"] < 1 or o["latent_dim"] < 1:
-    raise ValueError("config.data.field_cardinality, num_clusters and latent_dim must be >= 1")
-  frac = split_fractions(data_cfg)
+  o, frac, kn = _options(data_cfg)
   n, U, I, K = o["num_rows"], o["num_users"], o["num_items"], o["num_scenarios"]
   d, C, seed = int(o["latent_dim"]), int(o["num_clusters"]), int(o["seed"])
   chunk = max(int(o["chunk_rows"]), 1024)
-  kn = _knobs(data_cfg, K)
   es = kn["exposure_signal"]
   lf = np.broadcast_to(np.asarray(kn["label_fraction"], np.float64), (K,))
   item_lam = kn["item_scenario_strength"]

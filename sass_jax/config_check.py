@@ -44,7 +44,7 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   """Field-by-field checks of the config alone; ``p(message)`` records a problem."""
   from sass_jax.tuning import search_problems
   from sass_jax.data import get_preparer
-  from sass_jax.data.store import DUPLICATE_POLICIES
+  from sass_jax.data.store import DUPLICATE_POLICIES, ON_ERROR_POLICIES
   from sass_jax.eval.evaluate import EVAL_CORPORA, EVAL_MASKS, EVAL_SPLITS
   from sass_jax.model.grouped import SCENARIO_COMPUTE
   from sass_jax.model import registry
@@ -60,6 +60,9 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     get_preparer(cfg.data.name)
   except ValueError as e:
     p(str(e))
+  on_error = cfg.data.get("on_error")
+  if on_error is not None and on_error not in ON_ERROR_POLICIES:
+    p(f"config.data.on_error={on_error!r}: expected one of {ON_ERROR_POLICIES}")
   dup = cfg.data.get("duplicates")
   if dup is not None and dup not in DUPLICATE_POLICIES:
     p(f"config.data.duplicates={dup!r}: expected one of {DUPLICATE_POLICIES}")

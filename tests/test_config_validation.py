@@ -142,6 +142,13 @@ CASES = [
     "drop",
     "config.data.duplicates='drop': expected one of ('error', 'first', 'last', 'max', 'keep')",
   ),
+  # found by a fresh-user check: a bad on_error surfaced only when the data were read, alone
+  # and without the 'invalid config:' of the other checks
+  (
+    "data.on_error",
+    "maybe",
+    "config.data.on_error='maybe': expected one of ('strict', 'skip')",
+  ),
   (
     "compile.embedding_optimizers",
     ("dense", "adamz"),

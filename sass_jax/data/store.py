@@ -83,6 +83,9 @@ def parse_exact_int(text) -> int | None:
   return int(f) if f.is_integer() and abs(f) <= 2**53 else None
 
 
+ON_ERROR_POLICIES = ("strict", "skip")  # config.data.on_error
+
+
 class Rejects:
   """Row-rejection accounting under the ``config.data.on_error`` policy (docs/design.md §4).
 
@@ -94,8 +97,8 @@ class Rejects:
   """
 
   def __init__(self, policy: str, root: str | os.PathLike | None = None):
-    if policy not in ("strict", "skip"):
-      raise ValueError(f"config.data.on_error must be 'strict' or 'skip', got {policy!r}")
+    if policy not in ON_ERROR_POLICIES:
+      raise ValueError(f"config.data.on_error={policy!r}: expected one of {ON_ERROR_POLICIES}")
     self.policy = policy
     self.root = Path(root) if root is not None else None
     self.counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)

@@ -411,7 +411,7 @@ def summarise(claim: Claim, setting: Setting, runs: dict[str, list[dict]]) -> di
     statement = (
       f"expected order {' > '.join(labels)} in {sc}: "
       + ("HELD" if held else "NOT held")
-      + " (every consecutive mean paired difference > 0)"
+      + " (criterion: every consecutive mean paired difference > 0)"
       + ("; each beyond 2 standard errors" if clear else "")
       + ("; not every step beyond 2 standard errors" if held and not clear else "")
     )

@@ -285,19 +285,23 @@ def _train_selecting_steps(claim: Claim, cfg, wd: Path) -> dict:
   return m
 
 
+def run_dir(workdir, claim: Claim, setting: Setting, variant: tuple, seed: int) -> Path:
+  """``workdir/<claim>/<setting>/<variant label>/seed<seed>``: one run's directory."""
+  return Path(workdir) / claim.key / setting.name / variant[0] / f"seed{seed}"
+
+
 def run_one(claim, setting, variant, seed, size, workdir: Path) -> dict:
   """Train and evaluate one run (or read its metrics.json); returns {scenario: recall@50}
   (and 'steps': the fine-tuning step reported, with ``claim.select_steps``)."""
   from sass_jax.train import loop
 
-  wd = Path(workdir) / claim.key / setting.name / variant[0] / f"seed{seed}"
+  wd = run_dir(workdir, claim, setting, variant, seed)
   mfile = wd / "metrics.json"
-  cfg = run_config(claim, setting, variant, seed, size)
-  if mfile.exists():
-    check_finished_run(wd, cfg)
+  if mfile.exists():  # run_claims checked it was made with these settings
     m = json.loads(mfile.read_text())
   else:
     t = time.time()
+    cfg = run_config(claim, setting, variant, seed, size)
     wd.mkdir(parents=True, exist_ok=True)
     (wd / RUN_CONFIG).write_text(json.dumps(_plain_config(cfg), indent=1, sort_keys=True))
     if claim.select_steps:
@@ -347,21 +351,21 @@ def check_finished_run(wd: Path, cfg) -> None:
   manifest's options. Re-reading such a run would label old numbers with new settings."""
   from sass_jax.data import store
 
-  now = _plain_config(cfg)
   rec = wd / RUN_CONFIG
   if rec.exists():
     there = json.loads(rec.read_text())
     rest = lambda d: {k: v for k, v in d.items() if k != "data"}
-    diffs = _differences(rest(there), rest(now), "config", every_key=False)
-    data_there, data_now = there.get("data", {}), now.get("data", {})
+    diffs = _differences(rest(there), rest(_plain_config(cfg)), "config", every_key=False)
+    data_there = there.get("data", {})
   else:
     try:
       data_there = json.loads((wd / "data" / "manifest.json").read_text())["options"]
     except (OSError, ValueError, KeyError, TypeError):
       return  # nothing recorded to compare with
-    diffs, data_now = [], store.data_options(cfg.data)
+    diffs = []
   keep = lambda d: {k: v for k, v in d.items() if k not in _DATA_IGNORED}
-  diffs = _differences(keep(data_there), keep(data_now), "config.data", every_key=True) + diffs
+  data_now = keep(store.data_options(cfg.data))
+  diffs = _differences(keep(data_there), data_now, "config.data", every_key=True) + diffs
   if diffs:
     more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
     raise StaleRunError(
@@ -493,7 +497,7 @@ def _run_claims(workdir, keys, seeds, size, only, settings=None) -> dict:
       if only is not None and setting.name not in only:
         continue
       for s, v in ((s, v) for s in range(seeds) for v in claim.variants):
-        wd = Path(workdir) / claim.key / setting.name / v[0] / f"seed{s}"
+        wd = run_dir(workdir, claim, setting, v, s)
         if (wd / "metrics.json").exists():
           check_finished_run(wd, run_config(claim, setting, v, s, size))
   for key in keys:
@@ -721,7 +725,7 @@ def main(argv=None) -> None:
 
 def parse_data(items) -> dict[str, Any]:
   """``['key=value', ...]`` (the CLI's ``--data``) as {key: value}: values are Python literals
-  (``ast.literal_eval``; a bare word stays a string), keys are the synthetic generator's
+  (``ast.literal_eval``; a string needs quotes), keys are the synthetic generator's
   options (``sass_jax.data.synthetic.DEFAULTS`` and ``KNOB_DEFAULTS``). Raises ValueError, one
   line naming the item."""
   import ast

@@ -277,10 +277,10 @@ def prepare(data_cfg, out_dir: str | os.PathLike) -> Path:
   users = _Side(rng, U, d, C, K, o["scenario_strength"], o["entity_noise"])
   items = _Side(rng, I, d, C, K, item_lam, o["entity_noise"])
   if kn["scenario_strength_scale"] is not None:  # scaled after the draws: same random stream
+    f = np.asarray(kn["scenario_strength_scale"], np.float32)[:, None, None]
     for side in (users, items):
-      f = np.asarray(kn["scenario_strength_scale"], np.float32)
-      side.offset *= f[:, None, None]
-      side.maps *= f[:, None, None]
+      side.offset *= f
+      side.maps *= f
   if kn["item_scenario_noise"] > 0:  # own stream: the other draws stay as they were
     items.own = kn["item_scenario_noise"] * np.random.default_rng([seed, 4]).standard_normal(
       (I, K, d), dtype=np.float32

@@ -292,13 +292,20 @@ def run_dir(workdir, claim: Claim, setting: Setting, variant: tuple, seed: int) 
 
 def run_one(claim, setting, variant, seed, size, workdir: Path) -> dict:
   """Train and evaluate one run (or read its metrics.json); returns {scenario: recall@50}
-  (and 'steps': the fine-tuning step reported, with ``claim.select_steps``)."""
+  (and 'steps': the fine-tuning step reported, with ``claim.select_steps``), 'reread': whether
+  the run was read back, 'train_s': its own training and evaluation seconds (recorded in
+  ``RUN_SECONDS`` when it ran; None for a run made before that file existed)."""
   from sass_jax.train import loop
 
   wd = run_dir(workdir, claim, setting, variant, seed)
   mfile = wd / "metrics.json"
-  if mfile.exists():  # run_claims checked it was made with these settings
+  reread = mfile.exists()
+  if reread:  # run_claims checked it was made with these settings
     m = json.loads(mfile.read_text())
+    try:
+      train_s = float(json.loads((wd / RUN_SECONDS).read_text())["train_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+      train_s = None
   else:
     t = time.time()
     cfg = run_config(claim, setting, variant, seed, size)
@@ -308,16 +315,18 @@ def run_one(claim, setting, variant, seed, size, workdir: Path) -> dict:
       m = _train_selecting_steps(claim, cfg, wd)
     else:
       m = loop.train(cfg, wd, show_progress=False)
-    log.info(
-      "claims: %s/%s/%s/seed%d in %.0fs", claim.key, setting.name, variant[0], seed, time.time() - t
-    )
+    train_s = round(time.time() - t, 1)
+    (wd / RUN_SECONDS).write_text(json.dumps({"train_s": train_s}))
+    log.info("claims: %s/%s/%s/seed%d in %.0fs", claim.key, setting.name, variant[0], seed, train_s)
   out = _recalls(m)
+  out["reread"], out["train_s"] = reread, train_s
   if claim.select_steps:
     out["steps"] = int(m["checkpoint_step"])
   return out
 
 
 RUN_CONFIG = "claims_run_config.json"  # a run's config, written before it trains
+RUN_SECONDS = "claims_run_seconds.json"  # {"train_s": ...}, written when it has finished
 _DATA_IGNORED = ("dir", "download")  # where the data live, not what they are
 
 
@@ -503,7 +512,7 @@ def _run_claims(workdir, keys, seeds, size, only, settings=None) -> dict:
   for key in keys:
     t1 = time.time()
     claim = claims[key]
-    res = []
+    res, done = [], []
     for setting in claim.settings:
       if only is not None and setting.name not in only:
         continue
@@ -511,7 +520,9 @@ def _run_claims(workdir, keys, seeds, size, only, settings=None) -> dict:
       for s in range(seeds):
         for v in claim.variants:
           runs[v[0]].append(run_one(claim, setting, v, s, size, Path(workdir)))
+      done += [r for rs in runs.values() for r in rs]
       res.append(summarise(claim, setting, runs))
+      res[-1]["ran_with"] = ran_with(claim, setting, size)
     extra = {}
     if key == "b":  # the gain should shrink as labels grow
       gains = [r["paired_differences"]["sass - sass_base"]["mean"] for r in res]
@@ -526,9 +537,38 @@ def _run_claims(workdir, keys, seeds, size, only, settings=None) -> dict:
       "settings": res,
       **extra,
       "wall_s": round(time.time() - t1, 1),
+      **_run_times(done),
     }
   out["wall_s"] = round(time.time() - t0, 1)
   return out
+
+
+def ran_with(claim: Claim, setting: Setting, size: str) -> dict:
+  """What a setting's runs were made with once the size, the setting and the claim's variants'
+  shared overrides are applied: data rows / users / items and the two stages' steps
+  (the fine-tuning steps are those chosen from, with ``claim.select_steps``; the pre-training
+  steps of the variants that pre-train, 0 when none does)."""
+  c = run_config(claim, setting, claim.variants[0], 0, size)
+  psteps = max(run_config(claim, setting, v, 0, size).pretrain.num_steps for v in claim.variants)
+  steps = list(claim.select_steps) if claim.select_steps else c.train.num_steps
+  return {
+    "num_rows": c.data.num_rows,
+    "num_users": c.data.num_users,
+    "num_items": c.data.num_items,
+    "finetune_steps": steps,
+    "pretrain_steps": psteps,
+  }
+
+
+def _run_times(done: list[dict]) -> dict:
+  """How many of a claim's runs were read back from earlier calls, and the runs' own
+  training seconds summed (None when a read-back run did not record its own)."""
+  secs = [r.get("train_s") for r in done]
+  return {
+    "runs": len(done),
+    "runs_reread": sum(bool(r.get("reread")) for r in done),
+    "runs_train_s": None if None in secs else round(sum(secs), 1),
+  }
 
 
 def merge_previous(res: dict, path: Path) -> dict:
@@ -569,7 +609,7 @@ def markdown(res: dict) -> str:
     "",
     f"`python -m sass_jax.claims --workdir W --size {res['size']} --seeds {len(res['seeds'])}{only}"
     f"{res.get('cli_extra', '')}` "
-    f"({res['sizes']}; a setting may pin its own: see its data and config); "
+    f"({res['sizes']}; a setting may pin its own: its 'Ran with' line says what it used); "
     f"{res['metric']} on the test split, mean ± std over seeds "
     f"{res['seeds']} (each seed: new data and new initialisation); paired differences are "
     f"per seed. Wall time of the last run {res['wall_s']:.0f} s (per claim below). Definitions: "
@@ -582,11 +622,26 @@ def markdown(res: dict) -> str:
       if c.get("wall_s") is not None
       else " Kept from an earlier run of this file (same size and seeds; possibly older code)."
     )
+    if c.get("wall_s") is not None and c.get("runs_reread"):
+      own = c.get("runs_train_s")
+      own = f"; the runs' own training took {own:.0f} s" if own is not None else ""
+      wall += (
+        f" {c['runs_reread']} of its {c['runs']} runs were read back from earlier calls, not"
+        f" trained by this one{own}."
+      )
     L += [f"## ({key}) {c['title']}", "", c["note"] + "." + wall, ""]
     for s in c["settings"]:
       sc = s["scenario"]
       over = f"; config {s['overrides']}" if s.get("overrides") else ""
       L += [f"### {s['setting']} ({s['kind']}): data {s['data']}{over}", ""]
+      if s.get("ran_with"):
+        w = s["ran_with"]
+        L += [
+          f"Ran with {w['num_rows']:,} rows, {w['num_users']:,} users, {w['num_items']:,} items;"
+          f" fine-tuning steps {w['finetune_steps']}"
+          + (f", pre-training steps {w['pretrain_steps']}." if w["pretrain_steps"] else "."),
+          "",
+        ]
       dec = f"{METRIC} ({sc})" if sc != "overall" else f"{METRIC} (deciding: overall)"
       steps = all("steps" in t for t in s["table"].values())
       sh = " fine-tuning steps chosen on validation (per seed) |" if steps else ""

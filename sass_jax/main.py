@@ -22,6 +22,7 @@ step, saves a checkpoint and exits 0 (rerun the same command to resume).
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import shlex
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -170,8 +172,34 @@ def _unknown_key_message(error: BaseException, argv) -> str | None:
   )
   if given is None:
     return None
-  hint = hint[0].lower() + hint[1:] if hint else "see the config file for the keys it has"
+  if hint:
+    hint = hint[0].lower() + hint[1:]
+  else:
+    hint = _nearby_keys_hint(error, key)
   return f"{given}: the config has no key {key!r}; {hint}"
+
+
+def _nearby_keys_hint(error: BaseException, key: str) -> str:
+  """'did you mean ...' for ``key`` among the keys of the ConfigDict in which the lookup
+  failed (found on the error's traceback), at a looser cutoff than ml_collections' own 0.75
+  (which misses transpositions such as 'tua' for 'tau'); else that dict's keys when there
+  are at most 40; else a pointer to the config file."""
+  parent = None
+  tb = error.__traceback__
+  while tb is not None:  # the innermost ConfigDict method on the stack is the failed lookup
+    obj = tb.tb_frame.f_locals.get("self")
+    if isinstance(obj, ml_collections.ConfigDict):
+      parent = obj
+    tb = tb.tb_next
+  if parent is None:
+    return "see the config file for the keys it has"
+  keys = sorted(str(k) for k in parent.keys())
+  close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+  if close:
+    return f'did you mean "{close[0]}" instead of "{key}"?'
+  if len(keys) <= 40:
+    return "its keys there: " + ", ".join(keys)
+  return "see the config file for the keys it has"
 
 
 def parse_flags(argv):

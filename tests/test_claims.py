@@ -447,3 +447,39 @@ def test_cli_refuses_to_relabel_a_finished_run_of_other_settings(tmp_path, monke
         claim, claims.Setting("tiny", {"num_rows": 9000}), claim.variants[0], 0, "small"
       ),
     )
+
+
+def test_rerun_says_which_runs_were_read_back_and_their_own_time(tmp_path, monkeypatch):
+  """A call that only reads back finished runs took about 0 s; claims.md said just that
+  (found by a fresh-user check). Each run now records its own seconds, and the markdown
+  says how many runs were read back and what their training took."""
+  setting = claims.Setting("tiny", {"num_rows": 8000})
+
+  def fake_train(claim, cfg, wd):
+    m = {"scenarios": {"s0": {claims.METRIC: 0.1}}, "overall": {claims.METRIC: 0.2}}
+    m["checkpoint_step"] = 25
+    (wd / "metrics.json").write_text(json.dumps(m))
+    return m
+
+  monkeypatch.setattr(claims, "_train_selecting_steps", fake_train)
+  first = claims.run_claims(tmp_path, ("a",), seeds=1, size="small", settings=(setting,))
+  c = first["claims"]["a"]
+  n = len(claims.CLAIMS["a"].variants)
+  assert (c["runs"], c["runs_reread"]) == (n, 0) and c["runs_train_s"] >= 0
+  assert "read back" not in claims.markdown(first)
+  # the record of one run's own time, made bigger so that it shows in the sum
+  one = claims.run_dir(tmp_path, claims.CLAIMS["a"], setting, claims.CLAIMS["a"].variants[0], 0)
+  (one / claims.RUN_SECONDS).write_text(json.dumps({"train_s": 500.0}))
+  again = claims.run_claims(tmp_path, ("a",), seeds=1, size="small", settings=(setting,))
+  c = again["claims"]["a"]
+  assert (c["runs"], c["runs_reread"]) == (n, n) and c["runs_train_s"] >= 500.0
+  md = claims.markdown(again)
+  assert f"{n} of its {n} runs were read back from earlier calls" in md, md
+  assert "the runs' own training took 50" in md, md
+  # what the runs were made with, the setting's own rows over the size's 40,000
+  assert "Ran with 8,000 rows, 600 users, 400 items; fine-tuning steps [25, 50" in md, md
+  # a run made before the record existed: its time is unknown, so no sum is claimed
+  (one / claims.RUN_SECONDS).unlink()
+  c = claims.run_claims(tmp_path, ("a",), seeds=1, size="small", settings=(setting,))
+  assert c["claims"]["a"]["runs_train_s"] is None
+  assert "own training" not in claims.markdown(c) and "read back" in claims.markdown(c)

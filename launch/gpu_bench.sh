@@ -16,7 +16,8 @@
 #          about 1.5 minutes to generate), with the data resident on the device (no grain);
 #        - sass_jax.bench.vs_pytorch (sass_jax vs torch on cuda, eager and torch.compile'd,
 #          alternating; grouped scenario compute on both sides) on MovieLens and Ali-CCP-scale
-#          at batch 4096, fine-tune and pre-train steps;
+#          at batch 4096, fine-tune and pre-train steps, and the Ali-CCP-scale fine-tune step in
+#          bfloat16 mixed precision on both sides;
 #        - sass_jax.bench.scaling: SASS fine-tune samples/s and flops per sample for K = 2, 8, 32
 #          (synthetic data), negatives 'all' and 'same_scenario';
 #      and prints a short table last. JSON results go to $OUT (the run tool's output folder)
@@ -133,6 +134,13 @@ run cmp_acs_pre 60 -m sass_jax.bench.vs_pytorch --config configs/aliccp_scale.py
     --workdir "$WORK/acs" --stage pretrain --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" \
     "${ACS[@]/#--config./--override=}"
 [[ -f "$WORK/acs/compare.json" ]] && cp "$WORK/acs/compare.json" "$RES/compare_acs_pre.json"
+rm -f "$WORK/acs/compare.json"
+# Mixed precision on both sides: sass_jax's bfloat16 towers (float32 accumulation,
+# sass_jax.model.mixed) against the torch reference under torch.autocast(bfloat16).
+run cmp_acs_bf16 50 -m sass_jax.bench.vs_pytorch --config configs/aliccp_scale.py \
+    --workdir "$WORK/acs" --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" \
+    "${ACS[@]/#--config./--override=}" --override model.compute_dtype=bfloat16
+[[ -f "$WORK/acs/compare.json" ]] && cp "$WORK/acs/compare.json" "$RES/compare_acs_bf16.json"
 run scaling 60 -m sass_jax.bench.scaling --workdir "$WORK/scaling" --models sass "${SCL[@]}"
 [[ -f "$WORK/scaling/scaling.json" ]] && cp "$WORK/scaling/scaling.json" "$RES/scaling.json"
 # The JSON files, the logs in one archive, and the summary below come back.

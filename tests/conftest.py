@@ -149,6 +149,7 @@ SLOW_TESTS: tuple[str, ...] = (
   "test_registry.py::test_every_registered_model_satisfies_the_protocol",
   "test_registry.py::test_toy_model_appears_in_compare_results",
   "test_registry.py::test_toy_model_trains_with_row_sparse_tables_and_evaluates",
+  "test_scenario_compute.py::test_bfloat16_every_model_and_layout_runs_and_agrees",
   "test_scenario_compute.py::test_grouped_bfloat16_close_to_onehot",
   "test_scenario_compute.py::test_grouped_does_less_arithmetic",
   "test_scenario_compute.py::test_grouped_equals_onehot",

@@ -277,6 +277,44 @@ def test_torch_reference_same_losses_and_adamw_step():
     np.testing.assert_allclose(t.detach().numpy(), want, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
+def test_torch_reference_bfloat16_runs_its_towers_under_autocast():
+  """With model.compute_dtype='bfloat16' the reference's towers run under torch.autocast: its
+  losses differ from its float32 losses and agree with sass_jax's bfloat16 losses within
+  bfloat16 rounding (1%), so vs_pytorch compares mixed precision with mixed precision."""
+  pytest.importorskip("torch")
+  import dataclasses
+
+  import flax.linen as nn
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from sass_jax.bench import torch_reference as tr
+  from sass_jax.model.towers import SASS
+  from sass_jax.train import steps
+  from test_sparse import _batch, _model
+
+  m32 = _model()
+  m16 = SASS(dataclasses.replace(m32.cfg, compute_dtype="bfloat16"))
+  sc = ml_collections.ConfigDict({"learning_rate": 0.05, "warmup_steps": 4, "weight_decay": 0.1})
+  init = steps.make_init_fn(m32, steps.make_optimizer(sc, 20), _batch(0), seed=1)
+  state = jax.jit(lambda: nn.meta.unbox(init()))()
+  params = jax.device_get(state.params)
+  t32, t16 = tr.TorchSASS.from_model_config(m32.cfg), tr.TorchSASS.from_model_config(m16.cfg)
+  assert (t32.compute_dtype, t16.compute_dtype) == ("float32", "bfloat16")
+  for t in (t32, t16):
+    t.load_flax_params(params)
+  b = _batch(3)
+  tb = tr.to_torch(jax.device_get(b))
+  l32 = float(tr.finetune_loss(t32, tb, 0.2, 1.0).detach())
+  l16 = float(tr.finetune_loss(t16, tb, 0.2, 1.0).detach())
+  j16 = float(steps.finetune_loss(m16, state.params, b, state.rng, 0.2, 1.0)[0])
+  assert l16 != l32
+  np.testing.assert_allclose(l16, j16, rtol=1e-2)
+  with pytest.raises(ValueError, match="compute_dtype"):
+    tr.TorchSASS(*([None] * 4), 2, compute_dtype="float16")
+
+
 # ---- device-resident data (config.train.resident_on_device) ----------------------------------
 def test_resident_sampler_batches_match_the_data(tmp_path, ml_sample_dir):
   """Batches drawn on the device have BatchFn's keys, shapes and dtypes, are consistent with

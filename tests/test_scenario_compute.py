@@ -201,6 +201,32 @@ def test_grouped_equals_onehot(tiny_cfg, tiny_features, name, kw):
       assert _max_diff(msg, mso) < TOL, case
 
 
+BF16_VARIANTS = [(n, {}) for n in registry.names()] + [("ple", {"widths": (8,)})]
+
+
+@pytest.mark.parametrize("name,kw", BF16_VARIANTS, ids=[f"{n}{kw}" for n, kw in BF16_VARIANTS])
+def test_bfloat16_every_model_and_layout_runs_and_agrees(tiny_cfg, tiny_features, name, kw):
+  """compute_dtype='bfloat16', both layouts, every loss: forward and gradients run (XLA:CPU has
+  no bfloat16 x bfloat16 -> float32 kernel for some operand layouts; ``sass_jax.model.mixed``
+  brings each product to one it has) and agree between the layouts within bfloat16 rounding."""
+  mg, mo = _models(name, tiny_cfg(compute_dtype="bfloat16", **kw))
+  b = _batch(tiny_features)
+  v = mo.init(jax.random.key(0), b["user"], b["item"], b["scenario"])
+  params, ms = v["params"], {k: x for k, x in v.items() if k != "params"}
+  rng = jax.random.key_data(jax.random.key(3))
+  cases = {
+    "finetune": lambda m, p: steps.finetune_loss(m, p, b, rng, 0.2, 1.0, ms),
+    "pretrain_views": lambda m, p: steps.pretrain_loss(m, p, b, rng, 0.1, "scenario_views", ms),
+  }
+  for case, f in cases.items():
+    (lg, gg), (lo, go) = (
+      jax.jit(jax.value_and_grad(lambda p: f(m, p)[0]))(params) for m in (mg, mo)
+    )
+    for g in (gg, go):
+      assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(g)), case
+    assert abs(float(lg) - float(lo)) <= 0.02 * abs(float(lo)), (case, lg, lo)
+
+
 def test_sass_views_equal_all_scenarios_slices(tiny_cfg, tiny_features):
   model = SASS(tiny_cfg())
   b = _batch(tiny_features)

@@ -135,14 +135,15 @@ def _median_time(fn: Callable[[], Any], reps: int = 5) -> float:
 
 
 def probe(matmul_n: int = 0, copy_bytes: int = 0) -> dict:
-  """Measured matmul FLOP/s (float32 and bfloat16, [n, n] @ [n, n]) and copy bandwidth
+  """Measured matmul FLOP/s (float32, and bfloat16 accumulated in float32 as
+  ``sass_jax.model.mixed`` multiplies; [n, n] @ [n, n]) and copy bandwidth
   (``y = x * 2 + 1`` over ``copy_bytes`` of float32: bytes read + written per second) of the
   default device. Sizes default to 2048 / 256 MiB on CPU and 8192 / 2 GiB on accelerators."""
   accel = jax.devices()[0].platform != "cpu"
   n = int(matmul_n) or (8192 if accel else 2048)
   nbytes = int(copy_bytes) or ((2 << 30) if accel else (256 << 20))
   out = {"matmul_n": n, "copy_bytes": nbytes}
-  mm = jax.jit(lambda a, b: a @ b)
+  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   for dt in ("float32", "bfloat16"):
     a = jax.random.normal(jax.random.key(0), (n, n), dt)
     t = _median_time(lambda: mm(a, a))  # noqa: F821 (a is bound; ruff misreads the del below)

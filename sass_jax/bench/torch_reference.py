@@ -244,11 +244,14 @@ class TorchSASS(nn.Module):
     bias_hidden=32,
     activation="relu",
     compute="grouped",
+    compute_dtype="float32",
   ):
     super().__init__()
     if compute not in ("grouped", "onehot"):
       raise ValueError(f"compute={compute!r}; expected 'grouped' or 'onehot'")
-    self.k, self.compute = num_scenarios, compute
+    if compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"compute_dtype={compute_dtype!r}; expected 'float32' or 'bfloat16'")
+    self.k, self.compute, self.compute_dtype = num_scenarios, compute, compute_dtype
     self.scenario_embedding = _normal((num_scenarios, scenario_dim), 0.1)
     args = (embed_dim, num_scenarios, scenario_dim, widths, out_dim, bias_hidden, activation)
     self.user_tower = Tower(user_specs, user_rows, *args)
@@ -284,9 +287,18 @@ class TorchSASS(nn.Module):
       mc.bias_hidden,
       mc.activation,
       getattr(mc, "scenario_compute", "grouped"),
+      getattr(mc, "compute_dtype", "float32"),
     )
 
   def _encode(self, tower, feats, scenario):
+    """The tower's vectors, float32. With ``compute_dtype='bfloat16'`` the tower runs under
+    ``torch.autocast`` (PyTorch's mixed precision: bfloat16 matmuls with float32 parameters),
+    as ``sass_jax`` runs its towers in bfloat16; the losses stay float32 on both sides."""
+    device = self.scenario_embedding.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=self.compute_dtype == "bfloat16"):
+      return self._encode_in_dtype(tower, feats, scenario).float()
+
+  def _encode_in_dtype(self, tower, feats, scenario):
     if self.compute == "grouped":
       if scenario is None:
         return tower(feats, self.scenario_embedding, None)

@@ -122,15 +122,18 @@ def cpu_meter():
   return stop
 
 
-def matmul_probe(n: int = 4096, k: int = 1024, m: int = 1024, calls: int = 5) -> dict:
-  """Float32 ``jnp.dot`` of ``[n, k] x [k, m]`` on JAX's default device: median of ``calls``
-  timed calls after one warm-up, as GFLOP/s."""
+def matmul_probe(
+  n: int = 4096, k: int = 1024, m: int = 1024, calls: int = 5, dtype: str = "float32"
+) -> dict:
+  """``jnp.dot`` of ``[n, k] x [k, m]`` operands of ``dtype`` ('float32', or 'bfloat16'
+  accumulated in float32, as ``sass_jax.model.mixed`` multiplies) on JAX's default device:
+  median of ``calls`` timed calls after one warm-up, as GFLOP/s."""
   import jax
   import jax.numpy as jnp
 
-  a = jax.random.normal(jax.random.key(0), (n, k), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (k, m), jnp.float32)
-  f = jax.jit(jnp.dot)
+  a = jax.random.normal(jax.random.key(0), (n, k), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (k, m), jnp.float32).astype(dtype)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   jax.block_until_ready(f(a, b))
   ts = []
   for _ in range(calls):
@@ -138,7 +141,12 @@ def matmul_probe(n: int = 4096, k: int = 1024, m: int = 1024, calls: int = 5) ->
     jax.block_until_ready(f(a, b))
     ts.append(time.perf_counter() - t)
   sec = statistics.median(ts)
-  return {"shape": [n, k, m], "seconds": ts, "gflop_per_s": 2.0 * n * k * m / sec / 1e9}
+  return {
+    "shape": [n, k, m],
+    "dtype": dtype,
+    "seconds": ts,
+    "gflop_per_s": 2.0 * n * k * m / sec / 1e9,
+  }
 
 
 def _batches(data, stage, bs, seed, n):
@@ -224,6 +232,7 @@ def child(args) -> dict:
       "threads": torch.get_num_threads(),
       "embedding_optimizer": "dense (AdamW)",
       "compute": tm.compute,
+      "compute_dtype": tm.compute_dtype,
     }
   else:
     import jax
@@ -260,7 +269,9 @@ def child(args) -> dict:
         i += 1
       jax.block_until_ready((state, m))
       runs.append((time.perf_counter() - t) / args.steps)
-    probe = matmul_probe()
+    # the floor at the rate of the towers' compute dtype (for bfloat16 a lower bound: the
+    # losses' products and the optimiser stay float32)
+    probe = matmul_probe(dtype=cfg.model.compute_dtype)
     floor_ms = extra["flops"] / (probe["gflop_per_s"] * 1e9) * 1e3
     extra.update(
       probe=probe,
@@ -274,6 +285,7 @@ def child(args) -> dict:
       "jax_version": jax.__version__,
       "device": jax.devices()[0].device_kind,
       "embedding_optimizer": c.train.embedding_optimizer,
+      "compute_dtype": cfg.model.compute_dtype,
     }
   sps = [bs / r for r in runs]
   return {

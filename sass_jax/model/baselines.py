@@ -51,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sass_jax.model import mixed
 from sass_jax.model.embedding import FieldEmbedder, padded_rows
 from sass_jax.model.grouped import Groups, grouped_dense, make_groups
 from sass_jax.model.mlsat import _dense, activation
@@ -172,7 +173,7 @@ class _ScenarioMLP(nn.Module):
         x = grouped_dense(x, w, b, groups)
       else:
         x = (
-          jnp.einsum("bi,kio->bko", x, w) if x.ndim == 2 else jnp.einsum("bki,kio->bko", x, w)
+          mixed.einsum("bi,kio->bko", x, w) if x.ndim == 2 else mixed.einsum("bki,kio->bko", x, w)
         ) + b
       if l < len(self.widths):
         x = act(x)
@@ -434,7 +435,8 @@ class MMoETower(nn.Module):
       w, b = _stacked_kernel(self, f"expert_{l}", (E,), ("expert",), x.shape[-1], width)
       w, b = w.astype(dt), b.astype(dt)
       x = act(
-        (jnp.einsum("bi,eio->beo", x, w) if x.ndim == 2 else jnp.einsum("bei,eio->beo", x, w)) + b
+        (mixed.einsum("bi,eio->beo", x, w) if x.ndim == 2 else mixed.einsum("bei,eio->beo", x, w))
+        + b
       )
       if c.dropout > 0:
         x = nn.Dropout(c.dropout)(x, deterministic=not train)
@@ -446,17 +448,17 @@ class MMoETower(nn.Module):
       gates = jax.nn.softmax(
         grouped_dense(e, gw.astype(dt), gb.astype(dt), groups).astype(jnp.float32), axis=-1
       )
-      mixed = jnp.einsum("be,bew->bw", gates.astype(dt), x)
+      mixture = mixed.einsum("be,bew->bw", gates.astype(dt), x)
       out = _ScenarioMLP(c.tower_widths, c.out_dim, K, c.activation, c.dropout, dt, name="head")(
-        mixed, train, groups
+        mixture, train, groups
       )
       return l2_normalize(out.astype(jnp.float32))
     gates = jax.nn.softmax(
-      (jnp.einsum("bi,kie->bke", e, gw.astype(dt)) + gb.astype(dt)).astype(jnp.float32), axis=-1
+      (mixed.einsum("bi,kie->bke", e, gw.astype(dt)) + gb.astype(dt)).astype(jnp.float32), axis=-1
     )  # [B, K, E]
-    mixed = jnp.einsum("bke,bew->bkw", gates.astype(dt), x)  # [B, K, w]
+    mixture = mixed.einsum("bke,bew->bkw", gates.astype(dt), x)  # [B, K, w]
     out = _ScenarioMLP(c.tower_widths, c.out_dim, K, c.activation, c.dropout, dt, name="head")(
-      mixed, train
+      mixture, train
     )
     return _select(l2_normalize(out.astype(jnp.float32)), scenario)
 
@@ -510,7 +512,7 @@ class PLETower(nn.Module):
     for l, width in enumerate(c.widths):
       d = s.shape[-1]
       sw, sb = _stacked_kernel(self, f"shared_expert_{l}", (Es,), ("expert",), d, width)
-      S = act(jnp.einsum("bi,eio->beo", s, sw.astype(dt)) + sb.astype(dt))  # [B,Es,w]
+      S = act(mixed.einsum("bi,eio->beo", s, sw.astype(dt)) + sb.astype(dt))  # [B,Es,w]
       pw, pb = _stacked_kernel(
         self, f"scenario_expert_{l}", (K, Ek), ("scenario", "expert"), d, width
       )
@@ -525,27 +527,27 @@ class PLETower(nn.Module):
         g = jax.nn.softmax(
           grouped_dense(tin, gw.astype(dt), gb.astype(dt), groups).astype(jnp.float32), -1
         ).astype(dt)  # [B,Es+Ek]
-        t = jnp.einsum("be,bew->bw", g[..., :Es], S) + jnp.einsum("be,bew->bw", g[..., Es:], P)
+        t = mixed.einsum("be,bew->bw", g[..., :Es], S) + mixed.einsum("be,bew->bw", g[..., Es:], P)
         if c.dropout > 0:
           t = nn.Dropout(c.dropout)(t, deterministic=not train)
         break
       tin = e if t is None else t
       P = act(
         (
-          jnp.einsum("bi,keio->bkeo", tin, pw.astype(dt))
+          mixed.einsum("bi,keio->bkeo", tin, pw.astype(dt))
           if t is None
-          else jnp.einsum("bki,keio->bkeo", tin, pw.astype(dt))
+          else mixed.einsum("bki,keio->bkeo", tin, pw.astype(dt))
         )
         + pb.astype(dt)
       )  # [B,K,Ek,w]
       gw, gb = _stacked_kernel(self, f"scenario_gate_{l}", (K,), ("scenario",), d, Es + Ek)
       logits = (
-        jnp.einsum("bi,kio->bko", tin, gw.astype(dt))
+        mixed.einsum("bi,kio->bko", tin, gw.astype(dt))
         if t is None
-        else jnp.einsum("bki,kio->bko", tin, gw.astype(dt))
+        else mixed.einsum("bki,kio->bko", tin, gw.astype(dt))
       ) + gb.astype(dt)
       g = jax.nn.softmax(logits.astype(jnp.float32), -1).astype(dt)  # [B,K,Es+Ek]
-      t_new = jnp.einsum("bke,bew->bkw", g[..., :Es], S) + jnp.einsum(
+      t_new = mixed.einsum("bke,bew->bkw", g[..., :Es], S) + mixed.einsum(
         "bke,bkew->bkw", g[..., Es:], P
       )
       if l < L - 1:
@@ -553,7 +555,7 @@ class PLETower(nn.Module):
           _dense(Es + K * Ek, dt, f"shared_gate_{l}")(s).astype(jnp.float32), -1
         ).astype(dt)  # [B,Es+K*Ek]
         experts = jnp.concatenate([S, P.reshape(B, K * Ek, width)], axis=1)
-        s = jnp.einsum("be,bew->bw", gs, experts)
+        s = mixed.einsum("be,bew->bw", gs, experts)
         if c.dropout > 0:
           s = nn.Dropout(c.dropout)(s, deterministic=not train)
       t = t_new
@@ -726,8 +728,8 @@ class StarDense(nn.Module):
     if groups is not None:
       return grouped_dense(x, weff, beff, groups)
     if x.ndim == 3:
-      return jnp.einsum("bki,kio->bko", x, weff) + beff
-    y = jnp.einsum("bi,kio->bko", x, weff) + beff  # [B, K, d_out]
+      return mixed.einsum("bki,kio->bko", x, weff) + beff
+    y = mixed.einsum("bi,kio->bko", x, weff) + beff  # [B, K, d_out]
     return _select(y, scenario)
 
 

@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sass_jax.model import mixed
+
 SCENARIO_COMPUTE = ("grouped", "onehot")
 
 # (S, sharding of a [S, ...] array or None) while a step is traced for a mesh.
@@ -182,7 +184,7 @@ def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, groups: Groups) -> jnp.ndarra
   xb = _constrain(x.reshape(s, n // s, d_in))
   xp = permute(xb, groups.src, groups.dest).reshape(s, nt, t, d_in)
   wt = jnp.take(w, groups.tile_group, axis=0)  # [S, NT, d_in, d_out]
-  y = jnp.einsum("stri,stio->stro", xp, wt).reshape(s, nt * t, w.shape[-1])
+  y = mixed.einsum("stri,stio->stro", xp, wt).reshape(s, nt * t, w.shape[-1])
   return permute(y, groups.dest, groups.src).reshape(n, w.shape[-1])
 
 

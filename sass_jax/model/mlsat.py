@@ -37,6 +37,7 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sass_jax.model import mixed
 from sass_jax.model.grouped import Groups, grouped_dense
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -61,6 +62,7 @@ def _dense(features: int, dtype, name: str) -> nn.Dense:
     features,
     dtype=dtype,
     name=name,
+    dot_general=mixed.dot_general,  # bfloat16: float32 accumulation in both passes
     kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")),
     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp_out",)),
   )
@@ -115,10 +117,10 @@ class ScenarioDense(nn.Module):
           f"all-scenarios layout needs x {want} (K = {self.num_scenarios}), got {x.shape}"
         )
       if self.scenario_major:
-        return jnp.einsum("kbi,kio->kbo", x, w) + b[:, None]
-      return jnp.einsum("bki,kio->bko", x, w) + b
+        return mixed.einsum("kbi,kio->kbo", x, w) + b[:, None]
+      return mixed.einsum("bki,kio->bko", x, w) + b
     onehot = onehot.astype(self.dtype)
-    return jnp.einsum("bk,bki->bi", onehot, jnp.einsum("bi,kio->bko", x, w)) + onehot @ b
+    return mixed.einsum("bk,bki->bi", onehot, mixed.einsum("bi,kio->bko", x, w)) + onehot @ b
 
 
 class _SplitDense(nn.Module):
@@ -154,7 +156,9 @@ class _SplitDense(nn.Module):
     out, off = None, 0
     for x, post in parts:
       d = int(x.shape[-1])
-      y = jnp.matmul(x.astype(self.dtype), kernel[off : off + d])
+      y = mixed.dot_general(
+        x.astype(self.dtype), kernel[off : off + d], (((x.ndim - 1,), (0,)), ((), ()))
+      )
       off += d
       y = y if post is None else post(y)
       out = y if out is None else out + y

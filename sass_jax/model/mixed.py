@@ -1,0 +1,143 @@
+"""Mixed-precision products: bfloat16 operands, float32 accumulation, in both passes.
+
+With ``config.model.compute_dtype='bfloat16'`` the towers' activations and weights are cast to
+bfloat16. A plain ``jnp.einsum`` of two bfloat16 arrays returns bfloat16, and XLA:CPU then
+takes a slow path: on a CPU with AMX (measured on this project's 2-core machine, one core,
+``[3, 4096, 528] x [3, 528, 256]``) a bfloat16 -> bfloat16 batched matmul ran at 73 GFLOP/s,
+the same product accumulated in float32 (``preferred_element_type=float32``) at 716-727 GFLOP/s,
+float32 operands at 135. JAX's own backward of an einsum with ``preferred_element_type``
+multiplies a float32 cotangent by a bfloat16 operand, which XLA computes in float32.
+
+``einsum(spec, a, b)`` computes the product with float32 accumulation and returns ``a``'s
+dtype (bfloat16 in, bfloat16 out, as on a TPU's matrix unit), and its gradient products take
+the bfloat16 cotangent and operands, again with float32 accumulation. For float32 operands it
+is ``jnp.einsum``. The values equal ``jnp.einsum(spec, a, b, preferred_element_type=f32)``
+rounded to bfloat16; ``tests/test_precision.py`` bounds the difference of a whole step's loss
+and gradients to the float32 model.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """``jnp.einsum(spec, a, b)``; when both operands are bfloat16, accumulated in float32 in the
+  forward and both gradient products (module docstring), returning bfloat16. Other dtypes
+  (float32, or a mix, which promotes) are plain ``jnp.einsum``. For bfloat16, ``spec`` is an
+  explicit two-operand einsum (``'ab,bc->ac'``) in which every index of an operand appears in
+  the output or in the other operand (any matmul or batched matmul); raises ValueError
+  otherwise."""
+  if a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
+    return jnp.einsum(spec, a, b)
+  _check_spec(spec)
+  return _einsum_bf16(spec, a, b)
+
+
+@functools.lru_cache(maxsize=None)
+def _check_spec(spec: str) -> tuple[str, str, str]:
+  ins, _, out = spec.replace(" ", "").partition("->")
+  parts = ins.split(",")
+  if not out or len(parts) != 2:
+    raise ValueError(f"mixed.einsum: explicit two-operand spec expected, got {spec!r}")
+  x, y = parts
+  if len(set(x)) != len(x) or len(set(y)) != len(y) or len(set(out)) != len(out):
+    raise ValueError(f"mixed.einsum: {spec!r}: an index repeated within one operand")
+  if set(out) - set(x) - set(y):
+    raise ValueError(f"mixed.einsum: {spec!r}: an output index in neither operand")
+  for name, s, other in (("first", x, y), ("second", y, x)):
+    if set(s) - set(out) - set(other):
+      raise ValueError(
+        f"mixed.einsum: {spec!r}: every index of the {name} operand must appear in the output "
+        "or the other operand"
+      )
+  return x, y, out
+
+
+def _product(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """bfloat16 ``a``, ``b`` -> their einsum accumulated in float32, rounded to bfloat16.
+
+  Computed as one batched matmul ``[batch, m, c] x [batch, c, n]`` (``[m, c] x [c, n]`` when
+  no index is shared by both operands and the output) of operands transposed and
+  reshaped to that form (the output transposed back). XLA:CPU has no bfloat16 x bfloat16 ->
+  float32 kernel for a product whose operands are laid out otherwise: ``jnp.einsum('bki,kio->bko',
+  ..., preferred_element_type=float32)`` fails at run time ("Unsupported element type for
+  DotThunk::Execute: BF16 x BF16 = F32"), the canonical form runs on the fast path."""
+  x, y, out = _check_spec(spec)
+  size = {**dict(zip(x, a.shape)), **dict(zip(y, b.shape))}
+  batch = [c for c in out if c in x and c in y]
+  contract = [c for c in x if c in y and c not in out]
+  free_x = [c for c in x if c not in y]
+  free_y = [c for c in y if c not in x]
+  if _plain_is_supported(x, y, out, batch):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  n = lambda cs: math.prod(size[c] for c in cs)
+  a3 = jnp.transpose(a, [x.index(c) for c in batch + free_x + contract]).reshape(
+    n(batch), n(free_x), n(contract)
+  )
+  b3 = jnp.transpose(b, [y.index(c) for c in batch + contract + free_y]).reshape(
+    n(batch), n(contract), n(free_y)
+  )
+  if batch:
+    dims = (((2,), (1,)), ((0,), (0,)))
+  else:  # a plain [m, c] x [c, n] (a batch of one is not on the fast path either)
+    a3, b3, dims = a3[0], b3[0], (((1,), (0,)), ((), ()))
+  y3 = jax.lax.dot_general(a3, b3, dims, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  order = batch + free_x + free_y
+  y_full = y3.reshape([size[c] for c in order])
+  return jnp.transpose(y_full, [order.index(c) for c in out])
+
+
+def _plain_is_supported(x: str, y: str, out: str, batch: list[str]) -> bool:
+  """Whether XLA:CPU runs ``jnp.einsum`` of this spec with bfloat16 operands and float32
+  accumulation as it is (found by trial, ``tests/test_precision.py`` checks every form the
+  model uses and more): the shared (batch) indices lead both operands and the output in one
+  order; in each operand the rest is one run of free indices and one run of contracted ones;
+  the output's rest is one operand's free indices, then the other's. Such a product skips the transposes of the canonical form: a weight gradient
+  ``'kbo,kbi->kio'`` runs faster as it is (fine-tune step of ``configs/aliccp_scale.py``,
+  batch 4096: 431 ms against 486 ms with every product in the canonical form)."""
+  nb = len(batch)
+  if not (x[:nb] == y[:nb] == out[:nb] == "".join(batch)):
+    return False
+  for s, other in ((x, y), (y, x)):
+    kinds = ["c" if c in other else "f" for c in s[nb:]]
+    if sum(1 for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]) > 2:
+      return False
+  free_x, free_y = [c for c in x if c not in y], [c for c in y if c not in x]
+  return out[nb:] in ("".join(free_x + free_y), "".join(free_y + free_x))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_bf16(spec, a, b):
+  return _product(spec, a, b)
+
+
+def _einsum_bf16_fwd(spec, a, b):
+  return _product(spec, a, b), (a, b)
+
+
+def _einsum_bf16_bwd(spec, res, ct):
+  a, b = res
+  x, y, out = _check_spec(spec)
+  ct = ct.astype(jnp.bfloat16)
+  return _product(f"{out},{y}->{x}", ct, b), _product(f"{out},{x}->{y}", ct, a)
+
+
+_einsum_bf16.defvjp(_einsum_bf16_fwd, _einsum_bf16_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """``flax.linen.Dense``'s ``dot_general`` for x ``[..., d_in]`` times kernel ``[d_in, d_out]``
+  (contracting x's last axis with the kernel's first, no batch axes) through ``einsum``;
+  ``precision`` / ``preferred_element_type`` are accepted for the interface and must be None."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  if tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or lb or rb or rhs.ndim != 2:
+    raise ValueError(f"mixed.dot_general: only x @ kernel is supported, got {dimension_numbers}")
+  if precision is not None or preferred_element_type is not None:
+    raise ValueError("mixed.dot_general: precision / preferred_element_type must be None")
+  letters = "abcdefghijklmnopqrstuvw"[: lhs.ndim - 1]
+  return einsum(f"{letters}y,yz->{letters}z", lhs, rhs)

@@ -97,9 +97,10 @@ def _plain_is_supported(x: str, y: str, out: str, batch: list[str]) -> bool:
   accumulation as it is (found by trial, ``tests/test_precision.py`` checks every form the
   model uses and more): the shared (batch) indices lead both operands and the output in one
   order; in each operand the rest is one run of free indices and one run of contracted ones;
-  the output's rest is one operand's free indices, then the other's. Such a product skips the transposes of the canonical form: a weight gradient
-  ``'kbo,kbi->kio'`` runs faster as it is (fine-tune step of ``configs/aliccp_scale.py``,
-  batch 4096: 431 ms against 486 ms with every product in the canonical form)."""
+  the output's rest is one operand's free indices, then the other's. Such a product skips the
+  transposes of the canonical form: a weight gradient ``'kbo,kbi->kio'`` runs faster as it is
+  (fine-tune step of ``configs/aliccp_scale.py``, batch 4096, two cores: 400-431 ms against
+  485 ms with every product in the canonical form; BENCHMARKS.md)."""
   nb = len(batch)
   if not (x[:nb] == y[:nb] == out[:nb] == "".join(batch)):
     return False

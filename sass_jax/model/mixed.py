@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +35,29 @@ def einsum(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   otherwise."""
   if a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16:
     return jnp.einsum(spec, a, b)
-  _check_spec(spec)
+  _plan(spec)  # a bad spec fails here, before tracing
   return _einsum_bf16(spec, a, b)
 
 
+class _Plan(NamedTuple):
+  """A two-operand spec's indices by role: ``x``, ``y``, ``out`` (the operands' and the
+  output's), ``batch`` (in all three, the output's order), ``contract`` (in both operands, not
+  the output; x's order), ``free_x`` / ``free_y`` (in one operand only), and ``plain``: whether
+  XLA:CPU has a bfloat16 x bfloat16 -> float32 kernel for the spec as it is (``_plain``)."""
+
+  x: str
+  y: str
+  out: str
+  batch: tuple[str, ...]
+  contract: tuple[str, ...]
+  free_x: tuple[str, ...]
+  free_y: tuple[str, ...]
+  plain: bool
+
+
 @functools.lru_cache(maxsize=None)
-def _check_spec(spec: str) -> tuple[str, str, str]:
+def _plan(spec: str) -> _Plan:
+  """The spec's ``_Plan``; raises ValueError for a spec ``einsum`` does not take."""
   ins, _, out = spec.replace(" ", "").partition("->")
   parts = ins.split(",")
   if not out or len(parts) != 2:
@@ -55,52 +73,22 @@ def _check_spec(spec: str) -> tuple[str, str, str]:
         f"mixed.einsum: {spec!r}: every index of the {name} operand must appear in the output "
         "or the other operand"
       )
-  return x, y, out
+  batch = tuple(c for c in out if c in x and c in y)
+  free_x, free_y = tuple(c for c in x if c not in y), tuple(c for c in y if c not in x)
+  contract = tuple(c for c in x if c in y and c not in out)
+  plain = _plain(x, y, out, batch, free_x, free_y)
+  return _Plan(x, y, out, batch, contract, free_x, free_y, plain)
 
 
-def _product(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-  """bfloat16 ``a``, ``b`` -> their einsum accumulated in float32, rounded to bfloat16.
-
-  Computed as one batched matmul ``[batch, m, c] x [batch, c, n]`` (``[m, c] x [c, n]`` when
-  no index is shared by both operands and the output) of operands transposed and
-  reshaped to that form (the output transposed back). XLA:CPU has no bfloat16 x bfloat16 ->
-  float32 kernel for a product whose operands are laid out otherwise: ``jnp.einsum('bki,kio->bko',
-  ..., preferred_element_type=float32)`` fails at run time ("Unsupported element type for
-  DotThunk::Execute: BF16 x BF16 = F32"), the canonical form runs on the fast path."""
-  x, y, out = _check_spec(spec)
-  size = {**dict(zip(x, a.shape)), **dict(zip(y, b.shape))}
-  batch = [c for c in out if c in x and c in y]
-  contract = [c for c in x if c in y and c not in out]
-  free_x = [c for c in x if c not in y]
-  free_y = [c for c in y if c not in x]
-  if _plain_is_supported(x, y, out, batch):
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-  n = lambda cs: math.prod(size[c] for c in cs)
-  a3 = jnp.transpose(a, [x.index(c) for c in batch + free_x + contract]).reshape(
-    n(batch), n(free_x), n(contract)
-  )
-  b3 = jnp.transpose(b, [y.index(c) for c in batch + contract + free_y]).reshape(
-    n(batch), n(contract), n(free_y)
-  )
-  if batch:
-    dims = (((2,), (1,)), ((0,), (0,)))
-  else:  # a plain [m, c] x [c, n] (a batch of one is not on the fast path either)
-    a3, b3, dims = a3[0], b3[0], (((1,), (0,)), ((), ()))
-  y3 = jax.lax.dot_general(a3, b3, dims, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
-  order = batch + free_x + free_y
-  y_full = y3.reshape([size[c] for c in order])
-  return jnp.transpose(y_full, [order.index(c) for c in out])
-
-
-def _plain_is_supported(x: str, y: str, out: str, batch: list[str]) -> bool:
+def _plain(x: str, y: str, out: str, batch, free_x, free_y) -> bool:
   """Whether XLA:CPU runs ``jnp.einsum`` of this spec with bfloat16 operands and float32
   accumulation as it is (found by trial, ``tests/test_precision.py`` checks every form the
   model uses and more): the shared (batch) indices lead both operands and the output in one
   order; in each operand the rest is one run of free indices and one run of contracted ones;
   the output's rest is one operand's free indices, then the other's. Such a product skips the
   transposes of the canonical form: a weight gradient ``'kbo,kbi->kio'`` runs faster as it is
-  (fine-tune step of ``configs/aliccp_scale.py``, batch 4096, two cores: 400-431 ms against
-  485 ms with every product in the canonical form; BENCHMARKS.md)."""
+  (fine-tune step of ``configs/aliccp_scale.py``, batch 4096, two cores, one run each: 400 ms
+  against 485 ms with every product in the canonical form; BENCHMARKS.md)."""
   nb = len(batch)
   if not (x[:nb] == y[:nb] == out[:nb] == "".join(batch)):
     return False
@@ -108,8 +96,33 @@ def _plain_is_supported(x: str, y: str, out: str, batch: list[str]) -> bool:
     kinds = ["c" if c in other else "f" for c in s[nb:]]
     if sum(1 for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1]) > 2:
       return False
-  free_x, free_y = [c for c in x if c not in y], [c for c in y if c not in x]
   return out[nb:] in ("".join(free_x + free_y), "".join(free_y + free_x))
+
+
+def _product(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """bfloat16 ``a``, ``b`` -> their einsum accumulated in float32, rounded to bfloat16.
+
+  A spec XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for (``jnp.einsum('bki,kio->bko',
+  ..., preferred_element_type=float32)`` fails at run time: "Unsupported element type for
+  DotThunk::Execute: BF16 x BF16 = F32") is computed as one batched matmul ``[batch, m, c] x
+  [batch, c, n]`` (``[m, c] x [c, n]`` without batch indices) of operands transposed and
+  reshaped to that form, the output transposed back; the others as they are."""
+  p = _plan(spec)
+  if p.plain:
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  size = {**dict(zip(p.x, a.shape)), **dict(zip(p.y, b.shape))}
+  n = lambda cs: math.prod(size[c] for c in cs)
+  a3 = jnp.transpose(a, [p.x.index(c) for c in p.batch + p.free_x + p.contract])
+  b3 = jnp.transpose(b, [p.y.index(c) for c in p.batch + p.contract + p.free_y])
+  a3 = a3.reshape(n(p.batch), n(p.free_x), n(p.contract))
+  b3 = b3.reshape(n(p.batch), n(p.contract), n(p.free_y))
+  if p.batch:
+    dims = (((2,), (1,)), ((0,), (0,)))
+  else:  # a plain [m, c] x [c, n] (a batch of one is not on the fast path either)
+    a3, b3, dims = a3[0], b3[0], (((1,), (0,)), ((), ()))
+  y3 = jax.lax.dot_general(a3, b3, dims, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  order = p.batch + p.free_x + p.free_y
+  return jnp.transpose(y3.reshape([size[c] for c in order]), [order.index(c) for c in p.out])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -123,12 +136,18 @@ def _einsum_bf16_fwd(spec, a, b):
 
 def _einsum_bf16_bwd(spec, res, ct):
   a, b = res
-  x, y, out = _check_spec(spec)
+  p = _plan(spec)
   ct = ct.astype(jnp.bfloat16)
-  return _product(f"{out},{y}->{x}", ct, b), _product(f"{out},{x}->{y}", ct, a)
+  return _product(f"{p.out},{p.y}->{p.x}", ct, b), _product(f"{p.out},{p.x}->{p.y}", ct, a)
 
 
 _einsum_bf16.defvjp(_einsum_bf16_fwd, _einsum_bf16_bwd)
+
+
+def matmul(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """x ``[..., d_in]`` times kernel ``[d_in, d_out]`` -> ``[..., d_out]`` through ``einsum``."""
+  letters = "abcdefghijklmnopqrstuvw"[: x.ndim - 1]
+  return einsum(f"{letters}y,yz->{letters}z", x, kernel)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -140,5 +159,4 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     raise ValueError(f"mixed.dot_general: only x @ kernel is supported, got {dimension_numbers}")
   if precision is not None or preferred_element_type is not None:
     raise ValueError("mixed.dot_general: precision / preferred_element_type must be None")
-  letters = "abcdefghijklmnopqrstuvw"[: lhs.ndim - 1]
-  return einsum(f"{letters}y,yz->{letters}z", lhs, rhs)
+  return matmul(lhs, rhs)

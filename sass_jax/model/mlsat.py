@@ -120,7 +120,9 @@ class ScenarioDense(nn.Module):
         return mixed.einsum("kbi,kio->kbo", x, w) + b[:, None]
       return mixed.einsum("bki,kio->bko", x, w) + b
     onehot = onehot.astype(self.dtype)
-    return mixed.einsum("bk,bki->bi", onehot, mixed.einsum("bi,kio->bko", x, w)) + onehot @ b
+    return mixed.einsum("bk,bki->bi", onehot, mixed.einsum("bi,kio->bko", x, w)) + mixed.matmul(
+      onehot, b
+    )
 
 
 class _SplitDense(nn.Module):
@@ -156,9 +158,7 @@ class _SplitDense(nn.Module):
     out, off = None, 0
     for x, post in parts:
       d = int(x.shape[-1])
-      y = mixed.dot_general(
-        x.astype(self.dtype), kernel[off : off + d], (((x.ndim - 1,), (0,)), ((), ()))
-      )
+      y = mixed.matmul(x.astype(self.dtype), kernel[off : off + d])
       off += d
       y = y if post is None else post(y)
       out = y if out is None else out + y

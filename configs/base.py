@@ -97,6 +97,11 @@ def get_config(arg: str = "sass") -> ml_collections.ConfigDict:
   # scenario's weights only; 'onehot' (the earlier formulation) by all K, keeping one. Same
   # model, same parameters and results (sass_jax/model/grouped.py).
   c.model.scenario_compute = "grouped"
+  # The training losses' in-batch softmax: 'blocked' computes it in tiles of rows, loss and
+  # gradient in one pass, never holding the [B, B] logits (products in compute_dtype with
+  # float32 accumulation); 'dense' writes the [B, B] logits in float32. Same loss to float32
+  # rounding (sass_jax/train/inbatch.py). On a mesh with a 'data' axis the dense form is used.
+  c.model.inbatch_softmax = "blocked"
   # Baselines only (sass_jax/model/baselines.py); `widths` above are their MLP / expert widths.
   c.model.tower_widths = (64,)  # per-scenario head of shared_bottom / mmoe / ple (then out_dim)
   c.model.num_experts = 4  # int >= 1: mmoe experts; ple shared experts per layer

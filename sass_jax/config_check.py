@@ -27,7 +27,14 @@ from sass_jax.train.stages import STAGES, stage_block
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Shared model settings that change no parameter shape: a checkpoint can be resumed with other
 # values (a model's own such keys: its registry entry, ``registry.Entry.non_structural``).
-MODEL_NON_STRUCTURAL = ("tau", "dropout", "activation", "compute_dtype", "scenario_compute")
+MODEL_NON_STRUCTURAL = (
+  "tau",
+  "dropout",
+  "activation",
+  "compute_dtype",
+  "scenario_compute",
+  "inbatch_softmax",
+)
 # Data settings that do not change the prepared data.
 DATA_NON_STRUCTURAL = ("dir", "download")
 
@@ -47,6 +54,7 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
   from sass_jax.data.store import DUPLICATE_POLICIES, ON_ERROR_POLICIES
   from sass_jax.eval.evaluate import EVAL_CORPORA, EVAL_MASKS, EVAL_SPLITS
   from sass_jax.model.grouped import SCENARIO_COMPUTE
+  from sass_jax.train.inbatch import INBATCH_SOFTMAX
   from sass_jax.model import registry
   from sass_jax.partition import TABLE_LAYOUTS
   from sass_jax.train.losses import NEGATIVES
@@ -114,6 +122,12 @@ def _check_values(cfg, stages: Iterable[str], p) -> None:
     p(
       f"config.model.scenario_compute={m.scenario_compute!r}: expected one of "
       f"{SCENARIO_COMPUTE} ('grouped': each row's own scenario only)"
+    )
+  softmax = m.get("inbatch_softmax", "blocked")
+  if softmax not in INBATCH_SOFTMAX:
+    p(
+      f"config.model.inbatch_softmax={softmax!r}: expected one of {INBATCH_SOFTMAX} "
+      "('blocked': row tiles, no [B, B] logits)"
     )
   # -- stages ----------------------------------------------------------------------------
   if not (_is_int(cfg.pretrain.num_steps) and cfg.pretrain.num_steps >= 0):

@@ -18,6 +18,7 @@ from typing import Any
 # held every key). Keys the code always read directly (no fallback) are not here.
 FALLBACKS: dict[str, Any] = {
   "model.scenario_compute": "grouped",
+  "model.inbatch_softmax": "dense",
   "model.item_scenario": "specific",
   "model.user_scenario": "specific",
   "model.score_bias": False,

@@ -56,6 +56,11 @@ def batch_blocks(num_blocks: int, sharding: Any = None):
     _BLOCKS.reset(token)
 
 
+def current_blocks() -> int:
+  """S of the enclosing ``batch_blocks`` context (1 outside one)."""
+  return _BLOCKS.get()[0]
+
+
 def _constrain(x):
   """Keep a block-major ``[S, ...]`` array split over 'data' when S is the context's S (a
   layout that fell back to one block is left to XLA)."""
@@ -172,6 +177,7 @@ def _permute_rows_bwd(res, g):
 
 
 _permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+permute_rows = _permute_rows  # public name (sass_jax/train/inbatch.py lays rows out in tiles)
 
 
 def grouped_matmul(x: jnp.ndarray, w: jnp.ndarray, groups: Groups) -> jnp.ndarray:

@@ -92,6 +92,9 @@ class ModelConfig:
   # 'grouped': per-scenario layers do each row's own scenario only; 'onehot': all K, one kept
   # (sass_jax/model/grouped.py, sass_jax/model/mlsat.py). Same function, same parameters.
   scenario_compute: str = "grouped"
+  # the training losses' in-batch softmax: 'blocked' (row tiles, loss and gradient in one pass,
+  # no [B, B] array; sass_jax/train/inbatch.py) or 'dense' (sass_jax/train/losses.py)
+  inbatch_softmax: str = "blocked"
   # Baselines (docs/design.md §3; sass_jax/model/baselines.py).
   tower_widths: tuple[int, ...] = (64,)  # per-scenario head of shared_bottom / mmoe / ple
   num_experts: int = 4  # mmoe experts; ple shared experts per layer
@@ -111,8 +114,8 @@ class ModelConfig:
     """Build from an ml_collections ``config.model`` of any registered model (the baselines'
     fields take their defaults when the config lacks them).
 
-    Raises ValueError on a bad shared value (compute_dtype, scenario_compute, activation) or
-    fewer than 1 scenario. A model's own settings (e.g. SASS's gate_style, PLE's experts) are
+    Raises ValueError on a bad shared value (compute_dtype, scenario_compute, inbatch_softmax,
+    activation) or fewer than 1 scenario. A model's own settings (e.g. SASS's gate_style, PLE's experts) are
     checked by its ``config_problems``, which ``sass_jax.model.registry.build`` runs first.
     """
     if model_cfg.compute_dtype not in ("float32", "bfloat16"):
@@ -123,6 +126,11 @@ class ModelConfig:
     if compute not in SCENARIO_COMPUTE:
       raise ValueError(
         f"config.model.scenario_compute={compute!r}; expected one of {SCENARIO_COMPUTE}"
+      )
+    softmax = model_cfg.get("inbatch_softmax", "blocked")
+    if softmax not in ("blocked", "dense"):
+      raise ValueError(
+        f"config.model.inbatch_softmax={softmax!r}; expected one of ('blocked', 'dense')"
       )
     if num_scenarios < 1:
       raise ValueError(f"the data has {num_scenarios} scenarios; need at least 1")
@@ -174,6 +182,7 @@ class ModelConfig:
       vocab_pad_to=model_cfg.vocab_pad_to,
       compute_dtype=model_cfg.compute_dtype,
       scenario_compute=compute,
+      inbatch_softmax=softmax,
     )
 
 

@@ -8,6 +8,7 @@ shardings and the state donated.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -18,7 +19,7 @@ import optax
 
 from sass_jax.model.protocol import ranking_methods
 from sass_jax.model.towers import unit_vectors
-from sass_jax.train import losses
+from sass_jax.train import inbatch, losses
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -173,14 +174,16 @@ def pretrain_loss(
   ms = model_state or {}
   r1, r2 = jax.random.split(jax.random.wrap_key_data(rng))
   rngs_u, rngs_i = {"dropout": r1}, {"dropout": r2}
+  blocked, dtype = _softmax_form(model)
+  nce = functools.partial(inbatch.info_nce, dtype=dtype) if blocked else losses.info_nce
 
   def views_loss(uv, iv, ms):
     # two views of one entity compare the unit vectors only: score_bias's appended
     # [sqrt(tau) b, sqrt(tau)] would add tau * b_1 * b_2 + tau to a user-user score
     cfg = getattr(model, "cfg", None)
     uv, iv = unit_vectors(cfg, uv), unit_vectors(cfg, iv)
-    lu = losses.info_nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
-    li = losses.info_nce(iv[:, 0], iv[:, 1], batch["item_index"], tau)
+    lu = nce(uv[:, 0], uv[:, 1], batch["user_index"], tau)
+    li = nce(iv[:, 0], iv[:, 1], batch["item_index"], tau)
     return lu + li, ({"user_loss": lu, "item_loss": li}, ms)
 
   if pairs == "scenario_views" and _encodes_views(model):
@@ -200,7 +203,7 @@ def pretrain_loss(
       model, params, ms, batch["item"], batch["scenario"], method="encode_item", rngs=rngs_i
     )
     # a column sharing the row's user or its item is neither positive nor negative
-    loss = losses.info_nce(u, i, (batch["user_index"], batch["item_index"]), tau)
+    loss = nce(u, i, (batch["user_index"], batch["item_index"]), tau)
     return loss, ({"user_loss": loss, "item_loss": jnp.zeros_like(loss)}, ms)
   u_all, ms = apply_model(
     model, params, ms, batch["user"], None, method="encode_user", rngs=rngs_u
@@ -208,6 +211,15 @@ def pretrain_loss(
   i_all, ms = apply_model(model, params, ms, batch["item"], None, method="encode_item", rngs=rngs_i)
   take = lambda v, idx: jnp.take_along_axis(v, idx[:, :, None], axis=1)  # [B, 2, D]
   return views_loss(take(u_all, batch["user_views"]), take(i_all, batch["item_views"]), ms)
+
+
+def _softmax_form(model: nn.Module) -> tuple[bool, str]:
+  """(whether this trace takes the row-blocked softmax, the products' dtype): from
+  ``config.model.inbatch_softmax`` ('dense' for a model without a config) and
+  ``config.model.compute_dtype`` (``sass_jax/train/inbatch.py``)."""
+  cfg = getattr(model, "cfg", None)
+  blocked = inbatch.blocked_here(getattr(cfg, "inbatch_softmax", "dense"))
+  return blocked, getattr(cfg, "compute_dtype", "float32")
 
 
 def _encodes_views(model: nn.Module) -> bool:
@@ -269,6 +281,7 @@ def finetune_loss(
     )
   ms = model_state or {}
   r1, r2 = jax.random.split(jax.random.wrap_key_data(rng))
+  blocked, dtype = _softmax_form(model)
   u, ms = apply_model(
     model, params, ms, batch["user"], batch["scenario"], method="encode_user", rngs={"dropout": r1}
   )  # [B, D]
@@ -282,6 +295,16 @@ def finetune_loss(
       method="encode_item",
       rngs={"dropout": r2},
     )  # [B, D]
+    if blocked:
+      return inbatch.softmax_ce(
+        u,
+        i,
+        tau,
+        bias=-logq_strength * batch["item_logq"].astype(jnp.float32),
+        dup_ids=(batch["item_index"],),
+        same_group=batch["scenario"],
+        dtype=dtype,
+      ), ({}, ms)
     logits = u.astype(jnp.float32) @ i.astype(jnp.float32).T
     return losses.sampled_softmax_logq(
       logits,
@@ -294,6 +317,16 @@ def finetune_loss(
   i_all, ms = apply_model(
     model, params, ms, batch["item"], None, method="encode_item", rngs={"dropout": r2}
   )  # [B, K, D]
+  if blocked:
+    return inbatch.softmax_ce(
+      u,
+      i_all,
+      tau,
+      bias=-logq_strength * batch["item_logq"].astype(jnp.float32),
+      scenario=batch["scenario"],
+      dup_ids=(batch["item_index"],),
+      dtype=dtype,
+    ), ({}, ms)
   logits = losses.scenario_logits(
     u, i_all, batch["scenario"], getattr(model.cfg, "scenario_compute", "grouped")
   )

@@ -130,6 +130,13 @@ run cmp_acs 60 -m sass_jax.bench.vs_pytorch --config configs/aliccp_scale.py --w
     --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" "${ACS[@]/#--config./--override=}"
 [[ -f "$WORK/acs/compare.json" ]] && cp "$WORK/acs/compare.json" "$RES/compare_acs.json"
 rm -f "$WORK/acs/compare.json"
+# The same with the dense [B, B] in-batch softmax (model.inbatch_softmax='dense'): the row-blocked
+# default (sass_jax/train/inbatch.py) was measured on CPU only; this decides it for the GPU.
+run cmp_acs_dense 50 -m sass_jax.bench.vs_pytorch --config configs/aliccp_scale.py \
+    --workdir "$WORK/acs" --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" \
+    "${ACS[@]/#--config./--override=}" --override model.inbatch_softmax=dense
+[[ -f "$WORK/acs/compare.json" ]] && cp "$WORK/acs/compare.json" "$RES/compare_acs_dense.json"
+rm -f "$WORK/acs/compare.json"
 run cmp_acs_pre 60 -m sass_jax.bench.vs_pytorch --config configs/aliccp_scale.py \
     --workdir "$WORK/acs" --stage pretrain --batch_size $BS --device $TORCH_DEVICE "${CMP[@]}" \
     "${ACS[@]/#--config./--override=}"

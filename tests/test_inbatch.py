@@ -227,3 +227,12 @@ def test_steps_blocked_equal_dense(name, stage, reading, tiny_cfg, tiny_features
   (lb, gb), (ld, gd) = (jax.jit(jax.value_and_grad(loss(m)))(v["params"]) for m in (mb, md))
   np.testing.assert_allclose(float(lb), float(ld), rtol=1e-5)
   assert _max_diff(gb, gd) < 1e-5
+
+
+def test_softmax_benchmark_runs_every_variant(tmp_path):
+  from sass_jax.bench import softmax
+
+  out = tmp_path / "softmax.json"
+  softmax.main(["--batch_size", "64", "--calls", "1", "--rounds", "1", "--out", str(out)])
+  res = __import__("json").loads(out.read_text())
+  assert len(res["ms"]) == 6 and all(len(v) == 1 and v[0] > 0 for v in res["ms"].values())

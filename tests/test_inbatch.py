@@ -82,9 +82,22 @@ def test_info_nce_equals_the_dense_symmetric_loss(ids):
   key = x["uid"] if ids == "user" else (x["uid"], x["ids"])
   f = lambda fn: jax.value_and_grad(fn, (0, 1))(a, b)
   _close(
-    f(lambda a, b: inbatch.info_nce(a, b, key, TAU)),
+    f(lambda a, b: inbatch.info_nce(a, b, key, TAU, min_rows=0)),
     f(lambda a, b: losses.info_nce(a, b, key, TAU)),
   )
+
+
+def test_small_float32_info_nce_is_the_dense_form():
+  """Below INFO_NCE_MIN_ROWS a float32 InfoNCE traces the dense form (a [B, B] array); bfloat16
+  products, or min_rows=0, take the blocked one."""
+  x = _inputs(2)
+  a, b, key = x["u"], x["ia"][:, 1], (x["uid"], x["ids"])
+  assert B < inbatch.INFO_NCE_MIN_ROWS
+  shapes = lambda **kw: _shapes(
+    jax.make_jaxpr(jax.grad(lambda a: inbatch.info_nce(a, b, key, TAU, **kw)))(a).jaxpr
+  )
+  assert (B, B) in shapes()
+  assert (B, B) not in shapes(min_rows=0) and (B, B) not in shapes(dtype="bfloat16")
 
 
 def test_numpy_oracle_and_a_fully_masked_row():
@@ -206,8 +219,10 @@ def test_a_batch_split_over_the_data_axis_takes_the_dense_form():
     ("pretrain", "user_item"),
   ],
 )
-def test_steps_blocked_equal_dense(name, stage, reading, tiny_cfg, tiny_features):
+def test_steps_blocked_equal_dense(name, stage, reading, tiny_cfg, tiny_features, monkeypatch):
   from tests.test_scenario_compute import _batch, _max_diff
+
+  monkeypatch.setattr(inbatch, "INFO_NCE_MIN_ROWS", 0)  # the blocked InfoNCE at this small B
 
   cls = registry.get(name).model
   cfg = tiny_cfg()

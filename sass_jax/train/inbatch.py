@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from sass_jax.model import grouped
+from sass_jax.train import losses
 
 INBATCH_SOFTMAX = ("blocked", "dense")  # config.model.inbatch_softmax
 _MASKED = -1e9
@@ -198,10 +199,24 @@ def softmax_ce(
   return total / b
 
 
-def info_nce(view_a, view_b, ids, tau: float, dtype: str = "float32") -> jnp.ndarray:
+# Below this many rows a float32 InfoNCE takes the dense form: run once per direction, the
+# blocked form does six products where the dense one does three on a [B, B] array that still
+# fits in cache; measured crossover (BENCHMARKS.md, "Row-blocked in-batch softmax"): dense
+# 4.6 vs blocked 6.8 ms at B = 1024, 27.7 vs 25.1 at 2048, 150 vs 98 at 4096.
+INFO_NCE_MIN_ROWS = 2048
+
+
+def info_nce(
+  view_a, view_b, ids, tau: float, dtype: str = "float32", min_rows: int | None = None
+) -> jnp.ndarray:
   """``losses.info_nce`` (symmetric in-batch InfoNCE, same arguments), row-blocked: the
   duplicate mask is symmetric, so the column-wise cross-entropy of ``a b^T`` is the row-wise one
-  of ``b a^T``. Scalar float32."""
+  of ``b a^T``. Scalar float32. With float32 products and fewer than ``min_rows`` rows it is
+  ``losses.info_nce`` itself (faster there; bfloat16 products are blocked at every size);
+  ``min_rows`` None reads ``INFO_NCE_MIN_ROWS``."""
+  min_rows = INFO_NCE_MIN_ROWS if min_rows is None else min_rows
+  if dtype == "float32" and view_a.shape[0] < min_rows:
+    return losses.info_nce(view_a, view_b, ids, tau)
   ids = tuple(ids) if isinstance(ids, (tuple, list)) else (ids,)
   return 0.5 * (
     softmax_ce(view_a, view_b, tau, dup_ids=ids, dtype=dtype)

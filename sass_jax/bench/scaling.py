@@ -63,7 +63,7 @@ def _one(cfg, data, stage, args) -> dict:
   compiled = part.compile_step(step, shardings).lower(state, batches[0]).compile()
   # counted on the dense-softmax twin: XLA counts the row-blocked softmax's loop body once
   cost = throughput.counted_cost(
-    cfg, stage, model, data, cfg.seed, part, state, shardings, batches[0]
+    cfg, stage, model, data, cfg.seed, part, state, shardings, batches[0], compiled
   )
   flops = cost["flops"]
   out = {"stage": stage, "batch_size": bs, "flops": flops, "flops_per_sample": flops / bs}

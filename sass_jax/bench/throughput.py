@@ -172,14 +172,17 @@ def _cost(compiled) -> dict:
   }
 
 
-def counted_cost(cfg, stage, model, data, seed, part, state, shardings, batch) -> dict:
-  """XLA's cost analysis (``_cost``) of the step ``sparse.build`` makes for (cfg, stage, model),
-  counted on the model's dense-softmax twin (``inbatch.dense_twin``: the row-blocked softmax
-  runs in a loop whose body the cost analysis counts once). Compiles that twin's step."""
+def counted_cost(cfg, stage, model, data, seed, part, state, shardings, batch, compiled) -> dict:
+  """XLA's cost analysis (``_cost``) of ``compiled``, the step ``sparse.build`` makes for (cfg,
+  stage, model), counted on the model's dense-softmax twin (``inbatch.dense_twin``: the
+  row-blocked softmax runs in a loop whose body the cost analysis counts once). Compiles that
+  twin's step, unless the model already is its own twin (then ``compiled`` is counted)."""
+  twin = inbatch.dense_twin(model)
+  if twin is model:
+    return _cost(compiled)
   scfg = stage_config(cfg, stage)
   n = int(scfg.num_steps)
   tx = steps.make_optimizer(scfg, n)
-  twin = inbatch.dense_twin(model)
   _, step = sparse.build(cfg, stage, twin, tx, loop.example_batch(data), seed, n)
   return _cost(part.compile_step(step, shardings).lower(state, batch).compile())
 
@@ -304,7 +307,7 @@ def _bench_step(cfg, stage, opt, model, data, part, batches, bs, b, pr):
   state, m, runs = _time_steps(
     compiled, state, batches, int(b.steps), int(b.warmup), int(b.repeats)
   )
-  cost = counted_cost(c, stage, model, data, seed, part, state, shardings, batches[0])
+  cost = counted_cost(c, stage, model, data, seed, part, state, shardings, batches[0], compiled)
   res = {
     "stage": stage,
     "embedding_optimizer": opt,

@@ -253,7 +253,9 @@ def child(args) -> dict:
     t = time.perf_counter()
     fn = part.compile_step(step, shardings).lower(state, batches[0]).compile()
     # counted on the dense-softmax twin: XLA counts the row-blocked softmax's loop body once
-    cost = throughput.counted_cost(c, stage, model, data, seed, part, state, shardings, batches[0])
+    cost = throughput.counted_cost(
+      c, stage, model, data, seed, part, state, shardings, batches[0], fn
+    )
     extra["flops"] = cost["flops"]
     state, m = fn(state, batches[0])
     first_loss = float(m["loss"])

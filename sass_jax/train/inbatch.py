@@ -36,6 +36,7 @@ row's positive pair (``dup_ids``), or where its group differs from the row's (``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -242,8 +243,6 @@ def dense_twin(model):
   itself when it has no config or is already dense. XLA's cost analysis counts a loop's body
   once, so the row-blocked form's flops are under-counted by the number of tiles; benchmarks
   count a step's flops on this twin, whose dense softmax does the same multiply-adds."""
-  import dataclasses
-
   cfg = getattr(model, "cfg", None)
   if not dataclasses.is_dataclass(cfg) or getattr(cfg, "inbatch_softmax", "dense") == "dense":
     return model

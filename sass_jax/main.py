@@ -34,7 +34,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from sass_jax import config_check, distributed, export
+from sass_jax import config_check, distributed, export, hostmem
 from sass_jax import workdir as workdir_lib
 from sass_jax.bench import throughput
 from sass_jax.data.store import DataError
@@ -85,6 +85,11 @@ WRITING_MODES = tuple(m for m in MODES if m != "recommend")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:  # before JAX starts its threads (sass_jax/hostmem.py)
+    kept = hostmem.keep_freed_memory()
+  except ValueError as e:  # a bad SASS_JAX_MALLOC: one line
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
   # Before any other JAX call: jax.distributed.initialize() when the run has several processes.
   multi = distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value)
   tag = f" [process {jax.process_index()}/{jax.process_count()}]" if multi else ""
@@ -96,6 +101,9 @@ def main(argv):
   )
   for noisy in ("absl", "orbax", "jax._src"):  # orbax logs every save/restore at INFO
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  logging.info(
+    "host memory: %s", "freed memory kept (sass_jax/hostmem.py)" if kept else "malloc as is"
+  )
   cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/movielens.py")

@@ -229,6 +229,15 @@ def test_cli_one_bad_config_value_is_one_error_line(env, tmp_path):
   assert lines[0] == "error: invalid config:" and len(lines) == 3, lines
 
 
+def test_cli_bad_host_malloc_setting_is_one_error_line(env, tmp_path):
+  r = _cli(dict(env, SASS_JAX_MALLOC="jemalloc"), tmp_path / "wd", "--mode", "train")
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert _non_log_lines(r.stderr) == [
+    "error: SASS_JAX_MALLOC='jemalloc': expected 'keep' (the default) or 'system'"
+  ], r.stderr[-3000:]
+  assert not (tmp_path / "wd").exists()
+
+
 def test_cli_recommend_k0_is_one_error_line_and_debug_keeps_the_traceback(env, trained):
   args = (
     "--mode",

@@ -231,3 +231,30 @@ def test_mixed_einsum_runs_every_form_eagerly_and_jitted(spec, s1, s2):
     ga, gb = jax.block_until_ready(grad(a, b))
     assert ga.shape == a.shape and gb.shape == b.shape
     assert np.isfinite(np.asarray(ga, np.float32)).all()
+
+
+@pytest.mark.parametrize("layer", ["dense", "scenario_major", "split_block"])
+def test_bfloat16_bias_gradients_are_float32_sums(layer):
+  """A bfloat16 layer's bias gradient is the float32 sum of its bfloat16 cotangent over the
+  rows, also with a block shared by the rows (``Dense`` of parts): XLA:CPU summed a bfloat16
+  bias gradient in bfloat16 (a tree of reduce-windows, slow, and off by up to about 1% over
+  12,288 rows)."""
+  from sass_jax.model import mlsat
+
+  r = np.random.default_rng(0)
+  K, B, d_in, d_out = 3, 4096, 16, 8
+  x = jnp.asarray(r.standard_normal((K, B, d_in)), jnp.float32)
+  z = jnp.asarray(r.standard_normal((K, 1, 4)), jnp.float32)  # a block shared by the B rows
+  ct = jnp.asarray(r.standard_normal((K, B, d_out)) * 10, jnp.bfloat16)
+  if layer == "dense":
+    mod, args = mlsat._dense(d_out, jnp.bfloat16, "layer"), (x,)
+  elif layer == "scenario_major":
+    mod, args = mlsat.ScenarioDense(d_out, K, jnp.bfloat16, scenario_major=True), (x, None)
+  else:
+    mod, args = mlsat.Dense(d_out, jnp.bfloat16), ([(x, None), (z, None)],)
+  params = nn.meta.unbox(mod.init(jax.random.PRNGKey(0), *args))["params"]
+  loss = lambda p: jnp.sum(mod.apply({"params": p}, *args).astype(jnp.float32) * ct)
+  g = jax.jit(jax.grad(loss))(params)
+  c = np.asarray(ct, np.float64)
+  want = c.sum(1) if layer == "scenario_major" else c.sum((0, 1))
+  np.testing.assert_allclose(np.asarray(g["bias"]), want, rtol=1e-5, atol=1e-3)

@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from sass_jax import hostmem
 from sass_jax.bench.vs_pytorch import cpu_meter, load_config
 
 FOREIGN_LIMIT = 0.10  # cores: a run where other processes used more is marked contended
@@ -104,6 +105,7 @@ def _one(cfg, data, stage, args) -> dict:
 
 
 def main(argv=None):
+  hostmem.keep_freed_memory()  # before JAX starts its threads
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--config", default="configs/synthetic.py")
   ap.add_argument("--workdir", default="/tmp/sass_jax_scaling")

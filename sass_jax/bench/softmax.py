@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sass_jax import hostmem
 from sass_jax.train import inbatch, losses
 
 
@@ -81,6 +82,7 @@ def run(b: int, k: int, d: int, calls: int, rounds: int) -> dict:
 
 
 def main(argv=None) -> None:
+  hostmem.keep_freed_memory()  # before JAX starts its threads
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--batch_size", type=int, default=4096)
   ap.add_argument("--scenarios", type=int, default=3)

@@ -53,6 +53,8 @@ import sys
 import time
 from pathlib import Path
 
+from sass_jax import hostmem
+
 ROOT = Path(__file__).resolve().parents[2]  # the repository root: configs/ lives there
 
 
@@ -508,7 +510,9 @@ def main(argv=None):
   ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.child:
-    print(json.dumps(child(args)), flush=True)
+    # the same host-memory policy for every child, JAX or PyTorch (sass_jax/hostmem.py)
+    kept = hostmem.keep_freed_memory()
+    print(json.dumps({**child(args), "host_malloc": "keep" if kept else "system"}), flush=True)
     return
   out = parent(args)
   print(json.dumps(out["summary"], indent=2))

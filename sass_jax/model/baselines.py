@@ -723,13 +723,13 @@ class StarDense(nn.Module):
       jnp.float32,
     )
     weff = (w[None] * wk).astype(self.dtype)  # [K, d_in, d_out]
-    beff = (b[None] + bk).astype(self.dtype)  # [K, d_out]
+    beff = b[None] + bk  # [K, d_out], float32 (mixed.add_bias)
     x = x.astype(self.dtype)
     if groups is not None:
       return grouped_dense(x, weff, beff, groups)
     if x.ndim == 3:
-      return mixed.einsum("bki,kio->bko", x, weff) + beff
-    y = mixed.einsum("bi,kio->bko", x, weff) + beff  # [B, K, d_out]
+      return mixed.add_bias(mixed.einsum("bki,kio->bko", x, weff), beff)
+    y = mixed.add_bias(mixed.einsum("bi,kio->bko", x, weff), beff)  # [B, K, d_out]
     return _select(y, scenario)
 
 

@@ -198,9 +198,9 @@ def grouped_dense(
   x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None, groups: Groups
 ) -> jnp.ndarray:
   """``grouped_matmul`` over any leading shape: x ``[..., d_in]`` with ``prod(...) = N`` rows in
-  ``groups``' order, plus ``b[scenario]`` (b ``[K, d_out]``) when given -> ``[..., d_out]``."""
+  ``groups``' order, plus ``b[scenario]`` (b ``[K, d_out]``, added in float32: ``mixed.add_bias``) when given -> ``[..., d_out]``."""
   lead = x.shape[:-1]
   y = grouped_matmul(x.reshape(-1, x.shape[-1]), w, groups)
-  if b is not None:
-    y = y + jnp.take(b, groups.scenario, axis=0)
+  if b is not None:  # a float32 gather and sum (mixed.add_bias)
+    y = mixed.add_bias(y, jnp.take(b.astype(jnp.float32), groups.scenario, axis=0))
   return y.reshape(*lead, w.shape[-1])

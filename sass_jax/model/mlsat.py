@@ -57,15 +57,8 @@ def activation(name: str) -> Callable:
   return ACTIVATIONS[name]
 
 
-def _dense(features: int, dtype, name: str) -> nn.Dense:
-  return nn.Dense(
-    features,
-    dtype=dtype,
-    name=name,
-    dot_general=mixed.dot_general,  # bfloat16: float32 accumulation in both passes
-    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp_in", "mlp_out")),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp_out",)),
-  )
+def _dense(features: int, dtype, name: str) -> "Dense":
+  return Dense(features, dtype, name=name)
 
 
 class ScenarioDense(nn.Module):
@@ -105,7 +98,7 @@ class ScenarioDense(nn.Module):
       (self.num_scenarios, self.features),
       jnp.float32,
     )
-    w, b = w.astype(self.dtype), b.astype(self.dtype)
+    w = w.astype(self.dtype)  # b stays float32: mixed.add_bias
     x = x.astype(self.dtype)
     if isinstance(onehot, Groups):
       return grouped_dense(x, w, b, onehot)
@@ -117,24 +110,26 @@ class ScenarioDense(nn.Module):
           f"all-scenarios layout needs x {want} (K = {self.num_scenarios}), got {x.shape}"
         )
       if self.scenario_major:
-        return mixed.einsum("kbi,kio->kbo", x, w) + b[:, None]
-      return mixed.einsum("bki,kio->bko", x, w) + b
+        return mixed.add_bias(mixed.einsum("kbi,kio->kbo", x, w), b[:, None])
+      return mixed.add_bias(mixed.einsum("bki,kio->bko", x, w), b)
     onehot = onehot.astype(self.dtype)
     return mixed.einsum("bk,bki->bi", onehot, mixed.einsum("bi,kio->bko", x, w)) + mixed.matmul(
-      onehot, b
+      onehot, b.astype(self.dtype)
     )
 
 
-class _SplitDense(nn.Module):
-  """``_dense(features)`` of ``concat(inputs, -1)`` computed block by block.
+class Dense(nn.Module):
+  """A dense layer, ``x @ W + b``, in ``dtype`` (bfloat16: ``mixed.matmul``'s float32
+  accumulation; the sum of the bias and of the blocks below in float32, rounded once). Parameters 'kernel' ``[d_in,
+  features]`` (lecun normal, logical axes ('mlp_in', 'mlp_out')) and 'bias' ``[features]``
+  (zeros, ('mlp_out',)), float32, created in that order: the names, shapes and initial values
+  of ``flax.linen.Dense``, so checkpoints of either load into the other.
 
-  Call ``(parts)``: a list of ``(x_i, post_i)``; the result is ``sum_i post_i(x_i @ W_i) + b``
-  where W_i are the kernel rows of block i (in order) and post_i is None or a function applied
-  to that block's product (e.g. a gather of per-scenario rows); the terms broadcast against
-  each other, so a block shared by many rows (``[B, 1, d]``) is multiplied once. Parameters
-  ('kernel' ``[sum d_i, features]``, 'bias'; same initialisers and logical axes as
-  ``_dense``) are those of ``_dense`` on the concatenated input, so checkpoints of either load
-  into the other.
+  Call ``(x)``: x ``[..., d_in]`` -> ``[..., features]``. Or ``(parts)``, a list of ``(x_i,
+  post_i)``: the layer of ``concat(x_i, -1)`` computed block by block, ``sum_i post_i(x_i @ W_i)
+  + b`` where W_i are the kernel rows of block i (in order) and post_i is None or a function
+  applied to that block's product (e.g. a gather of per-scenario rows); the terms broadcast
+  against each other, so a block shared by many rows (``[B, 1, d]``) is multiplied once.
   """
 
   features: int
@@ -142,6 +137,8 @@ class _SplitDense(nn.Module):
 
   @nn.compact
   def __call__(self, parts):
+    if not isinstance(parts, (list, tuple)):
+      parts = [(parts, None)]
     d_in = sum(int(x.shape[-1]) for x, _ in parts)
     kernel = self.param(
       "kernel",
@@ -154,15 +151,18 @@ class _SplitDense(nn.Module):
       nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp_out",)),
       (self.features,),
       jnp.float32,
-    ).astype(self.dtype)
+    )
+    # bfloat16: the blocks' products and the bias are summed in float32 and rounded once, so
+    # the gradient of a broadcast block (or of the bias) is a float32 sum (mixed.add_bias)
+    acc = jnp.float32 if jnp.dtype(self.dtype) == jnp.bfloat16 else self.dtype
     out, off = None, 0
     for x, post in parts:
       d = int(x.shape[-1])
-      y = mixed.matmul(x.astype(self.dtype), kernel[off : off + d])
+      y = mixed.matmul(x.astype(self.dtype), kernel[off : off + d]).astype(acc)
       off += d
       y = y if post is None else post(y)
       out = y if out is None else out + y
-    return out + bias
+    return (out + bias.astype(acc)).astype(self.dtype)
 
 
 class MLSATLayer(nn.Module):
@@ -254,7 +254,7 @@ class MLSATLayer(nn.Module):
       )
     else:
       gate = lambda name, first: nn.sigmoid(
-        _SplitDense(self.features, self.dtype, name=name)([(first, None), (s, None), (ztab, zrows)])
+        Dense(self.features, self.dtype, name=name)([(first, None), (s, None), (ztab, zrows)])
       )
     a = gate("adaptive_gate", g)
     if self.gate_style == "gated_sum":

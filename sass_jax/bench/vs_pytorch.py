@@ -406,7 +406,7 @@ def parent(args) -> dict:
   out = {
     "config": args.config,
     "stage": args.stage,
-    "batch_size": rounds[0]["torch"]["batch_size"],
+    "batch_size": rounds[0][impls[0]]["batch_size"],
     "steps": args.steps,
     "warmup": args.warmup,
     "repeats": args.repeats,

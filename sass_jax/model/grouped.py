@@ -198,7 +198,8 @@ def grouped_dense(
   x: jnp.ndarray, w: jnp.ndarray, b: jnp.ndarray | None, groups: Groups
 ) -> jnp.ndarray:
   """``grouped_matmul`` over any leading shape: x ``[..., d_in]`` with ``prod(...) = N`` rows in
-  ``groups``' order, plus ``b[scenario]`` (b ``[K, d_out]``, added in float32: ``mixed.add_bias``) when given -> ``[..., d_out]``."""
+  ``groups``' order, plus ``b[scenario]`` (b ``[K, d_out]``, added in float32:
+  ``mixed.add_bias``) when given -> ``[..., d_out]``."""
   lead = x.shape[:-1]
   y = grouped_matmul(x.reshape(-1, x.shape[-1]), w, groups)
   if b is not None:  # a float32 gather and sum (mixed.add_bias)

@@ -120,10 +120,10 @@ class ScenarioDense(nn.Module):
 
 class Dense(nn.Module):
   """A dense layer, ``x @ W + b``, in ``dtype`` (bfloat16: ``mixed.matmul``'s float32
-  accumulation; the sum of the bias and of the blocks below in float32, rounded once). Parameters 'kernel' ``[d_in,
-  features]`` (lecun normal, logical axes ('mlp_in', 'mlp_out')) and 'bias' ``[features]``
-  (zeros, ('mlp_out',)), float32, created in that order: the names, shapes and initial values
-  of ``flax.linen.Dense``, so checkpoints of either load into the other.
+  accumulation; the bias and the blocks below summed in float32 and rounded once). Parameters
+  'kernel' ``[d_in, features]`` (lecun normal, logical axes ('mlp_in', 'mlp_out')) and 'bias'
+  ``[features]`` (zeros, ('mlp_out',)), float32, created in that order: the names, shapes and
+  initial values of ``flax.linen.Dense``, so checkpoints of either load into the other.
 
   Call ``(x)``: x ``[..., d_in]`` -> ``[..., features]``. Or ``(parts)``, a list of ``(x_i,
   post_i)``: the layer of ``concat(x_i, -1)`` computed block by block, ``sum_i post_i(x_i @ W_i)

@@ -12,8 +12,9 @@ every step touches about 49,000 new 4 KiB pages, each a page fault that the kern
 ``mmap``), never to ``mmap`` (``M_MMAP_MAX`` = 0) and to give freed memory back to the system
 only above 2 GiB of free heap (``M_TRIM_THRESHOLD``). The process then keeps its peak host
 memory, as a TCMalloc or jemalloc process does. It acts on arenas made after the call: call it
-first thing in a process, before JAX starts its worker threads (the CLIs do: ``sass_jax.main``,
-``sass_jax.bench.*``). ``SASS_JAX_MALLOC=system`` leaves malloc as it is.
+first thing in a process, before JAX starts its worker threads (the CLIs do, through
+``keep_freed_memory_or_exit``: ``sass_jax.main``, ``sass_jax.bench.*``).
+``SASS_JAX_MALLOC=system`` leaves malloc as it is.
 """
 
 from __future__ import annotations
@@ -54,3 +55,13 @@ def keep_freed_memory() -> bool:
       (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
     )
   )
+
+
+def keep_freed_memory_or_exit() -> bool:
+  """``keep_freed_memory()`` for a command-line entry point: a bad ``SASS_JAX_MALLOC`` prints
+  one line ``error: ...`` to stderr and exits with code 1 (SystemExit)."""
+  try:
+    return keep_freed_memory()
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None

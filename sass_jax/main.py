@@ -85,11 +85,7 @@ WRITING_MODES = tuple(m for m in MODES if m != "recommend")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:  # before JAX starts its threads (sass_jax/hostmem.py)
-    kept = hostmem.keep_freed_memory()
-  except ValueError as e:  # a bad SASS_JAX_MALLOC: one line
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(1) from None
+  kept = hostmem.keep_freed_memory_or_exit()  # before JAX starts its threads
   # Before any other JAX call: jax.distributed.initialize() when the run has several processes.
   multi = distributed.maybe_initialize(_COORD.value, _NPROC.value, _PID.value)
   tag = f" [process {jax.process_index()}/{jax.process_count()}]" if multi else ""

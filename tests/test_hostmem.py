@@ -22,11 +22,11 @@ PROBE = textwrap.dedent(
   libc.free.argtypes = [ctypes.c_void_p]
   n, out = 1 << 28, {}
   def work():
-    for round in range(2):
+    for i in range(2):
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       p = libc.malloc(n)
       ctypes.memset(p, 1, n)
-      out[round] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+      out[i] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
       libc.free(p)
   t = threading.Thread(target=work)
   t.start(); t.join()

@@ -105,7 +105,7 @@ def _one(cfg, data, stage, args) -> dict:
 
 
 def main(argv=None):
-  hostmem.keep_freed_memory()  # before JAX starts its threads
+  hostmem.keep_freed_memory_or_exit()  # before JAX starts its threads
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--config", default="configs/synthetic.py")
   ap.add_argument("--workdir", default="/tmp/sass_jax_scaling")

@@ -82,7 +82,7 @@ def run(b: int, k: int, d: int, calls: int, rounds: int) -> dict:
 
 
 def main(argv=None) -> None:
-  hostmem.keep_freed_memory()  # before JAX starts its threads
+  hostmem.keep_freed_memory_or_exit()  # before JAX starts its threads
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--batch_size", type=int, default=4096)
   ap.add_argument("--scenarios", type=int, default=3)

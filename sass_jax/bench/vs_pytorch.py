@@ -511,7 +511,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.child:
     # the same host-memory policy for every child, JAX or PyTorch (sass_jax/hostmem.py)
-    kept = hostmem.keep_freed_memory()
+    kept = hostmem.keep_freed_memory_or_exit()
     print(json.dumps({**child(args), "host_malloc": "keep" if kept else "system"}), flush=True)
     return
   out = parent(args)

@@ -108,9 +108,8 @@ def _product(spec: str, a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   [batch, c, n]`` (``[m, c] x [c, n]`` without batch indices) of operands transposed and
   reshaped to that form, the output transposed back; the others as they are."""
   p = _plan(spec)
-  if p.plain and p.x[len(p.batch) : len(p.batch) + 1] in p.contract:
-    a, b, spec = _split_contraction(p, a, b)
   if p.plain:
+    a, b, spec = _split_contraction(p, a, b)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
   size = {**dict(zip(p.x, a.shape)), **dict(zip(p.y, b.shape))}
   n = lambda cs: math.prod(size[c] for c in cs)
@@ -136,12 +135,13 @@ def _split_contraction(p: _Plan, a: jnp.ndarray, b: jnp.ndarray):
   transposes the operands into its canonical form and runs its bfloat16 kernel: on this
   project's 2-core AMX machine ``[3, 4096, 256] x [3, 4096, 128] -> [3, 256, 128]`` took
   1.9 ms instead of 6.7, ``[18, 256, 256] x [18, 256, 128]`` 1.2 instead of 2.9 (jitted,
-  medians of 15). Returns ``(a, b, spec)``, unchanged when the index has an odd size."""
-  c = p.x[len(p.batch)]
-  i, j = p.x.index(c), p.y.index(c)
-  n = a.shape[i]
+  medians of 15). Returns ``(a, b, spec)``: unchanged for other specs and for an odd size."""
+  rest = p.x[len(p.batch) :]
+  n = a.shape[len(p.batch)] if rest and rest[0] in p.contract else 1
   if n % 2:
     return a, b, f"{p.x},{p.y}->{p.out}"
+  c = rest[0]
+  i, j = p.x.index(c), p.y.index(c)
   new = next(ch for ch in "abcdefghijklmnopqrstuvwxyz" if ch not in p.x + p.y + p.out)
   a = a.reshape(a.shape[:i] + (2, n // 2) + a.shape[i + 1 :])
   b = b.reshape(b.shape[:j] + (2, n // 2) + b.shape[j + 1 :])
